@@ -1,0 +1,303 @@
+//! The engine registry: every backend engine with its live state.
+//!
+//! Per engine the router keeps its URL and models, its health, its own in-flight count (an
+//! atomic decremented when a response ends, whether it completed, failed or the client went
+//! away), and the figures last scraped from the engine's `/metrics` (see [`stats`]).
+
+pub mod health;
+pub mod stats;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+
+pub use stats::ScrapedStats;
+
+/// One backend engine.
+#[derive(Debug)]
+pub struct Engine {
+    /// Stable id, unique within the registry's lifetime.
+    pub id: u32,
+    /// Display name used in metrics, headers and scripts (`host:port` of the URL).
+    pub name: Arc<str>,
+    /// Base URL without trailing slash, e.g. `http://127.0.0.1:8000`.
+    pub url: Arc<str>,
+    /// Models served by this engine.
+    pub models: Vec<String>,
+    in_flight: AtomicU64,
+    healthy: AtomicBool,
+    consecutive_failures: AtomicU32,
+    stats: ArcSwap<ScrapedStats>,
+}
+
+impl Engine {
+    pub fn new(id: u32, url: &str, models: Vec<String>) -> Engine {
+        let url = url.trim_end_matches('/');
+        let name = url.split_once("://").map(|(_, rest)| rest).unwrap_or(url);
+        Engine {
+            id,
+            name: Arc::from(name),
+            url: Arc::from(url),
+            models,
+            in_flight: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            consecutive_failures: AtomicU32::new(0),
+            stats: ArcSwap::from_pointee(ScrapedStats::default()),
+        }
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == model)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request in flight until the returned guard is dropped.
+    pub fn begin_request(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("switchyard_engine_in_flight", "engine" => self.name.to_string())
+            .increment(1.0);
+        InFlightGuard {
+            engine: Arc::clone(self),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Sets health; returns the previous value.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        let was = self.healthy.swap(healthy, Ordering::Relaxed);
+        if was != healthy {
+            metrics::gauge!("switchyard_engine_healthy", "engine" => self.name.to_string())
+                .set(if healthy { 1.0 } else { 0.0 });
+        }
+        if healthy {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        was
+    }
+
+    /// Records a failed response (5xx or transport error); returns the consecutive count.
+    pub fn record_failure(&self) -> u32 {
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Records a successful response.
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn stats(&self) -> Arc<ScrapedStats> {
+        self.stats.load_full()
+    }
+
+    pub fn set_stats(&self, s: ScrapedStats) {
+        self.stats.store(Arc::new(s));
+    }
+
+    /// Marks the last scraped figures stale (a scrape failed) without forgetting them.
+    pub fn mark_stats_stale(&self, error: String) {
+        let mut s = ScrapedStats::clone(&self.stats.load());
+        s.stale = true;
+        s.last_error = Some(error);
+        self.stats.store(Arc::new(s));
+    }
+
+    /// The freshest estimate of this engine's queue (running + waiting): the last scraped
+    /// figures corrected by the change in the router's own in-flight count since that scrape,
+    /// never below zero. Without any scrape it is the router's in-flight count.
+    pub fn snapshot(&self) -> EngineSnapshot {
+        let s = self.stats.load();
+        let in_flight = self.in_flight();
+        let (running, waiting, queue, age) = match s.scraped_at {
+            Some(at) => {
+                let delta = in_flight as f64 - s.in_flight_at_scrape as f64;
+                let queue = (s.running + s.waiting + delta).max(0.0);
+                (
+                    s.running,
+                    s.waiting,
+                    queue,
+                    Some(at.elapsed().as_secs_f64()),
+                )
+            }
+            None => (0.0, 0.0, in_flight as f64, None),
+        };
+        EngineSnapshot {
+            running,
+            waiting,
+            queue,
+            in_flight,
+            kv_usage: s.kv_usage,
+            stats_age_secs: age,
+            stale: s.stale || age.is_none(),
+        }
+    }
+}
+
+/// Keeps a request counted in its engine's in-flight figure while alive.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    engine: Arc<Engine>,
+}
+
+impl InFlightGuard {
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.engine.in_flight.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("switchyard_engine_in_flight", "engine" => self.engine.name.to_string())
+            .decrement(1.0);
+    }
+}
+
+/// A point-in-time view of an engine's load, as policies see it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineSnapshot {
+    /// Last scraped `vllm:num_requests_running`.
+    pub running: f64,
+    /// Last scraped `vllm:num_requests_waiting`.
+    pub waiting: f64,
+    /// Freshest queue estimate (see [`Engine::snapshot`]).
+    pub queue: f64,
+    /// The router's own in-flight requests on this engine.
+    pub in_flight: u64,
+    /// Last scraped KV-cache usage, 0..1.
+    pub kv_usage: f64,
+    /// Seconds since the figures were scraped; `None` if never.
+    pub stats_age_secs: Option<f64>,
+    /// Whether the scraped figures are missing or from a failed scrape.
+    pub stale: bool,
+}
+
+/// A candidate engine for one request: the engine and its state at decision time.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub engine: Arc<Engine>,
+    pub load: EngineSnapshot,
+    /// Tokens of this request's prompt found cached on this engine by the router's prefix index.
+    pub prefix_match_tokens: usize,
+}
+
+/// All engines known to the router.
+#[derive(Debug, Default)]
+pub struct Registry {
+    engines: ArcSwap<Vec<Arc<Engine>>>,
+    next_id: AtomicU32,
+    pub created: Option<Instant>,
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry {
+            created: Some(Instant::now()),
+            ..Default::default()
+        }
+    }
+
+    /// Adds an engine and returns it.
+    pub fn add(&self, url: &str, models: Vec<String>) -> Arc<Engine> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let e = Arc::new(Engine::new(id, url, models));
+        metrics::gauge!("switchyard_engine_healthy", "engine" => e.name.to_string()).set(1.0);
+        let added = Arc::clone(&e);
+        self.engines.rcu(move |cur| {
+            let mut v = Vec::clone(cur);
+            v.push(Arc::clone(&added));
+            v
+        });
+        e
+    }
+
+    /// Removes an engine by id; returns it if it was present.
+    pub fn remove(&self, id: u32) -> Option<Arc<Engine>> {
+        let mut removed = None;
+        self.engines.rcu(|cur| {
+            let mut v = Vec::clone(cur);
+            if let Some(pos) = v.iter().position(|e| e.id == id) {
+                removed = Some(v.remove(pos));
+            }
+            v
+        });
+        removed
+    }
+
+    pub fn all(&self) -> Arc<Vec<Arc<Engine>>> {
+        self.engines.load_full()
+    }
+
+    /// The union of all engines' models, deduplicated, in first-seen order.
+    pub fn models(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for e in self.engines.load().iter() {
+            for m in &e.models {
+                if !out.contains(m) {
+                    out.push(m.clone());
+                }
+            }
+        }
+        out
+    }
+
+    pub fn any_healthy(&self) -> bool {
+        self.engines.load().iter().any(|e| e.is_healthy())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_is_scraped_figures_corrected_by_in_flight_change() {
+        let e = Arc::new(Engine::new(0, "http://127.0.0.1:1/", vec!["m".into()]));
+        assert_eq!(&*e.name, "127.0.0.1:1");
+        let g1 = e.begin_request();
+        assert_eq!(
+            e.snapshot().queue,
+            1.0,
+            "no scrape yet: queue is the router's in-flight"
+        );
+        e.set_stats(ScrapedStats {
+            running: 3.0,
+            waiting: 2.0,
+            scraped_at: Some(Instant::now()),
+            in_flight_at_scrape: 1,
+            ..Default::default()
+        });
+        let _g2 = e.begin_request();
+        assert_eq!(e.snapshot().queue, 6.0);
+        drop(g1);
+        assert_eq!(e.snapshot().queue, 5.0);
+        e.set_stats(ScrapedStats {
+            running: 0.0,
+            waiting: 0.0,
+            scraped_at: Some(Instant::now()),
+            in_flight_at_scrape: 3,
+            ..Default::default()
+        });
+        assert_eq!(e.snapshot().queue, 0.0, "never below zero");
+    }
+
+    #[test]
+    fn registry_models_union_and_remove() {
+        let r = Registry::new();
+        let a = r.add("http://a:1", vec!["m1".into(), "m2".into()]);
+        r.add("http://b:1", vec!["m2".into(), "m3".into()]);
+        assert_eq!(r.models(), vec!["m1", "m2", "m3"]);
+        assert!(r.remove(a.id).is_some());
+        assert_eq!(r.models(), vec!["m2", "m3"]);
+        assert!(r.remove(a.id).is_none());
+    }
+}
