@@ -96,7 +96,7 @@ pub fn parse_body(body: &[u8], session_field: Option<&str>) -> Result<Parsed, Pa
     } else if let Some(p) = raw.prompt.or(raw.input) {
         completion_prompt_into(p, &mut prompt);
     }
-    let session_value = raw.session.and_then(|v| scalar_text(v));
+    let session_value = raw.session.and_then(scalar_text);
     Ok(Parsed {
         model,
         stream: raw.stream.unwrap_or(false),
