@@ -5,16 +5,40 @@
 //! - `PolicyStore::new(settings, prefix_block_size)` loads them; `PolicyStore::decide(&req, &cands)` returns
 //!   a `Decision` naming the candidate index, the policy and the deciding tier.
 //! - `PolicyStore::status_json()` is served at `GET /admin/policies`.
+//! - `PolicyStore::reload_now()` (SIGHUP), `PolicyStore::watch(..)` (hot reload),
+//!   `PolicyStore::check_dir(dir)` (`switchyard check`).
 //!
-//! Until the policy engine lands this picks the least in-flight engine with rotating ties.
+//! A policy is a file in the policies directory: `NAME.rhai`, a script whose value is the chosen
+//! engine (or `()` to pass), or `NAME.toml`, an ordered list of tiers (built-ins and scripts). See
+//! `docs/policies.md`. The loaded policies form a [`Generation`] swapped atomically on reload;
+//! `decide` loads the current one without locking and evaluates without holding anything.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+pub mod builtins;
+mod decisions;
+mod load;
+mod pipeline;
+mod reload;
+mod script;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
 
 use crate::engines::Candidate;
 use crate::request::RequestInfo;
+
+pub use load::PolicyDiagnostic;
+pub use pipeline::DEFAULT_TIER;
+pub use reload::WatchHandle;
+pub use script::{
+    MAX_ARRAY_SIZE, MAX_CALL_LEVELS, MAX_EXPR_DEPTHS, MAX_MAP_SIZE, MAX_OPERATIONS, MAX_STRING_SIZE,
+};
+
+use load::{FileKind, PolicyFile};
+use pipeline::CompiledPolicy;
 
 /// Where policies live and which one applies to which model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,58 +65,462 @@ pub struct Decision {
     pub tier: Arc<str>,
 }
 
-/// Why policies could not be loaded.
+/// Why policies could not be loaded or watched.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("{0}")]
     Load(String),
+    /// Problems in policy files or in the settings' policy names, one per line.
+    #[error("{}", join_lines(.0))]
+    Invalid(Vec<PolicyDiagnostic>),
+    #[error("cannot watch for policy changes: {0}")]
+    Watch(String),
+    #[error("watching for policy changes needs a running tokio runtime")]
+    NoRuntime,
+}
+
+fn join_lines(d: &[PolicyDiagnostic]) -> String {
+    d.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The result of a reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// Every problem found; the policies concerned keep their last good version.
+    pub errors: Vec<PolicyDiagnostic>,
+    /// Policies now loaded.
+    pub policies: usize,
+    /// Whether the new settings' policy names all resolved and were applied.
+    pub settings_applied: bool,
+}
+
+impl ReloadOutcome {
+    pub fn is_ok(&self) -> bool {
+        self.errors.is_empty() && self.settings_applied
+    }
+}
+
+/// One policy file's state, for `status_json`.
+#[derive(Debug)]
+struct FileStatus {
+    file: PolicyFile,
+    /// The version in use: the one just loaded, or the last good one if loading failed.
+    policy: Option<Arc<CompiledPolicy>>,
+    last_error: Vec<PolicyDiagnostic>,
+}
+
+/// Everything one load produced, swapped in as a whole.
+struct Generation {
+    settings: Arc<PolicySettings>,
+    engine: Arc<rhai::Engine>,
+    engine_dir: PathBuf,
+    default: Arc<CompiledPolicy>,
+    per_model: HashMap<String, Arc<CompiledPolicy>>,
+    /// Policies by the names the settings used.
+    resolved: HashMap<String, Arc<CompiledPolicy>>,
+    files: Vec<FileStatus>,
+    errors: Vec<PolicyDiagnostic>,
+    reloaded_at: SystemTime,
 }
 
 /// All loaded policies.
 pub struct PolicyStore {
-    settings: PolicySettings,
-    rotation: AtomicUsize,
-    name: Arc<str>,
-    tier: Arc<str>,
+    current: ArcSwap<Generation>,
+    /// Serialises reloads (never taken by `decide`).
+    reload_lock: Mutex<()>,
+    block_size: usize,
+}
+
+impl std::fmt::Debug for PolicyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.current.load();
+        f.debug_struct("PolicyStore")
+            .field("settings", &g.settings)
+            .field("block_size", &self.block_size)
+            .finish()
+    }
+}
+
+/// Finds a policy by the name settings use: `NAME` (the `.toml` if both `NAME.toml` and
+/// `NAME.rhai` exist) or a file name `NAME.toml` / `NAME.rhai`.
+fn lookup<'a>(files: &'a [FileStatus], name: &str) -> Option<&'a Arc<CompiledPolicy>> {
+    let by_file = |kind: FileKind, stem: &str| {
+        files
+            .iter()
+            .find(|f| f.file.kind == kind && f.file.name == stem)
+            .and_then(|f| f.policy.as_ref())
+    };
+    if let Some(stem) = name.strip_suffix(".toml") {
+        return by_file(FileKind::Toml, stem);
+    }
+    if let Some(stem) = name.strip_suffix(".rhai") {
+        return by_file(FileKind::Rhai, stem);
+    }
+    by_file(FileKind::Toml, name).or_else(|| by_file(FileKind::Rhai, name))
+}
+
+fn settings_names(s: &PolicySettings) -> impl Iterator<Item = (&str, String)> {
+    std::iter::once((s.default_policy.as_str(), "default policy".to_string())).chain(
+        s.per_model
+            .iter()
+            .map(|(m, p)| (p.as_str(), format!("policy for model `{m}`"))),
+    )
+}
+
+type Resolution = (
+    Arc<CompiledPolicy>,
+    HashMap<String, Arc<CompiledPolicy>>,
+    HashMap<String, Arc<CompiledPolicy>>,
+);
+
+/// Resolves the settings' policy names; a name that does not resolve in `files` falls back to
+/// what it resolved to in `prev` (its file broke or vanished: keep the last good version).
+fn resolve(
+    settings: &PolicySettings,
+    files: &[FileStatus],
+    prev: Option<&Generation>,
+) -> Result<Resolution, Vec<PolicyDiagnostic>> {
+    let mut resolved = HashMap::new();
+    let mut errors = Vec::new();
+    for (name, role) in settings_names(settings) {
+        if resolved.contains_key(name) {
+            continue;
+        }
+        let found = lookup(files, name)
+            .or_else(|| prev.and_then(|g| g.resolved.get(name)))
+            .cloned();
+        match found {
+            Some(p) => {
+                resolved.insert(name.to_string(), p);
+            }
+            None => errors.push(PolicyDiagnostic::new(
+                &settings.dir.join(name),
+                1,
+                1,
+                format!(
+                    "unknown {role} `{name}`: no loadable {name}.rhai or {name}.toml in {}",
+                    settings.dir.display()
+                ),
+            )),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let default = Arc::clone(&resolved[settings.default_policy.as_str()]);
+    let per_model = settings
+        .per_model
+        .iter()
+        .map(|(m, p)| (m.clone(), Arc::clone(&resolved[p.as_str()])))
+        .collect();
+    Ok((default, per_model, resolved))
+}
+
+/// Loads every policy file of `dir`, keeping `prev`'s version of files that fail.
+fn load_files(
+    engine: &Arc<rhai::Engine>,
+    dir: &Path,
+    prev: Option<&Generation>,
+) -> (Vec<FileStatus>, Vec<PolicyDiagnostic>) {
+    // Compiled scripts are only reused with the engine that compiled them.
+    let reuse = prev.is_some_and(|g| Arc::ptr_eq(&g.engine, engine));
+    let mut errors = Vec::new();
+    let files = match load::policy_files(dir) {
+        Ok(f) => f,
+        Err(d) => {
+            errors.push(d);
+            // Keep serving what was loaded before.
+            let kept = prev
+                .map(|g| {
+                    g.files
+                        .iter()
+                        .map(|f| FileStatus {
+                            file: f.file.clone(),
+                            policy: f.policy.clone(),
+                            last_error: errors.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            return (kept, errors);
+        }
+    };
+    let mut out = Vec::with_capacity(files.len());
+    for file in files {
+        let loaded = load::load_file(engine, dir, &file);
+        let previous = prev.and_then(|g| {
+            g.files
+                .iter()
+                .find(|f| f.file.path == file.path)
+                .and_then(|f| f.policy.clone())
+        });
+        match loaded.result {
+            Ok(p) => {
+                // An unchanged file keeps its compiled policy (and load time, counters).
+                let policy = match previous {
+                    Some(old) if reuse && old.hash == loaded.hash => old,
+                    _ => Arc::new(p),
+                };
+                out.push(FileStatus {
+                    file,
+                    policy: Some(policy),
+                    last_error: Vec::new(),
+                });
+            }
+            Err(diags) => {
+                for d in &diags {
+                    tracing::error!(policy = %file.name, "{d}");
+                }
+                errors.extend(diags.iter().cloned());
+                out.push(FileStatus {
+                    file,
+                    policy: previous,
+                    last_error: diags,
+                });
+            }
+        }
+    }
+    (out, errors)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
 }
 
 impl PolicyStore {
+    /// Loads the policies of `settings.dir`. Fails if a policy the settings name is missing or
+    /// broken; broken policies nobody uses are logged and shown in `status_json`.
     pub fn new(
         settings: PolicySettings,
-        _prefix_block_size: usize,
+        prefix_block_size: usize,
     ) -> Result<Arc<PolicyStore>, PolicyError> {
-        let name: Arc<str> = Arc::from(settings.default_policy.as_str());
+        let engine = Arc::new(script::build_engine(&settings.dir));
+        let (files, mut errors) = load_files(&engine, &settings.dir, None);
+        let (default, per_model, resolved) =
+            resolve(&settings, &files, None).map_err(|mut e| {
+                errors.append(&mut e);
+                PolicyError::Invalid(errors.clone())
+            })?;
+        let generation = Generation {
+            engine_dir: settings.dir.clone(),
+            settings: Arc::new(settings),
+            engine,
+            default,
+            per_model,
+            resolved,
+            files,
+            errors,
+            reloaded_at: SystemTime::now(),
+        };
         Ok(Arc::new(PolicyStore {
-            settings,
-            rotation: AtomicUsize::new(0),
-            name,
-            tier: Arc::from("fallback"),
+            current: ArcSwap::from_pointee(generation),
+            reload_lock: Mutex::new(()),
+            block_size: prefix_block_size,
         }))
     }
 
-    pub fn settings(&self) -> &PolicySettings {
-        &self.settings
+    /// The settings in effect.
+    pub fn settings(&self) -> Arc<PolicySettings> {
+        Arc::clone(&self.current.load().settings)
     }
 
     /// Chooses one of `cands` (never empty) for `req`.
-    pub fn decide(&self, _req: &RequestInfo, cands: &[Candidate]) -> Decision {
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
-        let n = cands.len();
-        let mut best = start % n.max(1);
-        for k in 0..n {
-            let i = (start + k) % n;
-            if cands[i].load.in_flight < cands[best].load.in_flight {
-                best = i;
-            }
+    pub fn decide(&self, req: &RequestInfo, cands: &[Candidate]) -> Decision {
+        let generation = self.current.load();
+        let policy = if generation.per_model.is_empty() {
+            &generation.default
+        } else {
+            generation
+                .per_model
+                .get(req.model.as_str())
+                .unwrap_or(&generation.default)
+        };
+        if cands.is_empty() {
+            return Decision {
+                engine: 0,
+                policy: Arc::clone(&policy.name),
+                tier: Arc::from(DEFAULT_TIER),
+            };
         }
+        let (picked, label) = policy.decide(&generation.engine, req, cands);
+        let engine = picked.min(cands.len() - 1);
+        let tier = policy.label(label);
+        decisions::record(policy, label, tier, &cands[engine].engine);
+        tracing::debug!(
+            policy = %policy.name,
+            tier = %tier,
+            engine = %cands[engine].engine.name,
+            model = %req.model,
+            candidates = cands.len(),
+            "routing decision"
+        );
         Decision {
-            engine: best,
-            policy: Arc::clone(&self.name),
-            tier: Arc::clone(&self.tier),
+            engine,
+            policy: Arc::clone(&policy.name),
+            tier: Arc::clone(tier),
         }
     }
 
+    /// Reloads the policies with the current settings (SIGHUP).
+    pub fn reload_now(&self) -> ReloadOutcome {
+        let settings = PolicySettings::clone(&self.current.load().settings);
+        self.reload_with(settings)
+    }
+
+    /// Reloads the policies and applies `settings`. Everything is compiled and validated before
+    /// the swap; a broken policy keeps its last good version, and settings naming an unknown
+    /// policy are not applied (the previous settings stay).
+    pub fn reload_with(&self, settings: PolicySettings) -> ReloadOutcome {
+        let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let prev = self.current.load_full();
+        let engine = if prev.engine_dir == settings.dir {
+            Arc::clone(&prev.engine)
+        } else {
+            Arc::new(script::build_engine(&settings.dir))
+        };
+        let (files, mut errors) = load_files(&engine, &settings.dir, Some(&prev));
+        let (settings, resolution, settings_applied) = match resolve(&settings, &files, Some(&prev))
+        {
+            Ok(r) => (settings, r, true),
+            Err(mut e) => {
+                for d in &e {
+                    tracing::error!("{d}");
+                }
+                errors.append(&mut e);
+                let old = PolicySettings::clone(&prev.settings);
+                match resolve(&old, &files, Some(&prev)) {
+                    Ok(r) => (old, r, false),
+                    // Cannot happen (every previous name resolved before); keep all.
+                    Err(_) => {
+                        return ReloadOutcome {
+                            errors,
+                            policies: prev.files.len(),
+                            settings_applied: false,
+                        };
+                    }
+                }
+            }
+        };
+        let (default, per_model, resolved) = resolution;
+        let policies = files.iter().filter(|f| f.policy.is_some()).count();
+        let ok = errors.is_empty();
+        let generation = Generation {
+            engine_dir: settings.dir.clone(),
+            settings: Arc::new(settings),
+            engine,
+            default,
+            per_model,
+            resolved,
+            files,
+            errors: errors.clone(),
+            reloaded_at: SystemTime::now(),
+        };
+        self.current.store(Arc::new(generation));
+        let result = if ok { "ok" } else { "error" };
+        metrics::counter!("switchyard_policy_reloads_total", "result" => result).increment(1);
+        if ok {
+            tracing::info!(policies, "policies reloaded");
+        } else {
+            tracing::warn!(
+                policies,
+                errors = errors.len(),
+                "policies reloaded with errors; affected policies keep their last good version"
+            );
+        }
+        ReloadOutcome {
+            errors,
+            policies,
+            settings_applied,
+        }
+    }
+
+    /// Watches the policies directory and `config_file` (re-read with `loader`) and reloads on
+    /// change (debounced); also reloads on SIGHUP. Needs a running tokio runtime. Dropping the
+    /// handle stops watching.
+    pub fn watch(
+        self: &Arc<Self>,
+        config_file: Option<PathBuf>,
+        loader: Option<SettingsLoader>,
+    ) -> Result<WatchHandle, PolicyError> {
+        reload::watch(Arc::clone(self), config_file, loader)
+    }
+
+    /// Compiles and validates every policy file in `dir`, as `switchyard check` does.
+    pub fn check_dir(dir: &Path) -> Vec<PolicyDiagnostic> {
+        let engine = Arc::new(script::build_engine(dir));
+        load_files(&engine, dir, None).1
+    }
+
+    /// Status for `GET /admin/policies`: settings, and per policy file its name, source, content
+    /// hash, load time, tiers and last error.
     pub fn status_json(&self) -> serde_json::Value {
-        serde_json::json!({ "policies": [] })
+        let g = self.current.load();
+        let active: Vec<&Arc<CompiledPolicy>> = g.resolved.values().collect();
+        let policies: Vec<serde_json::Value> = g
+            .files
+            .iter()
+            .map(|f| {
+                let p = f.policy.as_ref();
+                let last_error = if f.last_error.is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::Value::String(join_lines(&f.last_error))
+                };
+                serde_json::json!({
+                    "name": f.file.name,
+                    "source": f.file.path.display().to_string(),
+                    "kind": match f.file.kind { FileKind::Rhai => "rhai", FileKind::Toml => "toml" },
+                    "loaded": p.is_some(),
+                    "active": p.is_some_and(|p| active.iter().any(|a| Arc::ptr_eq(a, p))),
+                    "hash": p.map(|p| format!("{:016x}", p.hash)),
+                    "loaded_at": p.map(|p| rfc3339(p.loaded_at)),
+                    "tiers": p.map(|p| p.tier_names()),
+                    "last_error": last_error,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "dir": g.settings.dir.display().to_string(),
+            "default_policy": g.settings.default_policy,
+            "per_model": g.settings.per_model,
+            "prefix_block_size": self.block_size,
+            "reloaded_at": rfc3339(g.reloaded_at),
+            "errors": g.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "policies": policies,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
     }
 }

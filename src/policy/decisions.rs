@@ -1,0 +1,80 @@
+//! Counting decisions: `switchyard_routing_decisions_total{policy,tier,engine}`.
+//!
+//! Counter handles are cached per thread, keyed by (compiled policy, tier label, engine id), so
+//! a decision costs one small hash lookup and an atomic increment, with no label strings built.
+//! Handles are created against the recorder installed at the time of first use.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use super::pipeline::{CompiledPolicy, Label};
+use crate::engines::Engine;
+
+/// Entries per thread before the cache is dropped and rebuilt (after many reloads or engine
+/// changes).
+const MAX_CACHED: usize = 4096;
+
+/// A multiply-rotate hasher for the small integer keys below.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+}
+
+type Key = (u64, Label, u32);
+type Cache = HashMap<Key, (Arc<str>, metrics::Counter), BuildHasherDefault<KeyHasher>>;
+
+thread_local! {
+    static COUNTERS: RefCell<Cache> = RefCell::new(Cache::default());
+}
+
+fn counter(policy: &CompiledPolicy, tier: &str, engine: &Engine) -> metrics::Counter {
+    metrics::counter!(
+        "switchyard_routing_decisions_total",
+        "policy" => policy.name.to_string(),
+        "tier" => tier.to_string(),
+        "engine" => engine.name.to_string()
+    )
+}
+
+/// Counts one decision.
+pub(crate) fn record(policy: &CompiledPolicy, label: Label, tier: &str, engine: &Engine) {
+    COUNTERS.with(|cell| {
+        let Ok(mut cache) = cell.try_borrow_mut() else {
+            counter(policy, tier, engine).increment(1);
+            return;
+        };
+        let key = (policy.uid, label, engine.id);
+        if let Some((name, c)) = cache.get(&key)
+            && Arc::ptr_eq(name, &engine.name)
+        {
+            c.increment(1);
+            return;
+        }
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        let c = counter(policy, tier, engine);
+        c.increment(1);
+        cache.insert(key, (Arc::clone(&engine.name), c));
+    });
+}

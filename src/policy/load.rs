@@ -1,0 +1,566 @@
+//! Reading policy files: `NAME.rhai` scripts and `NAME.toml` pipelines, compiled and validated,
+//! with every problem reported as `file:line:col: message`.
+
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use rhai::{Array, Dynamic, Engine, FLOAT, INT, Map};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+use xxhash_rust::xxh3::Xxh3;
+
+use super::builtins::{Builtin, BuiltinKind, DEFAULT_KV_MIN_MATCH};
+use super::pipeline::{CompiledPolicy, Tier, TierKind};
+use super::script::{self, ScriptError};
+
+/// One problem in a policy file, displayed as `file:line:col: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDiagnostic {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyDiagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+impl PolicyDiagnostic {
+    pub(crate) fn new(file: &Path, line: usize, col: usize, message: impl Into<String>) -> Self {
+        PolicyDiagnostic {
+            file: file.to_path_buf(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+
+    fn at(file: &Path, text: &str, offset: usize, message: impl Into<String>) -> Self {
+        let (line, col) = line_col(text, offset);
+        PolicyDiagnostic::new(file, line, col, message)
+    }
+
+    fn script(file: &Path, e: ScriptError) -> Self {
+        PolicyDiagnostic::new(file, e.line, e.col, e.message)
+    }
+}
+
+/// 1-based line and character column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// The kind of a policy file, from its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FileKind {
+    Rhai,
+    Toml,
+}
+
+/// A policy file found in the directory.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub kind: FileKind,
+}
+
+/// The policy files directly inside `dir` (hidden and editor backup files skipped), sorted.
+pub(crate) fn policy_files(dir: &Path) -> Result<Vec<PolicyFile>, PolicyDiagnostic> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        PolicyDiagnostic::new(dir, 1, 1, format!("cannot read policies directory: {e}"))
+    })?;
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if file_name.starts_with('.') || file_name.ends_with('~') || !path.is_file() {
+            continue;
+        }
+        let kind = match path.extension().and_then(|e| e.to_str()) {
+            Some("rhai") => FileKind::Rhai,
+            Some("toml") => FileKind::Toml,
+            _ => continue,
+        };
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        out.push(PolicyFile {
+            name: stem.to_string(),
+            path,
+            kind,
+        });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// A policy file, loaded: its content hash and the compiled policy or its problems.
+pub(crate) struct Loaded {
+    pub hash: u64,
+    pub result: Result<CompiledPolicy, Vec<PolicyDiagnostic>>,
+}
+
+/// Reads, compiles and validates one policy file.
+pub(crate) fn load_file(engine: &Engine, dir: &Path, file: &PolicyFile) -> Loaded {
+    let mut hasher = Xxh3::new();
+    let text = match std::fs::read_to_string(&file.path) {
+        Ok(t) => t,
+        Err(e) => {
+            return Loaded {
+                hash: 0,
+                result: Err(vec![PolicyDiagnostic::new(
+                    &file.path,
+                    1,
+                    1,
+                    format!("cannot read policy file: {e}"),
+                )]),
+            };
+        }
+    };
+    hasher.update(text.as_bytes());
+    let result = match file.kind {
+        FileKind::Rhai => load_rhai(engine, file, &text),
+        FileKind::Toml => load_toml(engine, dir, file, &text, &mut hasher),
+    };
+    let hash = hasher.digest();
+    Loaded {
+        hash,
+        result: result.map(|(tiers, params)| CompiledPolicy::new(&file.name, hash, tiers, params)),
+    }
+}
+
+type Parts = (Vec<Tier>, Dynamic);
+
+fn empty_params() -> Dynamic {
+    Dynamic::from_map(Map::new())
+}
+
+fn compile_checked(
+    engine: &Engine,
+    src: &str,
+    file: &Path,
+    origin: (usize, usize),
+    params: &Dynamic,
+) -> Result<script::Script, PolicyDiagnostic> {
+    let s = script::compile(engine, src, file, origin)
+        .map_err(|e| PolicyDiagnostic::script(file, e))?;
+    match script::dry_run(engine, &s, params) {
+        Some(e) => Err(PolicyDiagnostic::script(file, e)),
+        None => Ok(s),
+    }
+}
+
+fn load_rhai(
+    engine: &Engine,
+    file: &PolicyFile,
+    text: &str,
+) -> Result<Parts, Vec<PolicyDiagnostic>> {
+    let params = empty_params();
+    let s = compile_checked(engine, text, &file.path, (1, 1), &params).map_err(|d| vec![d])?;
+    Ok((vec![Tier::new(&file.name, TierKind::Script(s))], params))
+}
+
+fn toml_to_dynamic(v: &DeValue<'_>) -> Dynamic {
+    match v {
+        DeValue::String(s) => Dynamic::from(rhai::ImmutableString::from(s.as_ref())),
+        DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+            Ok(n) => Dynamic::from(n as INT),
+            Err(_) => Dynamic::UNIT,
+        },
+        DeValue::Float(f) => Dynamic::from(f.as_str().parse::<f64>().unwrap_or(f64::NAN) as FLOAT),
+        DeValue::Boolean(b) => Dynamic::from(*b),
+        DeValue::Datetime(d) => Dynamic::from(rhai::ImmutableString::from(d.to_string())),
+        DeValue::Array(a) => Dynamic::from_array(
+            a.iter()
+                .map(|x| toml_to_dynamic(x.get_ref()))
+                .collect::<Array>(),
+        ),
+        DeValue::Table(t) => Dynamic::from_map(
+            t.iter()
+                .map(|(k, v)| (k.get_ref().as_ref().into(), toml_to_dynamic(v.get_ref())))
+                .collect::<Map>(),
+        ),
+    }
+}
+
+fn number(v: &DeValue<'_>) -> Option<f64> {
+    match v {
+        DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
+            .ok()
+            .map(|n| n as f64),
+        DeValue::Float(f) => f.as_str().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Where the content of the string value starting at byte `start` begins (after its opening
+/// quotes, and after the newline that directly follows `"""`/`'''`).
+fn string_content_start(text: &str, start: usize) -> usize {
+    let rest = &text[start.min(text.len())..];
+    if rest.starts_with("\"\"\"") || rest.starts_with("'''") {
+        let after = &rest[3..];
+        start
+            + 3
+            + if after.starts_with("\r\n") {
+                2
+            } else if after.starts_with('\n') {
+                1
+            } else {
+                0
+            }
+    } else if rest.starts_with('"') || rest.starts_with('\'') {
+        start + 1
+    } else {
+        start
+    }
+}
+
+/// A path inside the policies directory, or `None` if it would escape it.
+fn inside(dir: &Path, rel: &str) -> Option<PathBuf> {
+    let p = Path::new(rel);
+    if p.is_absolute()
+        || p.components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return None;
+    }
+    Some(dir.join(p))
+}
+
+struct TomlCx<'a> {
+    engine: &'a Engine,
+    dir: &'a Path,
+    file: &'a Path,
+    text: &'a str,
+    diags: Vec<PolicyDiagnostic>,
+}
+
+impl TomlCx<'_> {
+    fn err(&mut self, offset: usize, message: impl Into<String>) {
+        self.diags
+            .push(PolicyDiagnostic::at(self.file, self.text, offset, message));
+    }
+}
+
+fn load_toml(
+    engine: &Engine,
+    dir: &Path,
+    file: &PolicyFile,
+    text: &str,
+    hasher: &mut Xxh3,
+) -> Result<Parts, Vec<PolicyDiagnostic>> {
+    let root = DeTable::parse(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        vec![PolicyDiagnostic::at(
+            &file.path,
+            text,
+            offset,
+            e.message().trim().to_string(),
+        )]
+    })?;
+    let mut cx = TomlCx {
+        engine,
+        dir,
+        file: &file.path,
+        text,
+        diags: Vec::new(),
+    };
+    let mut params = empty_params();
+    let mut tier_values: Option<&Spanned<DeValue<'_>>> = None;
+    for (k, v) in root.get_ref().iter() {
+        match k.get_ref().as_ref() {
+            "description" => {
+                if !v.get_ref().is_str() {
+                    cx.err(v.span().start, "`description` must be a string");
+                }
+            }
+            "params" => match v.get_ref() {
+                DeValue::Table(_) => params = toml_to_dynamic(v.get_ref()),
+                _ => cx.err(v.span().start, "`params` must be a table"),
+            },
+            "tier" => tier_values = Some(v),
+            other => cx.err(
+                k.span().start,
+                format!("unknown key `{other}` (expected `tier`, `params` or `description`)"),
+            ),
+        }
+    }
+    let mut tiers = Vec::new();
+    match tier_values.map(|v| (v, v.get_ref())) {
+        None => cx.err(0, "policy has no tiers: add `[[tier]]` tables"),
+        Some((_, DeValue::Array(arr))) if !arr.is_empty() => {
+            for (i, t) in arr.iter().enumerate() {
+                match t.get_ref() {
+                    DeValue::Table(table) => {
+                        if let Some(tier) =
+                            parse_tier(&mut cx, i, t.span().start, table, &params, hasher)
+                        {
+                            tiers.push(tier);
+                        }
+                    }
+                    _ => cx.err(t.span().start, "each tier must be a table (`[[tier]]`)"),
+                }
+            }
+        }
+        Some((v, _)) => cx.err(
+            v.span().start,
+            "`tier` must be a non-empty array of tables (`[[tier]]`)",
+        ),
+    }
+    if cx.diags.is_empty() {
+        Ok((tiers, params))
+    } else {
+        Err(cx.diags)
+    }
+}
+
+fn parse_tier(
+    cx: &mut TomlCx<'_>,
+    index: usize,
+    at: usize,
+    table: &DeTable<'_>,
+    params: &Dynamic,
+    hasher: &mut Xxh3,
+) -> Option<Tier> {
+    let mut name: Option<String> = None;
+    let mut builtin: Option<(&Spanned<DeValue<'_>>, String)> = None;
+    let mut file: Option<(&Spanned<DeValue<'_>>, String)> = None;
+    let mut inline: Option<(&Spanned<DeValue<'_>>, String)> = None;
+    let mut args: Vec<(&Spanned<toml::de::DeString<'_>>, &Spanned<DeValue<'_>>)> = Vec::new();
+    let errors_before = cx.diags.len();
+    for (k, v) in table.iter() {
+        let key = k.get_ref().as_ref();
+        let as_string = |cx: &mut TomlCx<'_>| match v.get_ref().as_str() {
+            Some(s) => Some(s.to_string()),
+            None => {
+                cx.err(v.span().start, format!("`{key}` must be a string"));
+                None
+            }
+        };
+        match key {
+            "name" => name = as_string(cx),
+            "builtin" => builtin = as_string(cx).map(|s| (v, s)),
+            "file" => file = as_string(cx).map(|s| (v, s)),
+            "script" => inline = as_string(cx).map(|s| (v, s)),
+            _ => args.push((k, v)),
+        }
+    }
+    let kinds = [builtin.is_some(), file.is_some(), inline.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if kinds != 1 {
+        if cx.diags.len() == errors_before {
+            cx.err(
+                at,
+                format!(
+                    "tier {} must have exactly one of `builtin`, `file` or `script`",
+                    index + 1
+                ),
+            );
+        }
+        return None;
+    }
+    if let Some((v, b)) = builtin {
+        let built = parse_builtin(cx, v, &b, &args)?;
+        let label = name.unwrap_or_else(|| b.clone());
+        return Some(Tier::new(&label, TierKind::Builtin(built)));
+    }
+    if let Some((k, _)) = args.first() {
+        cx.err(
+            k.span().start,
+            format!(
+                "unknown key `{}` in a script tier (script tiers read arguments from `[params]`)",
+                k.get_ref()
+            ),
+        );
+        return None;
+    }
+    if let Some((v, rel)) = file {
+        let Some(path) = inside(cx.dir, &rel) else {
+            cx.err(
+                v.span().start,
+                format!("`{rel}` is not inside the policies directory"),
+            );
+            return None;
+        };
+        let src = match std::fs::read_to_string(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                cx.err(v.span().start, format!("cannot read `{rel}`: {e}"));
+                return None;
+            }
+        };
+        hasher.update(src.as_bytes());
+        let script = match compile_checked(cx.engine, &src, &path, (1, 1), params) {
+            Ok(s) => s,
+            Err(d) => {
+                cx.diags.push(d);
+                return None;
+            }
+        };
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("script")
+            .to_string();
+        return Some(Tier::new(&name.unwrap_or(stem), TierKind::Script(script)));
+    }
+    let (v, src) = inline?;
+    let origin = line_col(cx.text, string_content_start(cx.text, v.span().start));
+    match compile_checked(cx.engine, &src, cx.file, origin, params) {
+        Ok(s) => {
+            let label = name.unwrap_or_else(|| format!("script{}", index + 1));
+            Some(Tier::new(&label, TierKind::Script(s)))
+        }
+        Err(d) => {
+            cx.diags.push(d);
+            None
+        }
+    }
+}
+
+fn parse_builtin(
+    cx: &mut TomlCx<'_>,
+    v: &Spanned<DeValue<'_>>,
+    name: &str,
+    args: &[(&Spanned<toml::de::DeString<'_>>, &Spanned<DeValue<'_>>)],
+) -> Option<Builtin> {
+    let Some(kind) = BuiltinKind::from_name(name) else {
+        let known: Vec<&str> = BuiltinKind::ALL.iter().map(|k| k.name()).collect();
+        cx.err(
+            v.span().start,
+            format!("unknown built-in `{name}` (known: {})", known.join(", ")),
+        );
+        return None;
+    };
+    let allowed: &[&str] = match kind {
+        BuiltinKind::LoadBalance => &["threshold"],
+        BuiltinKind::KvLookup => &["min_match"],
+        BuiltinKind::SessionHash => &["header"],
+        _ => &[],
+    };
+    let mut ok = true;
+    let get = |key: &str| {
+        args.iter()
+            .find(|(k, _)| k.get_ref().as_ref() == key)
+            .map(|(_, v)| *v)
+    };
+    for (k, _) in args {
+        let key = k.get_ref().as_ref();
+        if !allowed.contains(&key) {
+            ok = false;
+            let hint = if allowed.is_empty() {
+                format!("`{name}` takes no arguments")
+            } else {
+                format!("`{name}` takes: {}", allowed.join(", "))
+            };
+            cx.err(k.span().start, format!("unknown argument `{key}`; {hint}"));
+        }
+    }
+    let built = match kind {
+        BuiltinKind::LoadBalance => match get("threshold") {
+            None => {
+                cx.err(
+                    v.span().start,
+                    "`load_balance` needs `threshold` (queue spread, e.g. 8)",
+                );
+                None
+            }
+            Some(t) => match number(t.get_ref()) {
+                Some(x) if x >= 0.0 => Some(Builtin::LoadBalance { threshold: x }),
+                _ => {
+                    cx.err(t.span().start, "`threshold` must be a number ≥ 0");
+                    None
+                }
+            },
+        },
+        BuiltinKind::KvLookup => match get("min_match") {
+            None => Some(Builtin::KvLookup {
+                min_match: DEFAULT_KV_MIN_MATCH,
+            }),
+            Some(m) => match number(m.get_ref()) {
+                Some(x) if (0.0..=1.0).contains(&x) => Some(Builtin::KvLookup { min_match: x }),
+                _ => {
+                    cx.err(
+                        m.span().start,
+                        "`min_match` must be a fraction of the prompt's tokens, 0 to 1",
+                    );
+                    None
+                }
+            },
+        },
+        BuiltinKind::SessionHash => match get("header") {
+            None => Some(Builtin::SessionHash { header: None }),
+            Some(h) => match h.get_ref().as_str() {
+                Some(s) if http::HeaderName::from_bytes(s.as_bytes()).is_ok() => {
+                    Some(Builtin::SessionHash {
+                        header: Some(s.to_ascii_lowercase()),
+                    })
+                }
+                _ => {
+                    cx.err(h.span().start, "`header` must be a valid header name");
+                    None
+                }
+            },
+        },
+        BuiltinKind::Fallback => Some(Builtin::Fallback),
+        BuiltinKind::RoundRobin => Some(Builtin::RoundRobin),
+        BuiltinKind::LeastLoaded => Some(Builtin::LeastLoaded),
+        BuiltinKind::Random => Some(Builtin::Random),
+        BuiltinKind::PowerOfTwo => Some(Builtin::PowerOfTwo),
+    };
+    if ok { built } else { None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_characters() {
+        let t = "ab\ncdé\nf";
+        assert_eq!(line_col(t, 0), (1, 1));
+        assert_eq!(line_col(t, 3), (2, 1));
+        assert_eq!(line_col(t, 8), (3, 1));
+        assert_eq!(line_col(t, 7), (2, 4));
+    }
+
+    #[test]
+    fn string_content_start_skips_quotes_and_first_newline() {
+        let t = "a = \"\"\"\nx\"\"\"";
+        assert_eq!(string_content_start(t, 4), 8);
+        let t = "a = 'x'";
+        assert_eq!(string_content_start(t, 4), 5);
+    }
+
+    #[test]
+    fn paths_stay_inside() {
+        let d = Path::new("/p");
+        assert_eq!(inside(d, "a/b.rhai"), Some(PathBuf::from("/p/a/b.rhai")));
+        assert_eq!(inside(d, "../x.rhai"), None);
+        assert_eq!(inside(d, "/etc/x"), None);
+    }
+}

@@ -1,0 +1,196 @@
+//! A compiled policy: an ordered list of tiers, each a built-in or a script, tried in turn until
+//! one chooses an engine. A `.rhai` policy is a pipeline of one script tier.
+
+use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use rhai::Dynamic;
+
+use super::builtins::{self, Builtin, BuiltinKind, PolicyState};
+use super::script::{self, Ctx, ORIGIN_SCRIPT, Outcome, Script, ScriptError};
+use crate::engines::Candidate;
+use crate::request::RequestInfo;
+
+/// Name of the tier that decides when every tier passed.
+pub const DEFAULT_TIER: &str = "default";
+
+/// Warn about a failing tier at most this often.
+const WARN_INTERVAL_MS: u64 = 1000;
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Rate limit for a tier's error log: at most one warning per [`WARN_INTERVAL_MS`].
+#[derive(Debug)]
+struct WarnLimiter {
+    /// Milliseconds since [`EPOCH`] of the last warning, plus one (0 = never).
+    last: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl WarnLimiter {
+    fn new() -> Self {
+        WarnLimiter {
+            last: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(suppressed since the last warning)` if a warning may be logged now.
+    fn permit(&self) -> Option<u64> {
+        let now = EPOCH.elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= WARN_INTERVAL_MS)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// What a tier is.
+#[derive(Debug)]
+pub(crate) enum TierKind {
+    Builtin(Builtin),
+    Script(Script),
+}
+
+/// One tier of a pipeline.
+#[derive(Debug)]
+pub(crate) struct Tier {
+    pub name: Arc<str>,
+    pub kind: TierKind,
+    limiter: WarnLimiter,
+}
+
+impl Tier {
+    pub fn new(name: &str, kind: TierKind) -> Tier {
+        Tier {
+            name: Arc::from(name),
+            kind,
+            limiter: WarnLimiter::new(),
+        }
+    }
+}
+
+/// Identifies the tier that decided: an index into [`CompiledPolicy::labels`].
+pub(crate) type Label = u16;
+
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
+
+/// A policy ready to decide.
+#[derive(Debug)]
+pub(crate) struct CompiledPolicy {
+    /// The policy's name (its file stem).
+    pub name: Arc<str>,
+    /// Hash of the policy file and the script files it references.
+    pub hash: u64,
+    pub loaded_at: SystemTime,
+    /// Unique per compiled instance (for per-thread caches).
+    pub uid: u64,
+    pub tiers: Vec<Tier>,
+    /// The `[params]` table as a Rhai map (empty for `.rhai` policies).
+    pub params: Dynamic,
+    pub state: PolicyState,
+    /// Tier names by [`Label`]: the built-ins (when a script's built-in call chose), then each
+    /// tier, then [`DEFAULT_TIER`].
+    labels: Vec<Arc<str>>,
+}
+
+impl CompiledPolicy {
+    pub fn new(name: &str, hash: u64, tiers: Vec<Tier>, params: Dynamic) -> Self {
+        let labels = BuiltinKind::ALL
+            .iter()
+            .map(|k| Arc::from(k.name()))
+            .chain(tiers.iter().map(|t| Arc::clone(&t.name)))
+            .chain(std::iter::once(Arc::from(DEFAULT_TIER)))
+            .collect();
+        CompiledPolicy {
+            name: Arc::from(name),
+            hash,
+            loaded_at: SystemTime::now(),
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+            tiers,
+            params,
+            state: PolicyState::default(),
+            labels,
+        }
+    }
+
+    pub fn label(&self, l: Label) -> &Arc<str> {
+        &self.labels[usize::from(l).min(self.labels.len() - 1)]
+    }
+
+    fn tier_label(&self, tier: usize) -> Label {
+        (BuiltinKind::ALL.len() + tier) as Label
+    }
+
+    fn default_label(&self) -> Label {
+        (self.labels.len() - 1) as Label
+    }
+
+    /// Chooses one of `cands` (never empty): the first tier that decides, else the least
+    /// loaded engine under the [`DEFAULT_TIER`] label.
+    pub fn decide(
+        &self,
+        engine: &rhai::Engine,
+        req: &RequestInfo,
+        cands: &[Candidate],
+    ) -> (usize, Label) {
+        let mut ctx: Option<Ctx<'_>> = None;
+        for (i, tier) in self.tiers.iter().enumerate() {
+            match &tier.kind {
+                TierKind::Builtin(b) => {
+                    if let Some(e) = b.run(req, cands, &self.state) {
+                        return (e, self.tier_label(i));
+                    }
+                }
+                TierKind::Script(s) => {
+                    let ctx = ctx.get_or_insert_with(|| Ctx::new(req, cands, &self.state));
+                    match script::eval(engine, s, ctx, &self.params) {
+                        Ok(Outcome::Engine(e, ORIGIN_SCRIPT)) => return (e, self.tier_label(i)),
+                        Ok(Outcome::Engine(e, origin)) => return (e, Label::from(origin)),
+                        Ok(Outcome::Pass) => {}
+                        Err(err) => self.script_failed(tier, s, &err),
+                    }
+                }
+            }
+        }
+        let e = builtins::least_loaded(cands, &self.state).unwrap_or(0);
+        (e, self.default_label())
+    }
+
+    #[cold]
+    fn script_failed(&self, tier: &Tier, script: &Script, err: &ScriptError) {
+        metrics::counter!(
+            "switchyard_policy_script_errors_total",
+            "policy" => self.name.to_string(),
+            "tier" => tier.name.to_string()
+        )
+        .increment(1);
+        if let Some(suppressed) = tier.limiter.permit() {
+            tracing::warn!(
+                policy = %self.name,
+                tier = %tier.name,
+                suppressed,
+                "{}:{}:{}: {} (tier passed)",
+                script.file.display(),
+                err.line,
+                err.col,
+                err.message
+            );
+        }
+    }
+
+    /// Names of the tiers, in order.
+    pub fn tier_names(&self) -> Vec<String> {
+        self.tiers.iter().map(|t| t.name.to_string()).collect()
+    }
+}

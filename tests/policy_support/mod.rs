@@ -1,0 +1,132 @@
+//! Helpers shared by the policy tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchyard::engines::{Candidate, Engine, EngineSnapshot};
+use switchyard::policy::{PolicySettings, PolicyStore};
+use switchyard::request::RequestInfo;
+
+/// An engine `http://e{id}:8000`, named `e{id}:8000`.
+pub fn engine(id: u32) -> Arc<Engine> {
+    Arc::new(Engine::new(
+        id,
+        &format!("http://e{id}:8000"),
+        vec!["m".into()],
+    ))
+}
+
+/// A candidate with fresh stats and the given queue, in-flight count and prefix match.
+pub fn cand(id: u32, queue: f64, in_flight: u64, prefix: usize) -> Candidate {
+    Candidate {
+        engine: engine(id),
+        load: EngineSnapshot {
+            running: queue,
+            waiting: 0.0,
+            queue,
+            in_flight,
+            kv_usage: 0.0,
+            stats_age_secs: Some(0.5),
+            stale: false,
+        },
+        prefix_match_tokens: prefix,
+    }
+}
+
+/// Candidates with these queues (no in-flight, no prefix match).
+pub fn queues(qs: &[f64]) -> Vec<Candidate> {
+    qs.iter()
+        .enumerate()
+        .map(|(i, &q)| cand(i as u32, q, 0, 0))
+        .collect()
+}
+
+/// A completion request for model `m` whose prompt has `tokens` stand-in tokens.
+pub fn request(tokens: usize) -> RequestInfo {
+    let prompt = "x".repeat(tokens * 4);
+    let body = serde_json::json!({ "model": "m", "prompt": prompt, "temperature": 0.5 });
+    RequestInfo {
+        path: "/v1/completions".into(),
+        model: "m".into(),
+        stream: false,
+        prompt,
+        session_key: None,
+        headers: Default::default(),
+        body: body.to_string().into(),
+        block_hashes: Vec::new(),
+    }
+}
+
+pub fn settings(dir: &Path, default: &str) -> PolicySettings {
+    PolicySettings {
+        dir: dir.to_path_buf(),
+        default_policy: default.into(),
+        per_model: BTreeMap::new(),
+    }
+}
+
+/// A store over a temporary directory holding `files` (name, content).
+pub fn store_with(files: &[(&str, &str)], default: &str) -> (TempDir, Arc<PolicyStore>) {
+    let dir = TempDir::new();
+    for (name, content) in files {
+        dir.write(name, content);
+    }
+    let store = PolicyStore::new(settings(dir.path(), default), 16).expect("store");
+    (dir, store)
+}
+
+/// The repository's `policies/` directory.
+pub fn shipped_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+/// Polls `f` until it returns true or `timeout` passes; returns whether it became true.
+pub fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!(
+            "switchyard-policy-test-{}-{n}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `name` atomically (temporary file, then rename), as editors do.
+    pub fn write(&self, name: &str, content: &str) {
+        let tmp = self.0.join(format!(".{name}.tmp{}", fastrand::u32(..)));
+        std::fs::write(&tmp, content).expect("write temp file");
+        std::fs::rename(&tmp, self.0.join(name)).expect("rename into place");
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
