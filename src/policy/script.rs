@@ -478,15 +478,11 @@ impl Script {
 
     fn error(&self, err: &EvalAltResult) -> ScriptError {
         let (line, col) = self.locate(err.position());
-        let unknown_name = matches!(
-            err.unwrap_inner(),
-            EvalAltResult::ErrorFunctionNotFound(..) | EvalAltResult::ErrorPropertyNotFound(..)
-        );
         ScriptError {
             line,
             col,
             message: message_without_position(err),
-            unknown_name,
+            unknown_name: false,
         }
     }
 }
@@ -678,9 +674,35 @@ pub(crate) fn dry_run(engine: &Engine, script: &Script, params: &Dynamic) -> Opt
     };
     let state = PolicyState::default();
     let ctx = Ctx::new(&req, &cands, &state);
-    match eval(engine, script, &ctx, params) {
-        Err(e) if e.unknown_name => Some(e),
-        _ => None,
+    let _guard = CtxGuard::enter(&ctx);
+    let mut scope = Scope::new();
+    let err = run_in_scope(engine, script, &ctx, params, &mut scope).err()?;
+    if names_unknown_thing(&err) {
+        let mut e = script.error(&err);
+        e.unknown_name = true;
+        Some(e)
+    } else {
+        None
+    }
+}
+
+/// Whether `err` is a mistake whatever the data: a call with no `()` argument to a function
+/// that does not exist for those argument types (the context's types are fixed; `()` arguments
+/// may come from missing data), or a property the `Engine` and `Request` types do not have.
+fn names_unknown_thing(err: &EvalAltResult) -> bool {
+    match err.unwrap_inner() {
+        EvalAltResult::ErrorFunctionNotFound(sig, _) => {
+            // `name (type, type)`; `name ()` for no arguments.
+            let args = sig
+                .split_once(" (")
+                .map_or("", |(_, rest)| rest.strip_suffix(')').unwrap_or(rest));
+            !args.split(", ").any(|a| a == "()")
+        }
+        EvalAltResult::ErrorDotExpr(msg, _) => {
+            msg.contains("not registered for type 'Engine'")
+                || msg.contains("not registered for type 'Request'")
+        }
+        _ => false,
     }
 }
 

@@ -1,0 +1,351 @@
+//! Scripts: the context they see, what they may return, the sandbox and its limits, and
+//! diagnostics with file:line:col.
+
+mod policy_support;
+
+use std::time::{Duration, Instant};
+
+use policy_support::*;
+use switchyard::policy::{PolicyError, PolicyStore};
+
+const CONTEXT_CHECK: &str = r#"
+fn check(ok, what) { if !ok { throw what; } }
+check(request.model == "m", "model");
+check(request.path == "/v1/completions", "path");
+check(request.stream == false, "stream");
+check(request.session_key == "sess", "session_key");
+check(request.prompt_chars == 40, "prompt_chars");
+check(request.prompt_tokens == 10, "prompt_tokens");
+check(request.headers["x-tenant"] == "acme", "headers map");
+check(request.header("X-Tenant") == "acme", "header()");
+check(request.header("x-missing") == (), "missing header");
+check(request.field("temperature") == 0.5, "field()");
+check(request.field("nope") == (), "missing field");
+check(request.fields.model == "m", "fields");
+check(engines.len() == 3, "engines");
+let e = engines[1];
+check(e.name == "e1:8000", "name");
+check(e.url == "http://e1:8000", "url");
+check(e.running == 4.0 && e.waiting == 0.0 && e.queue == 4.0, "queue");
+check(e.in_flight == 2, "in_flight");
+check(e.kv_usage == 0.25, "kv_usage");
+check(e.stats_age == 0.5, "stats_age");
+check(engines[2].stats_age == -1.0 && engines[2].stale, "never scraped");
+check(e.prefix_match == 32, "prefix_match");
+check(params.answer == 42 && params.nested.list[1] == "b", "params");
+check(type_of(e) == "Engine" && type_of(request) == "Request", "type names");
+e
+"#;
+
+#[test]
+fn script_context_reference() {
+    let toml = format!(
+        "[params]\nanswer = 42\nnested = {{ list = [\"a\", \"b\"] }}\n\n[[tier]]\nname = \"ctx\"\nscript = '''\n{CONTEXT_CHECK}'''\n"
+    );
+    let (_d, s) = store_with(&[("ctx.toml", &toml)], "ctx");
+    let mut req = request(10);
+    req.session_key = Some("sess".into());
+    req.headers
+        .insert("x-tenant", http::HeaderValue::from_static("acme"));
+    let mut c = vec![cand(0, 0.0, 0, 0), cand(1, 4.0, 2, 32), cand(2, 0.0, 0, 0)];
+    c[1].load.kv_usage = 0.25;
+    c[2].load.stats_age_secs = None;
+    c[2].load.stale = true;
+    let d = s.decide(&req, &c);
+    assert_eq!(
+        (d.engine, &*d.tier),
+        (1, "ctx"),
+        "a check failed: {}",
+        s.status_json()
+    );
+}
+
+#[test]
+fn scripts_may_return_an_engine_name_or_url() {
+    let (_d, s) = store_with(
+        &[
+            ("by_name.rhai", r#""e2:8000""#),
+            ("by_url.rhai", r#""http://e1:8000""#),
+        ],
+        "by_name",
+    );
+    let c = queues(&[0.0, 0.0, 0.0]);
+    let d = s.decide(&request(1), &c);
+    assert_eq!((d.engine, &*d.tier), (2, "by_name"));
+    let (_d2, s) = store_with(&[("by_url.rhai", r#""http://e1:8000""#)], "by_url");
+    assert_eq!(s.decide(&request(1), &c).engine, 1);
+}
+
+#[test]
+fn bad_results_and_runtime_errors_pass_the_tier() {
+    let pipeline = r#"
+[[tier]]
+name = "number"
+script = "42"
+
+[[tier]]
+name = "unknown_name"
+script = '"nobody:1"'
+
+[[tier]]
+name = "throws"
+script = 'throw "boom"'
+
+[[tier]]
+name = "index"
+script = "engines[99]"
+
+[[tier]]
+name = "passes"
+script = "()"
+
+[[tier]]
+builtin = "round_robin"
+"#;
+    let (_d, s) = store_with(&[("p.toml", pipeline)], "p");
+    let d = s.decide(&request(1), &queues(&[1.0, 0.0]));
+    assert_eq!(&*d.tier, "round_robin");
+}
+
+#[test]
+fn every_tier_passing_still_routes() {
+    let (_d, s) = store_with(&[("never.rhai", "()")], "never");
+    let d = s.decide(&request(1), &queues(&[3.0, 1.0, 2.0]));
+    assert_eq!((d.engine, &*d.tier), (1, "default"));
+}
+
+#[test]
+fn infinite_loop_is_stopped_and_passed_over() {
+    let pipeline = r#"
+[[tier]]
+name = "spin"
+script = "loop { }"
+
+[[tier]]
+name = "recurse"
+script = "fn f(x) { f(x + 1) } f(0)"
+
+[[tier]]
+name = "grow"
+script = 'let s = "xx"; loop { s += s; }'
+
+[[tier]]
+builtin = "fallback"
+"#;
+    let (_d, s) = store_with(&[("spin.toml", pipeline)], "spin");
+    let started = Instant::now();
+    for _ in 0..3 {
+        let d = s.decide(&request(1), &queues(&[2.0, 1.0]));
+        assert_eq!((d.engine, &*d.tier), (1, "fallback"));
+    }
+    // Generous bound: the limits stop each evaluation after at most a few milliseconds.
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+fn diags(files: &[(&str, &str)]) -> Vec<String> {
+    let dir = TempDir::new();
+    for (n, c) in files {
+        dir.write(n, c);
+    }
+    PolicyStore::check_dir(dir.path())
+        .iter()
+        .map(|d| {
+            let s = d.to_string();
+            s.strip_prefix(&format!("{}/", dir.path().display()))
+                .unwrap_or(&s)
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn syntax_errors_report_file_line_col() {
+    let d = diags(&[("bad.rhai", "// header\nlet x = 1;\nlet y = (x +;\n")]);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(d[0].starts_with("bad.rhai:3:13: "), "{d:?}");
+
+    // An inline TOML script: positions are in the TOML file.
+    let toml = "[[tier]]\nbuiltin = \"load_balance\"\nthreshold = 8\n\n[[tier]]\nscript = \"\"\"\nlet a = 1;\n  a +* 2\n\"\"\"\n";
+    let d = diags(&[("inline.toml", toml)]);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(d[0].starts_with("inline.toml:8:6: "), "{d:?}");
+
+    // Same-line inline script: the column is offset by the key.
+    let d = diags(&[("one.toml", "[[tier]]\nscript = \"let = 3\"\n")]);
+    assert!(d[0].starts_with("one.toml:2:15: "), "{d:?}");
+
+    // TOML errors.
+    let d = diags(&[(
+        "t.toml",
+        "[[tier]]\nbuiltin = \"load_balance\"\nthreshold = \n",
+    )]);
+    assert!(d[0].starts_with("t.toml:3:"), "{d:?}");
+    let d = diags(&[("u.toml", "[[tier]]\nbuiltin = \"load_balanse\"\n")]);
+    assert!(
+        d[0].starts_with("u.toml:2:11: unknown built-in `load_balanse`"),
+        "{d:?}"
+    );
+    let d = diags(&[(
+        "v.toml",
+        "[[tier]]\nbuiltin = \"kv_lookup\"\nmin_match = 3\ncolour = 1\n",
+    )]);
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert!(
+        d.iter().any(|x| x.starts_with("v.toml:3:13: `min_match`")),
+        "{d:?}"
+    );
+    assert!(
+        d.iter()
+            .any(|x| x.starts_with("v.toml:4:1: unknown argument `colour`")),
+        "{d:?}"
+    );
+    let d = diags(&[(
+        "w.toml",
+        "[[tier]]\nbuiltin = \"fallback\"\nscript = \"()\"\n",
+    )]);
+    assert!(d[0].starts_with("w.toml:1:"), "{d:?}");
+    assert!(d[0].contains("exactly one of"), "{d:?}");
+    let d = diags(&[("x.toml", "[params]\na = 1\n")]);
+    assert!(d[0].contains("no tiers"), "{d:?}");
+}
+
+#[test]
+fn unknown_functions_and_variables_are_caught_at_load() {
+    let d = diags(&[("typo.rhai", "load_balance(8) ?? kv_lookp()\n")]);
+    // load_balance passes on the validation run's idle engines, so kv_lookp is reached.
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(
+        d[0].starts_with("typo.rhai:1:20: Function not found: kv_lookp"),
+        "{d:?}"
+    );
+    let d = diags(&[("var.rhai", "let a = 1;\nengine\n")]);
+    assert!(d[0].starts_with("var.rhai:2:1: "), "{d:?}");
+    assert!(d[0].contains("engine"), "{d:?}");
+    let d = diags(&[("prop.rhai", "engines[0].queu\n")]);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(d[0].starts_with("prop.rhai:1:"), "{d:?}");
+}
+
+#[test]
+fn sandbox_has_no_eval_sleep_or_escaping_imports() {
+    let d = diags(&[("e.rhai", "eval(\"1\")\n")]);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(d[0].starts_with("e.rhai:1:1: "), "{d:?}");
+    let d = diags(&[("s.rhai", "sleep(10); ()\n")]);
+    assert!(d[0].contains("Function not found: sleep"), "{d:?}");
+    let outside = TempDir::new();
+    std::fs::write(outside.path().join("evil.rhai"), "fn f() { 1 }").expect("write");
+    let rel = format!(
+        "../{}/evil",
+        outside
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name")
+    );
+    let d = diags(&[("i.rhai", &format!("import \"{rel}\" as evil;\nevil::f()\n"))]);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(d[0].contains("limited to the policies directory"), "{d:?}");
+    let d = diags(&[("a.rhai", "import \"/etc/passwd\" as p;\n()\n")]);
+    assert!(d[0].contains("limited to the policies directory"), "{d:?}");
+    let d = diags(&[("f.toml", "[[tier]]\nfile = \"../outside.rhai\"\n")]);
+    assert!(d[0].contains("not inside the policies directory"), "{d:?}");
+}
+
+#[test]
+fn imports_and_script_files_inside_the_directory() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("lib/pick.rhai"),
+        "fn busiest(engines) { let b = engines[0]; for e in engines { if e.queue > b.queue { b = e; } } b }\n",
+    )
+    .expect("write");
+    dir.write(
+        "contrarian.rhai",
+        "import \"lib/pick\" as pick;\npick::busiest(engines)\n",
+    );
+    dir.write(
+        "pipe.toml",
+        "[[tier]]\nfile = \"lib/pick.rhai\"\n\n[[tier]]\nfile = \"contrarian.rhai\"\n",
+    );
+    assert!(PolicyStore::check_dir(dir.path()).is_empty());
+    let s = PolicyStore::new(settings(dir.path(), "contrarian"), 16).expect("store");
+    let c = queues(&[1.0, 7.0, 3.0]);
+    let d = s.decide(&request(1), &c);
+    assert_eq!((d.engine, &*d.tier), (1, "contrarian"));
+    // In a pipeline: lib/pick.rhai only defines a function (value `()`): it passes.
+    let s = PolicyStore::new(settings(dir.path(), "pipe"), 16).expect("store");
+    let d = s.decide(&request(1), &c);
+    assert_eq!((d.engine, &*d.tier), (1, "contrarian"));
+}
+
+#[test]
+fn settings_must_name_loadable_policies() {
+    let dir = TempDir::new();
+    dir.write("ok.rhai", "fallback()");
+    dir.write("broken.rhai", "let = ;");
+    let err = PolicyStore::new(settings(dir.path(), "missing"), 16).expect_err("unknown");
+    let PolicyError::Invalid(d) = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        d.iter()
+            .any(|d| d.message.contains("unknown default policy `missing`")),
+        "{err}"
+    );
+    assert!(PolicyStore::new(settings(dir.path(), "broken"), 16).is_err());
+    // A broken policy nobody uses does not stop the store; status shows it.
+    let s = PolicyStore::new(settings(dir.path(), "ok"), 16).expect("store");
+    let status = s.status_json();
+    let broken = status["policies"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == "broken"))
+        .expect("listed");
+    assert!(
+        broken["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("broken.rhai:1:"))
+    );
+    assert_eq!(broken["loaded"], false);
+}
+
+#[test]
+fn per_model_policies_and_file_names() {
+    let dir = TempDir::new();
+    dir.write("twin.rhai", "round_robin()");
+    dir.write("twin.toml", "[[tier]]\nbuiltin = \"least_loaded\"\n");
+    let mut st = settings(dir.path(), "twin");
+    st.per_model.insert("m2".into(), "twin.rhai".into());
+    let s = PolicyStore::new(st, 16).expect("store");
+    let c = queues(&[3.0, 1.0, 2.0]);
+    // The bare name prefers the TOML twin.
+    assert_eq!(&*s.decide(&request(1), &c).tier, "least_loaded");
+    let mut r = request(1);
+    r.model = "m2".into();
+    assert_eq!(&*s.decide(&r, &c).tier, "round_robin");
+}
+
+#[test]
+fn concurrent_decisions_share_compiled_scripts() {
+    let (_d, s) = store_with(
+        &[(
+            "p.rhai",
+            "let b = engines[0]; for e in engines { if e.queue < b.queue { b = e; } } b",
+        )],
+        "p",
+    );
+    std::thread::scope(|sc| {
+        for t in 0..4 {
+            let s = &s;
+            sc.spawn(move || {
+                for i in 0..200 {
+                    let mut qs = vec![5.0; 6];
+                    qs[(t + i) % 6] = 0.0;
+                    let d = s.decide(&request(3), &queues(&qs));
+                    assert_eq!(d.engine, (t + i) % 6);
+                }
+            });
+        }
+    });
+}
