@@ -124,6 +124,8 @@ struct Generation {
     files: Vec<FileStatus>,
     errors: Vec<PolicyDiagnostic>,
     reloaded_at: SystemTime,
+    /// Counts loads: 1 for the first, +1 per reload.
+    number: u64,
 }
 
 /// All loaded policies.
@@ -176,35 +178,41 @@ type Resolution = (
     HashMap<String, Arc<CompiledPolicy>>,
 );
 
-/// Resolves the settings' policy names; a name that does not resolve in `files` falls back to
-/// what it resolved to in `prev` (its file broke or vanished: keep the last good version).
+/// Resolves the settings' policy names. A name that no longer resolves in `files` but did in
+/// `prev` (its file vanished) keeps the last good version, with a diagnostic; a name that never
+/// resolved is an error.
 fn resolve(
     settings: &PolicySettings,
     files: &[FileStatus],
     prev: Option<&Generation>,
-) -> Result<Resolution, Vec<PolicyDiagnostic>> {
+) -> Result<(Resolution, Vec<PolicyDiagnostic>), Vec<PolicyDiagnostic>> {
     let mut resolved = HashMap::new();
     let mut errors = Vec::new();
+    let mut kept = Vec::new();
     for (name, role) in settings_names(settings) {
         if resolved.contains_key(name) {
             continue;
         }
-        let found = lookup(files, name)
-            .or_else(|| prev.and_then(|g| g.resolved.get(name)))
-            .cloned();
-        match found {
-            Some(p) => {
-                resolved.insert(name.to_string(), p);
-            }
-            None => errors.push(PolicyDiagnostic::new(
+        let missing = |what: &str| {
+            PolicyDiagnostic::new(
                 &settings.dir.join(name),
                 1,
                 1,
                 format!(
-                    "unknown {role} `{name}`: no loadable {name}.rhai or {name}.toml in {}",
+                    "{what} {role} `{name}`: no loadable {name}.rhai or {name}.toml in {}",
                     settings.dir.display()
                 ),
-            )),
+            )
+        };
+        if let Some(p) = lookup(files, name) {
+            resolved.insert(name.to_string(), Arc::clone(p));
+        } else if let Some(p) = prev.and_then(|g| g.resolved.get(name)) {
+            let mut d = missing("vanished");
+            d.message.push_str("; keeping its last good version");
+            kept.push(d);
+            resolved.insert(name.to_string(), Arc::clone(p));
+        } else {
+            errors.push(missing("unknown"));
         }
     }
     if !errors.is_empty() {
@@ -216,7 +224,7 @@ fn resolve(
         .iter()
         .map(|(m, p)| (m.clone(), Arc::clone(&resolved[p.as_str()])))
         .collect();
-    Ok((default, per_model, resolved))
+    Ok(((default, per_model, resolved), kept))
 }
 
 /// Loads every policy file of `dir`, keeping `prev`'s version of files that fail.
@@ -318,7 +326,7 @@ impl PolicyStore {
     ) -> Result<Arc<PolicyStore>, PolicyError> {
         let engine = Arc::new(script::build_engine(&settings.dir));
         let (files, mut errors) = load_files(&engine, &settings.dir, None);
-        let (default, per_model, resolved) =
+        let ((default, per_model, resolved), _) =
             resolve(&settings, &files, None).map_err(|mut e| {
                 errors.append(&mut e);
                 PolicyError::Invalid(errors.clone())
@@ -333,6 +341,7 @@ impl PolicyStore {
             files,
             errors,
             reloaded_at: SystemTime::now(),
+            number: 1,
         };
         Ok(Arc::new(PolicyStore {
             current: ArcSwap::from_pointee(generation),
@@ -403,7 +412,13 @@ impl PolicyStore {
         let (files, mut errors) = load_files(&engine, &settings.dir, Some(&prev));
         let (settings, resolution, settings_applied) = match resolve(&settings, &files, Some(&prev))
         {
-            Ok(r) => (settings, r, true),
+            Ok((r, mut kept)) => {
+                for d in &kept {
+                    tracing::error!("{d}");
+                }
+                errors.append(&mut kept);
+                (settings, r, true)
+            }
             Err(mut e) => {
                 for d in &e {
                     tracing::error!("{d}");
@@ -411,7 +426,10 @@ impl PolicyStore {
                 errors.append(&mut e);
                 let old = PolicySettings::clone(&prev.settings);
                 match resolve(&old, &files, Some(&prev)) {
-                    Ok(r) => (old, r, false),
+                    Ok((r, mut kept)) => {
+                        errors.append(&mut kept);
+                        (old, r, false)
+                    }
                     // Cannot happen (every previous name resolved before); keep all.
                     Err(_) => {
                         return ReloadOutcome {
@@ -436,6 +454,7 @@ impl PolicyStore {
             files,
             errors: errors.clone(),
             reloaded_at: SystemTime::now(),
+            number: prev.number + 1,
         };
         self.current.store(Arc::new(generation));
         let result = if ok { "ok" } else { "error" };
@@ -506,6 +525,7 @@ impl PolicyStore {
             "default_policy": g.settings.default_policy,
             "per_model": g.settings.per_model,
             "prefix_block_size": self.block_size,
+            "generation": g.number,
             "reloaded_at": rfc3339(g.reloaded_at),
             "errors": g.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "policies": policies,

@@ -1,0 +1,246 @@
+//! Hot reload at the store level: edits take effect, broken edits keep the last good version
+//! (visible in status_json), fixes restore; config changes re-apply settings; SIGHUP reloads.
+//! Every wait polls with a bounded timeout.
+
+mod policy_support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use policy_support::*;
+use switchyard::policy::{PolicySettings, PolicyStore, SettingsLoader};
+
+/// Safety net only: reloads normally land within a few hundred milliseconds.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn pipeline(threshold: u32) -> String {
+    format!(
+        "[[tier]]\nbuiltin = \"load_balance\"\nthreshold = {threshold}\n\n[[tier]]\nbuiltin = \"round_robin\"\n"
+    )
+}
+
+fn tier(store: &PolicyStore) -> String {
+    // Spread 5: load_balance decides iff threshold <= 5.
+    store
+        .decide(&request(1), &queues(&[5.0, 0.0]))
+        .tier
+        .to_string()
+}
+
+fn policy_status(store: &PolicyStore, name: &str) -> serde_json::Value {
+    store.status_json()["policies"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == name).cloned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn reload_now_swaps_keeps_last_good_and_recovers() {
+    let (dir, store) = store_with(&[("p.toml", &pipeline(8))], "p");
+    assert_eq!(tier(&store), "round_robin");
+    let first = policy_status(&store, "p");
+
+    dir.write("p.toml", &pipeline(4));
+    let out = store.reload_now();
+    assert!(out.is_ok(), "{out:?}");
+    assert_eq!(tier(&store), "load_balance");
+    let second = policy_status(&store, "p");
+    assert_ne!(first["hash"], second["hash"]);
+
+    dir.write(
+        "p.toml",
+        "[[tier]]\nbuiltin = \"load_balance\"\nthreshold = -1\n",
+    );
+    let out = store.reload_now();
+    assert!(!out.is_ok());
+    assert_eq!(out.errors.len(), 1);
+    assert!(
+        out.errors[0].to_string().contains("p.toml:3:13:"),
+        "{}",
+        out.errors[0]
+    );
+    assert_eq!(
+        tier(&store),
+        "load_balance",
+        "last good version keeps deciding"
+    );
+    let broken = policy_status(&store, "p");
+    assert_eq!(broken["hash"], second["hash"]);
+    assert!(
+        broken["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("p.toml:3:13:"))
+    );
+    assert_eq!(
+        store.status_json()["errors"].as_array().map(Vec::len),
+        Some(1)
+    );
+
+    dir.write("p.toml", &pipeline(8));
+    assert!(store.reload_now().is_ok());
+    assert_eq!(tier(&store), "round_robin");
+    assert!(policy_status(&store, "p")["last_error"].is_null());
+}
+
+#[test]
+fn unchanged_files_keep_their_compiled_version() {
+    let (dir, store) = store_with(&[("a.rhai", "fallback()"), ("b.rhai", "fallback()")], "a");
+    let before = policy_status(&store, "a")["loaded_at"].clone();
+    dir.write("b.rhai", "round_robin()");
+    assert!(store.reload_now().is_ok());
+    assert_eq!(policy_status(&store, "a")["loaded_at"], before);
+}
+
+#[test]
+fn deleting_the_default_policy_keeps_it() {
+    let (dir, store) = store_with(&[("p.toml", &pipeline(4))], "p");
+    std::fs::remove_file(dir.path().join("p.toml")).expect("remove");
+    let out = store.reload_now();
+    assert!(!out.is_ok());
+    assert!(
+        out.errors[0]
+            .message
+            .contains("vanished default policy `p`"),
+        "{out:?}"
+    );
+    assert_eq!(tier(&store), "load_balance");
+}
+
+#[test]
+fn reload_with_rejects_unknown_names_and_applies_good_settings() {
+    let (dir, store) = store_with(&[("p.toml", &pipeline(8)), ("q.rhai", "random()")], "p");
+    let bad = settings(dir.path(), "nope");
+    let out = store.reload_with(bad);
+    assert!(!out.settings_applied);
+    assert_eq!(store.settings().default_policy, "p");
+    assert_eq!(tier(&store), "round_robin");
+    let out = store.reload_with(settings(dir.path(), "q"));
+    assert!(out.is_ok(), "{out:?}");
+    assert_eq!(tier(&store), "random");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn watcher_picks_up_edits_breakage_and_fixes() {
+    let rt = runtime();
+    let (dir, store) = store_with(&[("p.toml", &pipeline(8))], "p");
+    let _watch = rt
+        .block_on(async { store.watch(None, None) })
+        .expect("watch");
+    assert_eq!(tier(&store), "round_robin");
+
+    // Change the threshold: the deciding tier changes.
+    let t = std::time::Instant::now();
+    dir.write("p.toml", &pipeline(4));
+    assert!(poll_until(TIMEOUT, || tier(&store) == "load_balance"));
+    eprintln!("edit effective after {:?}", t.elapsed());
+
+    // Break it: the old version keeps deciding and the error shows.
+    dir.write(
+        "p.toml",
+        "[[tier]]\nbuiltin = \"load_balance\"\nthreshold = \n",
+    );
+    assert!(poll_until(TIMEOUT, || {
+        policy_status(&store, "p")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("p.toml:3:"))
+    }));
+    assert_eq!(tier(&store), "load_balance");
+
+    // Fix it: back to the new content.
+    dir.write("p.toml", &pipeline(8));
+    assert!(poll_until(TIMEOUT, || {
+        tier(&store) == "round_robin" && policy_status(&store, "p")["last_error"].is_null()
+    }));
+
+    // Plain in-place writes (truncate + write) work too, and new files appear.
+    std::fs::write(dir.path().join("p.toml"), pipeline(3)).expect("write");
+    assert!(poll_until(TIMEOUT, || tier(&store) == "load_balance"));
+    dir.write("fresh.rhai", "fallback()");
+    assert!(poll_until(
+        TIMEOUT,
+        || policy_status(&store, "fresh")["loaded"] == true
+    ));
+}
+
+#[test]
+fn dropping_the_handle_stops_watching() {
+    let rt = runtime();
+    let (dir, store) = store_with(&[("p.toml", &pipeline(8))], "p");
+    let watch = rt
+        .block_on(async { store.watch(None, None) })
+        .expect("watch");
+    dir.write("p.toml", &pipeline(4));
+    assert!(poll_until(TIMEOUT, || tier(&store) == "load_balance"));
+    drop(watch);
+    // Once the task has gone, the watcher (and its inotify instance) goes with it: the store
+    // must be referenced only by us again.
+    assert!(poll_until(TIMEOUT, || Arc::strong_count(&store) == 1));
+    dir.write("p.toml", &pipeline(8));
+    // Nothing can reload now; a reload would have to come from us.
+    assert_eq!(tier(&store), "load_balance");
+}
+
+#[test]
+fn config_changes_apply_new_settings() {
+    let rt = runtime();
+    let (dir, store) = store_with(&[("p.toml", &pipeline(8)), ("q.rhai", "random()")], "p");
+    let conf_dir = TempDir::new();
+    let conf = conf_dir.path().join("switchyard.conf");
+    std::fs::write(&conf, "p").expect("write config");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let loader: SettingsLoader = {
+        let conf = conf.clone();
+        let dir = dir.path().to_path_buf();
+        let calls = Arc::clone(&calls);
+        Arc::new(move || {
+            calls.fetch_add(1, Ordering::Relaxed);
+            let name = std::fs::read_to_string(&conf).map_err(|e| e.to_string())?;
+            Ok(PolicySettings {
+                dir: dir.clone(),
+                default_policy: name.trim().to_string(),
+                per_model: Default::default(),
+            })
+        })
+    };
+    let _watch = rt
+        .block_on(async { store.watch(Some(conf.clone()), Some(loader)) })
+        .expect("watch");
+    std::fs::write(&conf, "q").expect("write config");
+    assert!(poll_until(TIMEOUT, || tier(&store) == "random"));
+    assert!(calls.load(Ordering::Relaxed) >= 1);
+    // An unknown name is not applied.
+    std::fs::write(&conf, "nope").expect("write config");
+    assert!(poll_until(TIMEOUT, || {
+        store.status_json()["errors"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|x| x.as_str().is_some_and(|s| s.contains("`nope`")))
+        })
+    }));
+    assert_eq!(tier(&store), "random");
+}
+
+#[test]
+fn sighup_reloads() {
+    let rt = runtime();
+    let (_dir, store) = store_with(&[("p.toml", &pipeline(8))], "p");
+    let _watch = rt
+        .block_on(async { store.watch(None, None) })
+        .expect("watch");
+    let generation = || store.status_json()["generation"].as_u64().unwrap_or(0);
+    let before = generation();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert!(poll_until(TIMEOUT, || generation() > before));
+}
