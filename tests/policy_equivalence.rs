@@ -1,6 +1,8 @@
 //! The shipped `load_balanced_kvaware.rhai` and `load_balanced_kvaware.toml` decide identically
 //! (engine and tier) on generated engine states, including the rotation of ties over a
-//! sequence of decisions.
+//! sequence of decisions. The shipped `.rhai` is a bare `??` chain of built-ins, which runs as
+//! the equivalent built-in pipeline; the same chain in a form the interpreter must evaluate is
+//! compared too.
 
 mod policy_support;
 
@@ -49,12 +51,29 @@ proptest! {
             .expect("rhai store");
         let toml = PolicyStore::new(settings(&shipped_dir(), "load_balanced_kvaware.toml"), 16)
             .expect("toml store");
+        let (_dir, interpreted) = store_with(
+            &[(
+                "load_balanced_kvaware.rhai",
+                "let pick = load_balance(8) ?? kv_lookup() ?? fallback();\npick\n",
+            )],
+            "load_balanced_kvaware",
+        );
+        prop_assert_eq!(&interpreted.status_json()["policies"][0]["execution"], "rhai");
+        prop_assert_eq!(
+            rhai.status_json()["policies"]
+                .as_array()
+                .and_then(|a| a.iter().find(|p| p["source"].as_str().is_some_and(|s| s.ends_with(".rhai")) && p["name"] == "load_balanced_kvaware"))
+                .map(|p| p["execution"].clone()),
+            Some(serde_json::json!("native"))
+        );
         for s in &seq {
             let c = candidates(s);
             let req = request(s.prompt_tokens);
             let a = rhai.decide(&req, &c);
             let b = toml.decide(&req, &c);
+            let i = interpreted.decide(&req, &c);
             prop_assert_eq!((a.engine, &*a.tier), (b.engine, &*b.tier), "state {:?}", s);
+            prop_assert_eq!((i.engine, &*i.tier), (b.engine, &*b.tier), "interpreted, state {:?}", s);
             prop_assert_eq!(&*a.policy, "load_balanced_kvaware");
         }
     }

@@ -10,6 +10,7 @@ use toml::de::{DeTable, DeValue};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::builtins::{Builtin, BuiltinKind, DEFAULT_KV_MIN_MATCH};
+use super::chain;
 use super::pipeline::{CompiledPolicy, Tier, TierKind};
 use super::script::{self, ScriptError};
 
@@ -179,7 +180,15 @@ fn load_rhai(
 ) -> Result<Parts, Vec<PolicyDiagnostic>> {
     let params = empty_params();
     let s = compile_checked(engine, text, &file.path, (1, 1), &params).map_err(|d| vec![d])?;
-    Ok((vec![Tier::new(&file.name, TierKind::Script(s))], params))
+    // A bare `??` chain of built-ins runs as the equivalent pipeline of built-in tiers.
+    let tiers = match chain::builtin_chain(text) {
+        Some(builtins) => builtins
+            .into_iter()
+            .map(|b| Tier::new(b.kind().name(), TierKind::Builtin(b)))
+            .collect(),
+        None => vec![Tier::new(&file.name, TierKind::Script(s))],
+    };
+    Ok((tiers, params))
 }
 
 fn toml_to_dynamic(v: &DeValue<'_>) -> Dynamic {

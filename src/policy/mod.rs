@@ -14,6 +14,7 @@
 //! `decide` loads the current one without locking and evaluates without holding anything.
 
 pub mod builtins;
+mod chain;
 mod decisions;
 mod load;
 mod pipeline;
@@ -516,6 +517,7 @@ impl PolicyStore {
                     "hash": p.map(|p| format!("{:016x}", p.hash)),
                     "loaded_at": p.map(|p| rfc3339(p.loaded_at)),
                     "tiers": p.map(|p| p.tier_names()),
+                    "execution": p.map(|p| if p.is_native() { "native" } else { "rhai" }),
                     "last_error": last_error,
                 })
             })

@@ -189,6 +189,13 @@ impl CompiledPolicy {
         }
     }
 
+    /// Whether every tier is a built-in (no script is interpreted).
+    pub fn is_native(&self) -> bool {
+        self.tiers
+            .iter()
+            .all(|t| matches!(t.kind, TierKind::Builtin(_)))
+    }
+
     /// Names of the tiers, in order.
     pub fn tier_names(&self) -> Vec<String> {
         self.tiers.iter().map(|t| t.name.to_string()).collect()
