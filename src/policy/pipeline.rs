@@ -1,6 +1,7 @@
 //! A compiled policy: an ordered list of tiers, each a built-in or a script, tried in turn until
 //! one chooses an engine. A `.rhai` policy is a pipeline of one script tier.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,7 +155,19 @@ impl CompiledPolicy {
                 }
                 TierKind::Script(s) => {
                     let ctx = ctx.get_or_insert_with(|| Ctx::new(req, cands, &self.state));
-                    match script::eval(engine, s, ctx, &self.params) {
+                    // A request never fails because of a script, not even if evaluation panics.
+                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        script::eval(engine, s, ctx, &self.params)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(ScriptError {
+                            line: s.origin.0,
+                            col: s.origin.1,
+                            message: "script evaluation panicked".into(),
+                            unknown_name: false,
+                        })
+                    });
+                    match outcome {
                         Ok(Outcome::Engine(e, ORIGIN_SCRIPT)) => return (e, self.tier_label(i)),
                         Ok(Outcome::Engine(e, origin)) => return (e, Label::from(origin)),
                         Ok(Outcome::Pass) => {}
