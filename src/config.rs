@@ -552,7 +552,7 @@ mod tests {
         assert!(e.to_string().starts_with("static_backends:"), "{e}");
         let e = RouterConfig::resolve(&args(&["--log-level", "loud"])).unwrap_err();
         assert!(e.to_string().starts_with("log_level:"), "{e}");
-        let e = RouterConfig::resolve(&args(&["--connect-timeout", "-1"])).unwrap_err();
+        let e = RouterConfig::resolve(&args(&["--connect-timeout=-1"])).unwrap_err();
         assert!(e.to_string().starts_with("connect_timeout:"), "{e}");
         assert!(Cli::try_parse_from(["switchyard", "--no-such-flag"]).is_err());
     }

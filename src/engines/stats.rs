@@ -36,9 +36,12 @@ pub struct VllmFigures {
 
 /// Parses vLLM figures from Prometheus text. `vllm:kv_cache_usage_perc` is preferred; the older
 /// `vllm:gpu_cache_usage_perc` is used when it is absent. Counters may carry a `_total` suffix or
-/// not (the parser strips it on some versions), so both spellings are accepted.
+/// not, so both spellings are accepted.
+///
+/// `prometheus-parse` reads metric names as `\w+`, without the `:` that the format allows and
+/// vLLM uses (`vllm:num_requests_running`), so names are normalised `:` → `_` first.
 pub fn parse_vllm_metrics(text: &str) -> Result<VllmFigures, String> {
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let lines = text.lines().map(|l| Ok(normalize_name(l)));
     let scrape =
         prometheus_parse::Scrape::parse(lines).map_err(|e| format!("unparseable metrics: {e}"))?;
     let mut f = VllmFigures::default();
@@ -55,17 +58,37 @@ pub fn parse_vllm_metrics(text: &str) -> Result<VllmFigures, String> {
         }
         let name = s.metric.strip_suffix("_total").unwrap_or(&s.metric);
         match name {
-            "vllm:num_requests_running" => f.running += v,
-            "vllm:num_requests_waiting" => f.waiting += v,
-            "vllm:kv_cache_usage_perc" => *kv_new.get_or_insert(0.0) += v,
-            "vllm:gpu_cache_usage_perc" => *kv_old.get_or_insert(0.0) += v,
-            "vllm:prefix_cache_queries" => f.prefix_queries += v,
-            "vllm:prefix_cache_hits" => f.prefix_hits += v,
+            "vllm_num_requests_running" => f.running += v,
+            "vllm_num_requests_waiting" => f.waiting += v,
+            "vllm_kv_cache_usage_perc" => *kv_new.get_or_insert(0.0) += v,
+            "vllm_gpu_cache_usage_perc" => *kv_old.get_or_insert(0.0) += v,
+            "vllm_prefix_cache_queries" => f.prefix_queries += v,
+            "vllm_prefix_cache_hits" => f.prefix_hits += v,
             _ => {}
         }
     }
     f.kv_usage = kv_new.or(kv_old).unwrap_or(0.0);
     Ok(f)
+}
+
+/// Replaces `:` by `_` in the metric name of a sample, `# HELP` or `# TYPE` line.
+fn normalize_name(line: &str) -> String {
+    let (prefix, rest) = match line
+        .strip_prefix("# HELP ")
+        .or_else(|| line.strip_prefix("# TYPE "))
+    {
+        Some(rest) => (&line[..7], rest),
+        None if line.starts_with('#') => return line.to_owned(),
+        None => ("", line),
+    };
+    let end = rest
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .unwrap_or(rest.len());
+    let mut out = String::with_capacity(line.len());
+    out.push_str(prefix);
+    out.extend(rest[..end].chars().map(|c| if c == ':' { '_' } else { c }));
+    out.push_str(&rest[end..]);
+    out
 }
 
 /// A failed scrape.
