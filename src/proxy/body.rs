@@ -12,23 +12,38 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::errors::sse_error_event;
 use super::telemetry::RequestRecord;
+use super::conn::BusyGuard;
 use crate::engines::InFlightGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body of every response the router sends.
-pub enum RouterBody {
+pub struct RouterBody {
+    kind: Kind,
+    /// Keeps the client connection counted busy until the body ends (see `conn`).
+    busy: Option<BusyGuard>,
+}
+
+enum Kind {
     Full(Option<Bytes>),
     Upstream(Box<UpstreamBody>),
 }
 
 impl RouterBody {
     pub fn full(b: impl Into<Bytes>) -> RouterBody {
-        RouterBody::Full(Some(b.into()))
+        RouterBody { kind: Kind::Full(Some(b.into())), busy: None }
     }
 
     pub fn empty() -> RouterBody {
-        RouterBody::Full(None)
+        RouterBody { kind: Kind::Full(None), busy: None }
+    }
+
+    pub fn upstream(u: UpstreamBody) -> RouterBody {
+        RouterBody { kind: Kind::Upstream(Box::new(u)), busy: None }
+    }
+
+    pub fn set_busy_guard(&mut self, g: BusyGuard) {
+        self.busy = Some(g);
     }
 }
 
@@ -83,58 +98,62 @@ impl Body for RouterBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            RouterBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            RouterBody::Upstream(u) => {
-                if u.finished {
-                    return Poll::Ready(None);
-                }
-                match Pin::new(&mut u.inner).poll_frame(cx) {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if !u.first_frame_seen {
-                            u.first_frame_seen = true;
-                            u.record.first_byte(Instant::now());
-                        }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    Poll::Ready(None) => {
-                        u.finish("completed");
-                        Poll::Ready(None)
-                    }
-                    Poll::Ready(Some(Err(e))) => {
-                        tracing::warn!(engine = %u.record.engine_name(), error = %e, "engine response broke mid-body");
-                        u.finish("engine_error");
-                        if u.sse {
-                            Poll::Ready(Some(Ok(Frame::data(sse_error_event(&format!(
-                                "engine stream failed: {e}"
-                            ))))))
-                        } else {
-                            Poll::Ready(Some(Err(Box::new(e))))
-                        }
-                    }
-                }
-            }
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(u) => u.poll_frame(cx),
+        };
+        if matches!(polled, Poll::Ready(None)) {
+            this.busy = None;
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            RouterBody::Full(b) => b.is_none(),
-            RouterBody::Upstream(u) => u.finished || u.inner.is_end_stream(),
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream(u) => u.finished || u.inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            RouterBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            RouterBody::Full(None) => SizeHint::with_exact(0),
-            RouterBody::Upstream(u) if u.finished => SizeHint::with_exact(0),
-            RouterBody::Upstream(u) => u.inner.size_hint(),
+        match &self.kind {
+            Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Upstream(u) if u.finished => SizeHint::with_exact(0),
+            Kind::Upstream(u) => u.inner.size_hint(),
+        }
+    }
+}
+
+impl UpstreamBody {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if !self.first_frame_seen {
+                    self.first_frame_seen = true;
+                    self.record.first_byte(Instant::now());
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                self.finish("completed");
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(engine = %self.record.engine_name(), error = %e, "engine response broke mid-body");
+                self.finish("engine_error");
+                if self.sse {
+                    Poll::Ready(Some(Ok(Frame::data(sse_error_event(&format!("engine stream failed: {e}"))))))
+                } else {
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+            }
         }
     }
 }

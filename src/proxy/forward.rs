@@ -157,7 +157,7 @@ pub async fn route_and_forward(
                     add_decision_headers(&mut rparts.headers, &policy, &tier, &engine.name);
                 }
                 let body =
-                    RouterBody::Upstream(Box::new(UpstreamBody::new(rbody, guard, record, sse)));
+                    RouterBody::upstream(UpstreamBody::new(rbody, guard, record, sse));
                 return Ok(Response::from_parts(rparts, body));
             }
             Ok(Err(e)) if e.is_connect() => {

@@ -1,6 +1,7 @@
 //! The HTTP proxy: a hyper 1.x server (HTTP/1.1 and h2c) in front of the engines.
 
 pub mod body;
+pub mod conn;
 pub mod errors;
 pub mod forward;
 pub mod routes;
@@ -15,10 +16,9 @@ use http::HeaderName;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::RouterConfig;
 use crate::engines::Registry;
@@ -149,23 +149,16 @@ pub async fn start(
     })
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    mut shutdown: oneshot::Receiver<()>,
-) {
+async fn accept_loop(listener: TcpListener, state: Arc<AppState>, mut shutdown: oneshot::Receiver<()>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.cfg.header_read_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(20)));
-    let graceful = GracefulShutdown::new();
+    // hyper's header timer would also close idle keep-alive connections; `conn` does both.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(None).keep_alive(true);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20)));
+    let builder = Arc::new(builder);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(x) => x,
@@ -178,22 +171,58 @@ async fn accept_loop(
             },
             _ = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
-        let st = Arc::clone(&state);
-        let svc = service_fn(move |req| {
-            let st = Arc::clone(&st);
-            async move { Ok::<_, Infallible>(routes::handle(st, req).await) }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
-        });
+        conns.spawn(serve_connection(stream, Arc::clone(&state), Arc::clone(&builder), stop_rx.clone()));
     }
     drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(Duration::from_secs(10), async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        conns.abort_all();
+    }
+}
+
+/// Serves one client connection until it ends, is idle too long, sends its headers too slowly,
+/// or the server shuts down (then in-progress requests may finish).
+async fn serve_connection(stream: TcpStream, state: Arc<AppState>, builder: Arc<auto::Builder<TokioExecutor>>, mut stop: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    let activity = conn::ConnActivity::new();
+    let act = Arc::clone(&activity);
+    let st = Arc::clone(&state);
+    let svc = service_fn(move |req| {
+        let busy = act.begin();
+        let st = Arc::clone(&st);
+        async move {
+            let mut resp = routes::handle(st, req).await;
+            resp.body_mut().set_busy_guard(busy);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let io = TokioIo::new(conn::WatchedIo::new(stream, Arc::clone(&activity)));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    let (header_timeout, idle_timeout) = (state.cfg.header_read_timeout, state.cfg.idle_timeout);
+    let mut next_check = Duration::ZERO;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.as_mut().await;
+                return;
+            }
+            _ = tokio::time::sleep(next_check) => match activity.check(header_timeout, idle_timeout) {
+                Ok(wait) => next_check = wait,
+                Err(reason) => {
+                    tracing::debug!(reason, "closing client connection");
+                    metrics::counter!("switchyard_client_connections_closed_total", "reason" => reason).increment(1);
+                    return;
+                }
+            },
+        }
+    }
 }
