@@ -243,7 +243,7 @@ async fn inference(
     }
     let req = match validate(&engine, kind, &body) {
         Ok(r) => r,
-        Err(resp) => return Ok(resp),
+        Err(invalid) => return Ok(invalid.response()),
     };
     let hashes = tokens::block_hashes(req.prompt.as_bytes(), engine.block_size);
     let prompt_tokens = tokens::estimate_tokens(req.prompt.len());
@@ -258,7 +258,7 @@ async fn inference(
         Kind::Completion => "cmpl",
         Kind::Chat => "chatcmpl",
     };
-    let sse = Sse {
+    let out = Output {
         kind,
         id: format!("{prefix}-{:016x}{n:016x}", engine.seed),
         created: unix_now(),
@@ -269,9 +269,9 @@ async fn inference(
         finished: false,
     };
     if req.stream {
-        Ok(stream_response(sse))
+        Ok(stream_response(out))
     } else {
-        Ok(complete(sse).await)
+        Ok(complete(out).await)
     }
 }
 
@@ -282,14 +282,30 @@ struct Validated {
     include_usage: bool,
 }
 
-fn validate(engine: &Engine, kind: Kind, body: &[u8]) -> Result<Validated, Response<SimBody>> {
-    let bad = |m: &str| error(StatusCode::BAD_REQUEST, m);
+/// Why an inference request is rejected.
+#[derive(Debug, thiserror::Error)]
+enum Invalid {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("The model `{0}` does not exist.")]
+    UnknownModel(String),
+}
+
+impl Invalid {
+    fn response(&self) -> Response<SimBody> {
+        let status = match self {
+            Invalid::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Invalid::UnknownModel(_) => StatusCode::NOT_FOUND,
+        };
+        error(status, &self.to_string())
+    }
+}
+
+fn validate(engine: &Engine, kind: Kind, body: &[u8]) -> Result<Validated, Invalid> {
+    let bad = |m: &str| Invalid::BadRequest(m.to_owned());
     let parsed = request::parse_body(body, None).map_err(|e| bad(&e.to_string()))?;
     if parsed.model != engine.model {
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            &format!("The model `{}` does not exist.", parsed.model),
-        ));
+        return Err(Invalid::UnknownModel(parsed.model));
     }
     let params: Params = serde_json::from_slice(body).map_err(|e| bad(&e.to_string()))?;
     match kind {
@@ -400,7 +416,7 @@ struct Message<'a> {
 }
 
 /// One request's output, streamed or not.
-struct Sse {
+struct Output {
     kind: Kind,
     id: String,
     created: u64,
@@ -411,7 +427,7 @@ struct Sse {
     finished: bool,
 }
 
-impl Sse {
+impl Output {
     fn usage(&self) -> Usage {
         let (p, c) = (self.job.prompt_tokens(), self.job.max_tokens());
         Usage {
@@ -529,10 +545,10 @@ impl Sse {
     }
 }
 
-fn stream_response(sse: Sse) -> Response<SimBody> {
-    let stream = futures_util::stream::unfold(sse, |mut sse| async move {
-        let frame = sse.next_frame().await?;
-        Some((frame, sse))
+fn stream_response(out: Output) -> Response<SimBody> {
+    let stream = futures_util::stream::unfold(out, |mut out| async move {
+        let frame = out.next_frame().await?;
+        Some((frame, out))
     });
     let mut r = response(
         StatusCode::OK,
@@ -544,20 +560,20 @@ fn stream_response(sse: Sse) -> Response<SimBody> {
     r
 }
 
-async fn complete(mut sse: Sse) -> Response<SimBody> {
-    if sse.job.start().await.is_err() {
+async fn complete(mut out: Output) -> Response<SimBody> {
+    if out.job.start().await.is_err() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the simulated engine is shutting down",
         );
     }
-    while !sse.job.is_done() {
-        sse.job.next_tokens(usize::MAX).await;
+    while !out.job.is_done() {
+        out.job.next_tokens(usize::MAX).await;
     }
-    let mut text = String::with_capacity(sse.job.max_tokens() * tokens::BYTES_PER_TOKEN);
-    sse.engine.words.push(0, sse.job.max_tokens(), &mut text);
-    let usage = Some(sse.usage());
-    let body = match sse.kind {
+    let mut text = String::with_capacity(out.job.max_tokens() * tokens::BYTES_PER_TOKEN);
+    out.engine.words.push(0, out.job.max_tokens(), &mut text);
+    let usage = Some(out.usage());
+    let body = match out.kind {
         Kind::Completion => {
             let choice = TextChoice {
                 index: 0,
@@ -566,7 +582,7 @@ async fn complete(mut sse: Sse) -> Response<SimBody> {
                 finish_reason: Some("length"),
                 stop_reason: None,
             };
-            serde_json::to_vec(&sse.envelope("text_completion", [choice], usage))
+            serde_json::to_vec(&out.envelope("text_completion", [choice], usage))
         }
         Kind::Chat => {
             let choice = MessageChoice {
@@ -579,7 +595,7 @@ async fn complete(mut sse: Sse) -> Response<SimBody> {
                 finish_reason: "length",
                 stop_reason: None,
             };
-            serde_json::to_vec(&sse.envelope("chat.completion", [choice], usage))
+            serde_json::to_vec(&out.envelope("chat.completion", [choice], usage))
         }
     };
     match body {
