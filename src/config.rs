@@ -1,1 +1,580 @@
-//! Configuration (stub).
+//! Configuration: command-line flags (production-stack's names where the concept is the same)
+//! and an optional TOML file (`--config`). Flags override the file. Unknown or inconsistent
+//! settings fail at start with a message naming the setting.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::policy::PolicySettings;
+
+/// Switchyard: an LLM router whose policy is a hot-reloaded pipeline of TOML and Rhai tiers.
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `serve` is the default subcommand: its flags may be given without it.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the router (the default). Without backends it starts simulated engines in-process.
+    Serve(Box<ServeArgs>),
+    /// Run one simulated vLLM engine.
+    Sim(Box<crate::sim::SimArgs>),
+    /// Compile and validate every policy (and the config file, if given).
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Directory of policy files.
+    #[arg(long, default_value = "policies")]
+    pub policies_dir: PathBuf,
+    /// A config file to validate too.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Flags of `switchyard serve`. Every flag may also be set in the config file under the same
+/// name with `_` instead of `-`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long)]
+    pub host: Option<IpAddr>,
+    /// Port to listen on (0 = any free port) [default: 8001].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Comma-separated engine base URLs, e.g. http://a:8000,http://b:8000.
+    #[arg(long, value_delimiter = ',')]
+    pub static_backends: Option<Vec<String>>,
+    /// Comma-separated models: one per backend, or one for all.
+    #[arg(long, value_delimiter = ',')]
+    pub static_models: Option<Vec<String>>,
+    /// Seconds between scrapes of each engine's /metrics [default: 1].
+    #[arg(long)]
+    pub engine_stats_interval: Option<f64>,
+    /// trace, debug, info, warn|warning, error|critical [default: info].
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Header (else JSON body field) holding the session key.
+    #[arg(long)]
+    pub session_key: Option<String>,
+    /// Default routing policy (a file stem in the policies directory) [default: load_balanced_kvaware].
+    #[arg(long)]
+    pub routing_logic: Option<String>,
+    /// Directory of policy files [default: ./policies].
+    #[arg(long)]
+    pub policies_dir: Option<PathBuf>,
+    /// Add x-switchyard-policy/-tier/-engine response headers.
+    #[arg(long)]
+    pub decision_headers: bool,
+    /// Largest accepted request body in bytes [default: 33554432].
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    /// Engines tried per request before giving up with 502 [default: 2].
+    #[arg(long)]
+    pub max_attempts: Option<usize>,
+    /// Seconds to connect to an engine [default: 2].
+    #[arg(long)]
+    pub connect_timeout: Option<f64>,
+    /// Seconds to wait for an engine's response headers [default: 300].
+    #[arg(long)]
+    pub first_byte_timeout: Option<f64>,
+    /// Seconds a client has to send its request headers [default: 10].
+    #[arg(long)]
+    pub header_read_timeout: Option<f64>,
+    /// Seconds an idle client keep-alive connection is kept open [default: 60].
+    #[arg(long)]
+    pub idle_timeout: Option<f64>,
+    /// Consecutive failed responses (5xx, transport errors) that eject an engine [default: 3].
+    #[arg(long)]
+    pub eject_after_failures: Option<u32>,
+    /// Seconds between health probes of an ejected engine [default: 0.5].
+    #[arg(long)]
+    pub health_probe_interval: Option<f64>,
+    /// Memory budget of the router's prefix index in MiB [default: 64].
+    #[arg(long)]
+    pub prefix_index_mib: Option<usize>,
+    /// Tokens per prefix block; should match the engines' --block-size [default: 16].
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// Simulated engines started in-process when no backends are configured [default: 3].
+    #[arg(long)]
+    pub demo_engines: Option<usize>,
+}
+
+/// The config file. Keys are the flag names with `_`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub host: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub static_backends: Option<Vec<String>>,
+    pub static_models: Option<Vec<String>>,
+    pub engine_stats_interval: Option<f64>,
+    pub log_level: Option<String>,
+    pub session_key: Option<String>,
+    pub routing_logic: Option<String>,
+    pub policies_dir: Option<PathBuf>,
+    pub decision_headers: Option<bool>,
+    pub max_body_bytes: Option<usize>,
+    pub max_attempts: Option<usize>,
+    pub connect_timeout: Option<f64>,
+    pub first_byte_timeout: Option<f64>,
+    pub header_read_timeout: Option<f64>,
+    pub idle_timeout: Option<f64>,
+    pub eject_after_failures: Option<u32>,
+    pub health_probe_interval: Option<f64>,
+    pub prefix_index_mib: Option<usize>,
+    pub block_size: Option<usize>,
+    pub demo_engines: Option<usize>,
+    /// Per-model policies: `[policies] "model-name" = "policy"`.
+    #[serde(default)]
+    pub policies: BTreeMap<String, String>,
+}
+
+/// A configuration error; the message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{setting}: {message}")]
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        message: message.into(),
+    }
+}
+
+/// One backend engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub url: String,
+    pub models: Vec<String>,
+}
+
+/// The resolved router configuration.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub host: IpAddr,
+    pub port: u16,
+    /// Static backends; empty means "start `demo_engines` simulated engines".
+    pub backends: Vec<Backend>,
+    pub demo_engines: usize,
+    pub engine_stats_interval: Duration,
+    /// A tracing filter directive (`info`, `warn`, …).
+    pub log_level: String,
+    pub session_key: Option<String>,
+    pub policy: PolicySettings,
+    pub decision_headers: bool,
+    pub max_body_bytes: usize,
+    pub max_attempts: usize,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub eject_after_failures: u32,
+    pub health_probe_interval: Duration,
+    pub prefix_index_bytes: usize,
+    pub block_size: usize,
+    /// The config file, watched for policy settings.
+    pub config_file: Option<PathBuf>,
+}
+
+impl Default for RouterConfig {
+    fn default() -> RouterConfig {
+        RouterConfig {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 8001,
+            backends: Vec::new(),
+            demo_engines: 3,
+            engine_stats_interval: Duration::from_secs(1),
+            log_level: "info".into(),
+            session_key: None,
+            policy: PolicySettings {
+                dir: PathBuf::from("policies"),
+                default_policy: "load_balanced_kvaware".into(),
+                per_model: BTreeMap::new(),
+            },
+            decision_headers: false,
+            max_body_bytes: 32 * 1024 * 1024,
+            max_attempts: 2,
+            connect_timeout: Duration::from_secs(2),
+            first_byte_timeout: Duration::from_secs(300),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            eject_after_failures: 3,
+            health_probe_interval: Duration::from_millis(500),
+            prefix_index_bytes: 64 * 1024 * 1024,
+            block_size: crate::tokens::DEFAULT_BLOCK_SIZE,
+            config_file: None,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// A config for tests and embedding: these backends, all serving `model`, everything else default.
+    pub fn for_backends(urls: &[String], model: &str) -> RouterConfig {
+        RouterConfig {
+            port: 0,
+            backends: urls
+                .iter()
+                .map(|u| Backend {
+                    url: u.clone(),
+                    models: vec![model.to_owned()],
+                })
+                .collect(),
+            ..RouterConfig::default()
+        }
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
+    }
+
+    /// Resolves flags over the config file over defaults, and validates the result.
+    pub fn resolve(args: &ServeArgs) -> Result<RouterConfig, ConfigError> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let d = RouterConfig::default();
+        let secs = |setting: &'static str,
+                    flag: Option<f64>,
+                    file: Option<f64>,
+                    default: Duration| {
+            match flag.or(file) {
+                None => Ok(default),
+                Some(s) if s.is_finite() && s > 0.0 && s < 1e7 => Ok(Duration::from_secs_f64(s)),
+                Some(s) => Err(invalid(
+                    setting,
+                    format!("must be a positive number of seconds, got {s}"),
+                )),
+            }
+        };
+        let backends_raw = args
+            .static_backends
+            .clone()
+            .or(file.static_backends.clone())
+            .unwrap_or_default();
+        let models_raw = args.static_models.clone().or(file.static_models.clone());
+        let backends = backends_from(&backends_raw, models_raw.as_deref())?;
+        let log_level = normalize_log_level(
+            args.log_level
+                .as_deref()
+                .or(file.log_level.as_deref())
+                .unwrap_or("info"),
+        )?;
+        let max_attempts = args
+            .max_attempts
+            .or(file.max_attempts)
+            .unwrap_or(d.max_attempts);
+        if max_attempts == 0 {
+            return Err(invalid("max_attempts", "must be at least 1"));
+        }
+        let block_size = args.block_size.or(file.block_size).unwrap_or(d.block_size);
+        if block_size == 0 {
+            return Err(invalid("block_size", "must be at least 1"));
+        }
+        let max_body_bytes = args
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(d.max_body_bytes);
+        if max_body_bytes == 0 {
+            return Err(invalid("max_body_bytes", "must be at least 1"));
+        }
+        let session_key = args.session_key.clone().or(file.session_key.clone());
+        if let Some(k) = &session_key
+            && http::HeaderName::from_bytes(k.as_bytes()).is_err()
+        {
+            return Err(invalid(
+                "session_key",
+                format!("{k:?} is not a valid header name"),
+            ));
+        }
+        let policy = policy_settings(args, &file);
+        if policy.default_policy.is_empty() {
+            return Err(invalid("routing_logic", "must name a policy"));
+        }
+        Ok(RouterConfig {
+            host: args.host.or(file.host).unwrap_or(d.host),
+            port: args.port.or(file.port).unwrap_or(d.port),
+            backends,
+            demo_engines: args
+                .demo_engines
+                .or(file.demo_engines)
+                .unwrap_or(d.demo_engines),
+            engine_stats_interval: secs(
+                "engine_stats_interval",
+                args.engine_stats_interval,
+                file.engine_stats_interval,
+                d.engine_stats_interval,
+            )?,
+            log_level,
+            session_key,
+            policy,
+            decision_headers: args.decision_headers || file.decision_headers.unwrap_or(false),
+            max_body_bytes,
+            max_attempts,
+            connect_timeout: secs(
+                "connect_timeout",
+                args.connect_timeout,
+                file.connect_timeout,
+                d.connect_timeout,
+            )?,
+            first_byte_timeout: secs(
+                "first_byte_timeout",
+                args.first_byte_timeout,
+                file.first_byte_timeout,
+                d.first_byte_timeout,
+            )?,
+            header_read_timeout: secs(
+                "header_read_timeout",
+                args.header_read_timeout,
+                file.header_read_timeout,
+                d.header_read_timeout,
+            )?,
+            idle_timeout: secs(
+                "idle_timeout",
+                args.idle_timeout,
+                file.idle_timeout,
+                d.idle_timeout,
+            )?,
+            eject_after_failures: args
+                .eject_after_failures
+                .or(file.eject_after_failures)
+                .unwrap_or(d.eject_after_failures)
+                .max(1),
+            health_probe_interval: secs(
+                "health_probe_interval",
+                args.health_probe_interval,
+                file.health_probe_interval,
+                d.health_probe_interval,
+            )?,
+            prefix_index_bytes: args
+                .prefix_index_mib
+                .or(file.prefix_index_mib)
+                .map(|m| m * 1024 * 1024)
+                .unwrap_or(d.prefix_index_bytes),
+            block_size,
+            config_file: args.config.clone(),
+        })
+    }
+}
+
+/// Reads and parses a config file (unknown keys are errors).
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// The policy settings from flags over the file (used at start and when the file changes).
+pub fn policy_settings(args: &ServeArgs, file: &FileConfig) -> PolicySettings {
+    let d = RouterConfig::default().policy;
+    PolicySettings {
+        dir: args
+            .policies_dir
+            .clone()
+            .or(file.policies_dir.clone())
+            .unwrap_or(d.dir),
+        default_policy: args
+            .routing_logic
+            .clone()
+            .or(file.routing_logic.clone())
+            .unwrap_or(d.default_policy),
+        per_model: file.policies.clone(),
+    }
+}
+
+fn backends_from(urls: &[String], models: Option<&[String]>) -> Result<Vec<Backend>, ConfigError> {
+    let urls: Vec<String> = urls
+        .iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    for u in &urls {
+        let uri: http::Uri = u
+            .parse()
+            .map_err(|e| invalid("static_backends", format!("{u:?} is not a URL: {e}")))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(invalid(
+                "static_backends",
+                format!("{u:?} must be an http:// URL with a host"),
+            ));
+        }
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(invalid(
+                "static_backends",
+                format!("{u:?} must not have a path"),
+            ));
+        }
+    }
+    let models: Vec<String> = models
+        .unwrap_or_default()
+        .iter()
+        .map(|m| m.trim().to_owned())
+        .filter(|m| !m.is_empty())
+        .collect();
+    if urls.is_empty() {
+        if !models.is_empty() {
+            return Err(invalid("static_models", "given without static_backends"));
+        }
+        return Ok(Vec::new());
+    }
+    let per_backend: Vec<String> = match models.len() {
+        0 => {
+            return Err(invalid(
+                "static_models",
+                "required with static_backends (one model per backend, or one for all)",
+            ));
+        }
+        1 => vec![models[0].clone(); urls.len()],
+        n if n == urls.len() => models,
+        n => {
+            return Err(invalid(
+                "static_models",
+                format!(
+                    "{n} models for {} backends: give one per backend, or one for all",
+                    urls.len()
+                ),
+            ));
+        }
+    };
+    Ok(urls
+        .into_iter()
+        .zip(per_backend)
+        .map(|(url, m)| Backend {
+            url,
+            models: vec![m],
+        })
+        .collect())
+}
+
+/// Maps tracing's level names and production-stack's (`warning`, `critical`) to a filter.
+pub fn normalize_log_level(level: &str) -> Result<String, ConfigError> {
+    let l = level.to_ascii_lowercase();
+    let norm = match l.as_str() {
+        "trace" | "debug" | "info" | "warn" | "error" => l,
+        "warning" => "warn".into(),
+        "critical" | "fatal" => "error".into(),
+        other => {
+            return Err(invalid(
+                "log_level",
+                format!(
+                    "unknown level {other:?} (trace, debug, info, warn|warning, error|critical)"
+                ),
+            ));
+        }
+    };
+    Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> ServeArgs {
+        let mut full = vec!["switchyard"];
+        full.extend_from_slice(v);
+        Cli::try_parse_from(full).unwrap().serve
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let c = RouterConfig::resolve(&args(&[])).unwrap();
+        assert_eq!(c.port, 8001);
+        assert_eq!(c.host.to_string(), "127.0.0.1");
+        assert!(c.backends.is_empty());
+        assert_eq!(c.policy.default_policy, "load_balanced_kvaware");
+        let c = RouterConfig::resolve(&args(&[
+            "--static-backends",
+            "http://a:8000,http://b:8000",
+            "--static-models",
+            "m",
+            "--log-level",
+            "warning",
+        ]))
+        .unwrap();
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(
+            c.backends[1],
+            Backend {
+                url: "http://b:8000".into(),
+                models: vec!["m".into()]
+            }
+        );
+        assert_eq!(c.log_level, "warn");
+    }
+
+    #[test]
+    fn inconsistent_settings_name_the_setting() {
+        let e = RouterConfig::resolve(&args(&[
+            "--static-backends",
+            "http://a:1,http://b:1",
+            "--static-models",
+            "x,y,z",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().starts_with("static_models:"), "{e}");
+        let e = RouterConfig::resolve(&args(&["--static-backends", "a:1"])).unwrap_err();
+        assert!(e.to_string().starts_with("static_backends:"), "{e}");
+        let e = RouterConfig::resolve(&args(&["--log-level", "loud"])).unwrap_err();
+        assert!(e.to_string().starts_with("log_level:"), "{e}");
+        let e = RouterConfig::resolve(&args(&["--connect-timeout=-1"])).unwrap_err();
+        assert!(e.to_string().starts_with("connect_timeout:"), "{e}");
+        assert!(Cli::try_parse_from(["switchyard", "--no-such-flag"]).is_err());
+    }
+
+    #[test]
+    fn file_then_flags_override() {
+        let dir = std::env::temp_dir().join(format!("switchyard-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "port = 9000\nrouting_logic = \"session\"\nstatic_backends = [\"http://a:1\"]\nstatic_models = [\"m\"]\n[policies]\nbig = \"kvaware\"\n").unwrap();
+        let p = path.to_str().unwrap();
+        let c = RouterConfig::resolve(&args(&["--config", p, "--port", "9100"])).unwrap();
+        assert_eq!(c.port, 9100);
+        assert_eq!(c.policy.default_policy, "session");
+        assert_eq!(
+            c.policy.per_model.get("big").map(String::as_str),
+            Some("kvaware")
+        );
+        std::fs::write(&path, "prot = 1\n").unwrap();
+        let e = RouterConfig::resolve(&args(&["--config", p])).unwrap_err();
+        assert!(e.to_string().contains("prot"), "{e}");
+    }
+}

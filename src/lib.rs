@@ -13,3 +13,4 @@ pub mod proxy;
 pub mod request;
 pub mod sim;
 pub mod tokens;
+pub mod upstream;

@@ -1,6 +1,11 @@
-//! Engine figures scraped from `GET /metrics`.
+//! Engine figures scraped from `GET /metrics` (vLLM's Prometheus text format), parsed with the
+//! `prometheus-parse` crate and summed over the engine's label sets.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Engine;
+use crate::upstream::{self, HttpClient};
 
 /// The figures last scraped from an engine's `/metrics`, summed over its label sets.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -17,4 +22,168 @@ pub struct ScrapedStats {
     /// Whether the last scrape failed (the figures are from an earlier one).
     pub stale: bool,
     pub last_error: Option<String>,
+}
+
+/// The vLLM figures found in a `/metrics` text.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct VllmFigures {
+    pub running: f64,
+    pub waiting: f64,
+    pub kv_usage: f64,
+    pub prefix_queries: f64,
+    pub prefix_hits: f64,
+}
+
+/// Parses vLLM figures from Prometheus text. `vllm:kv_cache_usage_perc` is preferred; the older
+/// `vllm:gpu_cache_usage_perc` is used when it is absent. Counters may carry a `_total` suffix or
+/// not, so both spellings are accepted.
+///
+/// `prometheus-parse` reads metric names as `\w+`, without the `:` that the format allows and
+/// vLLM uses (`vllm:num_requests_running`), so names are normalised `:` → `_` first.
+pub fn parse_vllm_metrics(text: &str) -> Result<VllmFigures, String> {
+    let lines = text.lines().map(|l| Ok(normalize_name(l)));
+    let scrape =
+        prometheus_parse::Scrape::parse(lines).map_err(|e| format!("unparseable metrics: {e}"))?;
+    let mut f = VllmFigures::default();
+    let (mut kv_new, mut kv_old) = (None::<f64>, None::<f64>);
+    for s in &scrape.samples {
+        let v = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => continue,
+        };
+        if !v.is_finite() {
+            continue;
+        }
+        let name = s.metric.strip_suffix("_total").unwrap_or(&s.metric);
+        match name {
+            "vllm_num_requests_running" => f.running += v,
+            "vllm_num_requests_waiting" => f.waiting += v,
+            "vllm_kv_cache_usage_perc" => *kv_new.get_or_insert(0.0) += v,
+            "vllm_gpu_cache_usage_perc" => *kv_old.get_or_insert(0.0) += v,
+            "vllm_prefix_cache_queries" => f.prefix_queries += v,
+            "vllm_prefix_cache_hits" => f.prefix_hits += v,
+            _ => {}
+        }
+    }
+    f.kv_usage = kv_new.or(kv_old).unwrap_or(0.0);
+    Ok(f)
+}
+
+/// Replaces `:` by `_` in the metric name of a sample, `# HELP` or `# TYPE` line.
+fn normalize_name(line: &str) -> String {
+    let (prefix, rest) = match line
+        .strip_prefix("# HELP ")
+        .or_else(|| line.strip_prefix("# TYPE "))
+    {
+        Some(rest) => (&line[..7], rest),
+        None if line.starts_with('#') => return line.to_owned(),
+        None => ("", line),
+    };
+    let end = rest
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .unwrap_or(rest.len());
+    let mut out = String::with_capacity(line.len());
+    out.push_str(prefix);
+    out.extend(rest[..end].chars().map(|c| if c == ':' { '_' } else { c }));
+    out.push_str(&rest[end..]);
+    out
+}
+
+/// A failed scrape.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ScrapeFailure {
+    pub message: String,
+    /// The connection was refused or could not be made (as opposed to a slow or bad answer).
+    pub unreachable: bool,
+}
+
+/// Scrapes one engine: on success stores fresh figures, on failure marks them stale (keeping
+/// the old figures, whose age stays visible) and returns why.
+pub async fn scrape_engine(
+    client: &HttpClient,
+    engine: &Arc<Engine>,
+    timeout: Duration,
+) -> Result<(), ScrapeFailure> {
+    let url = format!("{}/metrics", engine.url);
+    let failure = match upstream::get(client, &url, timeout).await {
+        Ok(body) => match std::str::from_utf8(&body)
+            .map_err(|e| e.to_string())
+            .and_then(parse_vllm_metrics)
+        {
+            Ok(f) => {
+                engine.set_stats(ScrapedStats {
+                    running: f.running,
+                    waiting: f.waiting,
+                    kv_usage: f.kv_usage,
+                    prefix_queries: f.prefix_queries,
+                    prefix_hits: f.prefix_hits,
+                    scraped_at: Some(Instant::now()),
+                    in_flight_at_scrape: engine.in_flight(),
+                    stale: false,
+                    last_error: None,
+                });
+                return Ok(());
+            }
+            Err(message) => ScrapeFailure {
+                message,
+                unreachable: false,
+            },
+        },
+        Err(e) => ScrapeFailure {
+            unreachable: matches!(e, upstream::GetError::Connect(_)),
+            message: e.to_string(),
+        },
+    };
+    engine.mark_stats_stale(failure.message.clone());
+    metrics::counter!("switchyard_engine_scrape_failures_total", "engine" => engine.name.to_string()).increment(1);
+    tracing::debug!(engine = %engine.name, error = %failure.message, "metrics scrape failed");
+    Err(failure)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="m"} 2.0
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{model_name="m"} 0.9
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="m"} 0.25
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{model_name="m"} 1000.0
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{model_name="m"} 250.0
+"#;
+
+    #[test]
+    fn sums_label_sets_and_prefers_new_kv_name() {
+        let f = parse_vllm_metrics(TEXT).unwrap();
+        assert_eq!(
+            f,
+            VllmFigures {
+                running: 4.0,
+                waiting: 2.0,
+                kv_usage: 0.25,
+                prefix_queries: 1000.0,
+                prefix_hits: 250.0
+            }
+        );
+    }
+
+    #[test]
+    fn falls_back_to_old_kv_name_and_tolerates_garbage() {
+        let f = parse_vllm_metrics("vllm:gpu_cache_usage_perc{model_name=\"m\"} 0.5\n").unwrap();
+        assert_eq!(f.kv_usage, 0.5);
+        assert_eq!(parse_vllm_metrics("").unwrap(), VllmFigures::default());
+        // Whatever the text, parsing never panics.
+        let _ = parse_vllm_metrics("vllm:num_requests_running{ 1\n\u{0}");
+    }
 }

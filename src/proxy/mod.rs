@@ -1,1 +1,252 @@
-//! The HTTP proxy (stub).
+//! The HTTP proxy: a hyper 1.x server (HTTP/1.1 and h2c) in front of the engines.
+
+pub mod body;
+pub mod conn;
+pub mod errors;
+pub mod forward;
+pub mod routes;
+pub mod telemetry;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::config::RouterConfig;
+use crate::engines::Registry;
+use crate::engines::health::{HealthConfig, Monitor};
+use crate::policy::{PolicyStore, SettingsLoader};
+use crate::prefix::PrefixIndex;
+use crate::upstream::{self, HttpClient};
+
+/// The request-id header, propagated or generated.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub cfg: RouterConfig,
+    pub registry: Arc<Registry>,
+    pub policies: Arc<PolicyStore>,
+    pub prefix: Arc<PrefixIndex>,
+    pub client: HttpClient,
+    pub monitor: Arc<Monitor>,
+    pub session_header: Option<HeaderName>,
+    pub started_unix: u64,
+}
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no backends configured")]
+    NoBackends,
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("policies: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
+}
+
+/// A running router.
+pub struct RunningRouter {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+}
+
+impl RunningRouter {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets open connections finish for up to `grace`, then stops everything.
+    pub async fn shutdown(mut self, grace: Duration) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(grace + Duration::from_secs(1), &mut self.server).await;
+        self.server.abort();
+        self.state.monitor.shutdown();
+    }
+
+    /// Runs until the server stops (e.g. on Ctrl-C, see [`RunningRouter::shutdown`]).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.server).await;
+    }
+}
+
+/// Starts the router on `cfg.listen_addr()` (port 0 picks a free port).
+pub async fn start(
+    cfg: RouterConfig,
+    settings_loader: Option<SettingsLoader>,
+) -> Result<RunningRouter, StartError> {
+    if cfg.backends.is_empty() {
+        return Err(StartError::NoBackends);
+    }
+    let _ = telemetry::prometheus();
+    let registry = Arc::new(Registry::new());
+    for b in &cfg.backends {
+        registry.add(&b.url, b.models.clone());
+    }
+    let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));
+    let policies = PolicyStore::new(cfg.policy.clone(), cfg.block_size)?;
+    let _ = settings_loader; // hot reload of settings is wired with the policy watcher
+    let client = upstream::build_client(cfg.connect_timeout);
+    let monitor = Monitor::new(
+        Arc::clone(&registry),
+        client.clone(),
+        Arc::clone(&prefix),
+        HealthConfig {
+            stats_interval: cfg.engine_stats_interval,
+            probe_interval: cfg.health_probe_interval,
+            eject_after_failures: cfg.eject_after_failures,
+        },
+    );
+    monitor.start();
+    let addr = cfg.listen_addr();
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let session_header = cfg
+        .session_key
+        .as_deref()
+        .and_then(|k| HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).ok());
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let state = Arc::new(AppState {
+        cfg,
+        registry,
+        policies,
+        prefix,
+        client,
+        monitor,
+        session_header,
+        started_unix,
+    });
+    let (tx, rx) = oneshot::channel();
+    let server = tokio::spawn(accept_loop(listener, Arc::clone(&state), rx));
+    tracing::info!(%addr, engines = state.registry.all().len(), policy = %state.cfg.policy.default_policy, "switchyard listening");
+    Ok(RunningRouter {
+        addr,
+        state,
+        shutdown: Some(tx),
+        server,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut shutdown: oneshot::Receiver<()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's header timer would also close idle keep-alive connections; `conn` does both.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)));
+    let builder = Arc::new(builder);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        conns.spawn(serve_connection(
+            stream,
+            Arc::clone(&state),
+            Arc::clone(&builder),
+            stop_rx.clone(),
+        ));
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        conns.abort_all();
+    }
+}
+
+/// Serves one client connection until it ends, is idle too long, sends its headers too slowly,
+/// or the server shuts down (then in-progress requests may finish).
+async fn serve_connection(
+    stream: TcpStream,
+    state: Arc<AppState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let activity = conn::ConnActivity::new();
+    let act = Arc::clone(&activity);
+    let st = Arc::clone(&state);
+    let svc = service_fn(move |req| {
+        let busy = act.begin();
+        let st = Arc::clone(&st);
+        async move {
+            let mut resp = routes::handle(st, req).await;
+            resp.body_mut().set_busy_guard(busy);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let io = TokioIo::new(conn::WatchedIo::new(stream, Arc::clone(&activity)));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    let (header_timeout, idle_timeout) = (state.cfg.header_read_timeout, state.cfg.idle_timeout);
+    let mut next_check = Duration::ZERO;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.as_mut().await;
+                return;
+            }
+            _ = tokio::time::sleep(next_check) => match activity.check(header_timeout, idle_timeout) {
+                Ok(wait) => next_check = wait,
+                Err(reason) => {
+                    tracing::debug!(reason, "closing client connection");
+                    metrics::counter!("switchyard_client_connections_closed_total", "reason" => reason).increment(1);
+                    return;
+                }
+            },
+        }
+    }
+}

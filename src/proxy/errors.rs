@@ -1,0 +1,108 @@
+//! OpenAI-shaped JSON errors: `{"error": {"message", "type", "param", "code"}}`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::body::RouterBody;
+
+/// Everything the router itself can answer with instead of an engine's response.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("Not found: {0}")]
+    RouteNotFound(String),
+    #[error("Method {0} is not allowed on {1}")]
+    MethodNotAllowed(String, String),
+    #[error("Request body exceeds the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("No healthy engine serves model `{0}`; retry later")]
+    NoHealthyEngine(String, Duration),
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("The engine did not answer within {0:?}")]
+    GatewayTimeout(Duration),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NoHealthyEngine(..) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn kind_and_code(&self) -> (&'static str, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => ("invalid_request_error", "invalid_request"),
+            ApiError::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
+            ApiError::RouteNotFound(_) => ("invalid_request_error", "not_found"),
+            ApiError::MethodNotAllowed(..) => ("invalid_request_error", "method_not_allowed"),
+            ApiError::PayloadTooLarge(_) => ("invalid_request_error", "payload_too_large"),
+            ApiError::NoHealthyEngine(..) => ("service_unavailable", "no_healthy_engine"),
+            ApiError::BadGateway(_) => ("api_error", "bad_gateway"),
+            ApiError::GatewayTimeout(_) => ("api_error", "gateway_timeout"),
+        }
+    }
+
+    /// The JSON body of this error.
+    pub fn body(&self) -> Bytes {
+        let (kind, code) = self.kind_and_code();
+        let v = serde_json::json!({
+            "error": { "message": self.to_string(), "type": kind, "param": null, "code": code }
+        });
+        Bytes::from(v.to_string())
+    }
+
+    pub fn into_response(self) -> Response<RouterBody> {
+        let mut resp = Response::new(RouterBody::full(self.body()));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let ApiError::NoHealthyEngine(_, after) = &self {
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(after.as_secs().max(1)),
+            );
+        }
+        resp
+    }
+}
+
+/// An SSE event carrying an error, sent when a stream breaks after it started.
+pub fn sse_error_event(message: &str) -> Bytes {
+    let v = serde_json::json!({
+        "error": { "message": message, "type": "api_error", "param": null, "code": "upstream_stream_error" }
+    });
+    Bytes::from(format!("data: {v}\n\ndata: [DONE]\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_openai_shaped() {
+        let e = ApiError::ModelNotFound("x".into());
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("`x`"));
+        let r = ApiError::NoHealthyEngine("m".into(), Duration::from_secs(1)).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
+}

@@ -1,0 +1,337 @@
+//! Routing and forwarding of one model request: read the body (bounded), parse what routing
+//! needs, find the candidates, ask the policy, forward, retry on another engine while nothing
+//! has reached the client, and stream the engine's answer back.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use super::AppState;
+use super::body::{RouterBody, UpstreamBody};
+use super::errors::ApiError;
+use super::telemetry::{RequestRecord, count_request};
+use crate::engines::Candidate;
+use crate::policy::Decision;
+use crate::request::{ParseError, RequestInfo, parse_body};
+use crate::tokens;
+
+/// Routes and forwards a POST to a model endpoint.
+pub async fn route_and_forward(
+    state: &AppState,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+) -> Result<Response<RouterBody>, ApiError> {
+    let start = Instant::now();
+    let (parts, body) = req.into_parts();
+    let limit = state.cfg.max_body_bytes;
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        Err(e) => {
+            return Err(ApiError::BadRequest(format!(
+                "could not read the request body: {e}"
+            )));
+        }
+    };
+    let session_field = state.cfg.session_key.as_deref();
+    let parsed = parse_body(&body, session_field).map_err(|e| match e {
+        ParseError::MissingModel => {
+            ApiError::BadRequest("you must provide a model parameter".into())
+        }
+        other => ApiError::BadRequest(other.to_string()),
+    })?;
+    let session_key = state
+        .session_header
+        .as_ref()
+        .and_then(|h| parts.headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(parsed.session_value);
+    let mut block_hashes = Vec::new();
+    tokens::block_hashes_into(
+        parsed.prompt.as_bytes(),
+        state.cfg.block_size,
+        &mut block_hashes,
+    );
+    let info = RequestInfo {
+        path: parts.uri.path().to_owned(),
+        model: parsed.model,
+        stream: parsed.stream,
+        prompt: parsed.prompt,
+        session_key,
+        headers: parts.headers,
+        body,
+        block_hashes,
+    };
+    let model: Arc<str> = Arc::from(info.model.as_str());
+
+    let mut cands = candidates(state, &info)?;
+    let upstream_headers = upstream_headers(&info.headers, request_id);
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    let attempts = state.cfg.max_attempts;
+    let mut last_error = String::new();
+    let mut last_5xx: Option<Response<Incoming>> = None;
+    for attempt in 0..attempts {
+        if cands.is_empty() {
+            break;
+        }
+        let decision = state.policies.decide(&info, &cands);
+        let Decision {
+            engine: idx,
+            policy,
+            tier,
+        } = decision;
+        let idx = idx.min(cands.len() - 1);
+        let engine = Arc::clone(&cands[idx].engine);
+        tracing::debug!(model = %model, %policy, %tier, engine = %engine.name, attempt, "routed");
+        let guard = engine.begin_request();
+        let uri = format!("{}{}", engine.url, path_and_query);
+        let mut up = Request::post(uri.as_str());
+        if let Some(h) = up.headers_mut() {
+            *h = upstream_headers.clone();
+        }
+        let up = match up.body(Full::new(info.body.clone())) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(ApiError::BadGateway(format!(
+                    "cannot build the engine request: {e}"
+                )));
+            }
+        };
+        let outcome =
+            tokio::time::timeout(state.cfg.first_byte_timeout, state.client.request(up)).await;
+        let failure = match outcome {
+            Ok(Ok(resp))
+                if resp.status().is_server_error() && attempt + 1 < attempts && cands.len() > 1 =>
+            {
+                state.monitor.report_failure(&engine, "engine answered 5xx");
+                format!("engine {} answered {}", engine.name, resp.status())
+            }
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                if status.is_server_error() {
+                    state.monitor.report_failure(&engine, "engine answered 5xx");
+                    last_5xx = Some(resp);
+                    break;
+                }
+                state.monitor.report_success(&engine);
+                if status.is_success() {
+                    state.prefix.insert(engine.id, &info.block_hashes);
+                }
+                let sse = info.stream
+                    || resp
+                        .headers()
+                        .get(header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+                let record = RequestRecord::new(
+                    start,
+                    Arc::clone(&model),
+                    Arc::clone(&engine),
+                    status.as_u16(),
+                );
+                let (mut rparts, rbody) = resp.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                if state.cfg.decision_headers {
+                    add_decision_headers(&mut rparts.headers, &policy, &tier, &engine.name);
+                }
+                let body = RouterBody::upstream(UpstreamBody::new(rbody, guard, record, sse));
+                return Ok(Response::from_parts(rparts, body));
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                state
+                    .monitor
+                    .report_unreachable(&engine, "connection to the engine failed");
+                format!("cannot connect to engine {}: {e}", engine.name)
+            }
+            Ok(Err(e)) => {
+                state
+                    .monitor
+                    .report_failure(&engine, "engine request failed");
+                format!("engine {} failed before answering: {e}", engine.name)
+            }
+            Err(_) => {
+                state
+                    .monitor
+                    .report_unreachable(&engine, "first-byte timeout");
+                format!(
+                    "engine {} did not answer within {:?}",
+                    engine.name, state.cfg.first_byte_timeout
+                )
+            }
+        };
+        drop(guard);
+        tracing::warn!(model = %model, engine = %engine.name, attempt, error = %failure, "attempt failed; trying another engine");
+        last_error = failure;
+        cands.remove(idx);
+        if attempt + 1 < attempts && !cands.is_empty() {
+            metrics::counter!("switchyard_retries_total", "model" => Arc::clone(&model))
+                .increment(1);
+        }
+    }
+    if let Some(resp) = last_5xx {
+        // Every attempt failed and the last one with an engine's own error: pass it on as-is.
+        let status = resp.status();
+        let (mut rparts, rbody) = resp.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        let body = rbody
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        count_request(&model, &Arc::from("none"), status.as_u16());
+        return Ok(Response::from_parts(rparts, RouterBody::full(body)));
+    }
+    if last_error.is_empty() {
+        last_error = "no engine left to try".into();
+    }
+    Err(ApiError::BadGateway(last_error))
+}
+
+/// The healthy engines serving the request's model, with their load and prefix match.
+fn candidates(state: &AppState, info: &RequestInfo) -> Result<Vec<Candidate>, ApiError> {
+    let all = state.registry.all();
+    let mut serving = 0usize;
+    let mut cands: Vec<Candidate> = Vec::with_capacity(all.len());
+    for e in all.iter() {
+        if !e.serves(&info.model) {
+            continue;
+        }
+        serving += 1;
+        if e.is_healthy() {
+            cands.push(Candidate {
+                engine: Arc::clone(e),
+                load: e.snapshot(),
+                prefix_match_tokens: 0,
+            });
+        }
+    }
+    if serving == 0 {
+        return Err(ApiError::ModelNotFound(info.model.clone()));
+    }
+    if cands.is_empty() {
+        return Err(ApiError::NoHealthyEngine(
+            info.model.clone(),
+            state.cfg.health_probe_interval,
+        ));
+    }
+    if !info.block_hashes.is_empty() {
+        let ids: Vec<u32> = cands.iter().map(|c| c.engine.id).collect();
+        let blocks = state.prefix.match_blocks(&info.block_hashes, &ids);
+        for (c, b) in cands.iter_mut().zip(blocks) {
+            c.prefix_match_tokens = b * state.cfg.block_size;
+        }
+    }
+    Ok(cands)
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(n);
+    }
+    h.remove(header::UPGRADE);
+}
+
+/// The headers sent to the engine: the client's, less hop-by-hop ones, `Host` (set from the
+/// engine's URL) and `Content-Length` (set from the body); `Authorization` is kept.
+fn upstream_headers(client: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
+    let mut h = client.clone();
+    strip_hop_by_hop(&mut h);
+    h.remove(header::HOST);
+    h.remove(header::CONTENT_LENGTH);
+    h.remove(header::EXPECT);
+    h.insert(super::X_REQUEST_ID.clone(), request_id.clone());
+    h
+}
+
+fn add_decision_headers(h: &mut HeaderMap, policy: &str, tier: &str, engine: &str) {
+    for (name, v) in [
+        ("x-switchyard-policy", policy),
+        ("x-switchyard-tier", tier),
+        ("x-switchyard-engine", engine),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    }
+}
+
+/// A body for the router's own answers.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<RouterBody> {
+    let mut r = Response::new(RouterBody::full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        h.insert(header::HOST, HeaderValue::from_static("router"));
+        let out = upstream_headers(&h, &HeaderValue::from_static("rid"));
+        assert!(out.get("x-secret").is_none());
+        assert!(out.get(header::CONNECTION).is_none());
+        assert!(out.get(header::TRANSFER_ENCODING).is_none());
+        assert!(out.get(header::HOST).is_none());
+        assert_eq!(out[header::AUTHORIZATION], "Bearer k");
+        assert_eq!(out["x-request-id"], "rid");
+    }
+}
