@@ -244,3 +244,21 @@ fn sighup_reloads() {
     assert!(status.success());
     assert!(poll_until(TIMEOUT, || generation() > before));
 }
+
+#[test]
+fn edited_modules_take_effect() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("lib/pick.rhai"),
+        "fn choose() { round_robin() }",
+    )
+    .expect("write");
+    dir.write("m.rhai", "import \"lib/pick\" as pick;\npick::choose()\n");
+    let store = PolicyStore::new(settings(dir.path(), "m"), 16).expect("store");
+    assert_eq!(tier(&store), "round_robin");
+    // Only the module changes; the policy file does not.
+    std::fs::write(dir.path().join("lib/pick.rhai"), "fn choose() { random() }").expect("write");
+    assert!(store.reload_now().is_ok());
+    assert_eq!(tier(&store), "random");
+}

@@ -120,6 +120,9 @@ pub(crate) fn policy_files(dir: &Path) -> Result<Vec<PolicyFile>, PolicyDiagnost
 /// A policy file, loaded: its content hash and the compiled policy or its problems.
 pub(crate) struct Loaded {
     pub hash: u64,
+    /// Whether a script of the policy may `import` modules, whose content the hash does not
+    /// cover (so a compiled version cannot be reused on the strength of the hash alone).
+    pub imports: bool,
     pub result: Result<CompiledPolicy, Vec<PolicyDiagnostic>>,
 }
 
@@ -131,6 +134,7 @@ pub(crate) fn load_file(engine: &Engine, dir: &Path, file: &PolicyFile) -> Loade
         Err(e) => {
             return Loaded {
                 hash: 0,
+                imports: false,
                 result: Err(vec![PolicyDiagnostic::new(
                     &file.path,
                     1,
@@ -141,13 +145,15 @@ pub(crate) fn load_file(engine: &Engine, dir: &Path, file: &PolicyFile) -> Loade
         }
     };
     hasher.update(text.as_bytes());
+    let mut imports = script::mentions(&text, "import");
     let result = match file.kind {
         FileKind::Rhai => load_rhai(engine, file, &text),
-        FileKind::Toml => load_toml(engine, dir, file, &text, &mut hasher),
+        FileKind::Toml => load_toml(engine, dir, file, &text, &mut hasher, &mut imports),
     };
     let hash = hasher.digest();
     Loaded {
         hash,
+        imports,
         result: result.map(|(tiers, params)| CompiledPolicy::new(&file.name, hash, tiers, params)),
     }
 }
@@ -264,6 +270,7 @@ struct TomlCx<'a> {
     file: &'a Path,
     text: &'a str,
     diags: Vec<PolicyDiagnostic>,
+    imports: bool,
 }
 
 impl TomlCx<'_> {
@@ -279,6 +286,7 @@ fn load_toml(
     file: &PolicyFile,
     text: &str,
     hasher: &mut Xxh3,
+    imports: &mut bool,
 ) -> Result<Parts, Vec<PolicyDiagnostic>> {
     let root = DeTable::parse(text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
@@ -295,6 +303,7 @@ fn load_toml(
         file: &file.path,
         text,
         diags: Vec::new(),
+        imports: false,
     };
     let mut params = empty_params();
     let mut tier_values: Option<&Spanned<DeValue<'_>>> = None;
@@ -338,6 +347,7 @@ fn load_toml(
             "`tier` must be a non-empty array of tables (`[[tier]]`)",
         ),
     }
+    *imports |= cx.imports;
     if cx.diags.is_empty() {
         Ok((tiers, params))
     } else {
@@ -423,6 +433,7 @@ fn parse_tier(
             }
         };
         hasher.update(src.as_bytes());
+        cx.imports |= script::mentions(&src, "import");
         let script = match compile_checked(cx.engine, &src, &path, (1, 1), params) {
             Ok(s) => s,
             Err(d) => {

@@ -270,7 +270,7 @@ fn load_files(
             Ok(p) => {
                 // An unchanged file keeps its compiled policy (and load time, counters).
                 let policy = match previous {
-                    Some(old) if reuse && old.hash == loaded.hash => old,
+                    Some(old) if reuse && !loaded.imports && old.hash == loaded.hash => old,
                     _ => Arc::new(p),
                 };
                 out.push(FileStatus {

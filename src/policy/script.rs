@@ -443,7 +443,7 @@ pub(crate) struct Uses {
     params: bool,
 }
 
-fn mentions(src: &str, word: &str) -> bool {
+pub(crate) fn mentions(src: &str, word: &str) -> bool {
     let ident = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
     src.match_indices(word).any(|(i, _)| {
         !ident(src[..i].chars().next_back()) && !ident(src[i + word.len()..].chars().next())
