@@ -30,6 +30,50 @@ pub struct Engine {
     healthy: AtomicBool,
     consecutive_failures: AtomicU32,
     stats: ArcSwap<ScrapedStats>,
+    /// Pre-registered metric handles: the hot path records with atomics, without label lookups.
+    pub metrics: EngineMetrics,
+}
+
+/// Metric handles of one engine.
+#[derive(Debug)]
+pub struct EngineMetrics {
+    in_flight: metrics::Gauge,
+    healthy: metrics::Gauge,
+    /// Per served model: successful requests, duration and time to first byte.
+    pub per_model: Vec<ModelMetrics>,
+}
+
+/// Metric handles of one (engine, model) pair.
+#[derive(Debug)]
+pub struct ModelMetrics {
+    pub model: String,
+    pub ok: metrics::Counter,
+    pub duration: metrics::Histogram,
+    pub ttfb: metrics::Histogram,
+}
+
+impl EngineMetrics {
+    fn new(name: &str, models: &[String]) -> EngineMetrics {
+        let engine = name.to_owned();
+        EngineMetrics {
+            in_flight: metrics::gauge!("switchyard_engine_in_flight", "engine" => engine.clone()),
+            healthy: metrics::gauge!("switchyard_engine_healthy", "engine" => engine.clone()),
+            per_model: models
+                .iter()
+                .map(|m| ModelMetrics {
+                    model: m.clone(),
+                    ok: metrics::counter!("switchyard_requests_total", "model" => m.clone(), "engine" => engine.clone(), "status" => "200"),
+                    duration: metrics::histogram!("switchyard_request_duration_seconds", "model" => m.clone()),
+                    ttfb: metrics::histogram!("switchyard_time_to_first_byte_seconds", "model" => m.clone()),
+                })
+                .collect(),
+        }
+    }
+
+    /// The handles for `model`, if this engine serves it.
+    pub fn model(&self, model: &str) -> Option<&ModelMetrics> {
+        self.per_model.iter().find(|m| m.model == model)
+    }
 }
 
 impl Engine {
@@ -40,11 +84,12 @@ impl Engine {
             id,
             name: Arc::from(name),
             url: Arc::from(url),
-            models,
             in_flight: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
             stats: ArcSwap::from_pointee(ScrapedStats::default()),
+            metrics: EngineMetrics::new(name, &models),
+            models,
         }
     }
 
@@ -59,8 +104,7 @@ impl Engine {
     /// Counts one request in flight until the returned guard is dropped.
     pub fn begin_request(self: &Arc<Self>) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!("switchyard_engine_in_flight", "engine" => self.name.to_string())
-            .increment(1.0);
+        self.metrics.in_flight.increment(1.0);
         InFlightGuard {
             engine: Arc::clone(self),
         }
@@ -74,8 +118,7 @@ impl Engine {
     pub fn set_healthy(&self, healthy: bool) -> bool {
         let was = self.healthy.swap(healthy, Ordering::Relaxed);
         if was != healthy {
-            metrics::gauge!("switchyard_engine_healthy", "engine" => self.name.to_string())
-                .set(if healthy { 1.0 } else { 0.0 });
+            self.metrics.healthy.set(if healthy { 1.0 } else { 0.0 });
         }
         if healthy {
             self.consecutive_failures.store(0, Ordering::Relaxed);
@@ -157,8 +200,7 @@ impl InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.engine.in_flight.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!("switchyard_engine_in_flight", "engine" => self.engine.name.to_string())
-            .decrement(1.0);
+        self.engine.metrics.in_flight.decrement(1.0);
     }
 }
 
@@ -210,7 +252,7 @@ impl Registry {
     pub fn add(&self, url: &str, models: Vec<String>) -> Arc<Engine> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let e = Arc::new(Engine::new(id, url, models));
-        metrics::gauge!("switchyard_engine_healthy", "engine" => e.name.to_string()).set(1.0);
+        e.metrics.healthy.set(1.0);
         let added = Arc::clone(&e);
         self.engines.rcu(move |cur| {
             let mut v = Vec::clone(cur);

@@ -10,9 +10,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::conn::BusyGuard;
 use super::errors::sse_error_event;
 use super::telemetry::RequestRecord;
-use super::conn::BusyGuard;
 use crate::engines::InFlightGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -31,15 +31,24 @@ enum Kind {
 
 impl RouterBody {
     pub fn full(b: impl Into<Bytes>) -> RouterBody {
-        RouterBody { kind: Kind::Full(Some(b.into())), busy: None }
+        RouterBody {
+            kind: Kind::Full(Some(b.into())),
+            busy: None,
+        }
     }
 
     pub fn empty() -> RouterBody {
-        RouterBody { kind: Kind::Full(None), busy: None }
+        RouterBody {
+            kind: Kind::Full(None),
+            busy: None,
+        }
     }
 
     pub fn upstream(u: UpstreamBody) -> RouterBody {
-        RouterBody { kind: Kind::Upstream(Box::new(u)), busy: None }
+        RouterBody {
+            kind: Kind::Upstream(Box::new(u)),
+            busy: None,
+        }
     }
 
     pub fn set_busy_guard(&mut self, g: BusyGuard) {
@@ -98,7 +107,10 @@ impl Body for RouterBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
@@ -149,7 +161,9 @@ impl UpstreamBody {
                 tracing::warn!(engine = %self.record.engine_name(), error = %e, "engine response broke mid-body");
                 self.finish("engine_error");
                 if self.sse {
-                    Poll::Ready(Some(Ok(Frame::data(sse_error_event(&format!("engine stream failed: {e}"))))))
+                    Poll::Ready(Some(Ok(Frame::data(sse_error_event(&format!(
+                        "engine stream failed: {e}"
+                    ))))))
                 } else {
                     Poll::Ready(Some(Err(Box::new(e))))
                 }

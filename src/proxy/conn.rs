@@ -50,17 +50,25 @@ impl ConnActivity {
     pub fn begin(self: &Arc<Self>) -> BusyGuard {
         self.busy.fetch_add(1, Ordering::Relaxed);
         self.head_started_ms.store(0, Ordering::Relaxed);
-        BusyGuard { activity: Arc::clone(self) }
+        BusyGuard {
+            activity: Arc::clone(self),
+        }
     }
 
     fn saw_bytes(&self) {
-        if self.busy.load(Ordering::Relaxed) == 0 && self.head_started_ms.load(Ordering::Relaxed) == 0 {
+        if self.busy.load(Ordering::Relaxed) == 0
+            && self.head_started_ms.load(Ordering::Relaxed) == 0
+        {
             self.head_started_ms.store(now_ms(), Ordering::Relaxed);
         }
     }
 
     /// When to look again, or `Err(reason)` if the connection must be closed now.
-    pub fn check(&self, header_timeout: Duration, idle_timeout: Duration) -> Result<Duration, &'static str> {
+    pub fn check(
+        &self,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Result<Duration, &'static str> {
         let now = now_ms();
         if self.busy.load(Ordering::Relaxed) > 0 {
             return Ok(idle_timeout.min(header_timeout));
@@ -68,10 +76,20 @@ impl ConnActivity {
         let head = self.head_started_ms.load(Ordering::Relaxed);
         if head != 0 {
             let waited = Duration::from_millis(now.saturating_sub(head));
-            return if waited >= header_timeout { Err("request headers not received in time") } else { Ok(header_timeout - waited) };
+            return if waited >= header_timeout {
+                Err("request headers not received in time")
+            } else {
+                Ok(header_timeout - waited)
+            };
         }
-        let idle = Duration::from_millis(now.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)));
-        if idle >= idle_timeout { Err("idle") } else { Ok(idle_timeout - idle) }
+        let idle = Duration::from_millis(
+            now.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)),
+        );
+        if idle >= idle_timeout {
+            Err("idle")
+        } else {
+            Ok(idle_timeout - idle)
+        }
     }
 }
 
@@ -83,7 +101,9 @@ pub struct BusyGuard {
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.activity.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+        self.activity
+            .last_activity_ms
+            .store(now_ms(), Ordering::Relaxed);
         self.activity.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -101,7 +121,11 @@ impl<T> WatchedIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -112,10 +136,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -140,10 +172,19 @@ mod tests {
         assert!(a.check(long, long).is_ok());
         assert_eq!(a.check(long, Duration::ZERO), Err("idle"));
         a.saw_bytes();
-        assert_eq!(a.check(Duration::ZERO, long), Err("request headers not received in time"));
+        assert_eq!(
+            a.check(Duration::ZERO, long),
+            Err("request headers not received in time")
+        );
         let g = a.begin();
-        assert!(a.check(Duration::ZERO, Duration::ZERO).is_ok(), "busy connections are never cut");
+        assert!(
+            a.check(Duration::ZERO, Duration::ZERO).is_ok(),
+            "busy connections are never cut"
+        );
         drop(g);
-        assert!(a.check(Duration::ZERO, long).is_ok(), "headers complete: no header deadline");
+        assert!(
+            a.check(Duration::ZERO, long).is_ok(),
+            "headers complete: no header deadline"
+        );
     }
 }

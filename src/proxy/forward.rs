@@ -148,7 +148,7 @@ pub async fn route_and_forward(
                 let record = RequestRecord::new(
                     start,
                     Arc::clone(&model),
-                    Arc::clone(&engine.name),
+                    Arc::clone(&engine),
                     status.as_u16(),
                 );
                 let (mut rparts, rbody) = resp.into_parts();
@@ -156,8 +156,7 @@ pub async fn route_and_forward(
                 if state.cfg.decision_headers {
                     add_decision_headers(&mut rparts.headers, &policy, &tier, &engine.name);
                 }
-                let body =
-                    RouterBody::upstream(UpstreamBody::new(rbody, guard, record, sse));
+                let body = RouterBody::upstream(UpstreamBody::new(rbody, guard, record, sse));
                 return Ok(Response::from_parts(rparts, body));
             }
             Ok(Err(e)) if e.is_connect() => {

@@ -149,11 +149,22 @@ pub async fn start(
     })
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<AppState>, mut shutdown: oneshot::Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut shutdown: oneshot::Receiver<()>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's header timer would also close idle keep-alive connections; `conn` does both.
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(None).keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20)));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)));
     let builder = Arc::new(builder);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
@@ -171,11 +182,19 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>, mut shutdown: 
             },
             _ = &mut shutdown => break,
         };
-        conns.spawn(serve_connection(stream, Arc::clone(&state), Arc::clone(&builder), stop_rx.clone()));
+        conns.spawn(serve_connection(
+            stream,
+            Arc::clone(&state),
+            Arc::clone(&builder),
+            stop_rx.clone(),
+        ));
     }
     drop(listener);
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(Duration::from_secs(10), async { while conns.join_next().await.is_some() {} }).await;
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
         conns.abort_all();
     }
@@ -183,7 +202,12 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>, mut shutdown: 
 
 /// Serves one client connection until it ends, is idle too long, sends its headers too slowly,
 /// or the server shuts down (then in-progress requests may finish).
-async fn serve_connection(stream: TcpStream, state: Arc<AppState>, builder: Arc<auto::Builder<TokioExecutor>>, mut stop: watch::Receiver<bool>) {
+async fn serve_connection(
+    stream: TcpStream,
+    state: Arc<AppState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let activity = conn::ConnActivity::new();
     let act = Arc::clone(&activity);

@@ -11,6 +11,8 @@ use std::time::Instant;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::engines::{Engine, ModelMetrics};
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -66,12 +68,12 @@ fn describe() {
 pub struct RequestRecord {
     start: Instant,
     model: Arc<str>,
-    engine: Arc<str>,
+    engine: Arc<Engine>,
     status: u16,
 }
 
 impl RequestRecord {
-    pub fn new(start: Instant, model: Arc<str>, engine: Arc<str>, status: u16) -> RequestRecord {
+    pub fn new(start: Instant, model: Arc<str>, engine: Arc<Engine>, status: u16) -> RequestRecord {
         RequestRecord {
             start,
             model,
@@ -81,20 +83,39 @@ impl RequestRecord {
     }
 
     pub fn engine_name(&self) -> &str {
-        &self.engine
+        &self.engine.name
+    }
+
+    fn handles(&self) -> Option<&ModelMetrics> {
+        self.engine.metrics.model(&self.model)
     }
 
     pub fn first_byte(&self, at: Instant) {
-        metrics::histogram!("switchyard_time_to_first_byte_seconds", "model" => Arc::clone(&self.model))
-            .record(at.duration_since(self.start).as_secs_f64());
+        let secs = at.duration_since(self.start).as_secs_f64();
+        match self.handles() {
+            Some(h) => h.ttfb.record(secs),
+            None => metrics::histogram!("switchyard_time_to_first_byte_seconds", "model" => Arc::clone(&self.model)).record(secs),
+        }
     }
 
     pub fn finish(&self, outcome: &'static str) {
-        metrics::histogram!("switchyard_request_duration_seconds", "model" => Arc::clone(&self.model))
-            .record(self.start.elapsed().as_secs_f64());
-        count_request(&self.model, &self.engine, self.status);
+        let secs = self.start.elapsed().as_secs_f64();
+        match self.handles() {
+            Some(h) => {
+                h.duration.record(secs);
+                if self.status == 200 {
+                    h.ok.increment(1);
+                } else {
+                    count_request(&self.model, &self.engine.name, self.status);
+                }
+            }
+            None => {
+                metrics::histogram!("switchyard_request_duration_seconds", "model" => Arc::clone(&self.model)).record(secs);
+                count_request(&self.model, &self.engine.name, self.status);
+            }
+        }
         if outcome != "completed" {
-            metrics::counter!("switchyard_responses_interrupted_total", "engine" => Arc::clone(&self.engine), "reason" => outcome)
+            metrics::counter!("switchyard_responses_interrupted_total", "engine" => Arc::clone(&self.engine.name), "reason" => outcome)
                 .increment(1);
         }
     }

@@ -1,1 +1,593 @@
-//! Simulated vLLM engine (stub).
+//! A simulated vLLM engine: OpenAI-compatible endpoints, vLLM's `/metrics`, a
+//! continuous-batching scheduler model with a prefix cache, and failure injection.
+//!
+//! Used in-process by the demo, the benchmark and the integration tests, and as the
+//! `switchyard sim` subcommand. See `docs/sim.md` for the model, its defaults and their
+//! sources.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use switchyard::sim::{SimConfig, start};
+//! let engine = start(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await?;
+//! println!("engine at {}", engine.url());
+//! engine.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod cache;
+mod faults;
+mod http;
+mod metrics;
+mod scheduler;
+mod text;
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+pub use faults::Faults;
+
+/// Defaults: an 8B model (Llama-3.1-8B, BF16) on one A100 under vLLM; see `docs/sim.md`.
+pub mod defaults {
+    pub const MODEL: &str = "switchyard-sim";
+    /// vLLM's default `max_num_seqs` for the OpenAI server on GPUs below 70 GiB or A100s.
+    pub const MAX_NUM_SEQS: usize = 256;
+    pub const BLOCK_SIZE: usize = crate::tokens::DEFAULT_BLOCK_SIZE;
+    /// ≈18 GiB of KV cache at 2 MiB per 16-token block of Llama-3.1-8B.
+    pub const NUM_BLOCKS: usize = 9216;
+    pub const PREFILL_OVERHEAD_MS: f64 = 10.0;
+    /// 16 GFLOP per token at ~50 % of an A100's 312 TFLOPS (BF16).
+    pub const PREFILL_MS_PER_TOKEN: f64 = 0.1;
+    /// ~75 tokens/s for one request on an A100.
+    pub const ITL_MS: f64 = 13.3;
+    /// ITL × 1.21 at 8 running requests (6.6× the throughput of one).
+    pub const BATCH_SLOWDOWN: f64 = 7.75;
+    /// `vllm bench serve`'s default output length.
+    pub const DEFAULT_MAX_TOKENS: usize = 128;
+}
+
+/// Configuration of one simulated engine. All durations are simulated milliseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// Served model name; requests naming another model get a 404.
+    pub model: String,
+    /// Running slots: requests beyond this wait in a FIFO queue.
+    pub max_num_seqs: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Capacity of the prefix cache (LRU), in blocks; 0 disables prefix caching.
+    pub num_blocks: usize,
+    /// Fixed prefill cost per request.
+    pub prefill_overhead_ms: f64,
+    /// Prefill cost per uncached prompt token.
+    pub prefill_ms_per_token: f64,
+    /// Inter-token interval with one running request.
+    pub itl_ms: f64,
+    /// The inter-token interval is `itl_ms × (1 + batch_slowdown × (running − 1) / max_num_seqs)`:
+    /// with a full batch it is `1 + batch_slowdown` times the single-request one.
+    pub batch_slowdown: f64,
+    /// Tokens generated when a request gives no `max_tokens` (`max_completion_tokens`).
+    pub default_max_tokens: usize,
+    /// Wall seconds per simulated second (0.1 runs 10× faster; 0 never sleeps).
+    pub time_scale: f64,
+    /// Multiplies every simulated duration (2.0 = an engine twice as slow).
+    pub speed_factor: f64,
+    /// Fraction of inference requests answered 500.
+    pub fail_rate: f64,
+    /// Fraction of inference requests whose connection is closed without a response.
+    pub drop_rate: f64,
+    /// Read inference requests but never answer them.
+    pub hang: bool,
+    /// Seeds the generated words, the request ids and failure injection.
+    pub seed: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig {
+            model: defaults::MODEL.to_owned(),
+            max_num_seqs: defaults::MAX_NUM_SEQS,
+            block_size: defaults::BLOCK_SIZE,
+            num_blocks: defaults::NUM_BLOCKS,
+            prefill_overhead_ms: defaults::PREFILL_OVERHEAD_MS,
+            prefill_ms_per_token: defaults::PREFILL_MS_PER_TOKEN,
+            itl_ms: defaults::ITL_MS,
+            batch_slowdown: defaults::BATCH_SLOWDOWN,
+            default_max_tokens: defaults::DEFAULT_MAX_TOKENS,
+            time_scale: 1.0,
+            speed_factor: 1.0,
+            fail_rate: 0.0,
+            drop_rate: 0.0,
+            hang: false,
+            seed: 0,
+        }
+    }
+}
+
+/// Why a [`SimConfig`] cannot be run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SimConfigError {
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("{0} is too large")]
+    TooLarge(&'static str),
+    #[error("{0} must be a finite number >= 0, got {1}")]
+    NotNonNegative(&'static str, f64),
+    #[error("{0} must be within [0, 1], got {1}")]
+    NotARate(&'static str, f64),
+}
+
+impl SimConfig {
+    /// A configuration with every delay zero: answers as fast as the machine allows, without
+    /// ever arming a timer.
+    pub fn instant() -> SimConfig {
+        SimConfig {
+            prefill_overhead_ms: 0.0,
+            prefill_ms_per_token: 0.0,
+            itl_ms: 0.0,
+            ..SimConfig::default()
+        }
+    }
+
+    /// Checks that the configuration can be run.
+    pub fn validate(&self) -> Result<(), SimConfigError> {
+        for (name, v) in [
+            ("max_num_seqs", self.max_num_seqs),
+            ("block_size", self.block_size),
+        ] {
+            if v == 0 {
+                return Err(SimConfigError::Zero(name));
+            }
+        }
+        if self.max_num_seqs > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(SimConfigError::TooLarge("max_num_seqs"));
+        }
+        if self.default_max_tokens == 0 {
+            return Err(SimConfigError::Zero("default_max_tokens"));
+        }
+        for (name, v) in [
+            ("prefill_overhead_ms", self.prefill_overhead_ms),
+            ("prefill_ms_per_token", self.prefill_ms_per_token),
+            ("itl_ms", self.itl_ms),
+            ("batch_slowdown", self.batch_slowdown),
+            ("time_scale", self.time_scale),
+            ("speed_factor", self.speed_factor),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(SimConfigError::NotNonNegative(name, v));
+            }
+        }
+        for (name, v) in [("fail_rate", self.fail_rate), ("drop_rate", self.drop_rate)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(SimConfigError::NotARate(name, v));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Request counters of one engine (a snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimCounters {
+    /// Inference requests received (before failure injection and validation).
+    pub received: u64,
+    /// Requests whose every token was generated.
+    pub completed: u64,
+    /// Valid requests abandoned by their client (or aborted by shutdown) before completing.
+    pub cancelled: u64,
+    /// Requests answered 500 by failure injection.
+    pub failed_injected: u64,
+    /// Requests whose connection was dropped by failure injection.
+    pub dropped_injected: u64,
+}
+
+/// State shared by every connection of one engine.
+#[derive(Debug)]
+pub(crate) struct Engine {
+    pub(crate) model: String,
+    pub(crate) block_size: usize,
+    pub(crate) default_max_tokens: usize,
+    pub(crate) seed: u64,
+    pub(crate) created: u64,
+    pub(crate) sched: Arc<scheduler::Scheduler>,
+    pub(crate) faults: Faults,
+    pub(crate) words: text::Words,
+    pub(crate) next_id: AtomicU64,
+}
+
+/// A running simulated engine. Dropping the handle shuts the engine down (without waiting);
+/// [`SimHandle::shutdown`] does it and waits.
+#[derive(Debug)]
+pub struct SimHandle {
+    addr: SocketAddr,
+    engine: Arc<Engine>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl SimHandle {
+    /// The bound address (with the actual port when started on port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:8000`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A snapshot of the request counters.
+    pub fn counters(&self) -> SimCounters {
+        let s = &self.engine.sched.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SimCounters {
+            received: get(&s.received),
+            completed: get(&s.completed),
+            cancelled: get(&s.cancelled),
+            failed_injected: get(&s.failed_injected),
+            dropped_injected: get(&s.dropped_injected),
+        }
+    }
+
+    /// Failure injection, adjustable while the engine runs.
+    pub fn faults(&self) -> &Faults {
+        &self.engine.faults
+    }
+
+    /// Simulated death: stops accepting and aborts every open connection and in-flight request
+    /// at once (in-flight requests count as cancelled). Returns once the listening socket is
+    /// closed and every connection task has ended, so the port can be bound again.
+    pub async fn shutdown(self) {
+        let SimHandle { stop, task, .. } = self;
+        let _ = stop.send(());
+        if let Err(e) = task.await {
+            tracing::warn!("simulated engine task ended abnormally: {e}");
+        }
+    }
+}
+
+/// Starts a simulated engine listening on `addr` (port 0 picks a free port).
+pub async fn start(cfg: SimConfig, addr: SocketAddr) -> io::Result<SimHandle> {
+    cfg.validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // Lets an engine restart on its port while old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(1024)?;
+    let addr = listener.local_addr()?;
+    let engine = Arc::new(Engine {
+        model: cfg.model.clone(),
+        block_size: cfg.block_size,
+        default_max_tokens: cfg.default_max_tokens,
+        seed: cfg.seed,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        sched: Arc::new(scheduler::Scheduler::new(&cfg)),
+        faults: Faults::new(cfg.fail_rate, cfg.drop_rate, cfg.hang, cfg.seed),
+        words: text::Words::new(cfg.seed),
+        next_id: AtomicU64::new(0),
+    });
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(serve(listener, Arc::clone(&engine), stopped));
+    Ok(SimHandle {
+        addr,
+        engine,
+        stop,
+        task,
+    })
+}
+
+/// Spawns hyper's HTTP/2 stream tasks so that they end when the engine shuts down.
+#[derive(Clone)]
+struct StreamExecutor {
+    stop: watch::Receiver<bool>,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+    }
+}
+
+async fn serve(listener: TcpListener, engine: Arc<Engine>, mut stopped: oneshot::Receiver<()>) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let builder = auto::Builder::new(StreamExecutor { stop: stop_rx });
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            // Also taken when the handle is dropped.
+            _ = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let builder = builder.clone();
+                    let engine = Arc::clone(&engine);
+                    conns.spawn(async move {
+                        let svc = service_fn(move |req| http::handle(Arc::clone(&engine), req));
+                        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                            tracing::debug!("simulated engine connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    tracing::warn!("simulated engine accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    conns.shutdown().await;
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not within [0, 1]"))
+    }
+}
+
+fn parse_non_negative(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a finite number >= 0"))
+    }
+}
+
+/// Command-line flags of `switchyard sim`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Served model name.
+    #[arg(long, default_value = defaults::MODEL)]
+    pub model: String,
+    /// Running slots; further requests wait in a FIFO queue.
+    #[arg(long, default_value_t = defaults::MAX_NUM_SEQS)]
+    pub max_num_seqs: usize,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = defaults::BLOCK_SIZE)]
+    pub block_size: usize,
+    /// Prefix-cache capacity in blocks (0 disables prefix caching).
+    #[arg(long, default_value_t = defaults::NUM_BLOCKS)]
+    pub num_blocks: usize,
+    /// Fixed prefill cost per request, in simulated ms.
+    #[arg(long, default_value_t = defaults::PREFILL_OVERHEAD_MS, value_parser = parse_non_negative)]
+    pub prefill_overhead_ms: f64,
+    /// Prefill cost per uncached prompt token, in simulated ms.
+    #[arg(long, default_value_t = defaults::PREFILL_MS_PER_TOKEN, value_parser = parse_non_negative)]
+    pub prefill_ms_per_token: f64,
+    /// Inter-token interval with one running request, in simulated ms.
+    #[arg(long, default_value_t = defaults::ITL_MS, value_parser = parse_non_negative)]
+    pub itl_ms: f64,
+    /// ITL multiplier growth: itl × (1 + batch_slowdown × (running − 1) / max_num_seqs).
+    #[arg(long, default_value_t = defaults::BATCH_SLOWDOWN, value_parser = parse_non_negative)]
+    pub batch_slowdown: f64,
+    /// Tokens generated when a request omits max_tokens.
+    #[arg(long, default_value_t = defaults::DEFAULT_MAX_TOKENS)]
+    pub default_max_tokens: usize,
+    /// Wall seconds per simulated second (0.1 runs 10x faster).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_non_negative)]
+    pub time_scale: f64,
+    /// Multiplies every simulated duration (2.0 = a 2x slower engine).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_non_negative)]
+    pub speed_factor: f64,
+    /// Fraction of inference requests answered HTTP 500.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub fail_rate: f64,
+    /// Fraction of inference requests whose connection is closed without a response.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub drop_rate: f64,
+    /// Read inference requests but never answer them.
+    #[arg(long)]
+    pub hang: bool,
+    /// Seed of the generated words, request ids and failure injection.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Zero every delay (prefill and inter-token): measure router overhead.
+    #[arg(long)]
+    pub instant: bool,
+}
+
+impl SimArgs {
+    /// The engine configuration these flags describe.
+    pub fn to_config(&self) -> SimConfig {
+        let mut cfg = SimConfig {
+            model: self.model.clone(),
+            max_num_seqs: self.max_num_seqs,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            prefill_overhead_ms: self.prefill_overhead_ms,
+            prefill_ms_per_token: self.prefill_ms_per_token,
+            itl_ms: self.itl_ms,
+            batch_slowdown: self.batch_slowdown,
+            default_max_tokens: self.default_max_tokens,
+            time_scale: self.time_scale,
+            speed_factor: self.speed_factor,
+            fail_rate: self.fail_rate,
+            drop_rate: self.drop_rate,
+            hang: self.hang,
+            seed: self.seed,
+        };
+        if self.instant {
+            cfg.prefill_overhead_ms = 0.0;
+            cfg.prefill_ms_per_token = 0.0;
+            cfg.itl_ms = 0.0;
+        }
+        cfg
+    }
+
+    /// The address to listen on (`--host` may be an IP address or `localhost`).
+    pub fn addr(&self) -> Result<SocketAddr, String> {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        let ip = if host.eq_ignore_ascii_case("localhost") {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            host.parse::<IpAddr>()
+                .map_err(|e| format!("--host {:?}: {e}", self.host))?
+        };
+        Ok(SocketAddr::new(ip, self.port))
+    }
+}
+
+/// Runs `switchyard sim`: starts an engine, logs its URL and serves until Ctrl-C.
+pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let addr = args.addr()?;
+    let cfg = args.to_config();
+    let handle = start(cfg.clone(), addr).await?;
+    tracing::info!(
+        url = %handle.url(),
+        model = %cfg.model,
+        max_num_seqs = cfg.max_num_seqs,
+        time_scale = cfg.time_scale,
+        speed_factor = cfg.speed_factor,
+        "simulated vLLM engine listening on {}",
+        handle.url()
+    );
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("simulated engine shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    #[test]
+    fn default_flags_match_default_config() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(cli.sim.to_config(), SimConfig::default());
+        assert_eq!(
+            cli.sim.addr().unwrap(),
+            "127.0.0.1:8000".parse::<SocketAddr>().unwrap()
+        );
+        SimConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn flags_map_to_config_and_instant_zeroes_delays() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--port",
+            "0",
+            "--host",
+            "::1",
+            "--model",
+            "m",
+            "--max-num-seqs",
+            "3",
+            "--block-size",
+            "8",
+            "--num-blocks",
+            "5",
+            "--batch-slowdown",
+            "0.5",
+            "--default-max-tokens",
+            "9",
+            "--time-scale",
+            "0.1",
+            "--speed-factor",
+            "2",
+            "--fail-rate",
+            "0.25",
+            "--drop-rate",
+            "0.5",
+            "--hang",
+            "--seed",
+            "7",
+            "--instant",
+        ])
+        .unwrap();
+        let c = cli.sim.to_config();
+        assert_eq!(cli.sim.addr().unwrap(), "[::1]:0".parse().unwrap());
+        assert_eq!(
+            c,
+            SimConfig {
+                model: "m".into(),
+                max_num_seqs: 3,
+                block_size: 8,
+                num_blocks: 5,
+                prefill_overhead_ms: 0.0,
+                prefill_ms_per_token: 0.0,
+                itl_ms: 0.0,
+                batch_slowdown: 0.5,
+                default_max_tokens: 9,
+                time_scale: 0.1,
+                speed_factor: 2.0,
+                fail_rate: 0.25,
+                drop_rate: 0.5,
+                hang: true,
+                seed: 7,
+            }
+        );
+    }
+
+    #[test]
+    fn bad_flags_and_configs_are_rejected() {
+        assert!(Cli::try_parse_from(["x", "--fail-rate", "1.5"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--itl-ms", "-1"]).is_err());
+        let cli = Cli::try_parse_from(["x", "--host", "nowhere"]).unwrap();
+        assert!(cli.sim.addr().is_err());
+        let bad = SimConfig {
+            max_num_seqs: 0,
+            ..SimConfig::default()
+        };
+        assert_eq!(bad.validate(), Err(SimConfigError::Zero("max_num_seqs")));
+        let bad = SimConfig {
+            time_scale: f64::NAN,
+            ..SimConfig::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = SimConfig {
+            drop_rate: 2.0,
+            ..SimConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

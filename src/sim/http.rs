@@ -1,0 +1,641 @@
+//! HTTP routes of the simulated engine: OpenAI-compatible bodies and SSE shaped like vLLM's.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::stream::Stream;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+
+use super::Engine;
+use super::faults::Fault;
+use super::metrics::{self, inc};
+use super::scheduler::Job;
+use crate::{request, tokens};
+
+/// Largest accepted request body.
+const MAX_BODY_BYTES: usize = 64 << 20;
+/// Context length of the simulated model (Llama-3.1's 128K): prompt + max_tokens must fit.
+pub(crate) const MAX_MODEL_LEN: usize = 131_072;
+/// Most tokens written in one SSE frame when several are due at once.
+const FRAME_TOKENS: usize = 256;
+
+/// Why a connection is closed without a response.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    #[error("connection dropped by failure injection (drop_rate)")]
+    Dropped,
+    #[error("reading the request body: {0}")]
+    Body(String),
+}
+
+/// A response body: either complete, or a stream of SSE frames.
+pub(crate) struct SimBody(Inner);
+
+enum Inner {
+    Full(Option<Bytes>),
+    Stream(Pin<Box<dyn Stream<Item = Bytes> + Send>>),
+}
+
+impl SimBody {
+    fn full(b: impl Into<Bytes>) -> SimBody {
+        let b = b.into();
+        SimBody(Inner::Full((!b.is_empty()).then_some(b)))
+    }
+
+    fn empty() -> SimBody {
+        SimBody(Inner::Full(None))
+    }
+}
+
+impl Body for SimBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match &mut self.get_mut().0 {
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Stream(s) => s
+                .as_mut()
+                .poll_next(cx)
+                .map(|o| o.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.0, Inner::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Inner::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SimBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Inner::Full(b) => f.debug_tuple("SimBody::Full").field(b).finish(),
+            Inner::Stream(_) => f.write_str("SimBody::Stream"),
+        }
+    }
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: SimBody) -> Response<SimBody> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<SimBody> {
+    response(status, "application/json", SimBody::full(body))
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<()>,
+    code: u16,
+}
+
+/// An OpenAI-shaped error, as vLLM returns them.
+fn error(status: StatusCode, message: &str) -> Response<SimBody> {
+    let kind = match status {
+        StatusCode::BAD_REQUEST => "BadRequestError",
+        StatusCode::NOT_FOUND => "NotFoundError",
+        StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "RequestEntityTooLarge",
+        StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
+        _ => "InternalServerError",
+    };
+    let body = ErrorBody {
+        error: ErrorDetail {
+            message,
+            kind,
+            param: None,
+            code: status.as_u16(),
+        },
+    };
+    json_response(status, serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// The service function of every connection.
+pub(crate) async fn handle(
+    engine: Arc<Engine>,
+    req: Request<Incoming>,
+) -> Result<Response<SimBody>, ConnError> {
+    let path = req.uri().path();
+    let method = req.method();
+    match path {
+        "/v1/completions" | "/v1/chat/completions" if method == Method::POST => {
+            let kind = if path == "/v1/completions" {
+                Kind::Completion
+            } else {
+                Kind::Chat
+            };
+            inference(engine, kind, req).await
+        }
+        "/v1/models" if method == Method::GET => Ok(models(&engine)),
+        "/health" if method == Method::GET => Ok(response(
+            StatusCode::OK,
+            "application/json",
+            SimBody::empty(),
+        )),
+        "/metrics" if method == Method::GET => {
+            let s = &engine.sched;
+            let text = metrics::render(&engine.model, &s.stats, s.gauges(), s.cache_info());
+            Ok(response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                SimBody::full(text),
+            ))
+        }
+        "/v1/completions" | "/v1/chat/completions" | "/v1/models" | "/health" | "/metrics" => {
+            Ok(error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"))
+        }
+        _ => Ok(error(StatusCode::NOT_FOUND, "Not Found")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+#[derive(Deserialize, Default)]
+struct Params {
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    messages: Option<IgnoredAny>,
+    #[serde(default)]
+    prompt: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+async fn inference(
+    engine: Arc<Engine>,
+    kind: Kind,
+    req: Request<Incoming>,
+) -> Result<Response<SimBody>, ConnError> {
+    inc(&engine.sched.stats.received, 1);
+    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Ok(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body is too large",
+            ));
+        }
+        Err(e) => return Err(ConnError::Body(e.to_string())),
+    };
+    match engine.faults.draw() {
+        Fault::None => {}
+        Fault::Hang => std::future::pending::<()>().await,
+        Fault::Drop => {
+            inc(&engine.sched.stats.dropped_injected, 1);
+            return Err(ConnError::Dropped);
+        }
+        Fault::Fail => {
+            inc(&engine.sched.stats.failed_injected, 1);
+            return Ok(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "simulated engine failure (fail_rate)",
+            ));
+        }
+    }
+    let req = match validate(&engine, kind, &body) {
+        Ok(r) => r,
+        Err(invalid) => return Ok(invalid.response()),
+    };
+    let hashes = tokens::block_hashes(req.prompt.as_bytes(), engine.block_size);
+    let prompt_tokens = tokens::estimate_tokens(req.prompt.len());
+    let job = Job::new(
+        Arc::clone(&engine.sched),
+        prompt_tokens,
+        hashes,
+        req.max_tokens,
+    );
+    let n = engine.next_id.fetch_add(1, Ordering::Relaxed);
+    let prefix = match kind {
+        Kind::Completion => "cmpl",
+        Kind::Chat => "chatcmpl",
+    };
+    let out = Output {
+        kind,
+        id: format!("{prefix}-{:016x}{n:016x}", engine.seed),
+        created: unix_now(),
+        include_usage: req.include_usage,
+        engine,
+        job,
+        started: false,
+        finished: false,
+    };
+    if req.stream {
+        Ok(stream_response(out))
+    } else {
+        Ok(complete(out).await)
+    }
+}
+
+struct Validated {
+    prompt: String,
+    stream: bool,
+    max_tokens: usize,
+    include_usage: bool,
+}
+
+/// Why an inference request is rejected.
+#[derive(Debug, thiserror::Error)]
+enum Invalid {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("The model `{0}` does not exist.")]
+    UnknownModel(String),
+}
+
+impl Invalid {
+    fn response(&self) -> Response<SimBody> {
+        let status = match self {
+            Invalid::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Invalid::UnknownModel(_) => StatusCode::NOT_FOUND,
+        };
+        error(status, &self.to_string())
+    }
+}
+
+fn validate(engine: &Engine, kind: Kind, body: &[u8]) -> Result<Validated, Invalid> {
+    let bad = |m: &str| Invalid::BadRequest(m.to_owned());
+    let parsed = request::parse_body(body, None).map_err(|e| bad(&e.to_string()))?;
+    if parsed.model != engine.model {
+        return Err(Invalid::UnknownModel(parsed.model));
+    }
+    let params: Params = serde_json::from_slice(body).map_err(|e| bad(&e.to_string()))?;
+    match kind {
+        Kind::Chat if params.messages.is_none() => {
+            return Err(bad("\"messages\" is required"));
+        }
+        Kind::Completion if params.prompt.is_none() => {
+            return Err(bad("\"prompt\" is required"));
+        }
+        _ => {}
+    }
+    let requested = match kind {
+        Kind::Chat => params.max_completion_tokens.or(params.max_tokens),
+        Kind::Completion => params.max_tokens,
+    };
+    let max_tokens = match requested {
+        None => engine.default_max_tokens,
+        Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(n) => return Err(bad(&format!("max_tokens must be at least 1, got {n}."))),
+    };
+    if params.stream_options.is_some() && !parsed.stream {
+        return Err(bad(
+            "Stream options can only be defined when `stream=True`.",
+        ));
+    }
+    let prompt_tokens = tokens::estimate_tokens(parsed.prompt.len());
+    if prompt_tokens.saturating_add(max_tokens) > MAX_MODEL_LEN {
+        return Err(bad(&format!(
+            "This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you \
+             requested {} tokens ({prompt_tokens} in the messages, {max_tokens} in the \
+             completion). Please reduce the length of the messages or completion.",
+            prompt_tokens.saturating_add(max_tokens)
+        )));
+    }
+    Ok(Validated {
+        prompt: parsed.prompt,
+        stream: parsed.stream,
+        max_tokens,
+        include_usage: params
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+    completion_tokens: usize,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a, C> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: C,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct TextChoice<'a> {
+    index: u32,
+    text: &'a str,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+    stop_reason: Option<()>,
+}
+
+#[derive(Serialize)]
+struct DeltaChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct MessageChoice<'a> {
+    index: u32,
+    message: Message<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+    stop_reason: Option<()>,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+/// One request's output, streamed or not.
+struct Output {
+    kind: Kind,
+    id: String,
+    created: u64,
+    include_usage: bool,
+    engine: Arc<Engine>,
+    job: Job,
+    started: bool,
+    finished: bool,
+}
+
+impl Output {
+    fn usage(&self) -> Usage {
+        let (p, c) = (self.job.prompt_tokens(), self.job.max_tokens());
+        Usage {
+            prompt_tokens: p,
+            total_tokens: p + c,
+            completion_tokens: c,
+        }
+    }
+
+    fn envelope<C>(
+        &self,
+        object: &'static str,
+        choices: C,
+        usage: Option<Usage>,
+    ) -> Envelope<'_, C> {
+        Envelope {
+            id: &self.id,
+            object,
+            created: self.created,
+            model: &self.engine.model,
+            choices,
+            usage,
+        }
+    }
+
+    fn push_event<T: Serialize>(buf: &mut Vec<u8>, v: &T) {
+        buf.extend_from_slice(b"data: ");
+        if let Err(e) = serde_json::to_writer(&mut *buf, v) {
+            tracing::error!("serialising an SSE event: {e}");
+        }
+        buf.extend_from_slice(b"\n\n");
+    }
+
+    fn push_role(&self, buf: &mut Vec<u8>) {
+        let choice = DeltaChoice {
+            index: 0,
+            delta: Delta {
+                role: Some("assistant"),
+                content: "",
+            },
+            logprobs: None,
+            finish_reason: None,
+        };
+        Self::push_event(buf, &self.envelope("chat.completion.chunk", [choice], None));
+    }
+
+    fn push_tokens(&self, range: std::ops::Range<usize>, last_is_final: bool, buf: &mut Vec<u8>) {
+        let end = range.end;
+        for i in range {
+            let text = self.engine.words.word(i);
+            let finish_reason = (last_is_final && i + 1 == end).then_some("length");
+            match self.kind {
+                Kind::Completion => {
+                    let choice = TextChoice {
+                        index: 0,
+                        text,
+                        logprobs: None,
+                        finish_reason,
+                        stop_reason: None,
+                    };
+                    Self::push_event(buf, &self.envelope("text_completion", [choice], None));
+                }
+                Kind::Chat => {
+                    let choice = DeltaChoice {
+                        index: 0,
+                        delta: Delta {
+                            role: None,
+                            content: text,
+                        },
+                        logprobs: None,
+                        finish_reason,
+                    };
+                    Self::push_event(buf, &self.envelope("chat.completion.chunk", [choice], None));
+                }
+            }
+        }
+    }
+
+    fn push_usage(&self, buf: &mut Vec<u8>) {
+        let object = match self.kind {
+            Kind::Completion => "text_completion",
+            Kind::Chat => "chat.completion.chunk",
+        };
+        let none: [(); 0] = [];
+        Self::push_event(buf, &self.envelope(object, none, Some(self.usage())));
+    }
+
+    /// The next SSE frame: every event due now. `None` once the stream is over.
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        if self.finished {
+            return None;
+        }
+        let mut buf = Vec::with_capacity(512);
+        if !self.started {
+            self.started = true;
+            if self.job.start().await.is_err() {
+                self.finished = true;
+                return None;
+            }
+            if self.kind == Kind::Chat {
+                self.push_role(&mut buf);
+            }
+        }
+        let range = self.job.next_tokens(FRAME_TOKENS).await;
+        let done = self.job.is_done();
+        self.push_tokens(range, done, &mut buf);
+        if done {
+            if self.include_usage {
+                self.push_usage(&mut buf);
+            }
+            buf.extend_from_slice(b"data: [DONE]\n\n");
+            self.finished = true;
+        }
+        Some(Bytes::from(buf))
+    }
+}
+
+fn stream_response(out: Output) -> Response<SimBody> {
+    let stream = futures_util::stream::unfold(out, |mut out| async move {
+        let frame = out.next_frame().await?;
+        Some((frame, out))
+    });
+    let mut r = response(
+        StatusCode::OK,
+        "text/event-stream; charset=utf-8",
+        SimBody(Inner::Stream(Box::pin(stream))),
+    );
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+async fn complete(mut out: Output) -> Response<SimBody> {
+    if out.job.start().await.is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the simulated engine is shutting down",
+        );
+    }
+    while !out.job.is_done() {
+        out.job.next_tokens(usize::MAX).await;
+    }
+    let mut text = String::with_capacity(out.job.max_tokens() * tokens::BYTES_PER_TOKEN);
+    out.engine.words.push(0, out.job.max_tokens(), &mut text);
+    let usage = Some(out.usage());
+    let body = match out.kind {
+        Kind::Completion => {
+            let choice = TextChoice {
+                index: 0,
+                text: &text,
+                logprobs: None,
+                finish_reason: Some("length"),
+                stop_reason: None,
+            };
+            serde_json::to_vec(&out.envelope("text_completion", [choice], usage))
+        }
+        Kind::Chat => {
+            let choice = MessageChoice {
+                index: 0,
+                message: Message {
+                    role: "assistant",
+                    content: &text,
+                },
+                logprobs: None,
+                finish_reason: "length",
+                stop_reason: None,
+            };
+            serde_json::to_vec(&out.envelope("chat.completion", [choice], usage))
+        }
+    };
+    match body {
+        Ok(b) => json_response(StatusCode::OK, b),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+#[derive(Serialize)]
+struct ModelCard<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    root: &'a str,
+    parent: Option<()>,
+    max_model_len: usize,
+}
+
+#[derive(Serialize)]
+struct ModelList<'a> {
+    object: &'static str,
+    data: [ModelCard<'a>; 1],
+}
+
+fn models(engine: &Engine) -> Response<SimBody> {
+    let list = ModelList {
+        object: "list",
+        data: [ModelCard {
+            id: &engine.model,
+            object: "model",
+            created: engine.created,
+            owned_by: "vllm",
+            root: &engine.model,
+            parent: None,
+            max_model_len: MAX_MODEL_LEN,
+        }],
+    };
+    match serde_json::to_vec(&list) {
+        Ok(b) => json_response(StatusCode::OK, b),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
