@@ -59,15 +59,14 @@ fn fmt_tick(v: f64) -> String {
 }
 
 /// Draws the frame, y grid and y labels of a panel; returns the y mapping's (max, top, bottom).
-fn y_axis(out: &mut String, top: f64, bottom: f64, max: f64, label: &str) -> f64 {
+fn y_axis(out: &mut String, top: f64, bottom: f64, right: f64, max: f64, label: &str) -> f64 {
     let (ymax, step) = nice_axis(max);
     let mut v = 0.0;
     while v <= ymax + step * 1e-9 {
         let y = bottom - (v / ymax) * (bottom - top);
         let _ = writeln!(
             out,
-            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e5e5e5"/><text x="{:.1}" y="{:.1}" text-anchor="end" class="tick">{}</text>"##,
-            WIDTH - RIGHT,
+            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{right:.1}" y2="{y:.1}" stroke="#e5e5e5"/><text x="{:.1}" y="{:.1}" text-anchor="end" class="tick">{}</text>"##,
             LEFT - 6.0,
             y + 4.0,
             fmt_tick(v)
@@ -76,8 +75,7 @@ fn y_axis(out: &mut String, top: f64, bottom: f64, max: f64, label: &str) -> f64
     }
     let _ = writeln!(
         out,
-        r##"<line x1="{LEFT}" y1="{bottom:.1}" x2="{:.1}" y2="{bottom:.1}" stroke="#333"/><line x1="{LEFT}" y1="{top:.1}" x2="{LEFT}" y2="{bottom:.1}" stroke="#333"/><text transform="translate(18,{:.1}) rotate(-90)" text-anchor="middle" class="axis">{}</text>"##,
-        WIDTH - RIGHT,
+        r##"<line x1="{LEFT}" y1="{bottom:.1}" x2="{right:.1}" y2="{bottom:.1}" stroke="#333"/><line x1="{LEFT}" y1="{top:.1}" x2="{LEFT}" y2="{bottom:.1}" stroke="#333"/><text transform="translate(18,{:.1}) rotate(-90)" text-anchor="middle" class="axis">{}</text>"##,
         (top + bottom) / 2.0,
         escape(label)
     );
@@ -108,7 +106,7 @@ pub fn render(report: &BenchReport) -> String {
         .iter()
         .filter_map(|r| r.ttft.map(|t| t.p99 * 1000.0))
         .fold(0.0, f64::max);
-    let ymax = y_axis(&mut out, top, bottom, max, "TTFT (ms)");
+    let ymax = y_axis(&mut out, top, bottom, WIDTH - RIGHT, max, "TTFT (ms)");
     let n = runs.len().max(1) as f64;
     let group = (WIDTH - RIGHT - LEFT) / n;
     let bar = group * 0.8 / 3.0;
@@ -178,9 +176,12 @@ pub fn render(report: &BenchReport) -> String {
         .iter()
         .flat_map(|r| r.ttft_timeline.iter().map(|p| p[0]))
         .fold(0.0, f64::max);
-    let ymax = y_axis(&mut out, top, bottom, max_y, "median TTFT (ms)");
+    // The legend gets its own column right of the plot.
+    let legend_w = (longest * 6.5 + 40.0).clamp(80.0, 260.0);
+    let right = WIDTH - RIGHT - legend_w;
+    let ymax = y_axis(&mut out, top, bottom, right, max_y, "median TTFT (ms)");
     let (xmax, xstep) = nice_axis(max_x);
-    let plot_w = WIDTH - RIGHT - LEFT;
+    let plot_w = right - LEFT;
     let mut v = 0.0;
     while v <= xmax + xstep * 1e-9 {
         let x = LEFT + v / xmax * plot_w;
@@ -220,7 +221,7 @@ pub fn render(report: &BenchReport) -> String {
             );
         }
         let ly = top + 8.0 + 16.0 * i as f64;
-        let lx = LEFT + 12.0;
+        let lx = right + 14.0;
         let _ = writeln!(
             out,
             r##"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="3"/><text x="{:.1}" y="{:.1}" class="label">{}</text>"##,

@@ -1,0 +1,145 @@
+//! One run's cluster: fresh simulated engines on their own loopback ports and the real router
+//! in front of them, running one policy.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::RouterConfig;
+use crate::engines::stats::parse_vllm_metrics;
+use crate::proxy::{self, RunningRouter};
+use crate::sim::{self, SimConfig, SimCounters, SimHandle};
+use crate::upstream;
+
+use super::BenchError;
+use super::driver::SESSION_HEADER;
+use super::text::mix;
+
+/// The engines of every run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSpec {
+    pub engines: usize,
+    pub model: String,
+    /// Wall seconds per simulated second.
+    pub time_scale: f64,
+    /// Engine 0's `speed_factor` (2.0 = twice as slow).
+    pub slow_engine: Option<f64>,
+    /// Overrides of the simulated engines' defaults.
+    pub max_num_seqs: Option<usize>,
+    pub num_blocks: Option<usize>,
+    /// The router's scrape interval of engine `/metrics`, simulated seconds.
+    pub engine_stats_interval: f64,
+    /// Seeds the engines' generated words.
+    pub seed: u64,
+}
+
+impl ClusterSpec {
+    /// The configuration of engine `i`.
+    pub fn sim_config(&self, i: usize) -> SimConfig {
+        let d = SimConfig::default();
+        SimConfig {
+            model: self.model.clone(),
+            time_scale: self.time_scale,
+            speed_factor: match (i, self.slow_engine) {
+                (0, Some(f)) => f,
+                _ => d.speed_factor,
+            },
+            max_num_seqs: self.max_num_seqs.unwrap_or(d.max_num_seqs),
+            num_blocks: self.num_blocks.unwrap_or(d.num_blocks),
+            seed: mix(self.seed, i as u64 + 1),
+            ..d
+        }
+    }
+}
+
+/// Simulated engines and the router in front of them.
+pub struct Cluster {
+    sims: Vec<SimHandle>,
+    router: RunningRouter,
+}
+
+impl Cluster {
+    /// Starts `spec.engines` fresh engines and a router running `policy` from `policies_dir`.
+    pub async fn start(
+        spec: &ClusterSpec,
+        policies_dir: &Path,
+        policy: &str,
+    ) -> Result<Cluster, BenchError> {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut sims = Vec::with_capacity(spec.engines);
+        for i in 0..spec.engines {
+            match sim::start(spec.sim_config(i), loopback).await {
+                Ok(s) => sims.push(s),
+                Err(e) => {
+                    for s in sims {
+                        s.shutdown().await;
+                    }
+                    return Err(BenchError::Sim(e));
+                }
+            }
+        }
+        let urls: Vec<String> = sims.iter().map(SimHandle::url).collect();
+        let mut cfg = RouterConfig::for_backends(&urls, &spec.model);
+        cfg.policy.dir = policies_dir.to_owned();
+        cfg.policy.default_policy = policy.to_owned();
+        cfg.session_key = Some(SESSION_HEADER.to_owned());
+        cfg.decision_headers = true;
+        cfg.block_size = spec.sim_config(0).block_size;
+        cfg.engine_stats_interval =
+            Duration::from_secs_f64((spec.engine_stats_interval * spec.time_scale).max(0.01));
+        match proxy::start(cfg, None).await {
+            Ok(router) => Ok(Cluster { sims, router }),
+            Err(e) => {
+                for s in sims {
+                    s.shutdown().await;
+                }
+                Err(BenchError::Router {
+                    policy: policy.to_owned(),
+                    source: e,
+                })
+            }
+        }
+    }
+
+    /// The router's base URL.
+    pub fn url(&self) -> String {
+        self.router.url()
+    }
+
+    /// The engines as the router names them (`host:port`), in cluster order.
+    pub fn engine_names(&self) -> Vec<String> {
+        self.sims.iter().map(|s| s.addr().to_string()).collect()
+    }
+
+    /// Each engine's request counters.
+    pub fn counters(&self) -> Vec<SimCounters> {
+        self.sims.iter().map(SimHandle::counters).collect()
+    }
+
+    /// Prefix-cache hit rate over all engines: the sum of hit tokens over the sum of queried
+    /// tokens, from each engine's `/metrics`. `None` if nothing was queried.
+    pub async fn cache_hit_rate(&self) -> Result<Option<f64>, BenchError> {
+        let client = upstream::build_client(Duration::from_secs(2));
+        let (mut hits, mut queries) = (0.0, 0.0);
+        for s in &self.sims {
+            let url = format!("{}/metrics", s.url());
+            let body = upstream::get(&client, &url, Duration::from_secs(5))
+                .await
+                .map_err(|e| BenchError::Metrics(format!("{url}: {e}")))?;
+            let text = String::from_utf8_lossy(&body);
+            let f = parse_vllm_metrics(&text)
+                .map_err(|e| BenchError::Metrics(format!("{url}: {e}")))?;
+            hits += f.prefix_hits;
+            queries += f.prefix_queries;
+        }
+        Ok((queries > 0.0).then(|| hits / queries))
+    }
+
+    /// Stops the router, then the engines.
+    pub async fn shutdown(self) {
+        self.router.shutdown(Duration::from_millis(200)).await;
+        for s in self.sims {
+            s.shutdown().await;
+        }
+    }
+}
