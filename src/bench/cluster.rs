@@ -34,17 +34,22 @@ pub struct ClusterSpec {
 }
 
 impl ClusterSpec {
-    /// The configuration of engine `i`.
+    /// The configuration of engine `i`. With fewer running slots than the sim's default,
+    /// `batch_slowdown` is scaled down by the same ratio, so that each additional running
+    /// request slows decoding as much as with the default (the sim's calibration is per
+    /// running request: `itl × (1 + batch_slowdown × (running − 1) / max_num_seqs)`).
     pub fn sim_config(&self, i: usize) -> SimConfig {
         let d = SimConfig::default();
+        let max_num_seqs = self.max_num_seqs.unwrap_or(d.max_num_seqs);
         SimConfig {
+            batch_slowdown: d.batch_slowdown * max_num_seqs as f64 / d.max_num_seqs as f64,
             model: self.model.clone(),
             time_scale: self.time_scale,
             speed_factor: match (i, self.slow_engine) {
                 (0, Some(f)) => f,
                 _ => d.speed_factor,
             },
-            max_num_seqs: self.max_num_seqs.unwrap_or(d.max_num_seqs),
+            max_num_seqs,
             num_blocks: self.num_blocks.unwrap_or(d.num_blocks),
             seed: mix(self.seed, i as u64 + 1),
             ..d
@@ -141,5 +146,40 @@ impl Cluster {
         for s in self.sims {
             s.shutdown().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_configs() {
+        let spec = ClusterSpec {
+            engines: 3,
+            model: "m".into(),
+            time_scale: 0.1,
+            slow_engine: Some(2.0),
+            max_num_seqs: Some(32),
+            num_blocks: Some(100),
+            engine_stats_interval: 1.0,
+            seed: 5,
+        };
+        let d = SimConfig::default();
+        let (a, b) = (spec.sim_config(0), spec.sim_config(1));
+        assert_eq!((a.speed_factor, b.speed_factor), (2.0, 1.0));
+        assert_eq!(
+            (a.time_scale, a.model.as_str(), a.num_blocks),
+            (0.1, "m", 100)
+        );
+        assert_ne!(a.seed, b.seed);
+        // Same slowdown per additional running request as the sim's default.
+        let slope = |c: &SimConfig| c.batch_slowdown / c.max_num_seqs as f64;
+        assert!((slope(&a) - slope(&d)).abs() < 1e-12);
+        let none = ClusterSpec {
+            max_num_seqs: None,
+            ..spec
+        };
+        assert_eq!(none.sim_config(1).batch_slowdown, d.batch_slowdown);
     }
 }

@@ -67,6 +67,33 @@ struct Msg<'a> {
     content: &'a str,
 }
 
+/// [`drive`] on a dedicated thread with its own single-threaded Tokio runtime and client, so
+/// that the client's timers and timestamps do not queue behind the engines' and the router's
+/// tasks when they share the caller's runtime (as a separate benchmark process would not).
+pub async fn drive_isolated(
+    cfg: DriveConfig,
+    workload: Arc<Workload>,
+    progress: ProgressBar,
+) -> Result<Vec<RequestRecord>, std::io::Error> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("switchyard-bench-client".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let result = rt.map(|rt| {
+                rt.block_on(async {
+                    let client = client();
+                    drive(&cfg, &client, workload, &progress).await
+                })
+            });
+            let _ = tx.send(result);
+        })?;
+    rx.await
+        .map_err(|_| std::io::Error::other("the benchmark client thread ended early"))?
+}
+
 /// Sends every request of `workload` to `cfg.url` and returns what the client saw, ordered by
 /// send time. Each chain's turns go in order, a turn no earlier than planned and only after
 /// the previous turn's answer came back.

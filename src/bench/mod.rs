@@ -225,6 +225,8 @@ pub enum BenchError {
         policy: String,
         source: crate::proxy::StartError,
     },
+    #[error("the benchmark client failed: {0}")]
+    Client(std::io::Error),
     #[error("cannot read engine metrics: {0}")]
     Metrics(String),
     #[error("cannot write the report to {path}: {source}")]
@@ -396,7 +398,6 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
             s.time_scale
         );
     }
-    let client = driver::client();
     let mut runs = Vec::with_capacity(s.runs.len());
     let mut records = Vec::with_capacity(s.runs.len());
     for r in &s.runs {
@@ -405,13 +406,22 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
         let (recs, engines, hit_rate) = match (&args.target, &s.dir) {
             (Some(target), _) => {
                 let cfg = drive_config(target.trim_end_matches('/'), args, &s);
-                let recs = driver::drive(&cfg, &client, Arc::clone(&workload), &bar).await;
+                let recs = driver::drive_isolated(cfg, Arc::clone(&workload), bar.clone())
+                    .await
+                    .map_err(BenchError::Client)?;
                 (recs, Vec::new(), None)
             }
             (None, Some(dir)) => {
                 let cluster = Cluster::start(&s.cluster, dir.path(), &r.policy).await?;
                 let cfg = drive_config(&cluster.url(), args, &s);
-                let recs = driver::drive(&cfg, &client, Arc::clone(&workload), &bar).await;
+                let recs = driver::drive_isolated(cfg, Arc::clone(&workload), bar.clone()).await;
+                let recs = match recs {
+                    Ok(r) => r,
+                    Err(e) => {
+                        cluster.shutdown().await;
+                        return Err(BenchError::Client(e));
+                    }
+                };
                 let hit_rate = cluster.cache_hit_rate().await;
                 let engines = cluster.engine_names();
                 cluster.shutdown().await;

@@ -206,9 +206,9 @@ pub fn preset(kind: WorkloadKind, quick: bool) -> WorkloadKnobs {
     };
     match (kind, quick) {
         (WorkloadKind::MultiRoundQa, false) => WorkloadKnobs {
-            qps: Some(4.0),
-            users: Some(40),
-            rounds: Some(6),
+            qps: Some(6.0),
+            users: Some(60),
+            rounds: Some(8),
             system_prompt_tokens: Some(1000),
             history_tokens: Some(2000),
             question_tokens: Some(50),
@@ -216,9 +216,9 @@ pub fn preset(kind: WorkloadKind, quick: bool) -> WorkloadKnobs {
             ..base
         },
         (WorkloadKind::MultiRoundQa, true) => WorkloadKnobs {
-            qps: Some(4.0),
-            users: Some(12),
-            rounds: Some(3),
+            qps: Some(6.0),
+            users: Some(20),
+            rounds: Some(4),
             system_prompt_tokens: Some(500),
             history_tokens: Some(1000),
             question_tokens: Some(40),
@@ -226,7 +226,7 @@ pub fn preset(kind: WorkloadKind, quick: bool) -> WorkloadKnobs {
             ..base
         },
         (WorkloadKind::SharedPrefix, false) => WorkloadKnobs {
-            qps: Some(8.0),
+            qps: Some(12.0),
             groups: Some(16),
             prompts_per_group: Some(24),
             prefix_tokens: Some(2000),
@@ -235,17 +235,17 @@ pub fn preset(kind: WorkloadKind, quick: bool) -> WorkloadKnobs {
             ..base
         },
         (WorkloadKind::SharedPrefix, true) => WorkloadKnobs {
-            qps: Some(8.0),
+            qps: Some(12.0),
             groups: Some(6),
-            prompts_per_group: Some(8),
+            prompts_per_group: Some(10),
             prefix_tokens: Some(1000),
             question_tokens: Some(40),
             answer_tokens: Some(30),
             ..base
         },
         (WorkloadKind::HotPrefix, false) => WorkloadKnobs {
-            qps: Some(8.0),
-            requests: Some(400),
+            qps: Some(24.0),
+            requests: Some(800),
             hot_fraction: Some(0.9),
             system_prompt_tokens: Some(2000),
             cold_tokens: Some(1000),
@@ -254,13 +254,13 @@ pub fn preset(kind: WorkloadKind, quick: bool) -> WorkloadKnobs {
             ..base
         },
         (WorkloadKind::HotPrefix, true) => WorkloadKnobs {
-            qps: Some(8.0),
-            requests: Some(48),
+            qps: Some(24.0),
+            requests: Some(200),
             hot_fraction: Some(0.9),
             system_prompt_tokens: Some(1000),
             cold_tokens: Some(500),
             question_tokens: Some(40),
-            answer_tokens: Some(30),
+            answer_tokens: Some(60),
             ..base
         },
     }
