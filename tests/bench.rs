@@ -2,12 +2,20 @@
 //! engines over loopback, the shipped policies, seeded workloads. Assertions are structural
 //! (counts, shares, orderings with wide margins), never tight timings.
 
+use std::convert::Infallible;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use switchyard::bench::cluster::{Cluster, ClusterSpec};
+use switchyard::bench::driver::{self, DriveConfig};
 use switchyard::bench::report::BenchReport;
 use switchyard::bench::stats::Outcome;
-use switchyard::bench::workload::{WorkloadKind, WorkloadKnobs};
+use switchyard::bench::workload::{Chain, Message, Turn, Workload, WorkloadKind, WorkloadKnobs};
 use switchyard::bench::{BenchArgs, run_quiet};
 
 fn shipped_policies() -> PathBuf {
@@ -230,4 +238,167 @@ async fn target_mode_benchmarks_a_running_router() {
     assert_consistent(&report, 2);
     let received: u64 = counters.iter().map(|c| c.received).sum();
     assert_eq!(received as usize, run.requests.sent);
+}
+
+/// A canned router: records each request (session header, JSON body) and answers the n-th
+/// request with `answers[n]`: `Ok(text)` streams `text` in two SSE events and `[DONE]`;
+/// `Err(500)` is an error status; `Err(0)` streams without `[DONE]`.
+async fn canned(
+    answers: Vec<Result<&'static str, u16>>,
+) -> (String, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let log = Arc::clone(&log);
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let log = Arc::clone(&log);
+                    let answers = answers.clone();
+                    async move {
+                        let user = req
+                            .headers()
+                            .get("x-user-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let n = {
+                            let mut l = log.lock().unwrap();
+                            l.push((user, serde_json::from_slice(&body).unwrap()));
+                            l.len() - 1
+                        };
+                        let mut resp = http::Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .header("x-switchyard-engine", "e:1")
+                            .header("x-switchyard-tier", "canned")
+                            .header("x-switchyard-policy", "canned");
+                        let event = |t: &str| {
+                            format!(
+                                "data: {}\n\n",
+                                serde_json::json!({"choices": [{"delta": {"content": t}}]})
+                            )
+                        };
+                        let text = match answers[n] {
+                            Ok(a) => {
+                                let (x, y) = a.split_at(a.len() / 2);
+                                format!("{}{}{}data: [DONE]\n\n", event(""), event(x), event(y))
+                            }
+                            Err(0) => event(" cut"),
+                            Err(code) => {
+                                resp = resp.status(code);
+                                "{\"error\":{\"message\":\"boom\"}}".to_owned()
+                            }
+                        };
+                        Ok::<_, Infallible>(resp.body(Full::new(Bytes::from(text))).unwrap())
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_carry_the_streamed_answers_and_failures_are_counted() {
+    let (url, seen) = canned(vec![Ok(" abc def"), Err(500), Err(0), Ok(" wxyz")]).await;
+    let turn = |at: f64, q: &str| Turn {
+        at,
+        question: q.to_owned(),
+        max_tokens: 2,
+    };
+    let workload = Arc::new(Workload {
+        chains: vec![Chain {
+            user: "user-7".into(),
+            preamble: vec![Message {
+                role: "system",
+                content: Arc::from(" sys"),
+            }],
+            turns: vec![
+                turn(0.0, " q1"),
+                turn(0.0, " q2"),
+                turn(0.0, " q3"),
+                turn(0.0, " q4"),
+            ],
+        }],
+    });
+    let cfg = DriveConfig {
+        url,
+        model: "m".into(),
+        time_scale: 1.0,
+        request_timeout: Duration::from_secs(20),
+    };
+    let recs = driver::drive(
+        &cfg,
+        &driver::client(),
+        workload,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .await;
+    assert_eq!(recs.len(), 4, "a failed round does not stop the user");
+    let outcomes: Vec<&Outcome> = recs.iter().map(|r| &r.outcome).collect();
+    assert_eq!(outcomes[0], &Outcome::Ok);
+    assert_eq!(outcomes[1], &Outcome::Status(500));
+    assert!(
+        matches!(outcomes[2], Outcome::Failed(m) if m.contains("[DONE]")),
+        "{:?}",
+        outcomes[2]
+    );
+    assert_eq!(outcomes[3], &Outcome::Ok);
+    assert_eq!(
+        recs[0].output_tokens, 2,
+        "\" abc def\" is 8 bytes of answer: 2 tokens"
+    );
+    assert!(recs[0].ttft.is_some() && recs[0].ttft <= Some(recs[0].e2e));
+    assert_eq!(recs[0].engine.as_deref(), Some("e:1"));
+    assert_eq!(recs[0].tier.as_deref(), Some("canned"));
+    // Turns go in order, each after the previous one ended.
+    for w in recs.windows(2) {
+        assert!(w[1].start >= w[0].start + w[0].e2e);
+    }
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 4);
+    assert!(
+        seen.iter().all(|(u, _)| u == "user-7"),
+        "the session header is sent"
+    );
+    let body = &seen[3].1;
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["max_tokens"], 2);
+    let msgs: Vec<(String, String)> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let m = |r: &str, c: &str| (r.to_owned(), c.to_owned());
+    assert_eq!(
+        msgs,
+        vec![
+            m("system", " sys"),
+            m("user", " q1"),
+            m("assistant", " abc def"),
+            m("user", " q2"),
+            m("assistant", ""),
+            m("user", " q3"),
+            m("assistant", " cut"),
+            m("user", " q4"),
+        ],
+        "each round carries the earlier questions and the answers actually streamed"
+    );
 }

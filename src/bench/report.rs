@@ -315,18 +315,15 @@ fn winners_text(winners: &[Winner], runs: &[RunStats]) -> Vec<String> {
         .collect()
 }
 
-fn engine_legend(runs: &[RunStats]) -> Option<String> {
-    let first = runs.iter().find(|r| !r.engine_shares.is_empty())?;
-    let names: Vec<String> = first
-        .engine_shares
-        .iter()
-        .enumerate()
-        .map(|(i, e)| format!("e{i}={}", e.engine))
-        .collect();
-    Some(format!(
-        "requests per engine in cluster order ({}; ports differ per run)",
-        names.join(", ")
-    ))
+fn engine_legend(s: &BenchSettings, runs: &[RunStats]) -> Option<String> {
+    runs.iter().find(|r| !r.engine_shares.is_empty())?;
+    Some(match (s.engines, s.slow_engine) {
+        (Some(_), Some(f)) => {
+            format!("requests per engine: e0 e1 ... in start order; e0 is the slow engine ({f}x)")
+        }
+        (Some(_), None) => "requests per engine: e0 e1 ... in start order".to_owned(),
+        (None, _) => "requests per engine: in order of first appearance".to_owned(),
+    })
 }
 
 impl BenchReport {
@@ -344,7 +341,7 @@ impl BenchReport {
         out.push_str(&text_table(PERF_HEADERS, &perf_rows(&self.runs)));
         out.push('\n');
         out.push_str(&text_table(ROUTING_HEADERS, &routing_rows(&self.runs)));
-        if let Some(l) = engine_legend(&self.runs) {
+        if let Some(l) = engine_legend(s, &self.runs) {
             let _ = writeln!(out, "({l})");
         }
         let w = winners_text(&self.winners, &self.runs);
@@ -389,6 +386,9 @@ impl BenchReport {
         out.push_str(&markdown_table(PERF_HEADERS, &perf_rows(&self.runs)));
         out.push('\n');
         out.push_str(&markdown_table(ROUTING_HEADERS, &routing_rows(&self.runs)));
+        if let Some(l) = engine_legend(s, &self.runs) {
+            let _ = writeln!(out, "\n({l})");
+        }
         let w = winners_text(&self.winners, &self.runs);
         if !w.is_empty() {
             out.push_str("\nBest per figure:\n\n");
@@ -552,6 +552,23 @@ pub(crate) mod tests {
         );
         let csv = r.render_csv();
         assert_eq!(csv.lines().count(), 21);
+    }
+
+    #[test]
+    fn late_sends_are_warned_about() {
+        let mut r = sample_report();
+        assert!(!r.render_text().contains("warning"));
+        // 0.2 s simulated = 20 ms wall at time scale 0.1, above a quarter of TTFT p50 (0.5 s).
+        r.runs[1].send_lag_p99 = 0.2;
+        let text = r.render_text();
+        assert!(
+            text.contains("warning: the client sent requests late in round<robin>"),
+            "{text}"
+        );
+        // 4 ms of wall lag at real speed is normal timer jitter: no warning.
+        r.runs[1].send_lag_p99 = 0.004;
+        r.settings.time_scale = 1.0;
+        assert!(!r.render_text().contains("warning"));
     }
 
     #[test]
