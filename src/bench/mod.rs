@@ -368,7 +368,7 @@ fn progress_bar(len: usize, name: &str, show: bool) -> ProgressBar {
     }
     let bar = ProgressBar::new(len as u64);
     if let Ok(style) =
-        ProgressStyle::with_template("{prefix:>30} [{bar:32}] {pos}/{len} requests, {elapsed} wall")
+        ProgressStyle::with_template("{prefix:>28} [{bar:24}] {pos}/{len} ({elapsed})")
     {
         bar.set_style(style.progress_chars("=> "));
     }
@@ -429,7 +429,7 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
             }
             (None, None) => return Err(BenchError::Args("no policies directory".into())),
         };
-        bar.finish();
+        bar.finish_and_clear();
         let name = if args.target.is_some() && args.policies.is_none() {
             majority_policy(&recs).unwrap_or_else(|| r.name.clone())
         } else {
@@ -493,7 +493,7 @@ fn majority_policy(recs: &[RequestRecord]) -> Option<String> {
 
 fn run_line(st: &RunStats, wall: Duration, recs: &[RequestRecord]) -> String {
     let mut line = format!(
-        "{:>30}: {}/{} ok, TTFT p50 {}, cache hit {} ({:.1} s wall)",
+        "{:>28}: {}/{} ok, TTFT p50 {}, cache hit {} ({:.1} s wall)",
         st.name,
         st.requests.ok,
         st.requests.sent,
@@ -507,7 +507,7 @@ fn run_line(st: &RunStats, wall: Duration, recs: &[RequestRecord]) -> String {
     );
     if let Some(r) = recs.iter().find(|r| !r.is_ok()) {
         line.push_str(&format!(
-            "\n{:>30}  {} failed; first: {:?}",
+            "\n{:>28}  {} failed; first: {:?}",
             "", st.requests.failed, r.outcome
         ));
     }
