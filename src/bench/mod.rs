@@ -319,6 +319,13 @@ fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
         if !sweep.is_empty() {
             return bad("--sweep needs simulated engines; it cannot be used with --target".into());
         }
+        if args.slow_engine.is_some() || args.max_num_seqs.is_some() || args.num_blocks.is_some() {
+            return bad(
+                "--slow-engine, --max-num-seqs and --num-blocks configure simulated engines; \
+                 they cannot be used with --target"
+                    .into(),
+            );
+        }
         let name = match args.policies.as_deref() {
             None => "target".to_owned(),
             Some([one]) => one.clone(),
@@ -403,32 +410,8 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
     for r in &s.runs {
         let bar = progress_bar(planned, &r.name, show);
         let wall = Instant::now();
-        let (recs, engines, hit_rate) = match (&args.target, &s.dir) {
-            (Some(target), _) => {
-                let cfg = drive_config(target.trim_end_matches('/'), args, &s);
-                let recs = driver::drive_isolated(cfg, Arc::clone(&workload), bar.clone())
-                    .await
-                    .map_err(BenchError::Client)?;
-                (recs, Vec::new(), None)
-            }
-            (None, Some(dir)) => {
-                let cluster = Cluster::start(&s.cluster, dir.path(), &r.policy).await?;
-                let cfg = drive_config(&cluster.url(), args, &s);
-                let recs = driver::drive_isolated(cfg, Arc::clone(&workload), bar.clone()).await;
-                let recs = match recs {
-                    Ok(r) => r,
-                    Err(e) => {
-                        cluster.shutdown().await;
-                        return Err(BenchError::Client(e));
-                    }
-                };
-                let hit_rate = cluster.cache_hit_rate().await;
-                let engines = cluster.engine_names();
-                cluster.shutdown().await;
-                (recs, engines, hit_rate?)
-            }
-            (None, None) => return Err(BenchError::Args("no policies directory".into())),
-        };
+        let (recs, engines, hit_rate) =
+            run_one(args, &s, &r.policy, Arc::clone(&workload), &bar).await?;
         bar.finish_and_clear();
         let name = if args.target.is_some() && args.policies.is_none() {
             majority_policy(&recs).unwrap_or_else(|| r.name.clone())
@@ -468,6 +451,36 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
         winners,
         records,
     })
+}
+
+/// One run: the records, the engines' names (empty with `--target`) and the cache hit rate.
+async fn run_one(
+    args: &BenchArgs,
+    s: &Setup,
+    policy: &str,
+    workload: Arc<Workload>,
+    bar: &ProgressBar,
+) -> Result<(Vec<RequestRecord>, Vec<String>, Option<f64>), BenchError> {
+    if let Some(target) = &args.target {
+        let cfg = drive_config(target.trim_end_matches('/'), args, s);
+        let recs = driver::drive_isolated(cfg, workload, bar.clone())
+            .await
+            .map_err(BenchError::Client)?;
+        return Ok((recs, Vec::new(), None));
+    }
+    let Some(dir) = &s.dir else {
+        return Err(BenchError::Args("no policies directory".into()));
+    };
+    let cluster = Cluster::start(&s.cluster, dir.path(), policy).await?;
+    let cfg = drive_config(&cluster.url(), args, s);
+    let recs = driver::drive_isolated(cfg, workload, bar.clone()).await;
+    let hit_rate = match &recs {
+        Ok(_) => cluster.cache_hit_rate().await,
+        Err(_) => Ok(None),
+    };
+    let engines = cluster.engine_names();
+    cluster.shutdown().await;
+    Ok((recs.map_err(BenchError::Client)?, engines, hit_rate?))
 }
 
 fn drive_config(url: &str, args: &BenchArgs, s: &Setup) -> DriveConfig {
@@ -588,6 +601,10 @@ mod tests {
                 "at most one policy",
             ),
             (vec!["--target", "x:1"], "--target"),
+            (
+                vec!["--target", "http://x:1", "--slow-engine", "2"],
+                "--slow-engine",
+            ),
             (vec!["--rounds", "2", "--workload", "hot-prefix"], "rounds"),
             (
                 vec!["--policies-dir", d, "--policies", "no_such_policy"],
