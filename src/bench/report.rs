@@ -133,7 +133,11 @@ const FIGURES: &[Figure] = &[
     },
 ];
 
-/// The best run on each figure that at least two runs have (ties within 0.1% share the win).
+/// Values within this fraction of the best one share the win (run-to-run noise is larger).
+pub const TIE: f64 = 0.01;
+
+/// The best run on each figure that at least two runs have. Runs within [`TIE`] of the best,
+/// or equal to it as displayed, share the win.
 pub fn winners(runs: &[RunStats]) -> Vec<Winner> {
     let mut out = Vec::new();
     for f in FIGURES {
@@ -156,13 +160,13 @@ pub fn winners(runs: &[RunStats]) -> Vec<Winner> {
         if !best.is_finite() {
             continue;
         }
-        let tol = best.abs() * 1e-3;
+        let shown = (f.show)(best);
         out.push(Winner {
             figure: f.name,
             better: if f.lower_is_better { "lower" } else { "higher" },
             runs: vals
                 .iter()
-                .filter(|(_, v)| (v - best).abs() <= tol)
+                .filter(|(_, v)| (v - best).abs() <= best.abs() * TIE || (f.show)(*v) == shown)
                 .map(|(n, _)| (*n).to_owned())
                 .collect(),
             value: best,
