@@ -107,6 +107,12 @@ async fn multi_round_qa_has_a_consistent_row_per_policy() {
         assert_eq!(run.requests.planned, 12);
         let hit = run.cache_hit_rate.expect("hit rate from the sims");
         assert!((0.0..=1.0).contains(&hit));
+        let engine_ttft = run.engine_ttft_mean.expect("the engines' TTFT");
+        let client_ttft = run.ttft.expect("TTFT").mean;
+        assert!(
+            0.0 < engine_ttft && engine_ttft <= client_ttft,
+            "the client sees the engine's TTFT plus the way there and back: {engine_ttft} vs {client_ttft}"
+        );
     }
     // Session affinity: each user's rounds all went to one engine.
     let session = &report.records[1];
@@ -234,6 +240,7 @@ async fn target_mode_benchmarks_a_running_router() {
         "named after the router's policy header"
     );
     assert_eq!(run.cache_hit_rate, None, "unknown without the engines");
+    assert_eq!(run.engine_ttft_mean, None);
     assert_eq!(report.settings.engines, None);
     assert_consistent(&report, 2);
     let received: u64 = counters.iter().map(|c| c.received).sum();

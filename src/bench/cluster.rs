@@ -13,6 +13,7 @@ use crate::upstream;
 
 use super::BenchError;
 use super::driver::SESSION_HEADER;
+use super::stats::EngineFigures;
 use super::text::mix;
 
 /// The engines of every run.
@@ -55,6 +56,25 @@ impl ClusterSpec {
             ..d
         }
     }
+}
+
+/// The sum over label sets of the samples of `name` in Prometheus text (exact name match).
+pub fn sample_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let rest = if let Some(labels) = rest.strip_prefix('{') {
+                &labels[labels.find('}')? + 1..]
+            } else {
+                rest
+            };
+            if !rest.starts_with(' ') {
+                return None;
+            }
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .filter(|v| v.is_finite())
+        .sum()
 }
 
 /// Simulated engines and the router in front of them.
@@ -121,11 +141,11 @@ impl Cluster {
         self.sims.iter().map(SimHandle::counters).collect()
     }
 
-    /// Prefix-cache hit rate over all engines: the sum of hit tokens over the sum of queried
-    /// tokens, from each engine's `/metrics`. `None` if nothing was queried.
-    pub async fn cache_hit_rate(&self) -> Result<Option<f64>, BenchError> {
+    /// What the engines reported: the prefix-cache hit rate over all engines (the sum of hit
+    /// tokens over the sum of queried tokens) and their mean TTFT, from each engine's `/metrics`.
+    pub async fn engine_figures(&self) -> Result<EngineFigures, BenchError> {
         let client = upstream::build_client(Duration::from_secs(2));
-        let (mut hits, mut queries) = (0.0, 0.0);
+        let (mut hits, mut queries, mut ttft_sum, mut ttft_count) = (0.0, 0.0, 0.0, 0.0);
         for s in &self.sims {
             let url = format!("{}/metrics", s.url());
             let body = upstream::get(&client, &url, Duration::from_secs(5))
@@ -136,8 +156,13 @@ impl Cluster {
                 .map_err(|e| BenchError::Metrics(format!("{url}: {e}")))?;
             hits += f.prefix_hits;
             queries += f.prefix_queries;
+            ttft_sum += sample_sum(&text, "vllm:time_to_first_token_seconds_sum");
+            ttft_count += sample_sum(&text, "vllm:time_to_first_token_seconds_count");
         }
-        Ok((queries > 0.0).then(|| hits / queries))
+        Ok(EngineFigures {
+            cache_hit_rate: (queries > 0.0).then(|| hits / queries),
+            ttft_mean: (ttft_count > 0.0).then(|| ttft_sum / ttft_count),
+        })
     }
 
     /// Stops the router, then the engines.
@@ -152,6 +177,25 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sums_samples_by_exact_name() {
+        let text = "# TYPE vllm:time_to_first_token_seconds histogram\n\
+vllm:time_to_first_token_seconds_bucket{le=\"0.1\",model_name=\"m\"} 3\n\
+vllm:time_to_first_token_seconds_sum{engine=\"0\",model_name=\"m\"} 1.5\n\
+vllm:time_to_first_token_seconds_sum{engine=\"1\",model_name=\"m\"} 0.5\n\
+vllm:time_to_first_token_seconds_count 4\n\
+vllm:time_to_first_token_seconds_count_other 9\n";
+        assert_eq!(
+            sample_sum(text, "vllm:time_to_first_token_seconds_sum"),
+            2.0
+        );
+        assert_eq!(
+            sample_sum(text, "vllm:time_to_first_token_seconds_count"),
+            4.0
+        );
+        assert_eq!(sample_sum(text, "nothing"), 0.0);
+    }
 
     #[test]
     fn engine_configs() {

@@ -31,7 +31,7 @@ use cluster::{Cluster, ClusterSpec};
 use driver::DriveConfig;
 use plan::{PoliciesDir, RunPlan};
 use report::{BenchReport, BenchSettings};
-use stats::{RequestRecord, RunStats};
+use stats::{EngineFigures, RequestRecord, RunStats};
 use workload::{Workload, WorkloadKind, WorkloadKnobs, WorkloadSpec};
 
 /// Flags of `switchyard bench`.
@@ -410,7 +410,7 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
     for r in &s.runs {
         let bar = progress_bar(planned, &r.name, show);
         let wall = Instant::now();
-        let (recs, engines, hit_rate) =
+        let (recs, engines, figures) =
             run_one(args, &s, &r.policy, Arc::clone(&workload), &bar).await?;
         bar.finish_and_clear();
         let name = if args.target.is_some() && args.policies.is_none() {
@@ -423,7 +423,7 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
         } else {
             &r.policy
         };
-        let st = RunStats::compute(&name, policy, planned, &recs, &engines, hit_rate);
+        let st = RunStats::compute(&name, policy, planned, &recs, &engines, figures);
         if show {
             eprintln!("{}", run_line(&st, wall.elapsed(), &recs));
         }
@@ -453,20 +453,20 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
     })
 }
 
-/// One run: the records, the engines' names (empty with `--target`) and the cache hit rate.
+/// One run: the records, the engines' names (empty with `--target`) and their own figures.
 async fn run_one(
     args: &BenchArgs,
     s: &Setup,
     policy: &str,
     workload: Arc<Workload>,
     bar: &ProgressBar,
-) -> Result<(Vec<RequestRecord>, Vec<String>, Option<f64>), BenchError> {
+) -> Result<(Vec<RequestRecord>, Vec<String>, EngineFigures), BenchError> {
     if let Some(target) = &args.target {
         let cfg = drive_config(target.trim_end_matches('/'), args, s);
         let recs = driver::drive_isolated(cfg, workload, bar.clone())
             .await
             .map_err(BenchError::Client)?;
-        return Ok((recs, Vec::new(), None));
+        return Ok((recs, Vec::new(), EngineFigures::default()));
     }
     let Some(dir) = &s.dir else {
         return Err(BenchError::Args("no policies directory".into()));
@@ -474,13 +474,13 @@ async fn run_one(
     let cluster = Cluster::start(&s.cluster, dir.path(), policy).await?;
     let cfg = drive_config(&cluster.url(), args, s);
     let recs = driver::drive_isolated(cfg, workload, bar.clone()).await;
-    let hit_rate = match &recs {
-        Ok(_) => cluster.cache_hit_rate().await,
-        Err(_) => Ok(None),
+    let figures = match &recs {
+        Ok(_) => cluster.engine_figures().await,
+        Err(_) => Ok(EngineFigures::default()),
     };
     let engines = cluster.engine_names();
     cluster.shutdown().await;
-    Ok((recs.map_err(BenchError::Client)?, engines, hit_rate?))
+    Ok((recs.map_err(BenchError::Client)?, engines, figures?))
 }
 
 fn drive_config(url: &str, args: &BenchArgs, s: &Setup) -> DriveConfig {

@@ -330,6 +330,25 @@ fn engine_legend(s: &BenchSettings, runs: &[RunStats]) -> Option<String> {
     })
 }
 
+/// "Client TTFT mean − engines' TTFT mean" over the runs that have both: the time spent in the
+/// router, the client and the network (in simulated time, so magnified by 1 / time_scale).
+fn overhead_line(runs: &[RunStats]) -> Option<String> {
+    let o: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| Some(r.ttft?.mean - r.engine_ttft_mean?))
+        .collect();
+    let lo = o.iter().copied().reduce(f64::min)?;
+    let hi = o.iter().copied().reduce(f64::max)?;
+    let range = if (hi - lo) * 1000.0 < 0.5 {
+        ms(lo)
+    } else {
+        format!("{:.0}–{}", lo * 1000.0, ms(hi))
+    };
+    Some(format!(
+        "Router + client overhead (client TTFT mean − the engines' own TTFT mean): {range}."
+    ))
+}
+
 impl BenchReport {
     /// The report as the terminal shows it: the tables, then the winner of each figure.
     pub fn render_text(&self) -> String {
@@ -354,6 +373,9 @@ impl BenchReport {
             for line in w {
                 let _ = writeln!(out, "  {line}");
             }
+        }
+        if let Some(o) = overhead_line(&self.runs) {
+            let _ = writeln!(out, "\n{o}");
         }
         let lagging: Vec<&str> = self
             .runs
@@ -469,8 +491,16 @@ fn csv(s: &str) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::bench::stats::EngineFigures;
     use crate::bench::stats::tests::record;
     use crate::bench::workload::{WorkloadKind, WorkloadKnobs};
+
+    fn figures(hit: f64) -> EngineFigures {
+        EngineFigures {
+            cache_hit_rate: Some(hit),
+            ttft_mean: Some(0.1),
+        }
+    }
 
     pub(crate) fn sample_report() -> BenchReport {
         let engines = vec!["127.0.0.1:1".to_owned(), "127.0.0.1:2".to_owned()];
@@ -488,8 +518,8 @@ pub(crate) mod tests {
             .map(|i| record(i as f64, 0.5, &engines[0], if i < 5 { "a" } else { "b" }))
             .collect();
         let runs = vec![
-            RunStats::compute("kvaware", "kvaware", 10, &a, &engines, Some(0.8)),
-            RunStats::compute("round<robin>", "roundrobin", 10, &b, &engines, Some(0.2)),
+            RunStats::compute("kvaware", "kvaware", 10, &a, &engines, figures(0.8)),
+            RunStats::compute("round<robin>", "roundrobin", 10, &b, &engines, figures(0.2)),
         ];
         BenchReport {
             settings: BenchSettings {
@@ -548,6 +578,10 @@ pub(crate) mod tests {
             "roundrobin used only one engine:\n{text}"
         );
         assert!(text.contains("Best per figure"));
+        assert!(
+            text.contains("Router + client overhead (client TTFT mean − the engines' own TTFT mean): 45–400 ms."),
+            "{text}"
+        );
         assert!(text.contains("TTFT p50: kvaware"), "{text}");
         let md = r.render_markdown();
         assert_eq!(

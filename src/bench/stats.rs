@@ -113,6 +113,15 @@ pub struct EngineShare {
     pub share: f64,
 }
 
+/// What the engines themselves reported at the end of a run (unknown with `--target`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineFigures {
+    /// Hit tokens / queried tokens of the prefix caches, summed over the engines.
+    pub cache_hit_rate: Option<f64>,
+    /// Mean of the engines' own `vllm:time_to_first_token_seconds`, simulated seconds.
+    pub ttft_mean: Option<f64>,
+}
+
 /// The figures of one run (one row of the table).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunStats {
@@ -133,6 +142,9 @@ pub struct RunStats {
     pub duration_s: f64,
     /// Prefix-cache hit rate over all engines (hit tokens / queried tokens), when known.
     pub cache_hit_rate: Option<f64>,
+    /// The engines' own mean TTFT (from their `/metrics`), when known: the client's TTFT mean
+    /// minus this is the time spent in the router, the client and the network.
+    pub engine_ttft_mean: Option<f64>,
     /// Requests per engine (from the `x-switchyard-engine` header), engines in cluster order.
     pub engine_shares: Vec<EngineShare>,
     /// Most loaded engine's requests / least loaded engine's; `None` if unknown or if an engine
@@ -158,7 +170,7 @@ impl RunStats {
         planned: usize,
         records: &[RequestRecord],
         engines: &[String],
-        cache_hit_rate: Option<f64>,
+        figures: EngineFigures,
     ) -> RunStats {
         let ok: Vec<&RequestRecord> = records.iter().filter(|r| r.is_ok()).collect();
         let first = records
@@ -235,7 +247,8 @@ impl RunStats {
             output_tokens_per_s: per_s(out_tokens as f64),
             requests_per_s: per_s(ok.len() as f64),
             duration_s,
-            cache_hit_rate,
+            cache_hit_rate: figures.cache_hit_rate,
+            engine_ttft_mean: figures.ttft_mean,
             engine_shares,
             max_min_load_ratio,
             tier_shares,
@@ -329,7 +342,10 @@ pub(crate) mod tests {
             5,
             &recs,
             &["a".into(), "b".into(), "c".into()],
-            Some(0.5),
+            EngineFigures {
+                cache_hit_rate: Some(0.5),
+                ttft_mean: Some(0.2),
+            },
         );
         assert_eq!(
             s.requests,
@@ -355,7 +371,14 @@ pub(crate) mod tests {
         assert!((t.mean - 0.25).abs() < 1e-12);
         assert!((t.p50 - 0.25).abs() < 1e-12);
 
-        let s = RunStats::compute("x", "p", 4, &recs[..4], &["a".into(), "b".into()], None);
+        let s = RunStats::compute(
+            "x",
+            "p",
+            4,
+            &recs[..4],
+            &["a".into(), "b".into()],
+            EngineFigures::default(),
+        );
         assert_eq!(s.max_min_load_ratio, Some(3.0));
     }
 
