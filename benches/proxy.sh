@@ -27,9 +27,17 @@ BIN=target/release/switchyard
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 || true
 
 CORES=$(nproc)
-pin() { # pin CORE CMD...
+PINNED=0
+[ "$CORES" -ge 2 ] && command -v taskset >/dev/null && PINNED=1
+pin() { # pin CORE CMD...  (foreground)
   local core=$1; shift
-  if [ "$CORES" -ge 2 ] && command -v taskset >/dev/null; then taskset -c "$core" "$@"; else "$@"; fi
+  if [ "$PINNED" = 1 ]; then taskset -c "$core" "$@"; else "$@"; fi
+}
+spawn() { # spawn CORE CMD...  (background; BGPID is the command's own pid: taskset execs it)
+  local core=$1; shift
+  if [ "$PINNED" = 1 ]; then taskset -c "$core" "$@" >/dev/null 2>&1 & else "$@" >/dev/null 2>&1 & fi
+  BGPID=$!
+  PIDS+=("$BGPID")
 }
 [ "$CORES" -ge 2 ] && echo "pinning: load generator and engine on core 0, router on core 1" \
   || echo "pinning: only $CORES core(s); nothing pinned"
@@ -43,16 +51,14 @@ trap cleanup EXIT
 
 MODEL=bench
 SIM_PORT=$(free_port)
-pin 0 "$BIN" sim --port "$SIM_PORT" --model "$MODEL" --instant --max-num-seqs 100000 >/dev/null 2>&1 &
-PIDS+=($!)
+spawn 0 "$BIN" sim --port "$SIM_PORT" --model "$MODEL" --instant --max-num-seqs 100000
 wait_http "http://127.0.0.1:$SIM_PORT/health"
 
 start_router() { # start_router POLICY -> sets RPORT RPID
   RPORT=$(free_port)
-  pin 1 "$BIN" serve --port "$RPORT" --static-backends "http://127.0.0.1:$SIM_PORT" --static-models "$MODEL" \
-    --routing-logic "$1" --log-level error >/dev/null 2>&1 &
-  RPID=$!
-  PIDS+=($RPID)
+  spawn 1 "$BIN" serve --port "$RPORT" --static-backends "http://127.0.0.1:$SIM_PORT" --static-models "$MODEL" \
+    --routing-logic "$1" --log-level error
+  RPID=$BGPID
   wait_http "http://127.0.0.1:$RPORT/health"
 }
 start_router load_balanced_kvaware; RHAI_PORT=$RPORT; RHAI_PID=$RPID
@@ -100,13 +106,12 @@ done
 
 # 1,000 concurrent open streams through the router: none dropped, router RSS.
 SLOW_PORT=$(free_port)
-pin 0 "$BIN" sim --port "$SLOW_PORT" --model "$MODEL" --itl-ms 100 --prefill-overhead-ms 0 --prefill-ms-per-token 0 \
-  --max-num-seqs 100000 >/dev/null 2>&1 &
-PIDS+=($!)
+spawn 0 "$BIN" sim --port "$SLOW_PORT" --model "$MODEL" --itl-ms 100 --prefill-overhead-ms 0 --prefill-ms-per-token 0 \
+  --max-num-seqs 100000
 wait_http "http://127.0.0.1:$SLOW_PORT/health"
 OPEN_PORT=$(free_port)
-pin 1 "$BIN" serve --port "$OPEN_PORT" --static-backends "http://127.0.0.1:$SLOW_PORT" --static-models "$MODEL" --log-level error >/dev/null 2>&1 &
-OPEN_PID=$!; PIDS+=($OPEN_PID)
+spawn 1 "$BIN" serve --port "$OPEN_PORT" --static-backends "http://127.0.0.1:$SLOW_PORT" --static-models "$MODEL" --log-level error
+OPEN_PID=$BGPID
 wait_http "http://127.0.0.1:$OPEN_PORT/health"
 pin 0 oha -n "$OPEN_STREAMS" -c "$OPEN_STREAMS" -m POST -T application/json -D "$OUT/stream.json" \
   --no-tui --output-format json "http://127.0.0.1:$OPEN_PORT/v1/completions" > "$OUT/open-streams.json" 2>/dev/null

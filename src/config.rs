@@ -32,6 +32,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the router (the default). Without backends it starts simulated engines in-process.
     Serve(Box<ServeArgs>),
+    /// Run one simulated vLLM engine.
+    Sim(Box<crate::sim::SimArgs>),
     /// Compile and validate every policy (and the config file, if given).
     Check(CheckArgs),
 }

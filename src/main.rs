@@ -23,6 +23,12 @@ fn main() -> ExitCode {
         None => runtime.block_on(serve(cli.serve)),
         Some(Command::Serve(args)) => runtime.block_on(serve(*args)),
         Some(Command::Check(args)) => check(&args),
+        Some(Command::Sim(args)) => {
+            init_logging("info");
+            runtime
+                .block_on(switchyard::sim::run_cli(*args))
+                .map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -45,8 +51,32 @@ fn init_logging(level: &str) {
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
-    let cfg = RouterConfig::resolve(&args)?;
+    let mut cfg = RouterConfig::resolve(&args)?;
     init_logging(&cfg.log_level);
+    // No backends configured: the embedded demo, simulated engines on free loopback ports.
+    let mut demo_engines = Vec::new();
+    if cfg.backends.is_empty() {
+        let model = switchyard::sim::SimConfig::default().model;
+        for i in 0..cfg.demo_engines.max(1) {
+            let sim_cfg = switchyard::sim::SimConfig {
+                seed: i as u64 + 1,
+                ..Default::default()
+            };
+            let sim =
+                switchyard::sim::start(sim_cfg, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+                    .await?;
+            println!(
+                "simulated engine {} serving {model:?} on {}",
+                i + 1,
+                sim.url()
+            );
+            cfg.backends.push(config::Backend {
+                url: sim.url(),
+                models: vec![model.clone()],
+            });
+            demo_engines.push(sim);
+        }
+    }
     let loader_args = args.clone();
     let loader: Option<switchyard::policy::SettingsLoader> = args.config.clone().map(|path| {
         let f: switchyard::policy::SettingsLoader = Arc::new(move || {
@@ -69,6 +99,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
             tracing::info!("shutting down");
             router.shutdown(Duration::from_secs(10)).await;
         }
+    }
+    for sim in demo_engines {
+        sim.shutdown().await;
     }
     Ok(ExitCode::SUCCESS)
 }

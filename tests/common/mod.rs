@@ -1,0 +1,208 @@
+//! Shared test harness: real simulated engines and the real router on loopback (port 0), and a
+//! small HTTP client that records when each body frame arrives.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use switchyard::config::RouterConfig;
+use switchyard::proxy::RunningRouter;
+use switchyard::sim::{self, SimConfig, SimHandle};
+
+pub const MODEL: &str = "switchyard-sim";
+/// Safety net only: nothing in a test should come near it.
+pub const SAFETY: Duration = Duration::from_secs(20);
+
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A fast simulated engine: 1/100 of real time.
+pub fn fast_sim() -> SimConfig {
+    SimConfig {
+        time_scale: 0.01,
+        ..SimConfig::default()
+    }
+}
+
+/// An engine that answers at once.
+pub fn instant_sim() -> SimConfig {
+    SimConfig {
+        prefill_overhead_ms: 0.0,
+        prefill_ms_per_token: 0.0,
+        itl_ms: 0.0,
+        ..SimConfig::default()
+    }
+}
+
+pub async fn start_sims(n: usize, cfg: SimConfig) -> Vec<SimHandle> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        let c = SimConfig {
+            seed: i as u64 + 1,
+            ..cfg.clone()
+        };
+        v.push(sim::start(c, loopback()).await.expect("sim starts"));
+    }
+    v
+}
+
+pub fn shipped_policies() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+/// A router in front of `sims`, configured by `tweak`.
+pub async fn start_router(urls: &[String], tweak: impl FnOnce(&mut RouterConfig)) -> RunningRouter {
+    let mut cfg = RouterConfig::for_backends(urls, MODEL);
+    cfg.policy.dir = shipped_policies();
+    cfg.engine_stats_interval = Duration::from_millis(100);
+    cfg.health_probe_interval = Duration::from_millis(100);
+    tweak(&mut cfg);
+    switchyard::proxy::start(cfg, None)
+        .await
+        .expect("router starts")
+}
+
+pub fn urls(sims: &[SimHandle]) -> Vec<String> {
+    sims.iter().map(|s| s.url()).collect()
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(c)
+}
+
+/// A complete response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub async fn send(c: &TestClient, req: Request<Full<Bytes>>) -> Reply {
+    let fut = async {
+        let resp = c.request(req).await.expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    };
+    tokio::time::timeout(SAFETY, fut)
+        .await
+        .expect("reply within the safety net")
+}
+
+pub fn post(url: &str, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    Request::post(format!("{url}{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .expect("request")
+}
+
+pub async fn post_json(c: &TestClient, url: &str, path: &str, body: serde_json::Value) -> Reply {
+    send(c, post(url, path, body.to_string())).await
+}
+
+pub async fn get(c: &TestClient, url: &str, path: &str) -> Reply {
+    send(
+        c,
+        Request::get(format!("{url}{path}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await
+}
+
+pub fn completion(prompt: &str, max_tokens: usize, stream: bool) -> serde_json::Value {
+    serde_json::json!({ "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": stream })
+}
+
+/// A streamed response: each body frame with its arrival time.
+pub struct Streamed {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub sent_at: Instant,
+    pub frames: Vec<(Instant, Bytes)>,
+}
+
+impl Streamed {
+    pub fn text(&self) -> String {
+        self.frames
+            .iter()
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+    /// The `data:` payloads of the SSE events, in order.
+    pub fn events(&self) -> Vec<String> {
+        self.text()
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+pub async fn stream(c: &TestClient, req: Request<Full<Bytes>>) -> Streamed {
+    let sent_at = Instant::now();
+    let fut = async {
+        let resp = c.request(req).await.expect("response");
+        let (parts, mut body) = resp.into_parts();
+        let mut frames = Vec::new();
+        while let Some(f) = body.frame().await {
+            if let Ok(d) = f.expect("frame").into_data() {
+                frames.push((Instant::now(), d));
+            }
+        }
+        Streamed {
+            status: parts.status,
+            headers: parts.headers,
+            sent_at,
+            frames,
+        }
+    };
+    tokio::time::timeout(SAFETY, fut)
+        .await
+        .expect("stream within the safety net")
+}
+
+/// Opens a streaming request and returns the response with its body unread.
+pub async fn open(c: &TestClient, req: Request<Full<Bytes>>) -> http::Response<Incoming> {
+    tokio::time::timeout(SAFETY, c.request(req))
+        .await
+        .expect("headers within the safety net")
+        .expect("response")
+}
+
+/// Polls `cond` until it holds, failing after the safety net. No fixed sleeps.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + SAFETY;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
