@@ -1,0 +1,229 @@
+//! One run's cluster: fresh simulated engines on their own loopback ports and the real router
+//! in front of them, running one policy.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::RouterConfig;
+use crate::engines::stats::parse_vllm_metrics;
+use crate::proxy::{self, RunningRouter};
+use crate::sim::{self, SimConfig, SimCounters, SimHandle};
+use crate::upstream;
+
+use super::BenchError;
+use super::driver::SESSION_HEADER;
+use super::stats::EngineFigures;
+use super::text::mix;
+
+/// The engines of every run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSpec {
+    pub engines: usize,
+    pub model: String,
+    /// Wall seconds per simulated second.
+    pub time_scale: f64,
+    /// Engine 0's `speed_factor` (2.0 = twice as slow).
+    pub slow_engine: Option<f64>,
+    /// Overrides of the simulated engines' defaults.
+    pub max_num_seqs: Option<usize>,
+    pub num_blocks: Option<usize>,
+    /// The router's scrape interval of engine `/metrics`, simulated seconds.
+    pub engine_stats_interval: f64,
+    /// Seeds the engines' generated words.
+    pub seed: u64,
+}
+
+impl ClusterSpec {
+    /// The configuration of engine `i`. With fewer running slots than the sim's default,
+    /// `batch_slowdown` is scaled down by the same ratio, so that each additional running
+    /// request slows decoding as much as with the default (the sim's calibration is per
+    /// running request: `itl × (1 + batch_slowdown × (running − 1) / max_num_seqs)`).
+    pub fn sim_config(&self, i: usize) -> SimConfig {
+        let d = SimConfig::default();
+        let max_num_seqs = self.max_num_seqs.unwrap_or(d.max_num_seqs);
+        SimConfig {
+            batch_slowdown: d.batch_slowdown * max_num_seqs as f64 / d.max_num_seqs as f64,
+            model: self.model.clone(),
+            time_scale: self.time_scale,
+            speed_factor: match (i, self.slow_engine) {
+                (0, Some(f)) => f,
+                _ => d.speed_factor,
+            },
+            max_num_seqs,
+            num_blocks: self.num_blocks.unwrap_or(d.num_blocks),
+            seed: mix(self.seed, i as u64 + 1),
+            ..d
+        }
+    }
+}
+
+/// The sum over label sets of the samples of `name` in Prometheus text (exact name match).
+pub fn sample_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let rest = if let Some(labels) = rest.strip_prefix('{') {
+                &labels[labels.find('}')? + 1..]
+            } else {
+                rest
+            };
+            if !rest.starts_with(' ') {
+                return None;
+            }
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .filter(|v| v.is_finite())
+        .sum()
+}
+
+/// Simulated engines and the router in front of them.
+pub struct Cluster {
+    sims: Vec<SimHandle>,
+    router: RunningRouter,
+}
+
+impl Cluster {
+    /// Starts `spec.engines` fresh engines and a router running `policy` from `policies_dir`.
+    pub async fn start(
+        spec: &ClusterSpec,
+        policies_dir: &Path,
+        policy: &str,
+    ) -> Result<Cluster, BenchError> {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut sims = Vec::with_capacity(spec.engines);
+        for i in 0..spec.engines {
+            match sim::start(spec.sim_config(i), loopback).await {
+                Ok(s) => sims.push(s),
+                Err(e) => {
+                    for s in sims {
+                        s.shutdown().await;
+                    }
+                    return Err(BenchError::Sim(e));
+                }
+            }
+        }
+        let urls: Vec<String> = sims.iter().map(SimHandle::url).collect();
+        let mut cfg = RouterConfig::for_backends(&urls, &spec.model);
+        cfg.policy.dir = policies_dir.to_owned();
+        cfg.policy.default_policy = policy.to_owned();
+        cfg.session_key = Some(SESSION_HEADER.to_owned());
+        cfg.decision_headers = true;
+        cfg.block_size = spec.sim_config(0).block_size;
+        cfg.engine_stats_interval =
+            Duration::from_secs_f64((spec.engine_stats_interval * spec.time_scale).max(0.01));
+        match proxy::start(cfg, None).await {
+            Ok(router) => Ok(Cluster { sims, router }),
+            Err(e) => {
+                for s in sims {
+                    s.shutdown().await;
+                }
+                Err(BenchError::Router {
+                    policy: policy.to_owned(),
+                    source: e,
+                })
+            }
+        }
+    }
+
+    /// The router's base URL.
+    pub fn url(&self) -> String {
+        self.router.url()
+    }
+
+    /// The engines as the router names them (`host:port`), in cluster order.
+    pub fn engine_names(&self) -> Vec<String> {
+        self.sims.iter().map(|s| s.addr().to_string()).collect()
+    }
+
+    /// Each engine's request counters.
+    pub fn counters(&self) -> Vec<SimCounters> {
+        self.sims.iter().map(SimHandle::counters).collect()
+    }
+
+    /// What the engines reported: the prefix-cache hit rate over all engines (the sum of hit
+    /// tokens over the sum of queried tokens) and their mean TTFT, from each engine's `/metrics`.
+    pub async fn engine_figures(&self) -> Result<EngineFigures, BenchError> {
+        let client = upstream::build_client(Duration::from_secs(2));
+        let (mut hits, mut queries, mut ttft_sum, mut ttft_count) = (0.0, 0.0, 0.0, 0.0);
+        for s in &self.sims {
+            let url = format!("{}/metrics", s.url());
+            let body = upstream::get(&client, &url, Duration::from_secs(5))
+                .await
+                .map_err(|e| BenchError::Metrics(format!("{url}: {e}")))?;
+            let text = String::from_utf8_lossy(&body);
+            let f = parse_vllm_metrics(&text)
+                .map_err(|e| BenchError::Metrics(format!("{url}: {e}")))?;
+            hits += f.prefix_hits;
+            queries += f.prefix_queries;
+            ttft_sum += sample_sum(&text, "vllm:time_to_first_token_seconds_sum");
+            ttft_count += sample_sum(&text, "vllm:time_to_first_token_seconds_count");
+        }
+        Ok(EngineFigures {
+            cache_hit_rate: (queries > 0.0).then(|| hits / queries),
+            ttft_mean: (ttft_count > 0.0).then(|| ttft_sum / ttft_count),
+        })
+    }
+
+    /// Stops the router, then the engines.
+    pub async fn shutdown(self) {
+        self.router.shutdown(Duration::from_millis(200)).await;
+        for s in self.sims {
+            s.shutdown().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_samples_by_exact_name() {
+        let text = "# TYPE vllm:time_to_first_token_seconds histogram\n\
+vllm:time_to_first_token_seconds_bucket{le=\"0.1\",model_name=\"m\"} 3\n\
+vllm:time_to_first_token_seconds_sum{engine=\"0\",model_name=\"m\"} 1.5\n\
+vllm:time_to_first_token_seconds_sum{engine=\"1\",model_name=\"m\"} 0.5\n\
+vllm:time_to_first_token_seconds_count 4\n\
+vllm:time_to_first_token_seconds_count_other 9\n";
+        assert_eq!(
+            sample_sum(text, "vllm:time_to_first_token_seconds_sum"),
+            2.0
+        );
+        assert_eq!(
+            sample_sum(text, "vllm:time_to_first_token_seconds_count"),
+            4.0
+        );
+        assert_eq!(sample_sum(text, "nothing"), 0.0);
+    }
+
+    #[test]
+    fn engine_configs() {
+        let spec = ClusterSpec {
+            engines: 3,
+            model: "m".into(),
+            time_scale: 0.1,
+            slow_engine: Some(2.0),
+            max_num_seqs: Some(32),
+            num_blocks: Some(100),
+            engine_stats_interval: 1.0,
+            seed: 5,
+        };
+        let d = SimConfig::default();
+        let (a, b) = (spec.sim_config(0), spec.sim_config(1));
+        assert_eq!((a.speed_factor, b.speed_factor), (2.0, 1.0));
+        assert_eq!(
+            (a.time_scale, a.model.as_str(), a.num_blocks),
+            (0.1, "m", 100)
+        );
+        assert_ne!(a.seed, b.seed);
+        // Same slowdown per additional running request as the sim's default.
+        let slope = |c: &SimConfig| c.batch_slowdown / c.max_num_seqs as f64;
+        assert!((slope(&a) - slope(&d)).abs() < 1e-12);
+        let none = ClusterSpec {
+            max_num_seqs: None,
+            ..spec
+        };
+        assert_eq!(none.sim_config(1).batch_slowdown, d.batch_slowdown);
+    }
+}

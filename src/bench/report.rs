@@ -1,0 +1,628 @@
+//! The benchmark report: its JSON form, the text and Markdown tables, the winner of each
+//! figure, and the files written to the output directory.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::stats::{RequestRecord, RunStats};
+use super::workload::WorkloadSpec;
+
+/// The settings a report was produced with.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchSettings {
+    /// The command line, for reproduction.
+    pub command: String,
+    pub workload: WorkloadSpec,
+    /// Simulated engines per run; `None` with `--target`.
+    pub engines: Option<usize>,
+    /// The router benchmarked with `--target`.
+    pub target: Option<String>,
+    pub model: String,
+    /// Wall seconds per simulated second.
+    pub time_scale: f64,
+    /// Engine 0's slowdown factor, if any.
+    pub slow_engine: Option<f64>,
+    pub policies_dir: String,
+    /// The unit of every time and rate in the report.
+    pub time_unit: &'static str,
+}
+
+/// The best run on one figure.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Winner {
+    pub figure: &'static str,
+    /// `lower` or `higher` is better.
+    pub better: &'static str,
+    /// The best run, and any run tied with it.
+    pub runs: Vec<String>,
+    pub value: f64,
+}
+
+/// Everything a benchmark produced.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchReport {
+    pub settings: BenchSettings,
+    pub runs: Vec<RunStats>,
+    pub winners: Vec<Winner>,
+    /// Every request of every run (written to `requests.csv`, not to the JSON).
+    #[serde(skip)]
+    pub records: Vec<Vec<RequestRecord>>,
+}
+
+/// A figure of a run: its name, whether lower is better, and how to read it.
+struct Figure {
+    name: &'static str,
+    lower_is_better: bool,
+    get: fn(&RunStats) -> Option<f64>,
+    /// Formats a value for the winners line.
+    show: fn(f64) -> String,
+}
+
+fn ms(s: f64) -> String {
+    format!("{:.0} ms", s * 1000.0)
+}
+
+const FIGURES: &[Figure] = &[
+    Figure {
+        name: "TTFT mean",
+        lower_is_better: true,
+        get: |r| r.ttft.map(|t| t.mean),
+        show: ms,
+    },
+    Figure {
+        name: "TTFT p50",
+        lower_is_better: true,
+        get: |r| r.ttft.map(|t| t.p50),
+        show: ms,
+    },
+    Figure {
+        name: "TTFT p90",
+        lower_is_better: true,
+        get: |r| r.ttft.map(|t| t.p90),
+        show: ms,
+    },
+    Figure {
+        name: "TTFT p99",
+        lower_is_better: true,
+        get: |r| r.ttft.map(|t| t.p99),
+        show: ms,
+    },
+    Figure {
+        name: "E2E p50",
+        lower_is_better: true,
+        get: |r| r.e2e.map(|t| t.p50),
+        show: ms,
+    },
+    Figure {
+        name: "E2E p99",
+        lower_is_better: true,
+        get: |r| r.e2e.map(|t| t.p99),
+        show: ms,
+    },
+    Figure {
+        name: "output tok/s",
+        lower_is_better: false,
+        get: |r| Some(r.output_tokens_per_s),
+        show: |v| format!("{v:.1}"),
+    },
+    Figure {
+        name: "req/s",
+        lower_is_better: false,
+        get: |r| Some(r.requests_per_s),
+        show: |v| format!("{v:.2}"),
+    },
+    Figure {
+        name: "cache hit rate",
+        lower_is_better: false,
+        get: |r| r.cache_hit_rate,
+        show: |v| format!("{:.1}%", v * 100.0),
+    },
+    Figure {
+        name: "max/min load",
+        lower_is_better: true,
+        get: |r| {
+            if r.engine_shares.is_empty() {
+                None
+            } else {
+                Some(r.max_min_load_ratio.unwrap_or(f64::INFINITY))
+            }
+        },
+        show: |v| format!("{v:.2}"),
+    },
+];
+
+/// Values within this fraction of the best one share the win (run-to-run noise is larger).
+pub const TIE: f64 = 0.01;
+
+/// The best run on each figure that at least two runs have. Runs within [`TIE`] of the best,
+/// or equal to it as displayed, share the win.
+pub fn winners(runs: &[RunStats]) -> Vec<Winner> {
+    let mut out = Vec::new();
+    for f in FIGURES {
+        let vals: Vec<(&str, f64)> = runs
+            .iter()
+            .filter_map(|r| Some((r.name.as_str(), (f.get)(r)?)))
+            .filter(|(_, v)| !v.is_nan())
+            .collect();
+        if vals.len() < 2 {
+            continue;
+        }
+        let best = vals.iter().map(|(_, v)| *v).reduce(|a, b| {
+            if f.lower_is_better {
+                a.min(b)
+            } else {
+                a.max(b)
+            }
+        });
+        let Some(best) = best else { continue };
+        if !best.is_finite() {
+            continue;
+        }
+        let shown = (f.show)(best);
+        out.push(Winner {
+            figure: f.name,
+            better: if f.lower_is_better { "lower" } else { "higher" },
+            runs: vals
+                .iter()
+                .filter(|(_, v)| (v - best).abs() <= best.abs() * TIE || (f.show)(*v) == shown)
+                .map(|(n, _)| (*n).to_owned())
+                .collect(),
+            value: best,
+        });
+    }
+    out
+}
+
+/// Renders rows as an aligned text table: the first column left-aligned, the rest right.
+fn text_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let ncol = headers.len();
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(ncol) {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        let mut parts = Vec::with_capacity(ncol);
+        for (i, c) in cells.enumerate() {
+            let pad = width[i].saturating_sub(c.chars().count());
+            parts.push(if i == 0 {
+                format!("{c}{}", " ".repeat(pad))
+            } else {
+                format!("{}{c}", " ".repeat(pad))
+            });
+        }
+        let _ = writeln!(out, "{}", parts.join("  ").trim_end());
+    };
+    line(&mut out, &mut headers.iter().copied());
+    let rule: Vec<String> = width.iter().map(|w| "-".repeat(*w)).collect();
+    line(&mut out, &mut rule.iter().map(String::as_str));
+    for r in rows {
+        line(&mut out, &mut r.iter().map(String::as_str));
+    }
+    out
+}
+
+fn markdown_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "| {} |", headers.join(" | "));
+    let align: Vec<&str> = (0..headers.len())
+        .map(|i| if i == 0 { ":--" } else { "--:" })
+        .collect();
+    let _ = writeln!(out, "| {} |", align.join(" | "));
+    for r in rows {
+        let cells: Vec<String> = r.iter().map(|c| c.replace('|', "\\|")).collect();
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
+    }
+    out
+}
+
+const PERF_HEADERS: &[&str] = &[
+    "policy",
+    "ok/sent",
+    "TTFT mean",
+    "TTFT p50",
+    "TTFT p90",
+    "TTFT p99",
+    "E2E p50",
+    "E2E p99",
+    "out tok/s",
+    "req/s",
+    "cache hit",
+];
+
+const ROUTING_HEADERS: &[&str] = &[
+    "policy",
+    "requests per engine",
+    "max/min",
+    "decisions per tier",
+];
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map(ms).unwrap_or_else(|| "-".into())
+}
+
+fn perf_rows(runs: &[RunStats]) -> Vec<Vec<String>> {
+    runs.iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                format!("{}/{}", r.requests.ok, r.requests.sent),
+                opt_ms(r.ttft.map(|t| t.mean)),
+                opt_ms(r.ttft.map(|t| t.p50)),
+                opt_ms(r.ttft.map(|t| t.p90)),
+                opt_ms(r.ttft.map(|t| t.p99)),
+                opt_ms(r.e2e.map(|t| t.p50)),
+                opt_ms(r.e2e.map(|t| t.p99)),
+                format!("{:.1}", r.output_tokens_per_s),
+                format!("{:.2}", r.requests_per_s),
+                r.cache_hit_rate
+                    .map(|h| format!("{:.1}%", h * 100.0))
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect()
+}
+
+fn routing_rows(runs: &[RunStats]) -> Vec<Vec<String>> {
+    runs.iter()
+        .map(|r| {
+            let engines = if r.engine_shares.is_empty() {
+                "-".to_owned()
+            } else {
+                r.engine_shares
+                    .iter()
+                    .map(|e| format!("{:.0}%", e.share * 100.0))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let ratio = match (r.engine_shares.is_empty(), r.max_min_load_ratio) {
+                (true, _) => "-".to_owned(),
+                (false, None) => "inf".to_owned(),
+                (false, Some(x)) => format!("{x:.2}"),
+            };
+            let mut tiers: Vec<(&String, &f64)> = r.tier_shares.iter().collect();
+            tiers.sort_by(|a, b| b.1.total_cmp(a.1));
+            let tiers = if tiers.is_empty() {
+                "-".to_owned()
+            } else {
+                tiers
+                    .iter()
+                    .map(|(t, s)| format!("{t} {:.0}%", *s * 100.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            vec![r.name.clone(), engines, ratio, tiers]
+        })
+        .collect()
+}
+
+fn winners_text(winners: &[Winner], runs: &[RunStats]) -> Vec<String> {
+    winners
+        .iter()
+        .map(|w| {
+            let show = FIGURES
+                .iter()
+                .find(|f| f.name == w.figure)
+                .map(|f| (f.show)(w.value))
+                .unwrap_or_default();
+            let who = if w.runs.len() == runs.len() {
+                "all tied".to_owned()
+            } else {
+                w.runs.join(" = ")
+            };
+            format!("{}: {who} ({show}, {} is better)", w.figure, w.better)
+        })
+        .collect()
+}
+
+fn engine_legend(s: &BenchSettings, runs: &[RunStats]) -> Option<String> {
+    runs.iter().find(|r| !r.engine_shares.is_empty())?;
+    Some(match (s.engines, s.slow_engine) {
+        (Some(_), Some(f)) => {
+            format!("requests per engine: e0 e1 ... in start order; e0 is the slow engine ({f}x)")
+        }
+        (Some(_), None) => "requests per engine: e0 e1 ... in start order".to_owned(),
+        (None, _) => "requests per engine: in order of first appearance".to_owned(),
+    })
+}
+
+/// "Client TTFT mean − engines' TTFT mean" over the runs that have both: the time spent in the
+/// router, the client and the network (in simulated time, so magnified by 1 / time_scale).
+fn overhead_line(runs: &[RunStats]) -> Option<String> {
+    let o: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| Some(r.ttft?.mean - r.engine_ttft_mean?))
+        .collect();
+    let lo = o.iter().copied().reduce(f64::min)?;
+    let hi = o.iter().copied().reduce(f64::max)?;
+    let range = if (hi - lo) * 1000.0 < 0.5 {
+        ms(lo)
+    } else {
+        format!("{:.0}–{}", lo * 1000.0, ms(hi))
+    };
+    Some(format!(
+        "Router + client overhead (client TTFT mean − the engines' own TTFT mean): {range}."
+    ))
+}
+
+impl BenchReport {
+    /// The report as the terminal shows it: the tables, then the winner of each figure.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let s = &self.settings;
+        let _ = writeln!(out, "Workload: {}", s.workload.describe());
+        let _ = writeln!(
+            out,
+            "Times are simulated-engine time (wall time / {}).",
+            s.time_scale
+        );
+        out.push('\n');
+        out.push_str(&text_table(PERF_HEADERS, &perf_rows(&self.runs)));
+        out.push('\n');
+        out.push_str(&text_table(ROUTING_HEADERS, &routing_rows(&self.runs)));
+        if let Some(l) = engine_legend(s, &self.runs) {
+            let _ = writeln!(out, "({l})");
+        }
+        let w = winners_text(&self.winners, &self.runs);
+        if !w.is_empty() {
+            out.push_str("\nBest per figure:\n");
+            for line in w {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        if let Some(o) = overhead_line(&self.runs) {
+            let _ = writeln!(out, "\n{o}");
+        }
+        let lagging: Vec<&str> = self
+            .runs
+            .iter()
+            .filter(|r| {
+                // Timer granularity makes a few milliseconds of wall lag normal.
+                r.send_lag_p99 * s.time_scale > 0.005
+                    && r.send_lag_p99 > 0.25 * r.ttft.map(|t| t.p50).unwrap_or(f64::INFINITY)
+            })
+            .map(|r| r.name.as_str())
+            .collect();
+        if !lagging.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nwarning: the client sent requests late in {} (send lag p99 above a quarter of TTFT p50): \
+                 the machine may be overloaded; try a larger --time-scale.",
+                lagging.join(", ")
+            );
+        }
+        out
+    }
+
+    /// The report as Markdown (for a README): command, tables, winners.
+    pub fn render_markdown(&self) -> String {
+        let mut out = String::new();
+        let s = &self.settings;
+        let _ = writeln!(out, "```sh\n{}\n```\n", s.command);
+        let _ = writeln!(
+            out,
+            "Workload: {}. Times are simulated-engine time (wall / {}).\n",
+            s.workload.describe(),
+            s.time_scale
+        );
+        out.push_str(&markdown_table(PERF_HEADERS, &perf_rows(&self.runs)));
+        out.push('\n');
+        out.push_str(&markdown_table(ROUTING_HEADERS, &routing_rows(&self.runs)));
+        if let Some(l) = engine_legend(s, &self.runs) {
+            let _ = writeln!(out, "\n({l})");
+        }
+        let w = winners_text(&self.winners, &self.runs);
+        if !w.is_empty() {
+            out.push_str("\nBest per figure:\n\n");
+            for line in w {
+                let _ = writeln!(out, "- {line}");
+            }
+        }
+        out
+    }
+
+    /// Every request of every run as CSV.
+    pub fn render_csv(&self) -> String {
+        let mut out = String::from(
+            "run,chain,turn,start_s,ttft_s,e2e_s,output_tokens,outcome,engine,tier,policy,lag_s\n",
+        );
+        for (run, recs) in self.runs.iter().zip(&self.records) {
+            for r in recs {
+                let outcome = match &r.outcome {
+                    super::stats::Outcome::Ok => "ok".to_owned(),
+                    super::stats::Outcome::Status(s) => format!("status {s}"),
+                    super::stats::Outcome::Failed(_) => "failed".to_owned(),
+                    super::stats::Outcome::TimedOut => "timeout".to_owned(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{},{},{},{:.6},{},{:.6},{},{},{},{},{},{:.6}",
+                    csv(&run.name),
+                    r.chain,
+                    r.turn,
+                    r.start,
+                    r.ttft.map(|t| format!("{t:.6}")).unwrap_or_default(),
+                    r.e2e,
+                    r.output_tokens,
+                    outcome,
+                    csv(r.engine.as_deref().unwrap_or("")),
+                    csv(r.tier.as_deref().unwrap_or("")),
+                    csv(r.policy.as_deref().unwrap_or("")),
+                    r.lag
+                );
+            }
+        }
+        out
+    }
+
+    /// Writes `bench.json`, `bench.md`, `bench.svg` and `requests.csv` to `dir` (created if
+    /// needed); returns the paths written.
+    pub fn write_files(&self, dir: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
+        std::fs::create_dir_all(dir)?;
+        let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        let files = [
+            ("bench.json", json + "\n"),
+            ("bench.md", self.render_markdown()),
+            ("bench.svg", super::svg::render(self)),
+            ("requests.csv", self.render_csv()),
+        ];
+        let mut written = Vec::new();
+        for (name, body) in files {
+            let path = dir.join(name);
+            std::fs::write(&path, body)?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+}
+
+fn csv(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::bench::stats::EngineFigures;
+    use crate::bench::stats::tests::record;
+    use crate::bench::workload::{WorkloadKind, WorkloadKnobs};
+
+    fn figures(hit: f64) -> EngineFigures {
+        EngineFigures {
+            cache_hit_rate: Some(hit),
+            ttft_mean: Some(0.1),
+        }
+    }
+
+    pub(crate) fn sample_report() -> BenchReport {
+        let engines = vec!["127.0.0.1:1".to_owned(), "127.0.0.1:2".to_owned()];
+        let a: Vec<RequestRecord> = (0..10)
+            .map(|i| {
+                record(
+                    i as f64,
+                    0.1 + i as f64 * 0.01,
+                    &engines[i % 2],
+                    "kv_lookup",
+                )
+            })
+            .collect();
+        let b: Vec<RequestRecord> = (0..10)
+            .map(|i| record(i as f64, 0.5, &engines[0], if i < 5 { "a" } else { "b" }))
+            .collect();
+        let runs = vec![
+            RunStats::compute("kvaware", "kvaware", 10, &a, &engines, figures(0.8)),
+            RunStats::compute("round<robin>", "roundrobin", 10, &b, &engines, figures(0.2)),
+        ];
+        BenchReport {
+            settings: BenchSettings {
+                command: "switchyard bench --quick".into(),
+                workload: WorkloadSpec::resolve(
+                    Some(WorkloadKind::SharedPrefix),
+                    true,
+                    None,
+                    &WorkloadKnobs::default(),
+                )
+                .unwrap(),
+                engines: Some(2),
+                target: None,
+                model: "m".into(),
+                time_scale: 0.1,
+                slow_engine: None,
+                policies_dir: "policies".into(),
+                time_unit: "simulated seconds",
+            },
+            winners: winners(&runs),
+            runs,
+            records: vec![a, b],
+        }
+    }
+
+    #[test]
+    fn winners_pick_the_best_per_figure() {
+        let r = sample_report();
+        let get = |f: &str| r.winners.iter().find(|w| w.figure == f).unwrap();
+        assert_eq!(get("TTFT p50").runs, vec!["kvaware"]);
+        assert_eq!(get("cache hit rate").runs, vec!["kvaware"]);
+        assert_eq!(get("cache hit rate").value, 0.8);
+        assert_eq!(get("max/min load").runs, vec!["kvaware"]);
+        // Equal values share the win.
+        let mut twin = r.runs[0].clone();
+        twin.name = "twin".into();
+        let w = winners(&[r.runs[0].clone(), twin]);
+        assert!(w.iter().all(|w| w.runs.len() == 2), "{w:?}");
+    }
+
+    #[test]
+    fn tables_have_a_row_per_run() {
+        let r = sample_report();
+        let text = r.render_text();
+        for name in ["kvaware", "round<robin>"] {
+            assert_eq!(
+                text.lines().filter(|l| l.starts_with(name)).count(),
+                2,
+                "{name} has a row in both tables:\n{text}"
+            );
+        }
+        assert!(text.contains("TTFT p99"));
+        assert!(text.contains("50% 50%"), "{text}");
+        assert!(
+            text.contains("inf"),
+            "roundrobin used only one engine:\n{text}"
+        );
+        assert!(text.contains("Best per figure"));
+        assert!(
+            text.contains("Router + client overhead (client TTFT mean − the engines' own TTFT mean): 45–400 ms."),
+            "{text}"
+        );
+        assert!(text.contains("TTFT p50: kvaware"), "{text}");
+        let md = r.render_markdown();
+        assert_eq!(
+            md.lines().filter(|l| l.starts_with("| kvaware |")).count(),
+            2
+        );
+        let csv = r.render_csv();
+        assert_eq!(csv.lines().count(), 21);
+    }
+
+    #[test]
+    fn late_sends_are_warned_about() {
+        let mut r = sample_report();
+        assert!(!r.render_text().contains("warning"));
+        // 0.2 s simulated = 20 ms wall at time scale 0.1, above a quarter of TTFT p50 (0.5 s).
+        r.runs[1].send_lag_p99 = 0.2;
+        let text = r.render_text();
+        assert!(
+            text.contains("warning: the client sent requests late in round<robin>"),
+            "{text}"
+        );
+        // 4 ms of wall lag at real speed is normal timer jitter: no warning.
+        r.runs[1].send_lag_p99 = 0.004;
+        r.settings.time_scale = 1.0;
+        assert!(!r.render_text().contains("warning"));
+    }
+
+    #[test]
+    fn files_are_written_and_json_round_trips() {
+        let r = sample_report();
+        let dir = std::env::temp_dir().join(format!("switchyard-report-{}", std::process::id()));
+        let written = r.write_files(&dir).unwrap();
+        assert_eq!(written.len(), 4);
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap())
+                .unwrap();
+        assert_eq!(json["runs"].as_array().unwrap().len(), 2);
+        assert_eq!(json["runs"][0]["name"], "kvaware");
+        assert_eq!(json["settings"]["workload"]["kind"], "shared-prefix");
+        assert_eq!(json["settings"]["workload"]["groups"], 6);
+        assert!(json["winners"].as_array().unwrap().len() >= 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
