@@ -36,6 +36,8 @@ pub enum Command {
     Sim(Box<crate::sim::SimArgs>),
     /// Compile and validate every policy (and the config file, if given).
     Check(CheckArgs),
+    /// Compare routing policies: replay a seeded workload through the router in front of simulated engines.
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 #[derive(Debug, Clone, Args)]

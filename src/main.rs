@@ -23,6 +23,13 @@ fn main() -> ExitCode {
         None => runtime.block_on(serve(cli.serve)),
         Some(Command::Serve(args)) => runtime.block_on(serve(*args)),
         Some(Command::Check(args)) => check(&args),
+        Some(Command::Bench(args)) => {
+            init_logging("warn"); // at info, the router logs every start and stop, once per run
+            runtime
+                .block_on(switchyard::bench::run(*args))
+                .map(|_| ExitCode::SUCCESS)
+                .map_err(BoxError::from)
+        }
         Some(Command::Sim(args)) => {
             init_logging("info");
             runtime
@@ -116,18 +123,35 @@ fn first_model(router: &switchyard::proxy::RunningRouter) -> String {
         .unwrap_or_default()
 }
 
+/// `switchyard check`: every policy error (and the config file's) as `file:line:col: message`.
 fn check(args: &config::CheckArgs) -> Result<ExitCode, BoxError> {
     let mut errors = 0usize;
-    if let Some(path) = &args.config
-        && let Err(e) = config::load_file(path)
-    {
-        println!("{e}");
+    let mut dir = args.policies_dir.clone();
+    if let Some(path) = &args.config {
+        match config::load_file(path) {
+            Ok(file) => {
+                if let Some(d) = file.policies_dir {
+                    dir = d;
+                }
+            }
+            Err(e) => {
+                println!("{e}");
+                errors += 1;
+            }
+        }
+    }
+    for d in switchyard::policy::PolicyStore::check_dir(&dir) {
+        println!("{d}");
         errors += 1;
     }
     if errors == 0 {
-        println!("ok");
+        println!(
+            "ok: every policy in {} compiles and validates",
+            dir.display()
+        );
         Ok(ExitCode::SUCCESS)
     } else {
+        println!("{errors} error(s)");
         Ok(ExitCode::FAILURE)
     }
 }

@@ -370,20 +370,42 @@ async fn slow_reader_does_not_make_the_router_buffer_without_bound() {
     let engine_url = format!("http://{}", listener.local_addr().unwrap());
     let p = produced.clone();
     tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = vec![0u8; 4096];
-        let _ = s.read(&mut buf).await; // the request (small)
-        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n").await.unwrap();
-        let chunk = vec![b'x'; CHUNK];
-        for _ in 0..TOTAL_CHUNKS {
-            let head = format!("{CHUNK:x}\r\n");
-            if s.write_all(head.as_bytes()).await.is_err()
-                || s.write_all(&chunk).await.is_err()
-                || s.write_all(b"\r\n").await.is_err()
-            {
-                return;
-            }
-            p.fetch_add(CHUNK as u64, Ordering::Relaxed);
+        // Scrapes and probes (GET) get an empty 200; the one POST gets the endless stream.
+        while let Ok((mut s, _)) = listener.accept().await {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = vec![0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"GET") {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                    return;
+                }
+                let hdr = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(hdr).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; CHUNK];
+                for _ in 0..TOTAL_CHUNKS {
+                    let size = format!("{CHUNK:x}\r\n");
+                    if s.write_all(size.as_bytes()).await.is_err()
+                        || s.write_all(&chunk).await.is_err()
+                        || s.write_all(b"\r\n").await.is_err()
+                    {
+                        return;
+                    }
+                    p.fetch_add(CHUNK as u64, Ordering::Relaxed);
+                }
+            });
         }
     });
     let router = start_router(&[engine_url], |c| {

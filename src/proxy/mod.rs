@@ -23,7 +23,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::config::RouterConfig;
 use crate::engines::Registry;
 use crate::engines::health::{HealthConfig, Monitor};
-use crate::policy::{PolicyStore, SettingsLoader};
+use crate::policy::{PolicyStore, SettingsLoader, WatchHandle};
 use crate::prefix::PrefixIndex;
 use crate::upstream::{self, HttpClient};
 
@@ -62,6 +62,8 @@ pub struct RunningRouter {
     pub state: Arc<AppState>,
     shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
+    /// Hot reload of policies and the config file (and SIGHUP); stops when dropped.
+    _policy_watch: Option<WatchHandle>,
 }
 
 impl RunningRouter {
@@ -100,7 +102,13 @@ pub async fn start(
     }
     let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));
     let policies = PolicyStore::new(cfg.policy.clone(), cfg.block_size)?;
-    let _ = settings_loader; // hot reload of settings is wired with the policy watcher
+    let policy_watch = match policies.watch(cfg.config_file.clone(), settings_loader) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "policy hot reload is off: cannot watch the policies directory");
+            None
+        }
+    };
     let client = upstream::build_client(cfg.connect_timeout);
     let monitor = Monitor::new(
         Arc::clone(&registry),
@@ -146,6 +154,7 @@ pub async fn start(
         state,
         shutdown: Some(tx),
         server,
+        _policy_watch: policy_watch,
     })
 }
 
