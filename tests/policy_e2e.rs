@@ -81,7 +81,6 @@ async fn editing_a_policy_while_routing() {
         cfg.decision_headers = true;
     })
     .await;
-    let _watch = router.state.policies.watch(None, None).expect("watch");
     let c = client();
     let url = router.url();
     assert_eq!(tier_of(&c, &url).await, "round_robin");
