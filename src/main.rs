@@ -5,6 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+
+/// mimalloc: the router allocates many small, short-lived buffers per request; glibc's malloc
+/// spent ~5% of the router's CPU on them under load (perf, benches/proxy.sh).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use switchyard::config::{self, Cli, Command, RouterConfig, ServeArgs};
 
 fn main() -> ExitCode {

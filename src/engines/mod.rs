@@ -26,6 +26,8 @@ pub struct Engine {
     pub url: Arc<str>,
     /// Models served by this engine.
     pub models: Vec<String>,
+    /// The URL's scheme and authority, parsed once, to build request URIs without parsing.
+    pub origin: Option<(http::uri::Scheme, http::uri::Authority)>,
     in_flight: AtomicU64,
     healthy: AtomicBool,
     consecutive_failures: AtomicU32,
@@ -84,6 +86,10 @@ impl Engine {
             id,
             name: Arc::from(name),
             url: Arc::from(url),
+            origin: url.parse::<http::Uri>().ok().and_then(|u| {
+                let p = u.into_parts();
+                Some((p.scheme?, p.authority?))
+            }),
             in_flight: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),

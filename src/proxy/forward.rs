@@ -15,7 +15,7 @@ use super::AppState;
 use super::body::{RouterBody, UpstreamBody};
 use super::errors::ApiError;
 use super::telemetry::{RequestRecord, count_request};
-use crate::engines::Candidate;
+use crate::engines::{Candidate, Engine};
 use crate::policy::Decision;
 use crate::request::{ParseError, RequestInfo, parse_body};
 use crate::tokens;
@@ -85,11 +85,6 @@ pub async fn route_and_forward(
 
     let mut cands = candidates(state, &info)?;
     let upstream_headers = upstream_headers(&info.headers, request_id);
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/");
     let attempts = state.cfg.max_attempts;
     let mut last_error = String::new();
     let mut last_5xx: Option<Response<Incoming>> = None;
@@ -107,8 +102,7 @@ pub async fn route_and_forward(
         let engine = Arc::clone(&cands[idx].engine);
         tracing::debug!(model = %model, %policy, %tier, engine = %engine.name, attempt, "routed");
         let guard = engine.begin_request();
-        let uri = format!("{}{}", engine.url, path_and_query);
-        let mut up = Request::post(uri.as_str());
+        let mut up = Request::post(engine_uri(&engine, &parts.uri));
         if let Some(h) = up.headers_mut() {
             *h = upstream_headers.clone();
         }
@@ -207,6 +201,24 @@ pub async fn route_and_forward(
         last_error = "no engine left to try".into();
     }
     Err(ApiError::BadGateway(last_error))
+}
+
+/// The engine's URI for the client's path and query, built from parsed parts.
+fn engine_uri(engine: &Engine, client_uri: &http::Uri) -> http::Uri {
+    let pq = client_uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if let Some((scheme, authority)) = &engine.origin {
+        let mut p = http::uri::Parts::default();
+        p.scheme = Some(scheme.clone());
+        p.authority = Some(authority.clone());
+        p.path_and_query = Some(pq.clone());
+        if let Ok(u) = http::Uri::from_parts(p) {
+            return u;
+        }
+    }
+    format!("{}{}", engine.url, pq).parse().unwrap_or_default()
 }
 
 /// The healthy engines serving the request's model, with their load and prefix match.

@@ -63,9 +63,16 @@ fn is_routed(path: &str) -> bool {
         || path == "/detokenize"
 }
 
+/// 32 random hex digits.
 fn new_request_id() -> HeaderValue {
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 32];
+    let mut r = fastrand::u128(..);
+    for b in buf.iter_mut() {
+        *b = HEX[(r & 0xf) as usize];
+        r >>= 4;
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 fn health(state: &AppState) -> Response<RouterBody> {
