@@ -61,7 +61,7 @@ start_router() { # start_router POLICY -> sets RPORT RPID
   RPID=$BGPID
   wait_http "http://127.0.0.1:$RPORT/health"
 }
-start_router load_balanced_kvaware; RHAI_PORT=$RPORT; RHAI_PID=$RPID
+start_router load_balanced_kvaware.rhai; RHAI_PORT=$RPORT; RHAI_PID=$RPID
 start_router roundrobin;            RR_PORT=$RPORT;   RR_PID=$RPID
 
 # ~1 KB prompt.

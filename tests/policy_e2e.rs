@@ -77,7 +77,7 @@ async fn editing_a_policy_while_routing() {
     let sims = start_sims(2, instant_sim()).await;
     let router = start_router(&urls(&sims), |cfg| {
         cfg.policy.dir = dir.path().to_path_buf();
-        cfg.policy.default_policy = "live".into();
+        cfg.policy.default_policy = "live.toml".into();
         cfg.decision_headers = true;
     })
     .await;

@@ -121,7 +121,9 @@ fn remove_engine_drops_its_entries() {
 
 #[test]
 fn concurrent_inserts_and_lookups() {
-    let idx = PrefixIndex::new(2 << 20);
+    // Large enough that nothing is evicted (eviction is tested above), so every insert must be
+    // found by the lookup that follows it, whatever the other threads do.
+    let idx = PrefixIndex::new(64 << 20);
     std::thread::scope(|s| {
         for t in 0..4u64 {
             let idx = &idx;
@@ -134,5 +136,6 @@ fn concurrent_inserts_and_lookups() {
             });
         }
     });
-    assert!(idx.accounted_bytes() <= 2 << 20);
+    assert!(idx.accounted_bytes() <= 64 << 20);
+    assert_eq!(idx.len(), 4 * 2000 * 16);
 }

@@ -316,14 +316,14 @@ fn per_model_policies_and_file_names() {
     dir.write("twin.rhai", "round_robin()");
     dir.write("twin.toml", "[[tier]]\nbuiltin = \"least_loaded\"\n");
     let mut st = settings(dir.path(), "twin");
-    st.per_model.insert("m2".into(), "twin.rhai".into());
+    st.per_model.insert("m2".into(), "twin.toml".into());
     let s = PolicyStore::new(st, 16).expect("store");
     let c = queues(&[3.0, 1.0, 2.0]);
-    // The bare name prefers the TOML twin.
-    assert_eq!(&*s.decide(&request(1), &c).tier, "least_loaded");
+    // The bare name prefers the Rhai twin; the file name picks the TOML.
+    assert_eq!(&*s.decide(&request(1), &c).tier, "round_robin");
     let mut r = request(1);
     r.model = "m2".into();
-    assert_eq!(&*s.decide(&r, &c).tier, "round_robin");
+    assert_eq!(&*s.decide(&r, &c).tier, "least_loaded");
 }
 
 #[test]

@@ -147,8 +147,8 @@ impl std::fmt::Debug for PolicyStore {
     }
 }
 
-/// Finds a policy by the name settings use: `NAME` (the `.toml` if both `NAME.toml` and
-/// `NAME.rhai` exist) or a file name `NAME.toml` / `NAME.rhai`.
+/// Finds a policy by the name settings use: `NAME` (the `.rhai` if both `NAME.rhai` and
+/// `NAME.toml` exist) or a file name `NAME.rhai` / `NAME.toml`.
 fn lookup<'a>(files: &'a [FileStatus], name: &str) -> Option<&'a Arc<CompiledPolicy>> {
     let by_file = |kind: FileKind, stem: &str| {
         files
@@ -162,7 +162,7 @@ fn lookup<'a>(files: &'a [FileStatus], name: &str) -> Option<&'a Arc<CompiledPol
     if let Some(stem) = name.strip_suffix(".rhai") {
         return by_file(FileKind::Rhai, stem);
     }
-    by_file(FileKind::Toml, name).or_else(|| by_file(FileKind::Rhai, name))
+    by_file(FileKind::Rhai, name).or_else(|| by_file(FileKind::Toml, name))
 }
 
 fn settings_names(s: &PolicySettings) -> impl Iterator<Item = (&str, String)> {
