@@ -115,12 +115,6 @@ fn classify(e: &serde_json::Error) -> ParseError {
 
 const NOT_OBJECT: &str = "a JSON object";
 
-/// The canonical prompt text of a parsed JSON body, as the simulated engine computes it.
-/// Chat messages count with their roles, in order: `role\ncontent\n` per message.
-pub fn prompt_text(body: &[u8]) -> Result<String, ParseError> {
-    parse_body(body, None).map(|p| p.prompt)
-}
-
 #[derive(Default)]
 struct RawRouting<'a> {
     model: Option<&'a RawValue>,

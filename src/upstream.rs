@@ -43,13 +43,6 @@ pub enum GetError {
     Body(String),
 }
 
-impl GetError {
-    /// Whether the engine is unreachable (refused or timed out), rather than misbehaving.
-    pub fn is_unreachable(&self) -> bool {
-        matches!(self, GetError::Timeout(_) | GetError::Connect(_))
-    }
-}
-
 /// GETs `url` and returns its body, bounded by `timeout` overall (headers and body).
 pub async fn get(client: &HttpClient, url: &str, timeout: Duration) -> Result<Bytes, GetError> {
     let uri: http::Uri = url.parse().map_err(|_| GetError::Url(url.to_owned()))?;

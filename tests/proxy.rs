@@ -237,33 +237,18 @@ use switchyard::sim::SimConfig;
 
 #[tokio::test]
 async fn models_is_the_deduplicated_union() {
-    let a = switchyard::sim::start(
-        SimConfig {
-            model: "m-a".into(),
-            ..instant_sim()
-        },
-        loopback(),
-    )
-    .await
-    .unwrap();
-    let b = switchyard::sim::start(
-        SimConfig {
-            model: "m-b".into(),
-            ..instant_sim()
-        },
-        loopback(),
-    )
-    .await
-    .unwrap();
-    let c2 = switchyard::sim::start(
-        SimConfig {
-            model: "m-a".into(),
-            ..instant_sim()
-        },
-        loopback(),
-    )
-    .await
-    .unwrap();
+    let serving = |model: &str| {
+        switchyard::sim::start(
+            SimConfig {
+                model: model.into(),
+                ..instant_sim()
+            },
+            loopback(),
+        )
+    };
+    let a = serving("m-a").await.unwrap();
+    let b = serving("m-b").await.unwrap();
+    let c2 = serving("m-a").await.unwrap();
     let mut cfg =
         switchyard::config::RouterConfig::for_backends(&[a.url(), b.url(), c2.url()], "unused");
     cfg.backends[0].models = vec!["m-a".into()];
@@ -613,5 +598,32 @@ async fn metrics_expose_requests_latency_in_flight_and_health() {
     ] {
         assert!(text.contains(&needle), "missing {needle} in\n{text}");
     }
+    // A model nobody serves is not a label value (clients cannot mint series); a served one is.
+    let r = post_json(
+        &c,
+        &router.url(),
+        "/v1/completions",
+        serde_json::json!({"model": "no-such-model-4711", "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = post_json(
+        &c,
+        &router.url(),
+        "/v1/completions",
+        serde_json::json!({"prompt": "x"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let text = String::from_utf8(get(&c, &router.url(), "/metrics").await.body.to_vec()).unwrap();
+    assert!(!text.contains("no-such-model-4711"), "{text}");
+    assert!(
+        text.contains("model=\"unknown\",engine=\"none\",status=\"404\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("model=\"unknown\",engine=\"none\",status=\"400\""),
+        "{text}"
+    );
     router.shutdown(Duration::from_secs(1)).await;
 }

@@ -9,7 +9,6 @@ pub mod stats;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
@@ -243,15 +242,11 @@ pub struct Candidate {
 pub struct Registry {
     engines: ArcSwap<Vec<Arc<Engine>>>,
     next_id: AtomicU32,
-    pub created: Option<Instant>,
 }
 
 impl Registry {
     pub fn new() -> Registry {
-        Registry {
-            created: Some(Instant::now()),
-            ..Default::default()
-        }
+        Registry::default()
     }
 
     /// Adds an engine and returns it.
@@ -306,6 +301,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn queue_is_scraped_figures_corrected_by_in_flight_change() {

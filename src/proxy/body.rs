@@ -37,13 +37,6 @@ impl RouterBody {
         }
     }
 
-    pub fn empty() -> RouterBody {
-        RouterBody {
-            kind: Kind::Full(None),
-            busy: None,
-        }
-    }
-
     pub fn upstream(u: UpstreamBody) -> RouterBody {
         RouterBody {
             kind: Kind::Upstream(Box::new(u)),

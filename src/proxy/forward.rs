@@ -20,11 +20,31 @@ use crate::policy::Decision;
 use crate::request::{ParseError, RequestInfo, parse_body};
 use crate::tokens;
 
-/// Routes and forwards a POST to a model endpoint.
+/// Routes and forwards a POST to a model endpoint; errors become OpenAI-shaped responses.
 pub async fn route_and_forward(
     state: &AppState,
     req: Request<Incoming>,
     request_id: &HeaderValue,
+) -> Response<RouterBody> {
+    let mut model = None;
+    match forward(state, req, request_id, &mut model).await {
+        Ok(r) => r,
+        Err(e) => {
+            let status = e.status().as_u16();
+            tracing::debug!(error = %e, status, "request answered by the router");
+            let model = model.unwrap_or_else(|| Arc::from("unknown"));
+            count_request(&model, &Arc::from("none"), status);
+            e.into_response()
+        }
+    }
+}
+
+/// The work of [`route_and_forward`]; `model_out` is set as soon as the model is known.
+async fn forward(
+    state: &AppState,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    model_out: &mut Option<Arc<str>>,
 ) -> Result<Response<RouterBody>, ApiError> {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
@@ -83,7 +103,12 @@ pub async fn route_and_forward(
     };
     let model: Arc<str> = Arc::from(info.model.as_str());
 
-    let mut cands = candidates(state, &info)?;
+    let cands = candidates(state, &info);
+    // Only served models become label values: clients cannot mint metric series.
+    if !matches!(cands, Err(ApiError::ModelNotFound(_))) {
+        *model_out = Some(Arc::clone(&model));
+    }
+    let mut cands = cands?;
     let upstream_headers = upstream_headers(&info.headers, request_id);
     let attempts = state.cfg.max_attempts;
     let mut last_error = String::new();

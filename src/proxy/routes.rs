@@ -10,7 +10,6 @@ use hyper::body::Incoming;
 use super::body::RouterBody;
 use super::errors::ApiError;
 use super::forward::{json_response, route_and_forward};
-use super::telemetry::count_request;
 use super::{AppState, X_REQUEST_ID};
 
 /// Handles one client request; never fails (errors become OpenAI-shaped JSON).
@@ -25,15 +24,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Ro
     let method = req.method().clone();
     let mut resp = if is_routed(path) {
         if method == Method::POST {
-            let model_hint: Arc<str> = Arc::from("unparsed");
-            match route_and_forward(&state, req, &request_id).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(error = %e, status = e.status().as_u16(), "request answered by the router");
-                    count_request(&model_hint, &Arc::from("none"), e.status().as_u16());
-                    e.into_response()
-                }
-            }
+            route_and_forward(&state, req, &request_id).await
         } else {
             ApiError::MethodNotAllowed(method.to_string(), path.to_owned()).into_response()
         }
