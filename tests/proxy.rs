@@ -155,6 +155,27 @@ async fn forwards_authorization_and_request_id_and_strips_hop_by_hop() {
 }
 
 #[tokio::test]
+async fn every_model_endpoint_is_forwarded_to_an_engine() {
+    let engine = canned_engine(vec![b"engine-bytes"], Duration::ZERO).await;
+    let router = start_router(std::slice::from_ref(&engine), |c| c.decision_headers = true).await;
+    let c = client();
+    for path in [
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/rerank",
+        "/v1/score",
+        "/tokenize",
+        "/detokenize",
+    ] {
+        let r = post_json(&c, &router.url(), path, completion("hi", 1, false)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert_eq!(&r.body[..], b"engine-bytes", "{path}");
+        assert!(r.header("x-switchyard-engine").is_some(), "{path}");
+    }
+    router.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn completions_and_chat_through_the_router() {
     let sims = start_sims(2, fast_sim()).await;
     let router = start_router(&urls(&sims), |c| c.decision_headers = true).await;
