@@ -262,3 +262,30 @@ fn edited_modules_take_effect() {
     assert!(store.reload_now().is_ok());
     assert_eq!(tier(&store), "random");
 }
+
+#[test]
+fn settings_not_applied_leave_modules_resolving_from_the_kept_directory() {
+    let write_dir = |choice: &str| {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("lib/pick.rhai"),
+            format!("fn choose() {{ {choice}() }}"),
+        )
+        .expect("write");
+        dir.write("m.rhai", "import \"lib/pick\" as pick;\npick::choose()\n");
+        dir
+    };
+    let a = write_dir("round_robin");
+    let b = write_dir("random");
+    let store = PolicyStore::new(settings(a.path(), "m"), 16).expect("store");
+    assert_eq!(tier(&store), "round_robin");
+    // New settings point at another directory but name a policy that does not exist there:
+    // they are not applied, and the store keeps directory `a`.
+    let outcome = store.reload_with(settings(b.path(), "nope"));
+    assert!(!outcome.settings_applied);
+    assert_eq!(store.settings().dir, a.path());
+    // A later reload of `a` resolves `a`'s modules, not those of the rejected directory.
+    assert!(store.reload_now().is_ok());
+    assert_eq!(tier(&store), "round_robin");
+}

@@ -129,6 +129,30 @@ struct Generation {
     number: u64,
 }
 
+impl Generation {
+    fn new(
+        settings: PolicySettings,
+        (engine, engine_dir): (Arc<rhai::Engine>, PathBuf),
+        (default, per_model, resolved): Resolution,
+        files: Vec<FileStatus>,
+        errors: Vec<PolicyDiagnostic>,
+        number: u64,
+    ) -> Generation {
+        Generation {
+            settings: Arc::new(settings),
+            engine,
+            engine_dir,
+            default,
+            per_model,
+            resolved,
+            files,
+            errors,
+            reloaded_at: SystemTime::now(),
+            number,
+        }
+    }
+}
+
 /// All loaded policies.
 pub struct PolicyStore {
     current: ArcSwap<Generation>,
@@ -332,18 +356,15 @@ impl PolicyStore {
                 errors.append(&mut e);
                 PolicyError::Invalid(errors.clone())
             })?;
-        let generation = Generation {
-            engine_dir: settings.dir.clone(),
-            settings: Arc::new(settings),
-            engine,
-            default,
-            per_model,
-            resolved,
+        let dir = settings.dir.clone();
+        let generation = Generation::new(
+            settings,
+            (engine, dir),
+            (default, per_model, resolved),
             files,
             errors,
-            reloaded_at: SystemTime::now(),
-            number: 1,
-        };
+            1,
+        );
         Ok(Arc::new(PolicyStore {
             current: ArcSwap::from_pointee(generation),
             reload_lock: Mutex::new(()),
@@ -405,6 +426,7 @@ impl PolicyStore {
     pub fn reload_with(&self, settings: PolicySettings) -> ReloadOutcome {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let prev = self.current.load_full();
+        let load_dir = settings.dir.clone();
         let engine = if prev.engine_dir == settings.dir {
             Arc::clone(&prev.engine)
         } else {
@@ -442,21 +464,18 @@ impl PolicyStore {
                 }
             }
         };
-        let (default, per_model, resolved) = resolution;
         let policies = files.iter().filter(|f| f.policy.is_some()).count();
         let ok = errors.is_empty();
-        let generation = Generation {
-            engine_dir: settings.dir.clone(),
-            settings: Arc::new(settings),
-            engine,
-            default,
-            per_model,
-            resolved,
+        // The engine (and its module resolver) belongs to the directory the files were loaded
+        // from, even when the new settings were not applied.
+        let generation = Generation::new(
+            settings,
+            (engine, load_dir),
+            resolution,
             files,
-            errors: errors.clone(),
-            reloaded_at: SystemTime::now(),
-            number: prev.number + 1,
-        };
+            errors.clone(),
+            prev.number + 1,
+        );
         self.current.store(Arc::new(generation));
         let result = if ok { "ok" } else { "error" };
         metrics::counter!("switchyard_policy_reloads_total", "result" => result).increment(1);
