@@ -412,15 +412,7 @@ async fn slow_reader_does_not_make_the_router_buffer_without_bound() {
         c.engine_stats_interval = Duration::from_secs(3600)
     })
     .await;
-    let resp = open(
-        &client(),
-        post(
-            &router.url(),
-            "/v1/completions",
-            completion("x", 1, true).to_string(),
-        ),
-    )
-    .await;
+    let resp = open(&client(), completion_req(&router.url(), "x", 1, true)).await;
     let mut body = resp.into_body();
     let mut consumed = 0u64;
     let mut max_gap = 0u64;

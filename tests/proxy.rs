@@ -94,15 +94,7 @@ async fn passes_bytes_through_exactly_and_streams_incrementally() {
     let engine = canned_engine(CHUNKS.to_vec(), Duration::from_millis(150)).await;
     let router = start_router(std::slice::from_ref(&engine), |_| {}).await;
     let c = client();
-    let s = stream(
-        &c,
-        post(
-            &router.url(),
-            "/v1/completions",
-            completion("hi", 4, true).to_string(),
-        ),
-    )
-    .await;
+    let s = stream(&c, completion_req(&router.url(), "hi", 4, true)).await;
     assert_eq!(s.status, StatusCode::OK);
     assert_eq!(s.headers.get("x-engine-header").unwrap(), "kept");
     assert!(s.headers.get("x-request-id").is_some());
@@ -223,15 +215,7 @@ async fn sim_tokens_arrive_incrementally_through_the_router() {
     )
     .await;
     let router = start_router(&urls(&sims), |_| {}).await;
-    let s = stream(
-        &client(),
-        post(
-            &router.url(),
-            "/v1/completions",
-            completion("count", 20, true).to_string(),
-        ),
-    )
-    .await;
+    let s = stream(&client(), completion_req(&router.url(), "count", 20, true)).await;
     let data_frames: Vec<_> = s
         .frames
         .iter()
@@ -523,15 +507,7 @@ async fn client_disconnect_cancels_the_engine_request() {
     .await;
     let router = start_router(&urls(&sims), |_| {}).await;
     let c = client();
-    let resp = open(
-        &c,
-        post(
-            &router.url(),
-            "/v1/completions",
-            completion("long answer", 1000, true).to_string(),
-        ),
-    )
-    .await;
+    let resp = open(&c, completion_req(&router.url(), "long answer", 1000, true)).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     let first = tokio::time::timeout(SAFETY, body.frame()).await.unwrap();
@@ -566,24 +542,8 @@ async fn repeated_prompt_has_shorter_time_to_first_token() {
     let c = client();
     let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(180);
     let ttft = |s: &Streamed| s.frames[0].0.duration_since(s.sent_at);
-    let cold = stream(
-        &c,
-        post(
-            &router.url(),
-            "/v1/completions",
-            completion(&prompt, 2, true).to_string(),
-        ),
-    )
-    .await;
-    let warm = stream(
-        &c,
-        post(
-            &router.url(),
-            "/v1/completions",
-            completion(&prompt, 2, true).to_string(),
-        ),
-    )
-    .await;
+    let cold = stream(&c, completion_req(&router.url(), &prompt, 2, true)).await;
+    let warm = stream(&c, completion_req(&router.url(), &prompt, 2, true)).await;
     assert!(
         ttft(&warm) * 2 < ttft(&cold),
         "cold {:?} warm {:?}",

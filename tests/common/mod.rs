@@ -124,6 +124,20 @@ pub fn post(url: &str, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes
         .expect("request")
 }
 
+/// A completion request to `url`'s `/v1/completions`.
+pub fn completion_req(
+    url: &str,
+    prompt: &str,
+    max_tokens: usize,
+    stream: bool,
+) -> Request<Full<Bytes>> {
+    post(
+        url,
+        "/v1/completions",
+        completion(prompt, max_tokens, stream).to_string(),
+    )
+}
+
 pub async fn post_json(c: &TestClient, url: &str, path: &str, body: serde_json::Value) -> Reply {
     send(c, post(url, path, body.to_string())).await
 }
