@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use switchyard::engines::{Candidate, Engine, EngineSnapshot};
 use switchyard::policy::{Decision, PolicySettings, PolicyStore};
-use switchyard::request::RequestInfo;
+use switchyard::request::{PromptDigest, RequestInfo};
 
 fn candidates(n: usize) -> Vec<Candidate> {
     (0..n)
@@ -53,7 +53,7 @@ fn request() -> RequestInfo {
     RequestInfo {
         path: "/v1/completions".into(),
         model: "m".into(),
-        prompt,
+        prompt: PromptDigest::of_text(&prompt, 16),
         body: body.into(),
         ..Default::default()
     }

@@ -87,6 +87,9 @@ pub struct ServeArgs {
     /// Add x-switchyard-policy/-tier/-engine response headers.
     #[arg(long)]
     pub decision_headers: bool,
+    /// Bearer token required on /admin/* (unset: /admin/* is open; keep the router on loopback then).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Largest accepted request body in bytes [default: 33554432].
     #[arg(long)]
     pub max_body_bytes: Option<usize>,
@@ -136,6 +139,7 @@ pub struct FileConfig {
     pub routing_logic: Option<String>,
     pub policies_dir: Option<PathBuf>,
     pub decision_headers: Option<bool>,
+    pub admin_token: Option<String>,
     pub max_body_bytes: Option<usize>,
     pub max_attempts: Option<usize>,
     pub connect_timeout: Option<f64>,
@@ -197,6 +201,8 @@ pub struct RouterConfig {
     pub session_key: Option<String>,
     pub policy: PolicySettings,
     pub decision_headers: bool,
+    /// Bearer token required on `/admin/*`, if set.
+    pub admin_token: Option<String>,
     pub max_body_bytes: usize,
     pub max_attempts: usize,
     pub connect_timeout: Duration,
@@ -227,6 +233,7 @@ impl Default for RouterConfig {
                 per_model: BTreeMap::new(),
             },
             decision_headers: false,
+            admin_token: None,
             max_body_bytes: 32 * 1024 * 1024,
             max_attempts: 2,
             connect_timeout: Duration::from_secs(2),
@@ -322,6 +329,15 @@ impl RouterConfig {
                 format!("{k:?} is not a valid header name"),
             ));
         }
+        let admin_token = args.admin_token.clone().or(file.admin_token.clone());
+        if let Some(t) = &admin_token
+            && (t.is_empty() || http::HeaderValue::from_str(&format!("Bearer {t}")).is_err())
+        {
+            return Err(invalid(
+                "admin_token",
+                "must be non-empty printable text (it is compared with an Authorization header)",
+            ));
+        }
         let policy = policy_settings(args, &file);
         if policy.default_policy.is_empty() {
             return Err(invalid("routing_logic", "must name a policy"));
@@ -344,6 +360,7 @@ impl RouterConfig {
             session_key,
             policy,
             decision_headers: args.decision_headers || file.decision_headers.unwrap_or(false),
+            admin_token,
             max_body_bytes,
             max_attempts,
             connect_timeout: secs(

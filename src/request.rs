@@ -1,8 +1,12 @@
 //! Parsing of an OpenAI-style request body: only what routing needs.
 //!
-//! The body is scanned once; `model`, `stream`, the prompt (`prompt`, `messages` or `input`) and
-//! the session field are extracted, every other value is skipped without being materialised.
-//! Scripts that want other top-level fields get them lazily through [`RequestInfo::field`].
+//! The body is scanned once for `model`, `stream`, the prompt (`prompt`, `messages` or `input`)
+//! and the session field; every other value is skipped without being materialised. The prompt
+//! itself is never built either: its pieces are streamed into a [`PromptDigest`] (length,
+//! characters, chained block hashes), so memory stays proportional to the body whatever the
+//! JSON's shape (a body of ten million `{}` messages costs a few hashes, not a vector of ten
+//! million structs). Scripts that want other top-level fields get them lazily through
+//! [`RequestInfo::fields`], within a budget.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -10,10 +14,10 @@ use std::fmt;
 use bytes::Bytes;
 use http::HeaderMap;
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::tokens;
+use crate::tokens::{self, BlockHasher};
 
 /// Why a request body could not be routed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -28,6 +32,74 @@ pub enum ParseError {
     ModelNotString,
 }
 
+/// What routing keeps of a prompt: its size and the chained hashes of its full blocks
+/// (see [`crate::tokens`]), never the text.
+///
+/// The canonical prompt text these describe: a completion's `prompt`/`input` strings joined
+/// with newlines (each token id counts as one stand-in token); a chat's messages as
+/// `role\ncontent\n` each, content parts' `text` concatenated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromptDigest {
+    /// UTF-8 bytes of the canonical prompt text.
+    pub bytes: usize,
+    /// Unicode characters of the canonical prompt text.
+    pub chars: usize,
+    /// Chained hashes of every full block of the canonical prompt text.
+    pub block_hashes: Vec<u64>,
+}
+
+impl PromptDigest {
+    /// The digest of a prompt given as text.
+    pub fn of_text(text: &str, block_size: usize) -> PromptDigest {
+        let mut sink = PromptSink::new(block_size);
+        sink.push(text);
+        sink.finish()
+    }
+
+    /// Estimated prompt length in tokens of the stand-in tokenizer.
+    pub fn tokens(&self) -> usize {
+        tokens::estimate_tokens(self.bytes)
+    }
+}
+
+/// Receives the canonical prompt text piece by piece.
+struct PromptSink {
+    chars: usize,
+    hasher: BlockHasher,
+}
+
+impl PromptSink {
+    fn new(block_size: usize) -> PromptSink {
+        PromptSink {
+            chars: 0,
+            hasher: BlockHasher::new(block_size),
+        }
+    }
+
+    fn push(&mut self, s: &str) {
+        self.chars += s.chars().count();
+        self.hasher.push(s.as_bytes());
+    }
+
+    /// One token id: four ASCII characters derived from it, one stand-in token hashed like text.
+    fn push_token_id(&mut self, id: u32) {
+        let mut b = [0u8; 4];
+        for (i, shift) in [0, 6, 12, 18].into_iter().enumerate() {
+            b[i] = b'0' + ((id >> shift) & 0x3f) as u8;
+        }
+        self.chars += 4;
+        self.hasher.push(&b);
+    }
+
+    fn finish(self) -> PromptDigest {
+        PromptDigest {
+            bytes: self.hasher.len(),
+            chars: self.chars,
+            block_hashes: self.hasher.finish(),
+        }
+    }
+}
+
 /// What routing knows about one request.
 #[derive(Debug, Clone, Default)]
 pub struct RequestInfo {
@@ -35,33 +107,88 @@ pub struct RequestInfo {
     pub path: String,
     pub model: String,
     pub stream: bool,
-    /// The canonical prompt text (see [`prompt_text`]): what the prefix cache sees.
-    pub prompt: String,
+    /// The prompt as the prefix cache sees it.
+    pub prompt: PromptDigest,
     /// The session key: the session header if present, else the body field of that name.
     pub session_key: Option<String>,
     pub headers: HeaderMap,
     /// The raw body, forwarded as-is.
     pub body: Bytes,
-    /// Chained block hashes of `prompt` (filled when the router keeps a prefix index).
-    pub block_hashes: Vec<u64>,
 }
+
+/// The JSON text of the top-level arrays and objects that [`RequestInfo::fields`] materialises
+/// for scripts, in all: parsed JSON takes many times its text's size.
+pub const FIELDS_BUDGET_BYTES: usize = 1024 * 1024;
 
 impl RequestInfo {
     /// Estimated prompt length in tokens of the stand-in tokenizer.
     pub fn prompt_tokens(&self) -> usize {
-        tokens::estimate_tokens(self.prompt.len())
+        self.prompt.tokens()
     }
 
-    /// A top-level JSON field of the body, parsed on demand.
-    pub fn field(&self, name: &str) -> Option<serde_json::Value> {
-        let map: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&self.body).ok()?;
-        map.get(name).cloned()
+    /// The chained block hashes of the prompt.
+    pub fn block_hashes(&self) -> &[u64] {
+        &self.prompt.block_hashes
     }
 
-    /// Every top-level JSON field of the body, parsed on demand.
+    /// The body's top-level fields, parsed on demand. Scalars always; arrays and objects
+    /// smallest first while their JSON text fits [`FIELDS_BUDGET_BYTES`] in all; the rest read
+    /// as `null`.
     pub fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
-        serde_json::from_slice(&self.body).unwrap_or_default()
+        top_level_fields(&self.body)
+    }
+}
+
+fn top_level_fields(body: &[u8]) -> serde_json::Map<String, serde_json::Value> {
+    let Ok(raw) = serde_json::from_slice::<RawFields>(body) else {
+        return serde_json::Map::new();
+    };
+    let mut compound: Vec<(usize, &str, &RawValue)> = Vec::new();
+    let raw = &raw.0;
+    let mut out = serde_json::Map::new();
+    for (k, v) in raw {
+        let text = v.get();
+        if text.starts_with('[') || text.starts_with('{') {
+            compound.push((text.len(), k, v));
+            out.insert(k.to_string(), serde_json::Value::Null);
+        } else if let Ok(v) = serde_json::from_str(text) {
+            out.insert(k.to_string(), v);
+        }
+    }
+    compound.sort_by_key(|c| c.0);
+    let mut budget = FIELDS_BUDGET_BYTES;
+    for (len, k, v) in compound {
+        if len > budget {
+            break;
+        }
+        budget -= len;
+        if let Ok(v) = serde_json::from_str(v.get()) {
+            out.insert(k.to_owned(), v);
+        }
+    }
+    out
+}
+
+/// A JSON object's entries, values left as JSON text.
+struct RawFields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for RawFields<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawFields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(NOT_OBJECT)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    out.push((k.0, map.next_value()?));
+                }
+                Ok(RawFields(out))
+            }
+        }
+        d.deserialize_map(V)
     }
 }
 
@@ -70,13 +197,17 @@ impl RequestInfo {
 pub struct Parsed {
     pub model: String,
     pub stream: bool,
-    pub prompt: String,
+    pub prompt: PromptDigest,
     pub session_value: Option<String>,
 }
 
 /// Parses the routing view of `body`. `session_field` names the JSON field holding the session
-/// key, if any.
-pub fn parse_body(body: &[u8], session_field: Option<&str>) -> Result<Parsed, ParseError> {
+/// key, if any; `block_size` is the prefix block size in tokens.
+pub fn parse_body(
+    body: &[u8],
+    session_field: Option<&str>,
+    block_size: usize,
+) -> Result<Parsed, ParseError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let raw = RoutingSeed { session_field }
         .deserialize(&mut de)
@@ -88,19 +219,20 @@ pub fn parse_body(body: &[u8], session_field: Option<&str>) -> Result<Parsed, Pa
     };
     let model: String =
         serde_json::from_str::<String>(model.get()).map_err(|_| ParseError::ModelNotString)?;
-    let mut prompt = String::new();
+    let mut sink = PromptSink::new(block_size);
     if let Some(msgs) = raw.messages {
-        let msgs: Vec<ChatMessage> = serde_json::from_str(msgs.get())
+        let mut de = serde_json::Deserializer::from_str(msgs.get());
+        MessagesSeed(&mut sink)
+            .deserialize(&mut de)
             .map_err(|e| ParseError::Json(format!("messages: {e}")))?;
-        chat_prompt_into(&msgs, &mut prompt);
     } else if let Some(p) = raw.prompt.or(raw.input) {
-        completion_prompt_into(p, &mut prompt);
+        completion_prompt_into(p, &mut sink);
     }
     let session_value = raw.session.and_then(scalar_text);
     Ok(Parsed {
         model,
         stream: raw.stream.unwrap_or(false),
-        prompt,
+        prompt: sink.finish(),
         session_value,
     })
 }
@@ -186,79 +318,272 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-#[derive(Deserialize)]
-struct ChatMessage<'a> {
-    #[serde(default, borrow)]
-    role: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    content: Option<&'a RawValue>,
+/// `messages`: an array of message objects, each streamed into the sink as `role\ncontent\n`.
+struct MessagesSeed<'s>(&'s mut PromptSink);
+
+impl<'de> DeserializeSeed<'de> for MessagesSeed<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
 }
 
-#[derive(Deserialize)]
-struct ContentPart<'a> {
-    #[serde(default, borrow)]
-    text: Option<Cow<'a, str>>,
+impl<'de> Visitor<'de> for MessagesSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of messages")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(MessageSeed(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
 }
 
-fn chat_prompt_into(msgs: &[ChatMessage], out: &mut String) {
-    for m in msgs {
-        out.push_str(m.role.as_deref().unwrap_or(""));
-        out.push('\n');
-        if let Some(c) = m.content {
-            let raw = c.get();
-            if raw.starts_with('"') {
-                if let Ok(s) = serde_json::from_str::<Cow<str>>(raw) {
-                    out.push_str(&s);
-                }
-            } else if raw.starts_with('[')
-                && let Ok(parts) = serde_json::from_str::<Vec<ContentPart>>(raw)
-            {
-                for p in parts.iter().filter_map(|p| p.text.as_deref()) {
-                    out.push_str(p);
+struct MessageSeed<'s>(&'s mut PromptSink);
+
+impl<'de> DeserializeSeed<'de> for MessageSeed<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MessageSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a message object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        // Role and content may come in either order: keep both (borrowed) until the end.
+        let mut role: Option<Cow<'de, str>> = None;
+        let mut content: Option<&'de RawValue> = None;
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            match &*key.0 {
+                "role" => role = map.next_value::<Option<Cow<'de, str>>>()?,
+                "content" => content = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        out.push('\n');
+        let sink = self.0;
+        sink.push(role.as_deref().unwrap_or(""));
+        sink.push("\n");
+        if let Some(c) = content {
+            content_into(c, sink);
+        }
+        sink.push("\n");
+        Ok(())
+    }
+}
+
+/// A message's content: a string, or an array of parts whose `text` values are concatenated.
+fn content_into(raw: &RawValue, sink: &mut PromptSink) {
+    let text = raw.get();
+    if text.starts_with('"') {
+        if let Ok(s) = serde_json::from_str::<Cow<str>>(text) {
+            sink.push(&s);
+        }
+    } else if text.starts_with('[') {
+        let mut de = serde_json::Deserializer::from_str(text);
+        // A malformed part list contributes what it had before the fault, as before.
+        let _ = serde::Deserializer::deserialize_seq(&mut de, PartsVisitor(sink));
+    }
+}
+
+struct PartsVisitor<'s>(&'s mut PromptSink);
+
+impl<'de> Visitor<'de> for PartsVisitor<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of content parts")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(part) = seq.next_element::<ContentPart<'de>>()? {
+            if let Some(t) = part.text {
+                self.0.push(&t);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One content part; only its `text` matters (anything else, of any type, is skipped).
+struct ContentPart<'a> {
+    text: Option<Cow<'a, str>>,
+}
+
+impl<'de> Deserialize<'de> for ContentPart<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ContentPart<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a content part")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut text = None;
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    if &*key.0 == "text" {
+                        text = map.next_value::<Option<Cow<'de, str>>>()?;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(ContentPart { text })
+            }
+        }
+        d.deserialize_map(V)
     }
 }
 
 /// `prompt`/`input` may be a string, an array of strings, an array of token ids, or an array of
-/// arrays of token ids. Strings are concatenated with newlines; each token id counts as
-/// [`tokens::BYTES_PER_TOKEN`] bytes (its little-endian bytes) so that token arrays hash and
-/// count consistently with text.
-fn completion_prompt_into(raw: &RawValue, out: &mut String) {
+/// arrays of token ids. Strings are joined with newlines; each token id counts as one stand-in
+/// token (see [`PromptSink::push_token_id`]) so that token arrays hash and count like text.
+fn completion_prompt_into(raw: &RawValue, sink: &mut PromptSink) {
     let s = raw.get();
     if s.starts_with('"') {
         if let Ok(p) = serde_json::from_str::<Cow<str>>(s) {
-            out.push_str(&p);
+            sink.push(&p);
         }
         return;
     }
-    if let Ok(list) = serde_json::from_str::<Vec<&RawValue>>(s) {
-        for (i, item) in list.iter().enumerate() {
-            let t = item.get();
-            if t.starts_with('"') {
-                if i > 0 {
-                    out.push('\n');
-                }
-                if let Ok(p) = serde_json::from_str::<Cow<str>>(t) {
-                    out.push_str(&p);
-                }
-            } else if let Ok(id) = t.parse::<u32>() {
-                push_token_id(id, out);
-            } else if t.starts_with('[')
-                && let Ok(ids) = serde_json::from_str::<Vec<u32>>(t)
-            {
-                ids.into_iter().for_each(|id| push_token_id(id, out));
-            }
-        }
+    if s.starts_with('[') {
+        let mut de = serde_json::Deserializer::from_str(s);
+        let _ = serde::Deserializer::deserialize_seq(&mut de, PromptItems { sink, index: 0 });
     }
 }
 
-fn push_token_id(id: u32, out: &mut String) {
-    // Four ASCII characters derived from the id: one stand-in token, hashed like text.
-    for shift in [0, 6, 12, 18] {
-        out.push(char::from(b'0' + ((id >> shift) & 0x3f) as u8));
+/// The items of a prompt array: strings, token ids, arrays of token ids; others are skipped.
+struct PromptItems<'s> {
+    sink: &'s mut PromptSink,
+    index: usize,
+}
+
+impl<'de> Visitor<'de> for PromptItems<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a prompt array")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(PromptItem {
+                sink: &mut *self.sink,
+                first: self.index == 0,
+            })?
+            .is_some()
+        {
+            self.index += 1;
+        }
+        Ok(())
+    }
+}
+
+struct PromptItem<'s> {
+    sink: &'s mut PromptSink,
+    first: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for PromptItem<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PromptItem<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a prompt item")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        if !self.first {
+            self.sink.push("\n");
+        }
+        self.sink.push(v);
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        if let Ok(id) = u32::try_from(v) {
+            self.sink.push_token_id(id);
+        }
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        // An array of token ids; anything else in it is skipped.
+        while let Some(v) = seq.next_element::<TokenId>()? {
+            if let Some(id) = v.0 {
+                self.sink.push_token_id(id);
+            }
+        }
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+}
+
+/// A token id, or `None` for any other JSON value.
+struct TokenId(Option<u32>);
+
+impl<'de> Deserialize<'de> for TokenId {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = IgnoredOrU64::deserialize(d)?;
+        Ok(TokenId(v.0.and_then(|n| u32::try_from(n).ok())))
+    }
+}
+
+struct IgnoredOrU64(Option<u64>);
+
+impl<'de> Deserialize<'de> for IgnoredOrU64 {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = IgnoredOrU64;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a token id")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<IgnoredOrU64, E> {
+                Ok(IgnoredOrU64(Some(v)))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<IgnoredOrU64, E> {
+                Ok(IgnoredOrU64(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<IgnoredOrU64, E> {
+                Ok(IgnoredOrU64(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<IgnoredOrU64, E> {
+                Ok(IgnoredOrU64(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<IgnoredOrU64, E> {
+                Ok(IgnoredOrU64(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<IgnoredOrU64, E> {
+                Ok(IgnoredOrU64(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<IgnoredOrU64, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(IgnoredOrU64(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<IgnoredOrU64, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(IgnoredOrU64(None))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -277,68 +602,110 @@ fn scalar_text(v: &RawValue) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn parse(body: &[u8]) -> Result<Parsed, ParseError> {
+        parse_body(body, None, 16)
+    }
+
+    fn digest(text: &str) -> PromptDigest {
+        PromptDigest::of_text(text, 16)
+    }
+
     #[test]
     fn extracts_model_stream_and_prompt() {
-        let p = parse_body(
-            br#"{"model":"m","prompt":"hello","stream":true,"max_tokens":3}"#,
-            None,
-        )
-        .unwrap();
+        let p = parse(br#"{"model":"m","prompt":"hello","stream":true,"max_tokens":3}"#).unwrap();
         assert_eq!(
             p,
             Parsed {
                 model: "m".into(),
                 stream: true,
-                prompt: "hello".into(),
+                prompt: digest("hello"),
                 session_value: None
             }
         );
+        assert_eq!((p.prompt.bytes, p.prompt.chars), (5, 5));
     }
 
     #[test]
     fn chat_messages_count_with_roles_in_order() {
         let body = br#"{"model":"m","messages":[{"role":"system","content":"be brief"},
-            {"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{}}]}]}"#;
+            {"content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{}}],"role":"user"}]}"#;
         assert_eq!(
-            parse_body(body, None).unwrap().prompt,
-            "system\nbe brief\nuser\nhi\n"
+            parse(body).unwrap().prompt,
+            digest("system\nbe brief\nuser\nhi\n")
         );
     }
 
     #[test]
+    fn long_prompts_hash_like_the_whole_text() {
+        let text = "ünïcode and plain text ".repeat(40);
+        let body = serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": &text[..200]},
+            {"role": "user", "content": [{"type": "text", "text": &text[200..]}, {"type": "text", "text": "\"esc\""}]},
+        ]});
+        let p = parse(body.to_string().as_bytes()).unwrap();
+        let whole = format!("system\n{}\nuser\n{}\"esc\"\n", &text[..200], &text[200..]);
+        assert_eq!(p.prompt, digest(&whole));
+        assert_eq!(
+            p.prompt.block_hashes,
+            tokens::block_hashes(whole.as_bytes(), 16)
+        );
+        assert_eq!(p.prompt.chars, whole.chars().count());
+        let list = serde_json::json!({"model": "m", "prompt": ["a b", "c", 7, [1, 2]]});
+        let p = parse(list.to_string().as_bytes()).unwrap();
+        assert_eq!(p.prompt.bytes, "a b\nc".len() + 3 * 4);
+    }
+
+    #[test]
     fn session_field_and_errors() {
-        let p = parse_body(br#"{"model":"m","user":"u1"}"#, Some("user")).unwrap();
+        let p = parse_body(br#"{"model":"m","user":"u1"}"#, Some("user"), 16).unwrap();
         assert_eq!(p.session_value.as_deref(), Some("u1"));
-        let p = parse_body(br#"{"model":"m","user":42}"#, Some("user")).unwrap();
+        let p = parse_body(br#"{"model":"m","user":42}"#, Some("user"), 16).unwrap();
         assert_eq!(p.session_value.as_deref(), Some("42"));
-        assert_eq!(
-            parse_body(br#"{"prompt":"x"}"#, None),
-            Err(ParseError::MissingModel)
-        );
-        assert_eq!(parse_body(br#"[1]"#, None), Err(ParseError::NotObject));
-        assert_eq!(
-            parse_body(br#"{"model":1}"#, None),
-            Err(ParseError::ModelNotString)
-        );
+        assert_eq!(parse(br#"{"prompt":"x"}"#), Err(ParseError::MissingModel));
+        assert_eq!(parse(br#"[1]"#), Err(ParseError::NotObject));
+        assert_eq!(parse(br#"{"model":1}"#), Err(ParseError::ModelNotString));
         assert!(matches!(
-            parse_body(br#"{"model":"m""#, None),
+            parse(br#"{"model":"m""#),
             Err(ParseError::Json(_))
         ));
         assert!(matches!(
-            parse_body(br#"{"model":"m"} x"#, None),
+            parse(br#"{"model":"m"} x"#),
             Err(ParseError::Json(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"model":"m","messages":[1]}"#),
+            Err(ParseError::Json(m)) if m.starts_with("messages:")
         ));
     }
 
     #[test]
     fn token_id_prompts_count_one_token_per_id() {
-        let p = parse_body(br#"{"model":"m","prompt":[1,2,3]}"#, None).unwrap();
-        assert_eq!(tokens::estimate_tokens(p.prompt.len()), 3);
+        let p = parse(br#"{"model":"m","prompt":[1,2,3]}"#).unwrap();
+        assert_eq!(p.prompt.tokens(), 3);
+        let p = parse(br#"{"model":"m","prompt":[[1,2],[3, "x", -1, 4]]}"#).unwrap();
+        assert_eq!(p.prompt.tokens(), 4);
     }
 
     #[test]
     fn escaped_keys_are_recognised() {
-        let p = parse_body(br#"{"mod\u0065l":"m"}"#, None).unwrap();
+        let p = parse(br#"{"mod\u0065l":"m"}"#).unwrap();
         assert_eq!(p.model, "m");
+    }
+
+    #[test]
+    fn fields_materialise_scalars_and_small_compounds_within_the_budget() {
+        let big = vec![serde_json::json!({}); FIELDS_BUDGET_BYTES / 2];
+        let body = serde_json::json!({
+            "model": "m", "max_tokens": 7, "tools": [{"type": "function"}], "messages": big,
+        });
+        let req = RequestInfo {
+            body: body.to_string().into(),
+            ..Default::default()
+        };
+        let f = req.fields();
+        assert_eq!(f["model"], "m");
+        assert_eq!(f["max_tokens"], 7);
+        assert_eq!(f["tools"][0]["type"], "function");
+        assert_eq!(f["messages"], serde_json::Value::Null, "over the budget");
     }
 }

@@ -22,13 +22,84 @@ pub fn estimate_tokens(bytes: usize) -> usize {
     bytes.div_ceil(BYTES_PER_TOKEN)
 }
 
+/// The seed of the first block's hash ("SWITCHYD").
+const CHAIN_SEED: u64 = 0x5357_4954_4348_5944;
+
 /// Appends the chained hashes of every full block of `text` to `out`.
 pub fn block_hashes_into(text: &[u8], block_size_tokens: usize, out: &mut Vec<u64>) {
     let block_bytes = block_size_tokens.max(1) * BYTES_PER_TOKEN;
-    let mut prev: u64 = 0x5357_4954_4348_5944; // "SWITCHYD"
+    chain_into(CHAIN_SEED, text, block_bytes, out);
+}
+
+/// Hashes every full block of `text` chained from `prev`; returns the last hash.
+fn chain_into(mut prev: u64, text: &[u8], block_bytes: usize, out: &mut Vec<u64>) -> u64 {
     for block in text.chunks_exact(block_bytes) {
         prev = xxh3_64_with_seed(block, prev);
         out.push(prev);
+    }
+    prev
+}
+
+/// Block hashing of a text that arrives in pieces: the same hashes as [`block_hashes`] of the
+/// concatenation, holding at most one partial block, never the text.
+#[derive(Debug, Clone)]
+pub struct BlockHasher {
+    block_bytes: usize,
+    /// The bytes of the current, incomplete block.
+    partial: Vec<u8>,
+    prev: u64,
+    hashes: Vec<u64>,
+    bytes: usize,
+}
+
+impl BlockHasher {
+    pub fn new(block_size_tokens: usize) -> BlockHasher {
+        let block_bytes = block_size_tokens.max(1) * BYTES_PER_TOKEN;
+        BlockHasher {
+            block_bytes,
+            partial: Vec::with_capacity(block_bytes),
+            prev: CHAIN_SEED,
+            hashes: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Appends `piece` to the text.
+    pub fn push(&mut self, mut piece: &[u8]) {
+        self.bytes += piece.len();
+        if !self.partial.is_empty() {
+            let take = (self.block_bytes - self.partial.len()).min(piece.len());
+            self.partial.extend_from_slice(&piece[..take]);
+            piece = &piece[take..];
+            if self.partial.len() < self.block_bytes {
+                return;
+            }
+            self.prev = xxh3_64_with_seed(&self.partial, self.prev);
+            self.hashes.push(self.prev);
+            self.partial.clear();
+        }
+        let full = piece.len() / self.block_bytes * self.block_bytes;
+        self.prev = chain_into(
+            self.prev,
+            &piece[..full],
+            self.block_bytes,
+            &mut self.hashes,
+        );
+        self.partial.extend_from_slice(&piece[full..]);
+    }
+
+    /// Bytes pushed so far.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The hashes of every full block pushed.
+    pub fn finish(self) -> Vec<u64> {
+        self.hashes
     }
 }
 
@@ -68,5 +139,28 @@ mod tests {
         );
         // Identical blocks at different positions hash differently (chaining).
         assert_ne!(h[0], h[1]);
+    }
+
+    #[test]
+    fn hashing_in_pieces_equals_hashing_the_whole() {
+        let text: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let whole = block_hashes(&text, 16);
+        for cuts in [
+            vec![1, 2, 3],
+            vec![63, 64, 65, 200],
+            vec![500],
+            vec![0, 0, 999],
+        ] {
+            let mut h = BlockHasher::new(16);
+            let mut at = 0;
+            for c in cuts {
+                let c = c.max(at);
+                h.push(&text[at..c]);
+                at = c;
+            }
+            h.push(&text[at..]);
+            assert_eq!(h.len(), text.len());
+            assert_eq!(h.finish(), whole);
+        }
     }
 }

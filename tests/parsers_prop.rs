@@ -39,13 +39,13 @@ proptest! {
 
     #[test]
     fn body_parser_never_panics_on_bytes(body in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = parse_body(&body, Some("user"));
+        let _ = parse_body(&body, Some("user"), 16);
     }
 
     #[test]
     fn body_parser_never_panics_on_json_shapes(body in json_fragment()) {
         // Whatever the parser accepts is a JSON object whose `model` it reports faithfully.
-        match parse_body(body.as_bytes(), Some("user")) {
+        match parse_body(body.as_bytes(), Some("user"), 16) {
             Ok(p) => {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap();
                 prop_assert_eq!(v["model"].as_str(), Some(p.model.as_str()));
@@ -61,10 +61,33 @@ proptest! {
     #[test]
     fn a_valid_request_always_parses(model in "[a-zA-Z0-9/._-]{1,40}", prompt in "\\PC{0,200}", stream in any::<bool>()) {
         let body = serde_json::json!({"model": model, "prompt": prompt, "stream": stream, "temperature": 0.5});
-        let p = parse_body(body.to_string().as_bytes(), None).unwrap();
+        let p = parse_body(body.to_string().as_bytes(), None, 16).unwrap();
         prop_assert_eq!(p.model, model);
-        prop_assert_eq!(p.prompt, prompt);
+        prop_assert_eq!(p.prompt, switchyard::request::PromptDigest::of_text(&prompt, 16));
         prop_assert_eq!(p.stream, stream);
+    }
+
+    #[test]
+    fn chat_prompts_digest_like_their_canonical_text(
+        msgs in prop::collection::vec(("[a-z]{0,10}", "\\PC{0,150}", any::<bool>()), 0..6),
+    ) {
+        // The streamed digest equals the digest of the canonical text built by hand, whatever
+        // the key order and content form.
+        let mut text = String::new();
+        let messages: Vec<serde_json::Value> = msgs.iter().map(|(role, content, parts)| {
+            text.push_str(role);
+            text.push('\n');
+            text.push_str(content);
+            text.push('\n');
+            if *parts {
+                serde_json::json!({"content": [{"type": "text", "text": content}], "role": role})
+            } else {
+                serde_json::json!({"role": role, "content": content})
+            }
+        }).collect();
+        let body = serde_json::json!({"model": "m", "messages": messages});
+        let p = parse_body(body.to_string().as_bytes(), None, 16).unwrap();
+        prop_assert_eq!(p.prompt, switchyard::request::PromptDigest::of_text(&text, 16));
     }
 
     #[test]

@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
             prefix_match_tokens: (i as usize) * 16,
         })
         .collect();
-    let req = RequestInfo { model: "m".into(), prompt: "hello world".repeat(10), ..Default::default() };
+    let req = RequestInfo { model: "m".into(), prompt: switchyard::request::PromptDigest::of_text(&"hello world".repeat(10), 16), ..Default::default() };
     let d = store.decide(&req, &cands);
     assert!(d.engine < cands.len());
 });

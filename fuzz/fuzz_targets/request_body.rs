@@ -3,9 +3,9 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(p) = switchyard::request::parse_body(data, Some("user")) {
-        // Whatever parses hashes and counts without trouble.
-        let _ = switchyard::tokens::block_hashes(p.prompt.as_bytes(), 16);
-        let _ = switchyard::tokens::estimate_tokens(p.prompt.len());
+    if let Ok(p) = switchyard::request::parse_body(data, Some("user"), 16) {
+        // Whatever parses is digested consistently: one hash per full block of its bytes.
+        assert_eq!(p.prompt.block_hashes.len(), p.prompt.bytes / 64);
+        assert!(p.prompt.chars <= p.prompt.bytes);
     }
 });

@@ -5,6 +5,7 @@
 //! away), and the figures last scraped from the engine's `/metrics` (see [`stats`]).
 
 pub mod health;
+pub mod models;
 pub mod stats;
 
 use std::sync::Arc;

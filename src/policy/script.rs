@@ -229,7 +229,7 @@ fn register_request_type(engine: &mut Engine) {
             })
         })
         .register_get("prompt_chars", |_: &mut RequestView| {
-            with_ctx(|c| c.req.prompt.chars().count() as INT)
+            with_ctx(|c| c.req.prompt.chars as INT)
         })
         .register_get("prompt_tokens", |_: &mut RequestView| {
             with_ctx(|c| c.req.prompt_tokens() as INT)

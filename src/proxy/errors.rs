@@ -18,6 +18,8 @@ pub enum ApiError {
     RouteNotFound(String),
     #[error("Method {0} is not allowed on {1}")]
     MethodNotAllowed(String, String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
     #[error("Request body exceeds the limit of {0} bytes")]
     PayloadTooLarge(usize),
     #[error("No healthy engine serves model `{0}`; retry later")]
@@ -34,6 +36,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NoHealthyEngine(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -47,6 +50,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
             ApiError::RouteNotFound(_) => ("invalid_request_error", "not_found"),
             ApiError::MethodNotAllowed(..) => ("invalid_request_error", "method_not_allowed"),
+            ApiError::Unauthorized(_) => ("invalid_request_error", "invalid_api_key"),
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", "payload_too_large"),
             ApiError::NoHealthyEngine(..) => ("service_unavailable", "no_healthy_engine"),
             ApiError::BadGateway(_) => ("api_error", "bad_gateway"),
@@ -71,13 +75,30 @@ impl ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let ApiError::NoHealthyEngine(_, after) = &self {
-            h.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(after.as_secs().max(1)),
-            );
+        match &self {
+            ApiError::NoHealthyEngine(_, after) => {
+                h.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(after.as_secs().max(1)),
+                );
+            }
+            ApiError::Unauthorized(_) => {
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         resp
+    }
+}
+
+/// The longest client-supplied name (a model, a path) echoed in an error message, in characters.
+pub const MAX_ECHOED_CHARS: usize = 256;
+
+/// `s` cut to [`MAX_ECHOED_CHARS`] characters, marked with `…` when cut.
+pub fn clip(s: &str) -> String {
+    match s.char_indices().nth(MAX_ECHOED_CHARS) {
+        None => s.to_owned(),
+        Some((at, _)) => format!("{}…", &s[..at]),
     }
 }
 
@@ -104,5 +125,14 @@ mod tests {
         let r = ApiError::NoHealthyEngine("m".into(), Duration::from_secs(1)).into_response();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn echoed_names_are_clipped_at_a_char_boundary() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(1000);
+        let c = clip(&long);
+        assert_eq!(c.chars().count(), MAX_ECHOED_CHARS + 1);
+        assert!(c.ends_with('…'));
     }
 }

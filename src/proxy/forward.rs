@@ -5,20 +5,19 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use super::AppState;
 use super::body::{RouterBody, UpstreamBody};
-use super::errors::ApiError;
+use super::errors::{ApiError, clip};
 use super::telemetry::{RequestRecord, count_request};
 use crate::engines::{Candidate, Engine};
 use crate::policy::Decision;
-use crate::request::{ParseError, RequestInfo, parse_body};
-use crate::tokens;
+use crate::request::{ParseError, Parsed, RequestInfo, parse_body};
 
 /// Routes and forwards a POST to a model endpoint; errors become OpenAI-shaped responses.
 pub async fn route_and_forward(
@@ -48,36 +47,8 @@ async fn forward(
 ) -> Result<Response<RouterBody>, ApiError> {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
-    let limit = state.cfg.max_body_bytes;
-    if let Some(len) = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        && len > limit as u64
-    {
-        return Err(ApiError::PayloadTooLarge(limit));
-    }
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return Err(ApiError::PayloadTooLarge(limit));
-        }
-        Err(e) => {
-            return Err(ApiError::BadRequest(format!(
-                "could not read the request body: {e}"
-            )));
-        }
-    };
-    let session_field = state.cfg.session_key.as_deref();
-    let parsed = parse_body(&body, session_field).map_err(|e| match e {
-        ParseError::MissingModel => {
-            ApiError::BadRequest("you must provide a model parameter".into())
-        }
-        other => ApiError::BadRequest(other.to_string()),
-    })?;
+    let body = read_body(body, &parts.headers, state.cfg.max_body_bytes).await?;
+    let parsed = parse_routing_view(state, &body).await?;
     let session_key = state
         .session_header
         .as_ref()
@@ -85,12 +56,6 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or(parsed.session_value);
-    let mut block_hashes = Vec::new();
-    tokens::block_hashes_into(
-        parsed.prompt.as_bytes(),
-        state.cfg.block_size,
-        &mut block_hashes,
-    );
     let info = RequestInfo {
         path: parts.uri.path().to_owned(),
         model: parsed.model,
@@ -99,7 +64,6 @@ async fn forward(
         session_key,
         headers: parts.headers,
         body,
-        block_hashes,
     };
     let model: Arc<str> = Arc::from(info.model.as_str());
 
@@ -109,7 +73,8 @@ async fn forward(
         *model_out = Some(Arc::clone(&model));
     }
     let mut cands = cands?;
-    let upstream_headers = upstream_headers(&info.headers, request_id);
+    let client_ip = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
+    let upstream_headers = upstream_headers(&info.headers, request_id, client_ip);
     let attempts = state.cfg.max_attempts;
     let mut last_error = String::new();
     let mut last_5xx: Option<Response<Incoming>> = None;
@@ -157,7 +122,7 @@ async fn forward(
                 }
                 state.monitor.report_success(&engine);
                 if status.is_success() {
-                    state.prefix.insert(engine.id, &info.block_hashes);
+                    state.prefix.insert(engine.id, info.block_hashes());
                 }
                 let sse = info.stream
                     || resp
@@ -172,6 +137,7 @@ async fn forward(
                 );
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
+                strip_router_headers(&mut rparts.headers);
                 if state.cfg.decision_headers {
                     add_decision_headers(&mut rparts.headers, &policy, &tier, &engine.name);
                 }
@@ -214,6 +180,7 @@ async fn forward(
         let status = resp.status();
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
+        strip_router_headers(&mut rparts.headers);
         let body = rbody
             .collect()
             .await
@@ -226,6 +193,80 @@ async fn forward(
         last_error = "no engine left to try".into();
     }
     Err(ApiError::BadGateway(last_error))
+}
+
+/// Reads the request body into one buffer (sized from `Content-Length` when given, so a large
+/// body is never held twice), refusing more than `limit` bytes.
+async fn read_body(
+    mut body: Incoming,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let mut buf = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
+    let mut single: Option<Bytes> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::BadRequest(format!("could not read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buf.len() + single.as_ref().map_or(0, Bytes::len) + data.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        // One frame is kept as it came; more are gathered into the buffer.
+        match single.take() {
+            None if buf.is_empty() => single = Some(data),
+            None => buf.extend_from_slice(&data),
+            Some(first) => {
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(single.unwrap_or_else(|| buf.freeze()))
+}
+
+/// Bodies at least this large are parsed on the blocking pool: a 32 MiB body takes tens of
+/// milliseconds to scan, which must not stall the runtime's workers (and `/health` with them).
+const PARSE_INLINE_MAX_BYTES: usize = 256 * 1024;
+
+fn large_parse_permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+    })
+}
+
+/// Parses what routing needs of `body`, off the runtime's workers when the body is large.
+async fn parse_routing_view(state: &AppState, body: &Bytes) -> Result<Parsed, ApiError> {
+    let session_field = state.cfg.session_key.clone();
+    let block_size = state.cfg.block_size;
+    let parsed = if body.len() < PARSE_INLINE_MAX_BYTES {
+        parse_body(body, session_field.as_deref(), block_size)
+    } else {
+        // Large parses run at most one per core but one: a core stays free for the workers.
+        let _permit = large_parse_permits()
+            .acquire()
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("could not parse the request body: {e}")))?;
+        let body = body.clone();
+        tokio::task::spawn_blocking(move || parse_body(&body, session_field.as_deref(), block_size))
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("could not parse the request body: {e}")))?
+    };
+    parsed.map_err(|e| match e {
+        ParseError::MissingModel => {
+            ApiError::BadRequest("you must provide a model parameter".into())
+        }
+        other => ApiError::BadRequest(other.to_string()),
+    })
 }
 
 /// The engine's URI for the client's path and query, built from parsed parts.
@@ -265,17 +306,17 @@ fn candidates(state: &AppState, info: &RequestInfo) -> Result<Vec<Candidate>, Ap
         }
     }
     if serving == 0 {
-        return Err(ApiError::ModelNotFound(info.model.clone()));
+        return Err(ApiError::ModelNotFound(clip(&info.model)));
     }
     if cands.is_empty() {
         return Err(ApiError::NoHealthyEngine(
-            info.model.clone(),
+            clip(&info.model),
             state.cfg.health_probe_interval,
         ));
     }
-    if !info.block_hashes.is_empty() {
+    if !info.block_hashes().is_empty() {
         let ids: Vec<u32> = cands.iter().map(|c| c.engine.id).collect();
-        let blocks = state.prefix.match_blocks(&info.block_hashes, &ids);
+        let blocks = state.prefix.match_blocks(info.block_hashes(), &ids);
         for (c, b) in cands.iter_mut().zip(blocks) {
             c.prefix_match_tokens = b * state.cfg.block_size;
         }
@@ -310,16 +351,57 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove(header::UPGRADE);
 }
 
+/// The client's address, put in each request's extensions by the connection that read it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 /// The headers sent to the engine: the client's, less hop-by-hop ones, `Host` (set from the
-/// engine's URL) and `Content-Length` (set from the body); `Authorization` is kept.
-fn upstream_headers(client: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
+/// engine's URL) and `Content-Length` (set from the body); `Authorization` is kept. As reverse
+/// proxies do, the client's address is appended to `X-Forwarded-For` and `X-Forwarded-Proto`
+/// says the scheme the client used (`http`: the router does not terminate TLS).
+fn upstream_headers(
+    client: &HeaderMap,
+    request_id: &HeaderValue,
+    client_ip: Option<std::net::IpAddr>,
+) -> HeaderMap {
     let mut h = client.clone();
     strip_hop_by_hop(&mut h);
     h.remove(header::HOST);
     h.remove(header::CONTENT_LENGTH);
     h.remove(header::EXPECT);
     h.insert(super::X_REQUEST_ID.clone(), request_id.clone());
+    if let Some(ip) = client_ip {
+        let prior: Vec<&str> = h
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let value = if prior.is_empty() {
+            ip.to_string()
+        } else {
+            format!("{}, {ip}", prior.join(", "))
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(X_FORWARDED_FOR.clone(), v);
+        }
+    }
+    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     h
+}
+
+/// Removes `x-switchyard-*` headers from an engine's response: only the router sets those.
+fn strip_router_headers(h: &mut HeaderMap) {
+    let theirs: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-switchyard-"))
+        .cloned()
+        .collect();
+    for n in theirs {
+        h.remove(n);
+    }
 }
 
 fn add_decision_headers(h: &mut HeaderMap, policy: &str, tier: &str, engine: &str) {
@@ -363,12 +445,36 @@ mod tests {
         );
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
         h.insert(header::HOST, HeaderValue::from_static("router"));
-        let out = upstream_headers(&h, &HeaderValue::from_static("rid"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+        let out = upstream_headers(
+            &h,
+            &HeaderValue::from_static("rid"),
+            Some([127, 0, 0, 9].into()),
+        );
+        assert_eq!(out["x-forwarded-for"], "203.0.113.7, 127.0.0.9");
+        assert_eq!(out["x-forwarded-proto"], "http");
         assert!(out.get("x-secret").is_none());
         assert!(out.get(header::CONNECTION).is_none());
         assert!(out.get(header::TRANSFER_ENCODING).is_none());
         assert!(out.get(header::HOST).is_none());
         assert_eq!(out[header::AUTHORIZATION], "Bearer k");
         assert_eq!(out["x-request-id"], "rid");
+        let out = upstream_headers(
+            &HeaderMap::new(),
+            &HeaderValue::from_static("r"),
+            Some([127, 0, 0, 1].into()),
+        );
+        assert_eq!(out["x-forwarded-for"], "127.0.0.1");
+    }
+
+    #[test]
+    fn engine_set_router_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert("x-switchyard-engine", HeaderValue::from_static("forged"));
+        h.insert("x-switchyard-kv", HeaderValue::from_static("exact"));
+        h.insert("x-other", HeaderValue::from_static("kept"));
+        strip_router_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-other"], "kept");
     }
 }

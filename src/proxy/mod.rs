@@ -23,6 +23,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::config::RouterConfig;
 use crate::engines::Registry;
 use crate::engines::health::{HealthConfig, Monitor};
+use crate::engines::models::ModelCards;
 use crate::policy::{PolicyStore, SettingsLoader, WatchHandle};
 use crate::prefix::PrefixIndex;
 use crate::upstream::{self, HttpClient};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub monitor: Arc<Monitor>,
     pub session_header: Option<HeaderName>,
     pub started_unix: u64,
+    /// The engines' own `/v1/models` cards.
+    pub cards: ModelCards,
 }
 
 /// Why the router could not start.
@@ -128,6 +131,9 @@ pub async fn start(
     let addr = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
+    if let Some(w) = exposure_warning(addr.ip(), cfg.admin_token.is_some()) {
+        tracing::warn!("{w}");
+    }
     let session_header = cfg
         .session_key
         .as_deref()
@@ -145,6 +151,7 @@ pub async fn start(
         monitor,
         session_header,
         started_unix,
+        cards: ModelCards::new(),
     });
     let (tx, rx) = oneshot::channel();
     let server = tokio::spawn(accept_loop(listener, Arc::clone(&state), rx));
@@ -155,6 +162,16 @@ pub async fn start(
         shutdown: Some(tx),
         server,
         _policy_watch: policy_watch,
+    })
+}
+
+/// The warning for a router reachable from other machines with `/admin/*` open.
+pub fn exposure_warning(ip: std::net::IpAddr, admin_token: bool) -> Option<String> {
+    (!ip.is_loopback() && !admin_token).then(|| {
+        format!(
+            "listening on {ip}, which is not a loopback address, with /admin/* open to anyone \
+             who can reach it: set --admin-token to require a bearer token"
+        )
     })
 }
 
@@ -179,7 +196,7 @@ async fn accept_loop(
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(x) => x,
                 Err(e) => {
@@ -193,6 +210,7 @@ async fn accept_loop(
         };
         conns.spawn(serve_connection(
             stream,
+            peer,
             Arc::clone(&state),
             Arc::clone(&builder),
             stop_rx.clone(),
@@ -213,6 +231,7 @@ async fn accept_loop(
 /// or the server shuts down (then in-progress requests may finish).
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     state: Arc<AppState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut stop: watch::Receiver<bool>,
@@ -221,7 +240,8 @@ async fn serve_connection(
     let activity = conn::ConnActivity::new();
     let act = Arc::clone(&activity);
     let st = Arc::clone(&state);
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(forward::ClientAddr(peer));
         let busy = act.begin();
         let st = Arc::clone(&st);
         async move {
@@ -257,5 +277,19 @@ async fn serve_connection(
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_loopback_listener_without_a_token_is_warned_about() {
+        let any: std::net::IpAddr = [0, 0, 0, 0].into();
+        assert!(exposure_warning(any, false).is_some_and(|w| w.contains("--admin-token")));
+        assert!(exposure_warning(any, true).is_none());
+        assert!(exposure_warning([127, 0, 0, 2].into(), false).is_none());
+        assert!(exposure_warning("::1".parse().unwrap(), false).is_none());
     }
 }

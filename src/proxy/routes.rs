@@ -8,7 +8,9 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use super::body::RouterBody;
-use super::errors::ApiError;
+use percent_encoding::percent_decode_str;
+
+use super::errors::{ApiError, clip};
 use super::forward::{json_response, route_and_forward};
 use super::{AppState, X_REQUEST_ID};
 
@@ -22,16 +24,32 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Ro
         .unwrap_or_else(new_request_id);
     let path = req.uri().path();
     let method = req.method().clone();
-    let mut resp = if is_routed(path) {
+    let mut resp = if has_dot_segment(path) {
+        ApiError::BadRequest(format!(
+            "path {} has a `.` or `..` segment (plain or percent-encoded)",
+            clip(path)
+        ))
+        .into_response()
+    } else if let Some(id) = path.strip_prefix("/v1/models/") {
+        if method == Method::GET {
+            model(&state, id).await
+        } else {
+            ApiError::MethodNotAllowed(method.to_string(), clip(path)).into_response()
+        }
+    } else if is_routed(path) {
         if method == Method::POST {
             route_and_forward(&state, req, &request_id).await
         } else {
-            ApiError::MethodNotAllowed(method.to_string(), path.to_owned()).into_response()
+            ApiError::MethodNotAllowed(method.to_string(), clip(path)).into_response()
         }
+    } else if path.starts_with("/admin/")
+        && let Err(e) = admin_authorized(&state, req.headers())
+    {
+        e.into_response()
     } else {
         match (method, path) {
             (Method::GET, "/health") => health(&state),
-            (Method::GET, "/v1/models") => models(&state),
+            (Method::GET, "/v1/models") => models(&state).await,
             (Method::GET, "/metrics") => prometheus(),
             (Method::GET, "/admin/policies") => json_response(
                 StatusCode::OK,
@@ -40,7 +58,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Ro
             (m, p @ ("/health" | "/v1/models" | "/metrics" | "/admin/policies")) => {
                 ApiError::MethodNotAllowed(m.to_string(), p.to_owned()).into_response()
             }
-            (_, p) => ApiError::RouteNotFound(p.to_owned()).into_response(),
+            (_, p) => ApiError::RouteNotFound(clip(p)).into_response(),
         }
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
@@ -52,6 +70,32 @@ fn is_routed(path: &str) -> bool {
     (path.starts_with("/v1/") && path != "/v1/models")
         || path == "/tokenize"
         || path == "/detokenize"
+}
+
+/// Whether a segment of `path` is `.` or `..`, plain or percent-encoded (`%2e`): engines or
+/// proxies behind them may normalise such paths into other endpoints, so they are refused.
+pub fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        seg.starts_with(['.', '%'])
+            && matches!(&*percent_decode_str(seg).decode_utf8_lossy(), "." | "..")
+    })
+}
+
+/// `/admin/*` needs `Authorization: Bearer <admin token>` when a token is configured.
+fn admin_authorized(state: &AppState, headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.cfg.admin_token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    match given {
+        Some(g) if constant_time_eq::constant_time_eq(g, token.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized("invalid admin token")),
+        None => Err(ApiError::Unauthorized(
+            "/admin/* requires an Authorization: Bearer <admin token> header",
+        )),
+    }
 }
 
 /// 32 random hex digits.
@@ -90,17 +134,45 @@ fn health(state: &AppState) -> Response<RouterBody> {
     json_response(status, Bytes::from(body.to_string()))
 }
 
-fn models(state: &AppState) -> Response<RouterBody> {
-    let created = state.started_unix;
+/// The OpenAI model object of `id`: the card of an engine serving it, or a minimal one until an
+/// engine has described it.
+fn model_card(state: &AppState, id: &str) -> serde_json::Value {
+    state.cards.get(id).unwrap_or_else(|| {
+        serde_json::json!({ "id": id, "object": "model", "created": state.started_unix, "owned_by": "unknown" })
+    })
+}
+
+async fn models(state: &AppState) -> Response<RouterBody> {
+    state
+        .cards
+        .refresh_if_stale(&state.registry, &state.client)
+        .await;
     let data: Vec<serde_json::Value> = state
         .registry
         .models()
-        .into_iter()
-        .map(|m| serde_json::json!({ "id": m, "object": "model", "created": created, "owned_by": "switchyard" }))
+        .iter()
+        .map(|m| model_card(state, m))
         .collect();
     json_response(
         StatusCode::OK,
         Bytes::from(serde_json::json!({ "object": "list", "data": data }).to_string()),
+    )
+}
+
+/// `GET /v1/models/{id}`: the model object, or 404 `model_not_found`. The id may contain `/`
+/// (`meta-llama/Llama-3.1-8B-Instruct`), plain or percent-encoded.
+async fn model(state: &AppState, raw_id: &str) -> Response<RouterBody> {
+    let id = percent_decode_str(raw_id).decode_utf8_lossy();
+    if !state.registry.models().iter().any(|m| *m == id) {
+        return ApiError::ModelNotFound(clip(&id)).into_response();
+    }
+    state
+        .cards
+        .refresh_if_stale(&state.registry, &state.client)
+        .await;
+    json_response(
+        StatusCode::OK,
+        Bytes::from(model_card(state, &id).to_string()),
     )
 }
 
@@ -118,4 +190,31 @@ fn prometheus() -> Response<RouterBody> {
         HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_plain_or_encoded_are_found() {
+        for bad in [
+            "/v1/../admin/policies",
+            "/v1/./completions",
+            "/v1/%2e%2e/x",
+            "/v1/%2E./x",
+            "/v1/.%2e",
+            "/v1/completions/..",
+        ] {
+            assert!(has_dot_segment(bad), "{bad}");
+        }
+        for ok in [
+            "/v1/completions",
+            "/v1/models/a..b",
+            "/v1/.well",
+            "/v1/%2e%2e%2e",
+        ] {
+            assert!(!has_dot_segment(ok), "{ok}");
+        }
+    }
 }

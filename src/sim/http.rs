@@ -245,8 +245,8 @@ async fn inference(
         Ok(r) => r,
         Err(invalid) => return Ok(invalid.response()),
     };
-    let hashes = tokens::block_hashes(req.prompt.as_bytes(), engine.block_size);
-    let prompt_tokens = tokens::estimate_tokens(req.prompt.len());
+    let prompt_tokens = req.prompt.tokens();
+    let hashes = req.prompt.block_hashes;
     let job = Job::new(
         Arc::clone(&engine.sched),
         prompt_tokens,
@@ -276,7 +276,7 @@ async fn inference(
 }
 
 struct Validated {
-    prompt: String,
+    prompt: request::PromptDigest,
     stream: bool,
     max_tokens: usize,
     include_usage: bool,
@@ -303,7 +303,8 @@ impl Invalid {
 
 fn validate(engine: &Engine, kind: Kind, body: &[u8]) -> Result<Validated, Invalid> {
     let bad = |m: &str| Invalid::BadRequest(m.to_owned());
-    let parsed = request::parse_body(body, None).map_err(|e| bad(&e.to_string()))?;
+    let parsed =
+        request::parse_body(body, None, engine.block_size).map_err(|e| bad(&e.to_string()))?;
     if parsed.model != engine.model {
         return Err(Invalid::UnknownModel(parsed.model));
     }
@@ -331,7 +332,7 @@ fn validate(engine: &Engine, kind: Kind, body: &[u8]) -> Result<Validated, Inval
             "Stream options can only be defined when `stream=True`.",
         ));
     }
-    let prompt_tokens = tokens::estimate_tokens(parsed.prompt.len());
+    let prompt_tokens = parsed.prompt.tokens();
     if prompt_tokens.saturating_add(max_tokens) > MAX_MODEL_LEN {
         return Err(bad(&format!(
             "This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you \

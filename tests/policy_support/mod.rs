@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use switchyard::engines::{Candidate, Engine, EngineSnapshot};
 use switchyard::policy::{PolicySettings, PolicyStore};
-use switchyard::request::RequestInfo;
+use switchyard::request::{PromptDigest, RequestInfo};
 
 /// An engine `http://e{id}:8000`, named `e{id}:8000`.
 pub fn engine(id: u32) -> Arc<Engine> {
@@ -52,11 +52,10 @@ pub fn request(tokens: usize) -> RequestInfo {
         path: "/v1/completions".into(),
         model: "m".into(),
         stream: false,
-        prompt,
+        prompt: PromptDigest::of_text(&prompt, 16),
         session_key: None,
         headers: Default::default(),
         body: body.to_string().into(),
-        block_hashes: Vec::new(),
     }
 }
 
