@@ -7,48 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use serde::Deserialize;
 
 use crate::policy::PolicySettings;
-
-/// Switchyard: an LLM router whose policy is a hot-reloaded pipeline of TOML and Rhai tiers.
-#[derive(Debug, Parser)]
-#[command(
-    name = "switchyard",
-    version,
-    about,
-    args_conflicts_with_subcommands = true
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    /// `serve` is the default subcommand: its flags may be given without it.
-    #[command(flatten)]
-    pub serve: ServeArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the router (the default). Without backends it starts simulated engines in-process.
-    Serve(Box<ServeArgs>),
-    /// Run one simulated vLLM engine.
-    Sim(Box<crate::sim::SimArgs>),
-    /// Compile and validate every policy (and the config file, if given).
-    Check(CheckArgs),
-    /// Compare routing policies: replay a seeded workload through the router in front of simulated engines.
-    Bench(Box<crate::bench::BenchArgs>),
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct CheckArgs {
-    /// Directory of policy files.
-    #[arg(long, default_value = "policies")]
-    pub policies_dir: PathBuf,
-    /// A config file to validate too.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-}
 
 /// Flags of `switchyard serve`. Every flag may also be set in the config file under the same
 /// name with `_` instead of `-`.
@@ -526,10 +488,21 @@ pub fn normalize_log_level(level: &str) -> Result<String, ConfigError> {
 mod tests {
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
     fn args(v: &[&str]) -> ServeArgs {
+        parse(v).unwrap()
+    }
+
+    fn parse(v: &[&str]) -> Result<ServeArgs, clap::Error> {
+        use clap::Parser;
         let mut full = vec!["switchyard"];
         full.extend_from_slice(v);
-        Cli::try_parse_from(full).unwrap().serve
+        Flags::try_parse_from(full).map(|f| f.serve)
     }
 
     #[test]
@@ -575,7 +548,7 @@ mod tests {
         assert!(e.to_string().starts_with("log_level:"), "{e}");
         let e = RouterConfig::resolve(&args(&["--connect-timeout=-1"])).unwrap_err();
         assert!(e.to_string().starts_with("connect_timeout:"), "{e}");
-        assert!(Cli::try_parse_from(["switchyard", "--no-such-flag"]).is_err());
+        assert!(parse(&["--no-such-flag"]).is_err());
     }
 
     #[test]

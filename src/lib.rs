@@ -5,6 +5,7 @@
 //! [`policy`] decision (with the [`prefix`] index) → [`proxy`] forward → record.
 
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod engines;
 pub mod policy;

@@ -1,8 +1,6 @@
-//! The `switchyard` binary: `serve` (default), `sim`, `check`, `bench`.
+//! The `switchyard` binary: parses the command line and runs it (see [`switchyard::cli`]).
 
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
 
@@ -10,10 +8,9 @@ use clap::Parser;
 /// spent ~5% of the router's CPU on them under load (perf, benches/proxy.sh).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use switchyard::config::{self, Cli, Command, RouterConfig, ServeArgs};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = switchyard::cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -24,139 +21,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
-        None => runtime.block_on(serve(cli.serve)),
-        Some(Command::Serve(args)) => runtime.block_on(serve(*args)),
-        Some(Command::Check(args)) => check(&args),
-        Some(Command::Bench(args)) => {
-            init_logging("warn"); // at info, the router logs every start and stop, once per run
-            runtime
-                .block_on(switchyard::bench::run(*args))
-                .map(|_| ExitCode::SUCCESS)
-                .map_err(BoxError::from)
-        }
-        Some(Command::Sim(args)) => {
-            init_logging("info");
-            runtime
-                .block_on(switchyard::sim::run_cli(*args))
-                .map(|()| ExitCode::SUCCESS)
-        }
-    };
-    match result {
+    match switchyard::cli::run(cli, &runtime) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("switchyard: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("switchyard={level},warn")));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
-}
-
-async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
-    let mut cfg = RouterConfig::resolve(&args)?;
-    init_logging(&cfg.log_level);
-    // No backends configured: the embedded demo, simulated engines on free loopback ports.
-    let mut demo_engines = Vec::new();
-    if cfg.backends.is_empty() {
-        let model = switchyard::sim::SimConfig::default().model;
-        for i in 0..cfg.demo_engines.max(1) {
-            let sim_cfg = switchyard::sim::SimConfig {
-                seed: i as u64 + 1,
-                ..Default::default()
-            };
-            let sim =
-                switchyard::sim::start(sim_cfg, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-                    .await?;
-            println!(
-                "simulated engine {} serving {model:?} on {}",
-                i + 1,
-                sim.url()
-            );
-            cfg.backends.push(config::Backend {
-                url: sim.url(),
-                models: vec![model.clone()],
-            });
-            demo_engines.push(sim);
-        }
-    }
-    let loader_args = args.clone();
-    let loader: Option<switchyard::policy::SettingsLoader> = args.config.clone().map(|path| {
-        let f: switchyard::policy::SettingsLoader = Arc::new(move || {
-            let file = config::load_file(&path).map_err(|e| e.to_string())?;
-            Ok(config::policy_settings(&loader_args, &file))
-        });
-        f
-    });
-    let mut router = switchyard::proxy::start(cfg, loader).await?;
-    let url = router.url();
-    println!("Switchyard is routing on {url}");
-    println!("  curl {url}/v1/completions -H 'content-type: application/json' \\");
-    println!(
-        "       -d '{{\"model\": \"{}\", \"prompt\": \"Hello\", \"max_tokens\": 8}}'",
-        first_model(&router)
-    );
-    tokio::select! {
-        _ = router.wait() => {}
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("shutting down");
-            router.shutdown(Duration::from_secs(10)).await;
-        }
-    }
-    for sim in demo_engines {
-        sim.shutdown().await;
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn first_model(router: &switchyard::proxy::RunningRouter) -> String {
-    router
-        .state
-        .registry
-        .models()
-        .into_iter()
-        .next()
-        .unwrap_or_default()
-}
-
-/// `switchyard check`: every policy error (and the config file's) as `file:line:col: message`.
-fn check(args: &config::CheckArgs) -> Result<ExitCode, BoxError> {
-    let mut errors = 0usize;
-    let mut dir = args.policies_dir.clone();
-    if let Some(path) = &args.config {
-        match config::load_file(path) {
-            Ok(file) => {
-                if let Some(d) = file.policies_dir {
-                    dir = d;
-                }
-            }
-            Err(e) => {
-                println!("{e}");
-                errors += 1;
-            }
-        }
-    }
-    for d in switchyard::policy::PolicyStore::check_dir(&dir) {
-        println!("{d}");
-        errors += 1;
-    }
-    if errors == 0 {
-        println!(
-            "ok: every policy in {} compiles and validates",
-            dir.display()
-        );
-        Ok(ExitCode::SUCCESS)
-    } else {
-        println!("{errors} error(s)");
-        Ok(ExitCode::FAILURE)
     }
 }

@@ -36,7 +36,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let settings = PolicySettings { dir: dir.to_path_buf(), default_policy: "p".into(), per_model: BTreeMap::new() };
-    let Ok(store) = PolicyStore::new(settings, 16) else { return };
+    // What `switchyard check` accepts, the router loads.
+    let store = match PolicyStore::new(settings, 16) {
+        Ok(s) => s,
+        Err(e) => panic!("check passed but loading failed: {e}"),
+    };
     let cands: Vec<Candidate> = (0..3u32)
         .map(|i| Candidate {
             engine: Arc::new(Engine::new(i, &format!("http://127.0.0.1:{}", 9000 + i), vec!["m".into()])),
@@ -45,6 +49,9 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     let req = RequestInfo { model: "m".into(), prompt: switchyard::request::PromptDigest::of_text(&"hello world".repeat(10), 16), ..Default::default() };
+    // `decide` debug-asserts that every tier's pick is a candidate (fuzz builds keep debug
+    // assertions), so a pick out of range fails here instead of being clamped silently.
     let d = store.decide(&req, &cands);
-    assert!(d.engine < cands.len());
+    assert_eq!(&*d.policy, "p");
+    assert!(!d.tier.is_empty());
 });

@@ -134,7 +134,8 @@ impl BenchArgs {
             if let Some(v) = v {
                 a.push(format!("--{name}"));
                 if !v.is_empty() {
-                    a.push(shell_word(&v));
+                    // A NUL byte cannot be quoted for a shell; such a value is shown as it is.
+                    a.push(shlex::try_quote(&v).map_or(v.clone(), |q| q.into_owned()));
                 }
             }
         };
@@ -192,17 +193,6 @@ impl BenchArgs {
         flag("hot-fraction", k.hot_fraction.map(|v| v.to_string()));
         flag("cold-tokens", k.cold_tokens.map(|v| v.to_string()));
         a.join(" ")
-    }
-}
-
-fn shell_word(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./,:=[]@%+".contains(c))
-    {
-        s.to_owned()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 
@@ -569,6 +559,8 @@ mod tests {
             "5",
             "--qps",
             "2.5",
+            "--policies-dir",
+            "my policies/it's here",
             "--quick",
         ]);
         assert_eq!(a.engines, 3);
@@ -579,7 +571,8 @@ mod tests {
         );
         assert_eq!(a.knobs.groups, Some(5));
         let line = a.command_line();
-        let words: Vec<&str> = line.split(' ').skip(2).collect();
+        let words = shlex::split(&line).expect("a shell-quoted line");
+        let words: Vec<&str> = words.iter().skip(2).map(String::as_str).collect();
         assert_eq!(parse(&words), a, "{line}");
     }
 

@@ -425,11 +425,23 @@ impl BenchReport {
         out
     }
 
-    /// Every request of every run as CSV.
+    /// Every request of every run as CSV (RFC 4180 quoting by the `csv` crate).
     pub fn render_csv(&self) -> String {
-        let mut out = String::from(
-            "run,chain,turn,start_s,ttft_s,e2e_s,output_tokens,outcome,engine,tier,policy,lag_s\n",
-        );
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let _ = w.write_record([
+            "run",
+            "chain",
+            "turn",
+            "start_s",
+            "ttft_s",
+            "e2e_s",
+            "output_tokens",
+            "outcome",
+            "engine",
+            "tier",
+            "policy",
+            "lag_s",
+        ]);
         for (run, recs) in self.runs.iter().zip(&self.records) {
             for r in recs {
                 let outcome = match &r.outcome {
@@ -438,25 +450,25 @@ impl BenchReport {
                     super::stats::Outcome::Failed(_) => "failed".to_owned(),
                     super::stats::Outcome::TimedOut => "timeout".to_owned(),
                 };
-                let _ = writeln!(
-                    out,
-                    "{},{},{},{:.6},{},{:.6},{},{},{},{},{},{:.6}",
-                    csv(&run.name),
-                    r.chain,
-                    r.turn,
-                    r.start,
+                let _ = w.write_record([
+                    run.name.clone(),
+                    r.chain.to_string(),
+                    r.turn.to_string(),
+                    format!("{:.6}", r.start),
                     r.ttft.map(|t| format!("{t:.6}")).unwrap_or_default(),
-                    r.e2e,
-                    r.output_tokens,
+                    format!("{:.6}", r.e2e),
+                    r.output_tokens.to_string(),
                     outcome,
-                    csv(r.engine.as_deref().unwrap_or("")),
-                    csv(r.tier.as_deref().unwrap_or("")),
-                    csv(r.policy.as_deref().unwrap_or("")),
-                    r.lag
-                );
+                    r.engine.clone().unwrap_or_default(),
+                    r.tier.clone().unwrap_or_default(),
+                    r.policy.clone().unwrap_or_default(),
+                    format!("{:.6}", r.lag),
+                ]);
             }
         }
-        out
+        w.into_inner()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     /// Writes `bench.json`, `bench.md`, `bench.svg` and `requests.csv` to `dir` (created if
@@ -467,7 +479,10 @@ impl BenchReport {
         let files = [
             ("bench.json", json + "\n"),
             ("bench.md", self.render_markdown()),
-            ("bench.svg", super::svg::render(self)),
+            (
+                "bench.svg",
+                super::svg::render(self.settings.workload.kind.name(), &self.runs),
+            ),
             ("requests.csv", self.render_csv()),
         ];
         let mut written = Vec::new();
@@ -477,14 +492,6 @@ impl BenchReport {
             written.push(path);
         }
         Ok(written)
-    }
-}
-
-fn csv(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
     }
 }
 
@@ -590,6 +597,14 @@ pub(crate) mod tests {
         );
         let csv = r.render_csv();
         assert_eq!(csv.lines().count(), 21);
+        // Names with separators, quotes and both line endings survive a CSV reader.
+        let mut odd = sample_report();
+        odd.runs[0].name = "a,\"b\"\r\nc".into();
+        let text = odd.render_csv();
+        let mut rd = csv::Reader::from_reader(text.as_bytes());
+        let first = rd.records().next().unwrap().unwrap();
+        assert_eq!(&first[0], "a,\"b\"\r\nc");
+        assert_eq!(rd.records().count(), 19);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::report::BenchReport;
+use super::stats::RunStats;
 
 const WIDTH: f64 = 960.0;
 const PANEL: f64 = 380.0;
@@ -82,9 +82,8 @@ fn y_axis(out: &mut String, top: f64, bottom: f64, right: f64, max: f64, label: 
     ymax
 }
 
-/// Renders the report's charts as a standalone SVG document.
-pub fn render(report: &BenchReport) -> String {
-    let runs = &report.runs;
+/// Renders the charts of `runs` (of a `workload`) as a standalone SVG document.
+pub fn render(workload: &str, runs: &[RunStats]) -> String {
     let height = 2.0 * PANEL + 60.0;
     let mut out = String::new();
     let _ = writeln!(
@@ -97,7 +96,7 @@ pub fn render(report: &BenchReport) -> String {
     let _ = writeln!(
         out,
         r##"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="24" class="title">TTFT per policy — {} (simulated time, ms)</text>"##,
-        escape(report.settings.workload.kind.name())
+        escape(workload)
     );
 
     // Panel 1: grouped bars.
@@ -252,7 +251,7 @@ mod tests {
     #[test]
     fn renders_bars_and_lines_per_run_with_escaped_names() {
         let r = sample_report();
-        let svg = render(&r);
+        let svg = render(r.settings.workload.kind.name(), &r.runs);
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);

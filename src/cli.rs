@@ -1,0 +1,182 @@
+//! The command line: the `switchyard` subcommands (`serve`, the default; `sim`; `check`;
+//! `bench`) and what each runs. A leaf: it uses the router core, the simulated engine and the
+//! benchmark only through their public APIs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, RouterConfig, ServeArgs};
+
+/// Switchyard: an LLM router whose policy is a hot-reloaded pipeline of TOML and Rhai tiers.
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `serve` is the default subcommand: its flags may be given without it.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the router (the default). Without backends it starts simulated engines in-process.
+    Serve(Box<ServeArgs>),
+    /// Run one simulated vLLM engine.
+    Sim(Box<crate::sim::SimArgs>),
+    /// Compile and validate every policy (and the config file, if given).
+    Check(CheckArgs),
+    /// Compare routing policies: replay a seeded workload through the router in front of simulated engines.
+    Bench(Box<crate::bench::BenchArgs>),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Directory of policy files.
+    #[arg(long, default_value = "policies")]
+    pub policies_dir: PathBuf,
+    /// A config file to validate too.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Why a subcommand failed (printed as `switchyard: <error>`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs the parsed command line on `runtime`.
+pub fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> Result<ExitCode, BoxError> {
+    match cli.command {
+        None => runtime.block_on(serve(cli.serve)),
+        Some(Command::Serve(args)) => runtime.block_on(serve(*args)),
+        Some(Command::Check(args)) => check(&args),
+        Some(Command::Bench(args)) => {
+            init_logging("warn"); // at info, the router logs every start and stop, once per run
+            runtime
+                .block_on(crate::bench::run(*args))
+                .map(|_| ExitCode::SUCCESS)
+                .map_err(BoxError::from)
+        }
+        Some(Command::Sim(args)) => {
+            init_logging("info");
+            runtime
+                .block_on(crate::sim::run_cli(*args))
+                .map(|()| ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("switchyard={level},warn")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
+    let mut cfg = RouterConfig::resolve(&args)?;
+    init_logging(&cfg.log_level);
+    // No backends configured: the embedded demo, simulated engines on free loopback ports.
+    let mut demo_engines = Vec::new();
+    if cfg.backends.is_empty() {
+        let model = crate::sim::SimConfig::default().model;
+        for i in 0..cfg.demo_engines.max(1) {
+            let sim_cfg = crate::sim::SimConfig {
+                seed: i as u64 + 1,
+                ..Default::default()
+            };
+            let sim =
+                crate::sim::start(sim_cfg, std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+            println!(
+                "simulated engine {} serving {model:?} on {}",
+                i + 1,
+                sim.url()
+            );
+            cfg.backends.push(config::Backend {
+                url: sim.url(),
+                models: vec![model.clone()],
+            });
+            demo_engines.push(sim);
+        }
+    }
+    let loader_args = args.clone();
+    let loader: Option<crate::policy::SettingsLoader> = args.config.clone().map(|path| {
+        let f: crate::policy::SettingsLoader = Arc::new(move || {
+            let file = config::load_file(&path).map_err(|e| e.to_string())?;
+            Ok(config::policy_settings(&loader_args, &file))
+        });
+        f
+    });
+    let mut router = crate::proxy::start(cfg, loader).await?;
+    let url = router.url();
+    println!("Switchyard is routing on {url}");
+    println!("  curl {url}/v1/completions -H 'content-type: application/json' \\");
+    println!(
+        "       -d '{{\"model\": \"{}\", \"prompt\": \"Hello\", \"max_tokens\": 8}}'",
+        first_model(&router)
+    );
+    tokio::select! {
+        _ = router.wait() => {}
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("shutting down");
+            router.shutdown(Duration::from_secs(10)).await;
+        }
+    }
+    for sim in demo_engines {
+        sim.shutdown().await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn first_model(router: &crate::proxy::RunningRouter) -> String {
+    router
+        .state
+        .registry
+        .models()
+        .into_iter()
+        .next()
+        .unwrap_or_default()
+}
+
+/// `switchyard check`: every policy error (and the config file's) as `file:line:col: message`.
+fn check(args: &CheckArgs) -> Result<ExitCode, BoxError> {
+    let mut errors = 0usize;
+    let mut dir = args.policies_dir.clone();
+    if let Some(path) = &args.config {
+        match config::load_file(path) {
+            Ok(file) => {
+                if let Some(d) = file.policies_dir {
+                    dir = d;
+                }
+            }
+            Err(e) => {
+                println!("{e}");
+                errors += 1;
+            }
+        }
+    }
+    for d in crate::policy::PolicyStore::check_dir(&dir) {
+        println!("{d}");
+        errors += 1;
+    }
+    if errors == 0 {
+        println!(
+            "ok: every policy in {} compiles and validates",
+            dir.display()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{errors} error(s)");
+        Ok(ExitCode::FAILURE)
+    }
+}
