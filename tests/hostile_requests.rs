@@ -119,7 +119,10 @@ async fn a_body_of_tiny_elements_costs_at_most_three_times_its_size() {
         body.len()
     );
 
-    // Four at once, while /health is polled: the parse runs off the runtime's workers.
+    // Four at once, while /health is polled: the parse runs off the runtime's workers. (8 MiB
+    // each keeps a debug build on a busy 2-core machine quick; any body over 256 KiB is parsed
+    // off the workers. The release figures for 32 MiB are in the README.)
+    let body = tiny_element_body(8 * 1024 * 1024);
     let sent = Instant::now();
     let mut big = Vec::new();
     for _ in 0..4 {
@@ -143,7 +146,7 @@ async fn a_body_of_tiny_elements_costs_at_most_three_times_its_size() {
         assert_eq!(h.await.unwrap(), StatusCode::OK);
     }
     println!(
-        "four 32 MiB bodies in {:?}: /health answered {polls} times, slowest {:?}; router peak RSS {:.1} MiB",
+        "four 8 MiB bodies in {:?}: /health answered {polls} times, slowest {:?}; router peak RSS {:.1} MiB",
         sent.elapsed(),
         worst,
         router.status_kib("VmHWM") as f64 / 1024.0
