@@ -105,6 +105,7 @@ pub async fn start(
     }
     let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));
     let policies = PolicyStore::new(cfg.policy.clone(), cfg.block_size)?;
+    telemetry::register_families(&registry, &policies);
     let policy_watch = match policies.watch(cfg.config_file.clone(), settings_loader) {
         Ok(h) => Some(h),
         Err(e) => {

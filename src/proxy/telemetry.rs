@@ -5,13 +5,17 @@
 //! (histograms), `switchyard_engine_in_flight{engine}`, `switchyard_engine_healthy{engine}`,
 //! `switchyard_retries_total{model}`, plus the policy metrics (`switchyard_routing_decisions_total`,
 //! `switchyard_policy_reloads_total`, `switchyard_policy_script_errors_total`).
+//!
+//! [`register_families`] registers every family at zero when the router starts, so that
+//! dashboards and alerts read 0, not "no data", before the first retry, ejection or reload.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::engines::{Engine, ModelMetrics};
+use crate::engines::{Engine, ModelMetrics, Registry};
+use crate::policy::{DEFAULT_TIER, PolicyStore};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -143,4 +147,100 @@ fn status_label(status: u16) -> metrics::SharedString {
         503 => "503".into(),
         other => other.to_string().into(),
     }
+}
+
+/// The reasons `proxy::conn::ConnActivity::check` gives for closing a client connection
+/// (`switchyard_client_connections_closed_total{reason}`).
+const CONNECTION_CLOSE_REASONS: &[&str] = &["idle", "request headers not received in time"];
+
+/// The outcomes other than `completed` that [`RequestRecord::finish`] is given by the response
+/// body (`switchyard_responses_interrupted_total{engine,reason}`).
+const INTERRUPT_REASONS: &[&str] = &["client_disconnected", "engine_error"];
+
+/// Registers every metric family the router exports, at zero, with the label sets known at
+/// start: per engine, per model, per tier of each policy in use, and the fixed label values
+/// (reload results, connection-close and interruption reasons). Prometheus then has a series to
+/// show as 0 before the first retry, ejection, reload, script error or closed connection, and
+/// `rate()`/`increase()` see the first event as a change from 0. Counters are only touched
+/// (never reset), so calling this again, or with another router in the same process, is harmless.
+pub fn register_families(registry: &Registry, policies: &PolicyStore) {
+    let tiers = policy_tiers(policies);
+    for e in registry.all().iter() {
+        register_engine_series(e, &tiers);
+    }
+    for model in registry.models() {
+        metrics::counter!("switchyard_retries_total", "model" => model).increment(0);
+    }
+    for result in ["ok", "error"] {
+        metrics::counter!("switchyard_policy_reloads_total", "result" => result).increment(0);
+    }
+    for (policy, tier_names) in &tiers {
+        for tier in tier_names {
+            metrics::counter!(
+                "switchyard_policy_script_errors_total",
+                "policy" => policy.clone(),
+                "tier" => tier.clone()
+            )
+            .increment(0);
+        }
+    }
+    for reason in CONNECTION_CLOSE_REASONS {
+        metrics::counter!("switchyard_client_connections_closed_total", "reason" => *reason)
+            .increment(0);
+    }
+}
+
+/// Registers the per-engine series of an engine added after start (e.g. by discovery), at
+/// zero, as [`register_families`] does for the engines known at start. The engine's own
+/// gauges and per-model request series are registered when the engine is built.
+pub fn register_engine(engine: &Engine, policies: &PolicyStore) {
+    register_engine_series(engine, &policy_tiers(policies));
+}
+
+fn register_engine_series(engine: &Engine, tiers: &[(String, Vec<String>)]) {
+    let name = engine.name.to_string();
+    metrics::counter!("switchyard_engine_ejections_total", "engine" => name.clone()).increment(0);
+    metrics::counter!("switchyard_engine_scrape_failures_total", "engine" => name.clone())
+        .increment(0);
+    for reason in INTERRUPT_REASONS {
+        metrics::counter!(
+            "switchyard_responses_interrupted_total",
+            "engine" => name.clone(),
+            "reason" => *reason
+        )
+        .increment(0);
+    }
+    for (policy, tier_names) in tiers {
+        for tier in tier_names.iter().map(String::as_str).chain([DEFAULT_TIER]) {
+            metrics::counter!(
+                "switchyard_routing_decisions_total",
+                "policy" => policy.clone(),
+                "tier" => tier.to_string(),
+                "engine" => name.clone()
+            )
+            .increment(0);
+        }
+    }
+}
+
+/// The policies in use (the default and the per-model ones) with their tiers, in the order
+/// `GET /admin/policies` lists them.
+fn policy_tiers(policies: &PolicyStore) -> Vec<(String, Vec<String>)> {
+    let status = policies.status_json();
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for p in status["policies"].as_array().into_iter().flatten() {
+        let (Some(true), Some(name)) = (p["active"].as_bool(), p["name"].as_str()) else {
+            continue;
+        };
+        let tiers = p["tiers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect();
+        if !out.iter().any(|(n, _)| n == name) {
+            out.push((name.to_owned(), tiers));
+        }
+    }
+    out
 }
