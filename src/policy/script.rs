@@ -643,16 +643,17 @@ fn interpret(value: Dynamic, cands: &[Candidate]) -> Result<Outcome, String> {
 
 /// Runs `script` once against a synthetic request and two idle engines to catch calls to
 /// unknown functions or properties (which the compiler cannot see). Other runtime errors depend
-/// on the data and are not reported.
+/// on the data and are not reported. The engines are unregistered: validation leaves no trace
+/// in `/metrics`.
 pub(crate) fn dry_run(engine: &Engine, script: &Script, params: &Dynamic) -> Option<ScriptError> {
     use std::sync::Arc;
     let engines = [
-        Arc::new(crate::engines::Engine::new(
+        Arc::new(crate::engines::Engine::unregistered(
             0,
             "http://dry-run-a:1",
             vec!["m".into()],
         )),
-        Arc::new(crate::engines::Engine::new(
+        Arc::new(crate::engines::Engine::unregistered(
             1,
             "http://dry-run-b:1",
             vec!["m".into()],
