@@ -207,7 +207,7 @@ fn config_changes_apply_new_settings() {
             Ok(PolicySettings {
                 dir: dir.clone(),
                 default_policy: name.trim().to_string(),
-                per_model: Default::default(),
+                ..settings(&dir, "unused")
             })
         })
     };
@@ -288,4 +288,47 @@ fn settings_not_applied_leave_modules_resolving_from_the_kept_directory() {
     // A later reload of `a` resolves `a`'s modules, not those of the rejected directory.
     assert!(store.reload_now().is_ok());
     assert_eq!(tier(&store), "round_robin");
+}
+
+#[test]
+fn rejected_settings_leave_the_previous_generation_in_effect() {
+    let named = |tier: &str| format!("[[tier]]\nname = \"{tier}\"\nbuiltin = \"round_robin\"\n");
+    let a = TempDir::new();
+    a.write("p.toml", &named("from_a"));
+    let b = TempDir::new();
+    b.write("p.toml", &named("from_b"));
+    b.write("only_b.rhai", "random()");
+    let store = PolicyStore::new(settings(a.path(), "p"), 16).expect("store");
+    let listed = |s: &serde_json::Value| -> Vec<(String, String)> {
+        s["policies"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| (p["source"].to_string(), p["hash"].to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = store.status_json();
+    // New settings point at directory b but name a policy that does not exist there.
+    let out = store.reload_with(settings(b.path(), "nope"));
+    assert!(!out.settings_applied);
+    // The very next decision is made by a's policy, and the status shows a's files only.
+    assert_eq!(
+        &*store.decide(&request(1), &queues(&[1.0, 1.0])).tier,
+        "from_a"
+    );
+    let after = store.status_json();
+    assert_eq!(after["dir"], before["dir"]);
+    assert_eq!(after["default_policy"], "p");
+    assert_eq!(listed(&after), listed(&before));
+    assert!(
+        after["errors"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|x| x
+                .as_str()
+                .is_some_and(|s| s.contains("unknown default policy `nope`")))),
+        "{after}"
+    );
+    assert_eq!(store.settings().dir, a.path());
 }
