@@ -1,12 +1,13 @@
 //! Policy drills of issue 8 against the real router in front of simulated engines: a runaway
 //! script, policy files symlinked out of the directory, rejected settings, validation leaking
-//! into `/metrics`.
+//! into `/metrics`, and SIGHUP to the binary when its file watcher could not start.
 
 mod common;
 mod policy_support;
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -262,4 +263,130 @@ async fn validation_registers_no_metrics() {
     assert!(text.contains("switchyard_engine_healthy{"), "{text}");
     assert!(!text.contains("dry-run"), "{text}");
     router.shutdown(Duration::from_secs(2)).await;
+}
+
+/// The router binary, its stdout (logs included) collected line by line.
+struct Binary {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Binary {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Binary {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn the router binary");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        Binary { child, lines }
+    }
+
+    /// The first collected line containing `needle`, waiting for it (safety net only).
+    async fn line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + SAFETY;
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            assert!(Instant::now() < deadline, "no line with {needle:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn until_tier(c: &TestClient, url: &str, tier: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let r = send(c, completion_req(url, "hello", 1, false)).await;
+        assert_eq!(r.status, StatusCode::OK);
+        if r.header("x-switchyard-tier") == Some(tier) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < SAFETY, "tier {tier} never decided");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_re_arms_the_binary_whose_watcher_could_not_start() {
+    let dir = TempDir::new();
+    dir.write("p.toml", &named("v1"));
+    let sims = start_sims(1, instant_sim()).await;
+    let backend = sims[0].url();
+    let policies = dir.path().display().to_string();
+    let mut bin = Binary::spawn(
+        &[
+            "serve",
+            "--static-backends",
+            &backend,
+            "--static-models",
+            MODEL,
+            "--port",
+            "0",
+            "--policies-dir",
+            &policies,
+            "--routing-logic",
+            "p",
+            "--decision-headers",
+        ],
+        // The first attempt to start the file watcher fails.
+        &[("SWITCHYARD_TEST_WATCHER_FAILURES", "1")],
+    );
+    let line = bin.line("Switchyard is routing on ").await;
+    let url = line.rsplit(' ').next().expect("url").trim().to_string();
+    bin.line("cannot watch for policy changes").await;
+    let c = client();
+    until_tier(&c, &url, "v1").await;
+
+    // SIGHUP reloads: the process survives it and the edit takes effect.
+    dir.write("p.toml", &named("v2"));
+    bin.signal("-HUP");
+    let took = until_tier(&c, &url, "v2").await;
+    eprintln!("edit effective after SIGHUP in {took:?}");
+    assert!(bin.alive(), "SIGHUP killed the router");
+    bin.line("SIGHUP: reloading policies").await;
+
+    // SIGHUP also started the watcher: the next edit needs no signal.
+    dir.write("p.toml", &named("v3"));
+    let took = until_tier(&c, &url, "v3").await;
+    eprintln!("edit effective without a signal in {took:?}");
+    assert!(bin.alive());
 }

@@ -35,7 +35,7 @@ use crate::request::RequestInfo;
 pub use files::MAX_POLICY_FILE_BYTES;
 pub use load::PolicyDiagnostic;
 pub use pipeline::DEFAULT_TIER;
-pub use reload::WatchHandle;
+pub use reload::{REARM_INTERVAL, WatchHandle};
 pub use script::{
     MAX_ARRAY_SIZE, MAX_CALL_LEVELS, MAX_EXPR_DEPTHS, MAX_MAP_SIZE, MAX_OPERATIONS,
     MAX_STRING_SIZE, VALIDATION_TIME_BUDGET,
