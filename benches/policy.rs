@@ -129,6 +129,7 @@ fn store(policy: &str) -> Arc<PolicyStore> {
             dir,
             default_policy: policy.into(),
             per_model: BTreeMap::new(),
+            ..PolicySettings::default()
         },
         16,
     )
@@ -150,6 +151,7 @@ fn interpreted_store() -> (PathBuf, Arc<PolicyStore>) {
             dir: dir.clone(),
             default_policy: "interpreted".into(),
             per_model: BTreeMap::new(),
+            ..PolicySettings::default()
         },
         16,
     )

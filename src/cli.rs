@@ -113,7 +113,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
     let loader: Option<crate::policy::SettingsLoader> = args.config.clone().map(|path| {
         let f: crate::policy::SettingsLoader = Arc::new(move || {
             let file = config::load_file(&path).map_err(|e| e.to_string())?;
-            Ok(config::policy_settings(&loader_args, &file))
+            config::policy_settings(&loader_args, &file).map_err(|e| e.to_string())
         });
         f
     });

@@ -46,6 +46,9 @@ pub struct ServeArgs {
     /// Directory of policy files [default: ./policies].
     #[arg(long)]
     pub policies_dir: Option<PathBuf>,
+    /// Seconds one script tier may run for one request; past it the tier passes [default: 0.005].
+    #[arg(long)]
+    pub script_time_budget: Option<f64>,
     /// Add x-switchyard-policy/-tier/-engine response headers.
     #[arg(long)]
     pub decision_headers: bool,
@@ -100,6 +103,7 @@ pub struct FileConfig {
     pub session_key: Option<String>,
     pub routing_logic: Option<String>,
     pub policies_dir: Option<PathBuf>,
+    pub script_time_budget: Option<f64>,
     pub decision_headers: Option<bool>,
     pub admin_token: Option<String>,
     pub max_body_bytes: Option<usize>,
@@ -189,11 +193,7 @@ impl Default for RouterConfig {
             engine_stats_interval: Duration::from_secs(1),
             log_level: "info".into(),
             session_key: None,
-            policy: PolicySettings {
-                dir: PathBuf::from("policies"),
-                default_policy: "load_balanced_kvaware".into(),
-                per_model: BTreeMap::new(),
-            },
+            policy: PolicySettings::default(),
             decision_headers: false,
             admin_token: None,
             max_body_bytes: 32 * 1024 * 1024,
@@ -238,19 +238,6 @@ impl RouterConfig {
             None => FileConfig::default(),
         };
         let d = RouterConfig::default();
-        let secs = |setting: &'static str,
-                    flag: Option<f64>,
-                    file: Option<f64>,
-                    default: Duration| {
-            match flag.or(file) {
-                None => Ok(default),
-                Some(s) if s.is_finite() && s > 0.0 && s < 1e7 => Ok(Duration::from_secs_f64(s)),
-                Some(s) => Err(invalid(
-                    setting,
-                    format!("must be a positive number of seconds, got {s}"),
-                )),
-            }
-        };
         let backends_raw = args
             .static_backends
             .clone()
@@ -300,10 +287,7 @@ impl RouterConfig {
                 "must be non-empty printable text (it is compared with an Authorization header)",
             ));
         }
-        let policy = policy_settings(args, &file);
-        if policy.default_policy.is_empty() {
-            return Err(invalid("routing_logic", "must name a policy"));
-        }
+        let policy = policy_settings(args, &file)?;
         Ok(RouterConfig {
             host: args.host.or(file.host).unwrap_or(d.host),
             port: args.port.or(file.port).unwrap_or(d.port),
@@ -383,10 +367,28 @@ pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
-/// The policy settings from flags over the file (used at start and when the file changes).
-pub fn policy_settings(args: &ServeArgs, file: &FileConfig) -> PolicySettings {
-    let d = RouterConfig::default().policy;
-    PolicySettings {
+/// A duration in seconds from the flag, else the file, else `default`; it must be positive.
+fn secs(
+    setting: &'static str,
+    flag: Option<f64>,
+    file: Option<f64>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match flag.or(file) {
+        None => Ok(default),
+        Some(s) if s.is_finite() && s > 0.0 && s < 1e7 => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err(invalid(
+            setting,
+            format!("must be a positive number of seconds, got {s}"),
+        )),
+    }
+}
+
+/// The policy settings from flags over the file, validated (used at start and when the file
+/// changes).
+pub fn policy_settings(args: &ServeArgs, file: &FileConfig) -> Result<PolicySettings, ConfigError> {
+    let d = PolicySettings::default();
+    let settings = PolicySettings {
         dir: args
             .policies_dir
             .clone()
@@ -398,7 +400,17 @@ pub fn policy_settings(args: &ServeArgs, file: &FileConfig) -> PolicySettings {
             .or(file.routing_logic.clone())
             .unwrap_or(d.default_policy),
         per_model: file.policies.clone(),
+        script_time_budget: secs(
+            "script_time_budget",
+            args.script_time_budget,
+            file.script_time_budget,
+            d.script_time_budget,
+        )?,
+    };
+    if settings.default_policy.is_empty() {
+        return Err(invalid("routing_logic", "must name a policy"));
     }
+    Ok(settings)
 }
 
 fn backends_from(urls: &[String], models: Option<&[String]>) -> Result<Vec<Backend>, ConfigError> {
@@ -549,6 +561,24 @@ mod tests {
         let e = RouterConfig::resolve(&args(&["--connect-timeout=-1"])).unwrap_err();
         assert!(e.to_string().starts_with("connect_timeout:"), "{e}");
         assert!(parse(&["--no-such-flag"]).is_err());
+    }
+
+    #[test]
+    fn script_time_budget_in_seconds() {
+        let c = RouterConfig::resolve(&args(&[])).unwrap();
+        assert_eq!(c.policy.script_time_budget, Duration::from_millis(5));
+        let c = RouterConfig::resolve(&args(&["--script-time-budget", "0.02"])).unwrap();
+        assert_eq!(c.policy.script_time_budget, Duration::from_millis(20));
+        for bad in ["0", "-1", "inf"] {
+            let e = RouterConfig::resolve(&args(&[&format!("--script-time-budget={bad}")]))
+                .unwrap_err();
+            assert!(e.to_string().starts_with("script_time_budget:"), "{e}");
+        }
+        let file: FileConfig = toml::from_str("script_time_budget = 0.001").unwrap();
+        let p = policy_settings(&args(&[]), &file).unwrap();
+        assert_eq!(p.script_time_budget, Duration::from_millis(1));
+        let p = policy_settings(&args(&["--script-time-budget", "0.002"]), &file).unwrap();
+        assert_eq!(p.script_time_budget, Duration::from_millis(2));
     }
 
     #[test]

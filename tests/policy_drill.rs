@@ -142,8 +142,8 @@ async fn broken_then_runaway_then_fixed_policy_under_load_loses_nothing() {
         assert_eq!(tier_of(&c, &url).await, "load_balance");
     }
 
-    // An infinite loop compiles; on every request it is stopped by its operation limit and
-    // passed over: the request still gets the least-loaded engine.
+    // An infinite loop compiles; on every request it is stopped by its time budget (or its
+    // operation limit) and passed over: the request still gets the least-loaded engine.
     dir.write("live.rhai", "loop { }\n");
     until_tier(&c, &url, "default").await;
     for _ in 0..20 {

@@ -108,3 +108,100 @@ builtin = "fallback"
         "{text}"
     );
 }
+
+/// The script of issue 8: one operation is a native call over a 4000-element array, so the
+/// operation limit alone let it run for seconds per request.
+const RUNAWAY: &str = "let a = []; a.pad(4000, 7); loop { if a.contains(8) {} }";
+
+fn errors_by_reason(text: &str, policy: &str, reason: &str) -> f64 {
+    sample(
+        text,
+        &[
+            "switchyard_policy_script_errors_total{",
+            &format!("policy=\"{policy}\""),
+            &format!("reason=\"{reason}\""),
+        ],
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn the_time_budget_stops_a_runaway_script_and_is_the_reason_counted() {
+    let h = recorder();
+    let dir = TempDir::new();
+    dir.write("runaway.rhai", RUNAWAY);
+    let mut st = settings(dir.path(), "runaway");
+    st.script_time_budget = std::time::Duration::from_millis(5);
+    let store = switchyard::policy::PolicyStore::new(st, 16).expect("store");
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let d = store.decide(&request(1), &queues(&[2.0, 1.0]));
+        eprintln!("runaway decision: {:?}", started.elapsed());
+        assert_eq!((d.engine, &*d.tier), (1, "default"));
+    }
+    let text = h.render();
+    // Stopped by the clock, not by the operation limit.
+    assert_eq!(
+        errors_by_reason(&text, "runaway", "time_budget"),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        errors_by_reason(&text, "runaway", "operations"),
+        0.0,
+        "{text}"
+    );
+}
+
+#[test]
+fn script_errors_are_counted_by_reason() {
+    let h = recorder();
+    let pipeline = r#"
+[[tier]]
+name = "spin"
+script = "let x = 0; loop { x += 1; }"
+
+[[tier]]
+name = "throws"
+script = 'throw "boom"'
+
+[[tier]]
+name = "number"
+script = "42"
+
+[[tier]]
+name = "grow"
+script = 'let s = "xx"; loop { s += s; }'
+
+[[tier]]
+builtin = "fallback"
+"#;
+    let dir = TempDir::new();
+    dir.write("reasons.toml", pipeline);
+    // A budget the operation limit always beats.
+    let mut st = settings(dir.path(), "reasons");
+    st.script_time_budget = std::time::Duration::from_secs(60);
+    let store = switchyard::policy::PolicyStore::new(st, 16).expect("store");
+    store.decide(&request(1), &queues(&[2.0, 1.0]));
+    let text = h.render();
+    for (tier, reason) in [
+        ("spin", "operations"),
+        ("throws", "runtime_error"),
+        ("number", "bad_result"),
+        ("grow", "limit"),
+    ] {
+        assert_eq!(
+            sample(
+                &text,
+                &[
+                    "switchyard_policy_script_errors_total{",
+                    "policy=\"reasons\"",
+                    &format!("tier=\"{tier}\""),
+                    &format!("reason=\"{reason}\""),
+                ]
+            ),
+            Some(1.0),
+            "{tier}: {text}"
+        );
+    }
+}

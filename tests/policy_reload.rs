@@ -207,7 +207,7 @@ fn config_changes_apply_new_settings() {
             Ok(PolicySettings {
                 dir: dir.clone(),
                 default_policy: name.trim().to_string(),
-                per_model: Default::default(),
+                ..settings(&dir, "unused")
             })
         })
     };
@@ -288,4 +288,222 @@ fn settings_not_applied_leave_modules_resolving_from_the_kept_directory() {
     // A later reload of `a` resolves `a`'s modules, not those of the rejected directory.
     assert!(store.reload_now().is_ok());
     assert_eq!(tier(&store), "round_robin");
+}
+
+#[test]
+fn rejected_settings_leave_the_previous_generation_in_effect() {
+    let named = |tier: &str| format!("[[tier]]\nname = \"{tier}\"\nbuiltin = \"round_robin\"\n");
+    let a = TempDir::new();
+    a.write("p.toml", &named("from_a"));
+    let b = TempDir::new();
+    b.write("p.toml", &named("from_b"));
+    b.write("only_b.rhai", "random()");
+    let store = PolicyStore::new(settings(a.path(), "p"), 16).expect("store");
+    let listed = |s: &serde_json::Value| -> Vec<(String, String)> {
+        s["policies"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| (p["source"].to_string(), p["hash"].to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = store.status_json();
+    // New settings point at directory b but name a policy that does not exist there.
+    let out = store.reload_with(settings(b.path(), "nope"));
+    assert!(!out.settings_applied);
+    // The very next decision is made by a's policy, and the status shows a's files only.
+    assert_eq!(
+        &*store.decide(&request(1), &queues(&[1.0, 1.0])).tier,
+        "from_a"
+    );
+    let after = store.status_json();
+    assert_eq!(after["dir"], before["dir"]);
+    assert_eq!(after["default_policy"], "p");
+    assert_eq!(listed(&after), listed(&before));
+    assert!(
+        after["errors"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|x| x
+                .as_str()
+                .is_some_and(|s| s.contains("unknown default policy `nope`")))),
+        "{after}"
+    );
+    assert_eq!(store.settings().dir, a.path());
+}
+
+/// Copies the directory tree `from` to `to` (files and directories only).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// The deciding tier of the policy whose tiers are all named `tier`-something; see `named`.
+fn named(tier: &str) -> String {
+    format!("[[tier]]\nname = \"{tier}\"\nbuiltin = \"round_robin\"\n")
+}
+
+fn decided_by(store: &PolicyStore) -> String {
+    store
+        .decide(&request(1), &queues(&[1.0, 1.0]))
+        .tier
+        .to_string()
+}
+
+#[test]
+fn watcher_follows_a_directory_replaced_by_move_and_copy() {
+    let rt = runtime();
+    let root = TempDir::new();
+    let dir = root.path().join("policies");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::write(dir.join("p.toml"), named("v1")).expect("write");
+    let store = PolicyStore::new(settings(&dir, "p"), 16).expect("store");
+    let _watch = rt
+        .block_on(async { store.watch(None, None) })
+        .expect("watch");
+    // `mv policies old && cp -r old policies`, then an edit in the new directory.
+    std::fs::rename(&dir, root.path().join("old")).expect("mv");
+    copy_dir(&root.path().join("old"), &dir);
+    let t = std::time::Instant::now();
+    std::fs::write(dir.join("p.toml"), named("v2")).expect("edit");
+    assert!(poll_until(TIMEOUT, || decided_by(&store) == "v2"));
+    eprintln!(
+        "edit in the replaced directory effective after {:?}",
+        t.elapsed()
+    );
+    // And again: the watcher keeps following.
+    std::fs::rename(&dir, root.path().join("older")).expect("mv");
+    copy_dir(&root.path().join("older"), &dir);
+    std::fs::write(dir.join("p.toml"), named("v3")).expect("edit");
+    assert!(poll_until(TIMEOUT, || decided_by(&store) == "v3"));
+    // Edits in the moved-away directory are not the policies.
+    std::fs::write(root.path().join("old/p.toml"), named("stale")).expect("edit");
+    std::fs::write(dir.join("p.toml"), named("v4")).expect("edit");
+    assert!(poll_until(TIMEOUT, || decided_by(&store) == "v4"));
+}
+
+#[test]
+fn watcher_follows_a_re_pointed_directory_symlink() {
+    let rt = runtime();
+    let root = TempDir::new();
+    for (release, tier) in [("r1", "v1"), ("r2", "v2")] {
+        std::fs::create_dir(root.path().join(release)).expect("mkdir");
+        std::fs::write(root.path().join(release).join("p.toml"), named(tier)).expect("write");
+    }
+    let dir = root.path().join("policies");
+    std::os::unix::fs::symlink("r1", &dir).expect("symlink");
+    let store = PolicyStore::new(settings(&dir, "p"), 16).expect("store");
+    let _watch = rt
+        .block_on(async { store.watch(None, None) })
+        .expect("watch");
+    // `ln -sfn r2 policies`, atomically: a new link renamed over the old one.
+    std::os::unix::fs::symlink("r2", root.path().join("policies.tmp")).expect("symlink");
+    let t = std::time::Instant::now();
+    std::fs::rename(root.path().join("policies.tmp"), &dir).expect("rename");
+    assert!(poll_until(TIMEOUT, || decided_by(&store) == "v2"));
+    eprintln!("re-pointed symlink effective after {:?}", t.elapsed());
+    // Edits in the new target are watched.
+    std::fs::write(root.path().join("r2/p.toml"), named("v3")).expect("edit");
+    assert!(poll_until(TIMEOUT, || decided_by(&store) == "v3"));
+}
+
+/// What the kubelet's AtomicWriter does to a ConfigMap volume on an update: write the new
+/// content to a fresh timestamped directory, point a `..data_tmp` symlink at it, rename that
+/// over `..data`, remove the old directory.
+fn configmap_update(volume: &std::path::Path, version: &str, files: &[(&str, String)]) {
+    let data = volume.join(version);
+    std::fs::create_dir(&data).expect("mkdir");
+    for (name, content) in files {
+        std::fs::write(data.join(name), content).expect("write");
+    }
+    let old = std::fs::read_link(volume.join("..data")).ok();
+    std::os::unix::fs::symlink(version, volume.join("..data_tmp")).expect("symlink");
+    std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).expect("rename");
+    if let Some(old) = old {
+        std::fs::remove_dir_all(volume.join(old)).expect("remove old version");
+    }
+}
+
+#[test]
+fn watcher_follows_configmap_updates() {
+    let rt = runtime();
+    let volume = TempDir::new();
+    configmap_update(
+        volume.path(),
+        "..2026_11_25_10_00_00.1",
+        &[("p.toml", named("v1"))],
+    );
+    std::os::unix::fs::symlink("..data/p.toml", volume.path().join("p.toml")).expect("symlink");
+    let store = PolicyStore::new(settings(volume.path(), "p"), 16).expect("store");
+    assert_eq!(decided_by(&store), "v1");
+    let _watch = rt
+        .block_on(async { store.watch(None, None) })
+        .expect("watch");
+    // A second store configured with the volume's `..data` as its policies directory.
+    let via_data =
+        PolicyStore::new(settings(&volume.path().join("..data"), "p"), 16).expect("store");
+    let _watch_data = rt
+        .block_on(async { via_data.watch(None, None) })
+        .expect("watch");
+    for (i, tier) in ["v2", "v3", "v4"].iter().enumerate() {
+        let t = std::time::Instant::now();
+        configmap_update(
+            volume.path(),
+            &format!("..2026_11_25_10_00_0{}.{i}", i + 1),
+            &[("p.toml", named(tier))],
+        );
+        assert!(
+            poll_until(TIMEOUT, || decided_by(&store) == *tier),
+            "{tier}"
+        );
+        eprintln!("ConfigMap update {tier} effective after {:?}", t.elapsed());
+        assert!(
+            poll_until(TIMEOUT, || decided_by(&via_data) == *tier),
+            "{tier} through ..data"
+        );
+    }
+}
+
+#[test]
+fn sighup_reloads_and_re_arms_when_watching_failed() {
+    let rt = runtime();
+    let (dir, store) = store_with(&[("p.toml", &pipeline(8)), ("q.rhai", "random()")], "p");
+    // The config file's directory does not exist yet: it cannot be watched at start.
+    let conf_root = TempDir::new();
+    let conf_dir = conf_root.path().join("conf.d");
+    let conf = conf_dir.join("switchyard.conf");
+    let loader: SettingsLoader = {
+        let conf = conf.clone();
+        let dir = dir.path().to_path_buf();
+        Arc::new(move || {
+            let name = std::fs::read_to_string(&conf).map_err(|e| e.to_string())?;
+            Ok(PolicySettings {
+                default_policy: name.trim().to_string(),
+                ..settings(&dir, "unused")
+            })
+        })
+    };
+    let _watch = rt
+        .block_on(async { store.watch(Some(conf.clone()), Some(loader)) })
+        .expect("SIGHUP is handled even when watching fails");
+    std::fs::create_dir(&conf_dir).expect("mkdir");
+    std::fs::write(&conf, "q").expect("write config");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert!(poll_until(TIMEOUT, || tier(&store) == "random"));
+    // SIGHUP re-armed the watch on the config file: the next edit needs no signal.
+    std::fs::write(&conf, "p").expect("write config");
+    assert!(poll_until(TIMEOUT, || tier(&store) == "round_robin"));
 }

@@ -349,3 +349,188 @@ fn concurrent_decisions_share_compiled_scripts() {
         }
     });
 }
+
+/// A file outside any policies directory holding `content`.
+fn outside_file(content: &str) -> (TempDir, std::path::PathBuf) {
+    let outside = TempDir::new();
+    let path = outside.path().join("secret.rhai");
+    std::fs::write(&path, content).expect("write");
+    (outside, path)
+}
+
+/// Content that, if it were read, would be echoed by the compiler's error message.
+const SECRET: &str = "secret_token_8f3a";
+
+#[test]
+fn policy_files_symlinked_outside_are_refused_unread() {
+    let (_outside, secret) = outside_file(SECRET);
+    let dir = TempDir::new();
+    dir.write("ok.rhai", "fallback()");
+    std::os::unix::fs::symlink(&secret, dir.path().join("x.rhai")).expect("symlink");
+    let diags = PolicyStore::check_dir(dir.path());
+    assert_eq!(diags.len(), 1, "{diags:?}");
+    let d = diags[0].to_string();
+    assert!(d.contains("x.rhai:1:1: policy file resolves to"), "{d}");
+    assert!(d.contains("outside the policies directory"), "{d}");
+    let s = PolicyStore::new(settings(dir.path(), "ok"), 16).expect("store");
+    let status = s.status_json();
+    let x = status["policies"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == "x"))
+        .expect("listed");
+    assert_eq!(x["loaded"], false);
+    assert!(!status.to_string().contains(SECRET), "{status}");
+    // Settings cannot name it either.
+    assert!(PolicyStore::new(settings(dir.path(), "x"), 16).is_err());
+}
+
+#[test]
+fn script_tiers_and_imports_symlinked_outside_are_refused_unread() {
+    let (_outside, secret) = outside_file(&format!("fn f() {{ {SECRET} }}\n{SECRET}"));
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
+    std::os::unix::fs::symlink(&secret, dir.path().join("lib/link.rhai")).expect("symlink");
+    dir.write("tier.toml", "[[tier]]\nfile = \"lib/link.rhai\"\n");
+    dir.write("imp.rhai", "import \"lib/link\" as l;\nl::f()\n");
+    let diags: Vec<String> = PolicyStore::check_dir(dir.path())
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(diags.len(), 2, "{diags:?}");
+    assert!(
+        diags.iter().any(
+            |d| d.contains("tier.toml:2:8: script file `lib/link.rhai` resolves to")
+                && d.contains("outside the policies directory")
+        ),
+        "{diags:?}"
+    );
+    assert!(
+        diags
+            .iter()
+            .any(|d| d.contains("imp.rhai:") && d.contains("limited to the policies directory")),
+        "{diags:?}"
+    );
+    assert!(!diags.iter().any(|d| d.contains(SECRET)), "{diags:?}");
+}
+
+#[test]
+fn files_over_one_mib_are_refused() {
+    let big = format!("// {}\nfallback()\n", "x".repeat(1024 * 1024));
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
+    dir.write("big.rhai", &big);
+    std::fs::write(dir.path().join("lib/big.rhai"), &big).expect("write");
+    dir.write("tier.toml", "[[tier]]\nfile = \"lib/big.rhai\"\n");
+    dir.write("imp.rhai", "import \"lib/big\" as b;\nfallback()\n");
+    // Just under the limit is fine.
+    dir.write(
+        "fits.rhai",
+        &format!("// {}\nfallback()\n", "x".repeat(1024 * 1000)),
+    );
+    let diags: Vec<String> = PolicyStore::check_dir(dir.path())
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(diags.len(), 3, "{diags:?}");
+    assert!(
+        diags
+            .iter()
+            .any(|d| d.contains("big.rhai:1:1: policy file") && d.contains("over the 1 MiB limit")),
+        "{diags:?}"
+    );
+    assert!(
+        diags
+            .iter()
+            .any(|d| d.contains("tier.toml:2:8: script file `lib/big.rhai`") && d.contains("1 MiB")),
+        "{diags:?}"
+    );
+    assert!(
+        diags
+            .iter()
+            .any(|d| d.contains("imp.rhai:") && d.contains("1 MiB")),
+        "{diags:?}"
+    );
+    assert_eq!(switchyard::policy::MAX_POLICY_FILE_BYTES, 1024 * 1024);
+}
+
+/// A Kubernetes ConfigMap volume: every file is a symlink through `..data` to a timestamped
+/// directory, all inside the volume.
+#[test]
+fn configmap_symlinks_inside_the_directory_work() {
+    let dir = TempDir::new();
+    let data = dir.path().join("..2026_11_25_10_00_00.123");
+    std::fs::create_dir_all(data.join("lib")).expect("mkdir");
+    std::fs::write(data.join("lib/pick.rhai"), "fn choose() { round_robin() }").expect("write");
+    std::fs::write(
+        data.join("m.rhai"),
+        "import \"lib/pick\" as pick;\npick::choose()\n",
+    )
+    .expect("write");
+    std::fs::write(
+        data.join("t.toml"),
+        "[[tier]]\nfile = \"lib/pick.rhai\"\n\n[[tier]]\nbuiltin = \"random\"\n",
+    )
+    .expect("write");
+    std::os::unix::fs::symlink("..2026_11_25_10_00_00.123", dir.path().join("..data"))
+        .expect("symlink");
+    for name in ["m.rhai", "t.toml", "lib"] {
+        std::os::unix::fs::symlink(format!("..data/{name}"), dir.path().join(name))
+            .expect("symlink");
+    }
+    assert!(
+        PolicyStore::check_dir(dir.path()).is_empty(),
+        "{:?}",
+        PolicyStore::check_dir(dir.path())
+    );
+    let s = PolicyStore::new(settings(dir.path(), "m"), 16).expect("store");
+    let c = queues(&[1.0, 1.0]);
+    assert_eq!(&*s.decide(&request(1), &c).tier, "round_robin");
+    let s = PolicyStore::new(settings(dir.path(), "t"), 16).expect("store");
+    assert_eq!(&*s.decide(&request(1), &c).tier, "random");
+    // The policies directory itself may be a symlink too.
+    let parent = TempDir::new();
+    let link = parent.path().join("policies");
+    std::os::unix::fs::symlink(dir.path(), &link).expect("symlink");
+    assert!(PolicyStore::check_dir(&link).is_empty());
+}
+
+/// One operation is a native call over a 4000-element array: seconds per evaluation under the
+/// operation limit alone.
+const RUNAWAY: &str = "let a = []; a.pad(4000, 7); loop { if a.contains(8) {} }";
+
+#[test]
+fn other_tasks_run_while_a_script_evaluates() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // One worker thread: if the evaluation held it, nothing else could run until it ended.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (_d, s) = store_with(&[("runaway.rhai", RUNAWAY)], "runaway");
+    let started = Arc::new(AtomicBool::new(false));
+    let finished = Arc::new(AtomicBool::new(false));
+    let decision = rt.spawn({
+        let (started, finished) = (Arc::clone(&started), Arc::clone(&finished));
+        async move {
+            started.store(true, Ordering::SeqCst);
+            let d = s.decide(&request(1), &queues(&[2.0, 1.0]));
+            finished.store(true, Ordering::SeqCst);
+            d
+        }
+    });
+    assert!(poll_until(Duration::from_secs(20), || started.load(Ordering::SeqCst)));
+    // Another task (think `/health`) runs while the script is still being evaluated.
+    let other = rt.spawn({
+        let finished = Arc::clone(&finished);
+        async move { finished.load(Ordering::SeqCst) }
+    });
+    let decided_first = rt.block_on(other).expect("task");
+    assert!(
+        !decided_first,
+        "the other task had to wait for the evaluation"
+    );
+    let d = rt.block_on(decision).expect("decision");
+    assert_eq!((d.engine, &*d.tier), (1, "default"));
+}

@@ -72,6 +72,23 @@ impl EngineMetrics {
         }
     }
 
+    /// Handles that record nothing and register no series (for throwaway engines).
+    fn unregistered(models: &[String]) -> EngineMetrics {
+        EngineMetrics {
+            in_flight: metrics::Gauge::noop(),
+            healthy: metrics::Gauge::noop(),
+            per_model: models
+                .iter()
+                .map(|m| ModelMetrics {
+                    model: m.clone(),
+                    ok: metrics::Counter::noop(),
+                    duration: metrics::Histogram::noop(),
+                    ttfb: metrics::Histogram::noop(),
+                })
+                .collect(),
+        }
+    }
+
     /// The handles for `model`, if this engine serves it.
     pub fn model(&self, model: &str) -> Option<&ModelMetrics> {
         self.per_model.iter().find(|m| m.model == model)
@@ -79,9 +96,30 @@ impl EngineMetrics {
 }
 
 impl Engine {
+    /// An engine whose metric series (`switchyard_engine_*{engine=...}` and per model) are
+    /// registered with the metrics recorder.
     pub fn new(id: u32, url: &str, models: Vec<String>) -> Engine {
+        let metrics = EngineMetrics::new(Self::name_of(url), &models);
+        Self::with_metrics(id, url, models, metrics)
+    }
+
+    /// An engine that registers no metric series, for engines that never take traffic (e.g.
+    /// the synthetic candidates policy validation runs scripts against): nothing of it shows
+    /// in `/metrics`.
+    pub fn unregistered(id: u32, url: &str, models: Vec<String>) -> Engine {
+        let metrics = EngineMetrics::unregistered(&models);
+        Self::with_metrics(id, url, models, metrics)
+    }
+
+    /// The display name of the engine at `url`: its `host:port`.
+    fn name_of(url: &str) -> &str {
         let url = url.trim_end_matches('/');
-        let name = url.split_once("://").map(|(_, rest)| rest).unwrap_or(url);
+        url.split_once("://").map(|(_, rest)| rest).unwrap_or(url)
+    }
+
+    fn with_metrics(id: u32, url: &str, models: Vec<String>, metrics: EngineMetrics) -> Engine {
+        let url = url.trim_end_matches('/');
+        let name = Self::name_of(url);
         Engine {
             id,
             name: Arc::from(name),
@@ -94,7 +132,7 @@ impl Engine {
             healthy: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
             stats: ArcSwap::from_pointee(ScrapedStats::default()),
-            metrics: EngineMetrics::new(name, &models),
+            metrics,
             models,
         }
     }

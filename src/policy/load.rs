@@ -2,7 +2,7 @@
 //! with every problem reported as `file:line:col: message`.
 
 use std::fmt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use rhai::{Array, Dynamic, Engine, FLOAT, INT, Map};
 use toml::Spanned;
@@ -11,6 +11,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::builtins::{Builtin, BuiltinKind, DEFAULT_KV_MIN_MATCH};
 use super::chain;
+use super::files;
 use super::pipeline::{CompiledPolicy, Tier, TierKind};
 use super::script::{self, ScriptError};
 
@@ -129,9 +130,9 @@ pub(crate) struct Loaded {
 /// Reads, compiles and validates one policy file.
 pub(crate) fn load_file(engine: &Engine, dir: &Path, file: &PolicyFile) -> Loaded {
     let mut hasher = Xxh3::new();
-    let text = match std::fs::read_to_string(&file.path) {
+    let text = match files::read_policy_text(dir, &file.path) {
         Ok(t) => t,
-        Err(e) => {
+        Err(refusal) => {
             return Loaded {
                 hash: 0,
                 imports: false,
@@ -139,7 +140,7 @@ pub(crate) fn load_file(engine: &Engine, dir: &Path, file: &PolicyFile) -> Loade
                     &file.path,
                     1,
                     1,
-                    format!("cannot read policy file: {e}"),
+                    format!("policy file {refusal}"),
                 )]),
             };
         }
@@ -250,18 +251,6 @@ fn string_content_start(text: &str, start: usize) -> usize {
     } else {
         start
     }
-}
-
-/// A path inside the policies directory, or `None` if it would escape it.
-fn inside(dir: &Path, rel: &str) -> Option<PathBuf> {
-    let p = Path::new(rel);
-    if p.is_absolute()
-        || p.components()
-            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        return None;
-    }
-    Some(dir.join(p))
 }
 
 struct TomlCx<'a> {
@@ -418,17 +407,17 @@ fn parse_tier(
         return None;
     }
     if let Some((v, rel)) = file {
-        let Some(path) = inside(cx.dir, &rel) else {
+        let Some(path) = files::join_relative(cx.dir, &rel) else {
             cx.err(
                 v.span().start,
                 format!("`{rel}` is not inside the policies directory"),
             );
             return None;
         };
-        let src = match std::fs::read_to_string(&path) {
+        let src = match files::read_policy_text(cx.dir, &path) {
             Ok(s) => s,
-            Err(e) => {
-                cx.err(v.span().start, format!("cannot read `{rel}`: {e}"));
+            Err(refusal) => {
+                cx.err(v.span().start, format!("script file `{rel}` {refusal}"));
                 return None;
             }
         };
@@ -574,13 +563,5 @@ mod tests {
         assert_eq!(string_content_start(t, 4), 8);
         let t = "a = 'x'";
         assert_eq!(string_content_start(t, 4), 5);
-    }
-
-    #[test]
-    fn paths_stay_inside() {
-        let d = Path::new("/p");
-        assert_eq!(inside(d, "a/b.rhai"), Some(PathBuf::from("/p/a/b.rhai")));
-        assert_eq!(inside(d, "../x.rhai"), None);
-        assert_eq!(inside(d, "/etc/x"), None);
     }
 }

@@ -16,6 +16,7 @@
 pub mod builtins;
 mod chain;
 mod decisions;
+mod files;
 mod load;
 mod pipeline;
 mod reload;
@@ -24,19 +25,24 @@ mod script;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 
 use crate::engines::Candidate;
 use crate::request::RequestInfo;
 
+pub use files::MAX_POLICY_FILE_BYTES;
 pub use load::PolicyDiagnostic;
 pub use pipeline::DEFAULT_TIER;
-pub use reload::WatchHandle;
+pub use reload::{REARM_INTERVAL, WatchHandle};
 pub use script::{
-    MAX_ARRAY_SIZE, MAX_CALL_LEVELS, MAX_EXPR_DEPTHS, MAX_MAP_SIZE, MAX_OPERATIONS, MAX_STRING_SIZE,
+    MAX_ARRAY_SIZE, MAX_CALL_LEVELS, MAX_EXPR_DEPTHS, MAX_MAP_SIZE, MAX_OPERATIONS,
+    MAX_STRING_SIZE, VALIDATION_TIME_BUDGET,
 };
+
+/// Default wall-clock budget of one script tier's evaluation (`--script-time-budget`).
+pub const DEFAULT_SCRIPT_TIME_BUDGET: Duration = Duration::from_millis(5);
 
 use load::{FileKind, PolicyFile};
 use pipeline::CompiledPolicy;
@@ -50,6 +56,20 @@ pub struct PolicySettings {
     pub default_policy: String,
     /// Per-model policy names.
     pub per_model: BTreeMap<String, String>,
+    /// How long one script tier may run for one request before it is stopped and passes
+    /// (`--script-time-budget`).
+    pub script_time_budget: Duration,
+}
+
+impl Default for PolicySettings {
+    fn default() -> PolicySettings {
+        PolicySettings {
+            dir: PathBuf::from("policies"),
+            default_policy: "load_balanced_kvaware".into(),
+            per_model: BTreeMap::new(),
+            script_time_budget: DEFAULT_SCRIPT_TIME_BUDGET,
+        }
+    }
 }
 
 /// Reloads [`PolicySettings`] from the config file (CLI overrides still applied).
@@ -113,11 +133,12 @@ struct FileStatus {
     last_error: Vec<PolicyDiagnostic>,
 }
 
-/// Everything one load produced, swapped in as a whole.
+/// Everything one load produced, swapped in as a whole. Every part of it comes from the same
+/// settings: the files were loaded from `settings.dir`, with an engine (and module resolver)
+/// built for `settings.dir`.
 struct Generation {
     settings: Arc<PolicySettings>,
     engine: Arc<rhai::Engine>,
-    engine_dir: PathBuf,
     default: Arc<CompiledPolicy>,
     per_model: HashMap<String, Arc<CompiledPolicy>>,
     /// Policies by the names the settings used.
@@ -132,7 +153,7 @@ struct Generation {
 impl Generation {
     fn new(
         settings: PolicySettings,
-        (engine, engine_dir): (Arc<rhai::Engine>, PathBuf),
+        engine: Arc<rhai::Engine>,
         (default, per_model, resolved): Resolution,
         files: Vec<FileStatus>,
         errors: Vec<PolicyDiagnostic>,
@@ -141,7 +162,6 @@ impl Generation {
         Generation {
             settings: Arc::new(settings),
             engine,
-            engine_dir,
             default,
             per_model,
             resolved,
@@ -319,6 +339,33 @@ fn load_files(
     (out, errors)
 }
 
+/// Runs `f` (an evaluation that may take up to the script time budget) so that it does not
+/// hold up the other tasks of a tokio worker: on a multi-threaded runtime's worker the worker's
+/// other tasks (`/health`, other requests) move to another thread for the duration
+/// (`block_in_place`); anywhere else `f` simply runs.
+fn off_the_workers<R>(f: impl Fn() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let multi_thread =
+        Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
+    if !multi_thread {
+        return f();
+    }
+    let mut ran = false;
+    // `block_in_place` refuses (panics, before running `f`) in contexts where blocking is not
+    // allowed; then `f` runs here. A panic of `f` itself goes on unwinding.
+    let blocked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tokio::task::block_in_place(|| {
+            ran = true;
+            f()
+        })
+    }));
+    match blocked {
+        Ok(r) => r,
+        Err(panic) if ran => std::panic::resume_unwind(panic),
+        Err(_) => f(),
+    }
+}
+
 fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
@@ -356,10 +403,9 @@ impl PolicyStore {
                 errors.append(&mut e);
                 PolicyError::Invalid(errors.clone())
             })?;
-        let dir = settings.dir.clone();
         let generation = Generation::new(
             settings,
-            (engine, dir),
+            engine,
             (default, per_model, resolved),
             files,
             errors,
@@ -395,7 +441,19 @@ impl PolicyStore {
                 tier: Arc::from(DEFAULT_TIER),
             };
         }
-        let (picked, label) = policy.decide(&generation.engine, req, cands);
+        let run = || {
+            policy.decide(
+                &generation.engine,
+                generation.settings.script_time_budget,
+                req,
+                cands,
+            )
+        };
+        let (picked, label) = if policy.is_native() {
+            run()
+        } else {
+            off_the_workers(run)
+        };
         let engine = picked.min(cands.len() - 1);
         let tier = policy.label(label);
         decisions::record(policy, label, tier, &cands[engine].engine);
@@ -421,18 +479,22 @@ impl PolicyStore {
     }
 
     /// Reloads the policies and applies `settings`. Everything is compiled and validated before
-    /// the swap; a broken policy keeps its last good version, and settings naming an unknown
-    /// policy are not applied (the previous settings stay).
+    /// the swap; a broken policy keeps its last good version. Settings naming an unknown policy
+    /// are rejected as a whole: the previous settings stay in effect with the policies of their
+    /// own directory (reloaded from it), so nothing of the rejected settings (not their
+    /// directory's files, not their script budget) is used.
     pub fn reload_with(&self, settings: PolicySettings) -> ReloadOutcome {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let prev = self.current.load_full();
-        let load_dir = settings.dir.clone();
-        let engine = if prev.engine_dir == settings.dir {
-            Arc::clone(&prev.engine)
-        } else {
-            Arc::new(script::build_engine(&settings.dir))
+        let engine_for = |dir: &Path| {
+            if prev.settings.dir == dir {
+                Arc::clone(&prev.engine)
+            } else {
+                Arc::new(script::build_engine(dir))
+            }
         };
-        let (files, mut errors) = load_files(&engine, &settings.dir, Some(&prev));
+        let mut engine = engine_for(&settings.dir);
+        let (mut files, mut errors) = load_files(&engine, &settings.dir, Some(&prev));
         let (settings, resolution, settings_applied) = match resolve(&settings, &files, Some(&prev))
         {
             Ok((r, mut kept)) => {
@@ -442,18 +504,25 @@ impl PolicyStore {
                 errors.append(&mut kept);
                 (settings, r, true)
             }
-            Err(mut e) => {
-                for d in &e {
-                    tracing::error!("{d}");
+            Err(mut rejected) => {
+                for d in &rejected {
+                    tracing::error!("{d}; settings not applied");
                 }
-                errors.append(&mut e);
                 let old = PolicySettings::clone(&prev.settings);
+                if old.dir != settings.dir {
+                    // The files just loaded belong to the rejected directory: load the
+                    // directory in effect instead.
+                    engine = engine_for(&old.dir);
+                    (files, errors) = load_files(&engine, &old.dir, Some(&prev));
+                }
+                errors.append(&mut rejected);
                 match resolve(&old, &files, Some(&prev)) {
                     Ok((r, mut kept)) => {
                         errors.append(&mut kept);
                         (old, r, false)
                     }
-                    // Cannot happen (every previous name resolved before); keep all.
+                    // Cannot happen (every previous name resolved before, and vanished ones
+                    // keep their last good version); keep the previous generation as it is.
                     Err(_) => {
                         return ReloadOutcome {
                             errors,
@@ -466,11 +535,9 @@ impl PolicyStore {
         };
         let policies = files.iter().filter(|f| f.policy.is_some()).count();
         let ok = errors.is_empty();
-        // The engine (and its module resolver) belongs to the directory the files were loaded
-        // from, even when the new settings were not applied.
         let generation = Generation::new(
             settings,
-            (engine, load_dir),
+            engine,
             resolution,
             files,
             errors.clone(),
@@ -557,6 +624,36 @@ impl PolicyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn off_the_workers_runs_anywhere() {
+        assert_eq!(off_the_workers(|| 1), 1);
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert_eq!(current.block_on(async { off_the_workers(|| 2) }), 2);
+        let local = tokio::task::LocalSet::new();
+        assert_eq!(local.block_on(&current, async { off_the_workers(|| 3) }), 3);
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .expect("runtime");
+        assert_eq!(multi.block_on(async { off_the_workers(|| 4) }), 4);
+        let on_worker = multi.spawn(async { off_the_workers(|| 5) });
+        assert_eq!(multi.block_on(on_worker).expect("task"), 5);
+        // A multi-threaded runtime's handle entered inside a current-thread runtime, where
+        // `block_in_place` refuses: runs inline.
+        let v = current.block_on(async {
+            let _guard = multi.handle().enter();
+            off_the_workers(|| 6)
+        });
+        assert_eq!(v, 6);
+        // A panic of the evaluation itself is not swallowed.
+        let on_worker = multi.spawn(async {
+            std::panic::catch_unwind(|| off_the_workers(|| -> u8 { panic!("evaluation") })).is_err()
+        });
+        assert!(multi.block_on(on_worker).expect("task"));
+    }
 
     #[test]
     fn rfc3339_formats_utc() {

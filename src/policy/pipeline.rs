@@ -5,12 +5,12 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use rhai::Dynamic;
 
 use super::builtins::{self, Builtin, BuiltinKind, PolicyState};
-use super::script::{self, Ctx, ORIGIN_SCRIPT, Outcome, Script, ScriptError};
+use super::script::{self, Ctx, ErrorReason, ORIGIN_SCRIPT, Outcome, Script, ScriptError};
 use crate::engines::Candidate;
 use crate::request::RequestInfo;
 
@@ -138,10 +138,12 @@ impl CompiledPolicy {
     }
 
     /// Chooses one of `cands` (never empty): the first tier that decides, else the least
-    /// loaded engine under the [`DEFAULT_TIER`] label.
+    /// loaded engine under the [`DEFAULT_TIER`] label. Each script tier may run for
+    /// `script_budget` (wall clock) before it is stopped and passes.
     pub fn decide(
         &self,
         engine: &rhai::Engine,
+        script_budget: Duration,
         req: &RequestInfo,
         cands: &[Candidate],
     ) -> (usize, Label) {
@@ -157,7 +159,7 @@ impl CompiledPolicy {
                     let ctx = ctx.get_or_insert_with(|| Ctx::new(req, cands, &self.state));
                     // A request never fails because of a script, not even if evaluation panics.
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        script::eval(engine, s, ctx, &self.params)
+                        script::eval(engine, s, ctx, &self.params, script_budget)
                     }))
                     .unwrap_or_else(|_| {
                         Err(ScriptError {
@@ -165,6 +167,7 @@ impl CompiledPolicy {
                             col: s.origin.1,
                             message: "script evaluation panicked".into(),
                             unknown_name: false,
+                            reason: ErrorReason::Panic,
                         })
                     });
                     match outcome {
@@ -185,13 +188,15 @@ impl CompiledPolicy {
         metrics::counter!(
             "switchyard_policy_script_errors_total",
             "policy" => self.name.to_string(),
-            "tier" => tier.name.to_string()
+            "tier" => tier.name.to_string(),
+            "reason" => err.reason.label()
         )
         .increment(1);
         if let Some(suppressed) = tier.limiter.permit() {
             tracing::warn!(
                 policy = %self.name,
                 tier = %tier.name,
+                reason = err.reason.label(),
                 suppressed,
                 "{}:{}:{}: {} (tier passed)",
                 script.file.display(),

@@ -4,17 +4,19 @@
 //! The engine is built once per store (again only if the policies directory changes) with only
 //! what scripts need: arithmetic, logic, math, strings, arrays, maps and function pointers; no
 //! `eval`, no file or network access, no `sleep`, and `import` only from inside the policies
-//! directory, resolved at compile time. Limits bound operations, call depth, expression depth,
-//! and string, array and map sizes.
+//! directory (under the rule of [`super::files`]), resolved at compile time. Limits bound
+//! operations, call depth, expression depth, and string, array and map sizes; a wall-clock
+//! budget per evaluation bounds its time (see [`TimeBudget`]), since one operation may be a
+//! native call over a whole array.
 //!
 //! During one evaluation the request and candidates are published in a thread-local (see
 //! [`Ctx`]); the `request` and `engines` views and the built-in functions read them through it,
 //! so nothing is copied into Rhai values unless a script asks for it.
 
 use std::cell::{Cell, OnceCell, RefCell};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use rhai::module_resolvers::FileModuleResolver;
 use rhai::packages::{
     ArithmeticPackage, BasicArrayPackage, BasicFnPackage, BasicIteratorPackage, BasicMapPackage,
     BasicMathPackage, BasicStringPackage, LogicPackage, MoreStringPackage, Package,
@@ -28,6 +30,7 @@ type RhaiResultOf<T> = Result<T, Box<EvalAltResult>>;
 type SharedModule = Shared<Module>;
 
 use super::builtins::{self, BuiltinKind, DEFAULT_KV_MIN_MATCH, PolicyState};
+use super::files::{self, Refusal};
 use crate::engines::Candidate;
 use crate::request::RequestInfo;
 
@@ -47,6 +50,14 @@ pub const MAX_MAP_SIZE: usize = 1024;
 pub const MAX_VARIABLES: usize = 256;
 /// Maximum number of imported modules.
 pub const MAX_MODULES: usize = 16;
+/// Time budget of the validation run of each script at load, and of the evaluation of the
+/// modules it imports at compile time (not on the request path; generous, so that a slow
+/// machine does not skip the validation).
+pub const VALIDATION_TIME_BUDGET: Duration = Duration::from_millis(250);
+/// An evaluation compares the clock with its deadline every this many operations (a power of
+/// two). One operation can be a native call over a whole (bounded) array, so the budget is
+/// overshot by at most this many such calls.
+const CLOCK_CHECK_EVERY: u64 = 8;
 
 /// What the current evaluation routes: published to the script's native functions.
 pub(crate) struct Ctx<'a> {
@@ -92,6 +103,91 @@ impl CtxGuard {
 impl Drop for CtxGuard {
     fn drop(&mut self) {
         CTX.with(|c| c.set(self.prev));
+    }
+}
+
+thread_local! {
+    /// When the evaluation running on this thread must stop; `None`: no deadline.
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// The wall-clock budget of one evaluation: sets this thread's deadline for as long as it
+/// lives (restoring the previous one when dropped, also on error or unwinding). The engine's
+/// progress callback ([`past_deadline`]) stops the evaluation once the deadline has passed.
+pub(crate) struct TimeBudget {
+    prev: Option<Instant>,
+}
+
+impl TimeBudget {
+    pub fn start(budget: Duration) -> TimeBudget {
+        let deadline = Instant::now().checked_add(budget);
+        TimeBudget {
+            prev: DEADLINE.with(|d| d.replace(deadline)),
+        }
+    }
+}
+
+impl Drop for TimeBudget {
+    fn drop(&mut self) {
+        DEADLINE.with(|d| d.set(self.prev));
+    }
+}
+
+/// The token an evaluation stopped by its time budget terminates with.
+#[derive(Debug, Clone, Copy)]
+struct OutOfTime;
+
+/// The engine's progress callback: called with the operation count after every operation;
+/// reads the clock only every [`CLOCK_CHECK_EVERY`] operations.
+fn past_deadline(ops: u64) -> Option<Dynamic> {
+    if !ops.is_multiple_of(CLOCK_CHECK_EVERY) {
+        return None;
+    }
+    let deadline = DEADLINE.with(Cell::get)?;
+    (Instant::now() >= deadline).then(|| Dynamic::from(OutOfTime))
+}
+
+/// Why a script failed, as the `reason` label of `switchyard_policy_script_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrorReason {
+    /// Stopped by the wall-clock budget (`--script-time-budget`).
+    TimeBudget,
+    /// Stopped by the operation limit ([`MAX_OPERATIONS`]).
+    Operations,
+    /// Another limit: data size, call depth, variables, modules.
+    Limit,
+    /// The script threw or failed at run time.
+    RuntimeError,
+    /// The script returned something that is not an engine, a candidate's name or `()`.
+    BadResult,
+    /// Evaluation panicked (a bug; the request is routed anyway).
+    Panic,
+}
+
+impl ErrorReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorReason::TimeBudget => "time_budget",
+            ErrorReason::Operations => "operations",
+            ErrorReason::Limit => "limit",
+            ErrorReason::RuntimeError => "runtime_error",
+            ErrorReason::BadResult => "bad_result",
+            ErrorReason::Panic => "panic",
+        }
+    }
+
+    fn of(err: &EvalAltResult) -> ErrorReason {
+        match err.unwrap_inner() {
+            EvalAltResult::ErrorTerminated(token, _) if token.is::<OutOfTime>() => {
+                ErrorReason::TimeBudget
+            }
+            EvalAltResult::ErrorTooManyOperations(_) => ErrorReason::Operations,
+            EvalAltResult::ErrorDataTooLarge(..)
+            | EvalAltResult::ErrorStackOverflow(_)
+            | EvalAltResult::ErrorTooManyVariables(_)
+            | EvalAltResult::ErrorTooManyModules(_) => ErrorReason::Limit,
+            _ => ErrorReason::RuntimeError,
+        }
     }
 }
 
@@ -333,39 +429,41 @@ fn register_builtins(engine: &mut Engine) {
         });
 }
 
-/// Resolves `import` only to files inside the policies directory.
+/// Resolves `import "lib/x"` to `lib/x.rhai` under the policies directory, read under the rule
+/// of [`files::read_policy_text`] (the same as for policy files and script tiers).
 struct SandboxResolver {
-    root: PathBuf,
-    inner: FileModuleResolver,
+    dir: PathBuf,
 }
 
 impl SandboxResolver {
-    fn new(dir: &Path) -> SandboxResolver {
-        let root = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-        let mut inner = FileModuleResolver::new_with_path(&root);
-        inner.enable_cache(false);
-        SandboxResolver { root, inner }
-    }
-
-    fn check(&self, path: &str, pos: Position) -> RhaiResultOf<()> {
-        let p = Path::new(path);
-        let escapes = p.is_absolute()
-            || p.components()
-                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
-        let file = self.inner.get_file_path(path, None);
-        let inside = match file.canonicalize() {
-            Ok(real) => real.starts_with(&self.root),
-            // Let the inner resolver report the missing module.
-            Err(_) => true,
+    fn load(&self, engine: &Engine, path: &str, pos: Position) -> RhaiResultOf<AST> {
+        let refused = |why: String| -> Box<EvalAltResult> {
+            EvalAltResult::ErrorModuleNotFound(format!("{path} ({why})"), pos).into()
         };
-        if escapes || !inside {
-            return Err(EvalAltResult::ErrorModuleNotFound(
-                format!("{path} (imports are limited to the policies directory)"),
-                pos,
-            )
-            .into());
-        }
-        Ok(())
+        let Some(mut file) = files::join_relative(&self.dir, path) else {
+            return Err(refused(
+                "imports are limited to the policies directory".into(),
+            ));
+        };
+        file.set_extension("rhai");
+        let text = match files::read_policy_text(&self.dir, &file) {
+            Ok(t) => t,
+            Err(r) if r.is_not_found() => {
+                return Err(EvalAltResult::ErrorModuleNotFound(path.to_string(), pos).into());
+            }
+            Err(Refusal::Outside { real }) => {
+                return Err(refused(format!(
+                    "imports are limited to the policies directory; it resolves to {}",
+                    real.display()
+                )));
+            }
+            Err(r) => return Err(refused(format!("module {r}"))),
+        };
+        let mut ast = engine
+            .compile(text)
+            .map_err(|e| EvalAltResult::ErrorInModule(path.to_string(), e.into(), pos))?;
+        ast.set_source(path);
+        Ok(ast)
     }
 }
 
@@ -373,25 +471,24 @@ impl ModuleResolver for SandboxResolver {
     fn resolve(
         &self,
         engine: &Engine,
-        source: Option<&str>,
+        _source: Option<&str>,
         path: &str,
         pos: Position,
     ) -> RhaiResultOf<SharedModule> {
-        self.check(path, pos)?;
-        self.inner.resolve(engine, source, path, pos)
+        let ast = self.load(engine, path, pos)?;
+        Module::eval_ast_as_new(Scope::new(), &ast, engine)
+            .map(Into::into)
+            .map_err(|e| EvalAltResult::ErrorInModule(path.to_string(), e, pos).into())
     }
 
     fn resolve_ast(
         &self,
         engine: &Engine,
-        source: Option<&str>,
+        _source: Option<&str>,
         path: &str,
         pos: Position,
     ) -> Option<RhaiResultOf<AST>> {
-        if let Err(e) = self.check(path, pos) {
-            return Some(Err(e));
-        }
-        self.inner.resolve_ast(engine, source, path, pos)
+        Some(self.load(engine, path, pos))
     }
 }
 
@@ -422,8 +519,11 @@ pub(crate) fn build_engine(dir: &Path) -> Engine {
         .set_max_modules(MAX_MODULES)
         .set_strict_variables(true)
         .set_optimization_level(OptimizationLevel::Simple)
-        .set_module_resolver(SandboxResolver::new(dir))
+        .set_module_resolver(SandboxResolver {
+            dir: dir.to_path_buf(),
+        })
         .disable_symbol("eval");
+    engine.on_progress(past_deadline);
     engine.on_print(|s| tracing::debug!(target: "switchyard::policy::script", "{s}"));
     engine.on_debug(|s, src, pos| {
         tracing::debug!(target: "switchyard::policy::script", source = src.unwrap_or(""), %pos, "{s}")
@@ -468,6 +568,7 @@ pub(crate) struct ScriptError {
     pub message: String,
     /// A call to an unknown function or property: a mistake in the script, not in the data.
     pub unknown_name: bool,
+    pub reason: ErrorReason,
 }
 
 impl Script {
@@ -478,11 +579,17 @@ impl Script {
 
     fn error(&self, err: &EvalAltResult) -> ScriptError {
         let (line, col) = self.locate(err.position());
+        let reason = ErrorReason::of(err);
+        let message = match reason {
+            ErrorReason::TimeBudget => "script stopped: it exceeded its time budget".to_string(),
+            _ => message_without_position(err),
+        };
         ScriptError {
             line,
             col,
-            message: message_without_position(err),
+            message,
             unknown_name: false,
+            reason,
         }
     }
 }
@@ -509,7 +616,8 @@ fn locate(origin: (usize, usize), pos: Position) -> (usize, usize) {
     }
 }
 
-/// Compiles `src` (found in `file` at `origin`), resolving its imports now.
+/// Compiles `src` (found in `file` at `origin`), resolving (and evaluating) its imports now,
+/// within [`VALIDATION_TIME_BUDGET`].
 pub(crate) fn compile(
     engine: &Engine,
     src: &str,
@@ -525,6 +633,7 @@ pub(crate) fn compile(
         engines: mentions(src, "engines"),
         params: mentions(src, "params"),
     };
+    let _budget = TimeBudget::start(VALIDATION_TIME_BUDGET);
     match engine.compile_into_self_contained(&scope, src) {
         Ok(ast) => Ok(Script {
             ast,
@@ -543,6 +652,7 @@ pub(crate) fn compile(
                 col,
                 message,
                 unknown_name: false,
+                reason: ErrorReason::of(&e),
             })
         }
     }
@@ -590,15 +700,18 @@ fn run_in_scope(
     r
 }
 
-/// Evaluates `script` for one request. Errors (including hitting a limit) are returned for the
-/// caller to count and log; the tier then passes.
+/// Evaluates `script` for one request, stopping it once `budget` has passed. Errors (including
+/// hitting a limit or the budget) are returned for the caller to count and log; the tier then
+/// passes.
 pub(crate) fn eval(
     engine: &Engine,
     script: &Script,
     ctx: &Ctx<'_>,
     params: &Dynamic,
+    budget: Duration,
 ) -> Result<Outcome, ScriptError> {
     let _guard = CtxGuard::enter(ctx);
+    let _budget = TimeBudget::start(budget);
     let result = SCOPE.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scope) => run_in_scope(engine, script, ctx, params, &mut scope),
         Err(_) => run_in_scope(engine, script, ctx, params, &mut Scope::new()),
@@ -611,6 +724,7 @@ pub(crate) fn eval(
             col,
             message,
             unknown_name: false,
+            reason: ErrorReason::BadResult,
         }
     })
 }
@@ -642,17 +756,18 @@ fn interpret(value: Dynamic, cands: &[Candidate]) -> Result<Outcome, String> {
 }
 
 /// Runs `script` once against a synthetic request and two idle engines to catch calls to
-/// unknown functions or properties (which the compiler cannot see). Other runtime errors depend
-/// on the data and are not reported.
+/// unknown functions or properties (which the compiler cannot see), within
+/// [`VALIDATION_TIME_BUDGET`]. Other runtime errors depend on the data and are not reported.
+/// The engines are unregistered: validation leaves no trace in `/metrics`.
 pub(crate) fn dry_run(engine: &Engine, script: &Script, params: &Dynamic) -> Option<ScriptError> {
     use std::sync::Arc;
     let engines = [
-        Arc::new(crate::engines::Engine::new(
+        Arc::new(crate::engines::Engine::unregistered(
             0,
             "http://dry-run-a:1",
             vec!["m".into()],
         )),
-        Arc::new(crate::engines::Engine::new(
+        Arc::new(crate::engines::Engine::unregistered(
             1,
             "http://dry-run-b:1",
             vec!["m".into()],
@@ -675,6 +790,7 @@ pub(crate) fn dry_run(engine: &Engine, script: &Script, params: &Dynamic) -> Opt
     let state = PolicyState::default();
     let ctx = Ctx::new(&req, &cands, &state);
     let _guard = CtxGuard::enter(&ctx);
+    let _budget = TimeBudget::start(VALIDATION_TIME_BUDGET);
     let mut scope = Scope::new();
     let err = run_in_scope(engine, script, &ctx, params, &mut scope).err()?;
     if names_unknown_thing(&err) {

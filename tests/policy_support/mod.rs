@@ -59,11 +59,17 @@ pub fn request(tokens: usize) -> RequestInfo {
     }
 }
 
+/// The script time budget of [`settings`]: generous, so that a test machine busy enough to
+/// preempt an evaluation for milliseconds does not make a script tier pass. Tests of the budget
+/// set their own.
+pub const TEST_SCRIPT_BUDGET: Duration = Duration::from_secs(2);
+
 pub fn settings(dir: &Path, default: &str) -> PolicySettings {
     PolicySettings {
         dir: dir.to_path_buf(),
         default_policy: default.into(),
         per_model: BTreeMap::new(),
+        script_time_budget: TEST_SCRIPT_BUDGET,
     }
 }
 
