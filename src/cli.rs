@@ -88,7 +88,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
     init_logging(&cfg.log_level);
     // No backends configured: the embedded demo, simulated engines on free loopback ports.
     let mut demo_engines = Vec::new();
-    if cfg.backends.is_empty() {
+    if cfg.backends.is_empty() && !cfg.discovery.is_dynamic() {
         let model = crate::sim::SimConfig::default().model;
         for i in 0..cfg.demo_engines.max(1) {
             let sim_cfg = crate::sim::SimConfig {
@@ -120,11 +120,22 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
     let mut router = crate::proxy::start(cfg, loader).await?;
     let url = router.url();
     println!("Switchyard is routing on {url}");
-    println!("  curl {url}/v1/completions -H 'content-type: application/json' \\");
-    println!(
-        "       -d '{{\"model\": \"{}\", \"prompt\": \"Hello\", \"max_tokens\": 8}}'",
-        first_model(&router)
-    );
+    if let crate::engines::discovery::ServiceDiscovery::K8s(k) = &router.state.cfg.discovery {
+        println!(
+            "  engines: Ready pods{} on port {} (see {url}/health)",
+            k.label_selector
+                .as_deref()
+                .map(|s| format!(" matching {s}"))
+                .unwrap_or_default(),
+            k.port
+        );
+    } else {
+        println!("  curl {url}/v1/completions -H 'content-type: application/json' \\");
+        println!(
+            "       -d '{{\"model\": \"{}\", \"prompt\": \"Hello\", \"max_tokens\": 8}}'",
+            first_model(&router)
+        );
+    }
     tokio::select! {
         _ = router.wait() => {}
         _ = tokio::signal::ctrl_c() => {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::engines::discovery::ServiceDiscovery;
+use crate::engines::k8s::{self, K8sDiscovery};
 use crate::policy::PolicySettings;
 
 /// Flags of `switchyard serve`. Every flag may also be set in the config file under the same
@@ -88,6 +90,24 @@ pub struct ServeArgs {
     /// Simulated engines started in-process when no backends are configured [default: 3].
     #[arg(long)]
     pub demo_engines: Option<usize>,
+    /// Where engines come from: `static` (--static-backends) or `k8s` (Ready pods found through
+    /// the Kubernetes API) [default: static].
+    #[arg(long)]
+    pub service_discovery: Option<String>,
+    /// k8s: namespace of the engine pods [default: the router pod's own namespace, else the
+    /// kubeconfig context's, else default].
+    #[arg(long)]
+    pub k8s_namespace: Option<String>,
+    /// k8s: label selector of the engine pods, e.g. app=vllm [default: every pod of the namespace].
+    #[arg(long)]
+    pub k8s_label_selector: Option<String>,
+    /// k8s: the engines' port on each pod [default: 8000].
+    #[arg(long)]
+    pub k8s_port: Option<u16>,
+    /// k8s: pod label naming the served model, used while an engine does not answer its
+    /// /v1/models (which wins); "" for none [default: model].
+    #[arg(long)]
+    pub k8s_model_label: Option<String>,
 }
 
 /// The config file. Keys are the flag names with `_`.
@@ -117,6 +137,11 @@ pub struct FileConfig {
     pub prefix_index_mib: Option<usize>,
     pub block_size: Option<usize>,
     pub demo_engines: Option<usize>,
+    pub service_discovery: Option<String>,
+    pub k8s_namespace: Option<String>,
+    pub k8s_label_selector: Option<String>,
+    pub k8s_port: Option<u16>,
+    pub k8s_model_label: Option<String>,
     /// Per-model policies: `[policies] "model-name" = "policy"`.
     #[serde(default)]
     pub policies: BTreeMap<String, String>,
@@ -158,8 +183,10 @@ pub struct Backend {
 pub struct RouterConfig {
     pub host: IpAddr,
     pub port: u16,
-    /// Static backends; empty means "start `demo_engines` simulated engines".
+    /// Static backends; empty with static discovery means "start `demo_engines` simulated engines".
     pub backends: Vec<Backend>,
+    /// Where engines come from: the static backends, or Kubernetes pods.
+    pub discovery: ServiceDiscovery,
     pub demo_engines: usize,
     pub engine_stats_interval: Duration,
     /// A tracing filter directive (`info`, `warn`, …).
@@ -189,6 +216,7 @@ impl Default for RouterConfig {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 8001,
             backends: Vec::new(),
+            discovery: ServiceDiscovery::Static,
             demo_engines: 3,
             engine_stats_interval: Duration::from_secs(1),
             log_level: "info".into(),
@@ -244,6 +272,30 @@ impl RouterConfig {
             .or(file.static_backends.clone())
             .unwrap_or_default();
         let models_raw = args.static_models.clone().or(file.static_models.clone());
+        let discovery = discovery_from(args, &file)?;
+        if discovery.is_dynamic() {
+            for (setting, given) in [
+                (
+                    "static_backends",
+                    args.static_backends.is_some() || file.static_backends.is_some(),
+                ),
+                (
+                    "static_models",
+                    args.static_models.is_some() || file.static_models.is_some(),
+                ),
+                (
+                    "demo_engines",
+                    args.demo_engines.is_some() || file.demo_engines.is_some(),
+                ),
+            ] {
+                if given {
+                    return Err(invalid(
+                        setting,
+                        "not used with service_discovery = k8s (the engines are the pods found through the Kubernetes API)",
+                    ));
+                }
+            }
+        }
         let backends = backends_from(&backends_raw, models_raw.as_deref())?;
         let log_level = normalize_log_level(
             args.log_level
@@ -292,6 +344,7 @@ impl RouterConfig {
             host: args.host.or(file.host).unwrap_or(d.host),
             port: args.port.or(file.port).unwrap_or(d.port),
             backends,
+            discovery,
             demo_engines: args
                 .demo_engines
                 .or(file.demo_engines)
@@ -477,6 +530,117 @@ fn backends_from(urls: &[String], models: Option<&[String]>) -> Result<Vec<Backe
         .collect())
 }
 
+/// `service_discovery` and the `k8s_*` settings.
+fn discovery_from(args: &ServeArgs, file: &FileConfig) -> Result<ServiceDiscovery, ConfigError> {
+    let mode = args
+        .service_discovery
+        .as_deref()
+        .or(file.service_discovery.as_deref())
+        .unwrap_or("static");
+    let namespace = args.k8s_namespace.clone().or(file.k8s_namespace.clone());
+    let selector = args
+        .k8s_label_selector
+        .clone()
+        .or(file.k8s_label_selector.clone());
+    let port = args.k8s_port.or(file.k8s_port);
+    let model_label = args
+        .k8s_model_label
+        .clone()
+        .or(file.k8s_model_label.clone());
+    match mode {
+        "static" => {
+            for (setting, given) in [
+                ("k8s_namespace", namespace.is_some()),
+                ("k8s_label_selector", selector.is_some()),
+                ("k8s_port", port.is_some()),
+                ("k8s_model_label", model_label.is_some()),
+            ] {
+                if given {
+                    return Err(invalid(
+                        setting,
+                        "only applies with service_discovery = k8s (the discovery is static)",
+                    ));
+                }
+            }
+            Ok(ServiceDiscovery::Static)
+        }
+        "k8s" => {
+            if let Some(ns) = &namespace
+                && !is_dns_label(ns)
+            {
+                return Err(invalid(
+                    "k8s_namespace",
+                    format!(
+                        "{ns:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"
+                    ),
+                ));
+            }
+            if let Some(sel) = &selector
+                && (sel.trim().is_empty() || sel.chars().any(char::is_control))
+            {
+                return Err(invalid(
+                    "k8s_label_selector",
+                    "must be a label selector such as app=vllm (omit it to take every pod of the namespace)",
+                ));
+            }
+            if port == Some(0) {
+                return Err(invalid("k8s_port", "must be a port number, 1 to 65535"));
+            }
+            let model_label = match model_label {
+                None => Some(k8s::DEFAULT_MODEL_LABEL.to_owned()),
+                Some(l) if l.is_empty() => None,
+                Some(l) if is_label_key(&l) => Some(l),
+                Some(l) => {
+                    return Err(invalid(
+                        "k8s_model_label",
+                        format!(
+                            "{l:?} is not a label key (e.g. model or example.com/model; \"\" for none)"
+                        ),
+                    ));
+                }
+            };
+            Ok(ServiceDiscovery::K8s(Box::new(K8sDiscovery {
+                namespace,
+                label_selector: selector.map(|s| s.trim().to_owned()),
+                port: port.unwrap_or(k8s::DEFAULT_PORT),
+                model_label,
+                ..K8sDiscovery::default()
+            })))
+        }
+        other => Err(invalid(
+            "service_discovery",
+            format!("unknown value {other:?} (static or k8s)"),
+        )),
+    }
+}
+
+/// An RFC 1123 label: what a namespace name is.
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63
+/// alphanumerics, `-`, `_` and `.`, beginning and ending with an alphanumeric.
+fn is_label_key(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    let name_ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    let prefix_ok =
+        prefix.is_none_or(|p| (1..=253).contains(&p.len()) && p.split('.').all(is_dns_label));
+    name_ok && prefix_ok
+}
+
 /// Maps tracing's level names and production-stack's (`warning`, `critical`) to a filter.
 pub fn normalize_log_level(level: &str) -> Result<String, ConfigError> {
     let l = level.to_ascii_lowercase();
@@ -579,6 +743,91 @@ mod tests {
         assert_eq!(p.script_time_budget, Duration::from_millis(1));
         let p = policy_settings(&args(&["--script-time-budget", "0.002"]), &file).unwrap();
         assert_eq!(p.script_time_budget, Duration::from_millis(2));
+    }
+
+    #[test]
+    fn kubernetes_discovery_settings() {
+        let c = RouterConfig::resolve(&args(&[
+            "--service-discovery",
+            "k8s",
+            "--k8s-label-selector",
+            "app=vllm",
+        ]))
+        .unwrap();
+        let ServiceDiscovery::K8s(k) = &c.discovery else {
+            panic!("k8s discovery expected, got {:?}", c.discovery)
+        };
+        assert!(c.backends.is_empty());
+        assert_eq!(k.label_selector.as_deref(), Some("app=vllm"));
+        assert_eq!(k.port, 8000);
+        assert_eq!(k.namespace, None);
+        assert_eq!(k.model_label.as_deref(), Some("model"));
+        let c = RouterConfig::resolve(&args(&[
+            "--service-discovery=k8s",
+            "--k8s-namespace=llm",
+            "--k8s-port=8080",
+            "--k8s-model-label=",
+        ]))
+        .unwrap();
+        let ServiceDiscovery::K8s(k) = &c.discovery else {
+            panic!("k8s discovery expected")
+        };
+        assert_eq!((k.namespace.as_deref(), k.port), (Some("llm"), 8080));
+        assert_eq!(k.model_label, None, "\"\" turns the model label off");
+        assert!(matches!(
+            RouterConfig::resolve(&args(&[])).unwrap().discovery,
+            ServiceDiscovery::Static
+        ));
+
+        for (flags, setting) in [
+            (&["--k8s-port", "8000"][..], "k8s_port:"),
+            (
+                &["--k8s-label-selector", "app=vllm"][..],
+                "k8s_label_selector:",
+            ),
+            (&["--service-discovery", "consul"][..], "service_discovery:"),
+            (
+                &[
+                    "--service-discovery",
+                    "k8s",
+                    "--static-backends",
+                    "http://a:1",
+                    "--static-models",
+                    "m",
+                ][..],
+                "static_backends:",
+            ),
+            (
+                &["--service-discovery", "k8s", "--demo-engines", "2"][..],
+                "demo_engines:",
+            ),
+            (
+                &[
+                    "--service-discovery",
+                    "k8s",
+                    "--k8s-namespace",
+                    "Not_A_Namespace",
+                ][..],
+                "k8s_namespace:",
+            ),
+            (
+                &["--service-discovery", "k8s", "--k8s-port", "0"][..],
+                "k8s_port:",
+            ),
+            (
+                &["--service-discovery", "k8s", "--k8s-label-selector", " "][..],
+                "k8s_label_selector:",
+            ),
+            (
+                &["--service-discovery", "k8s", "--k8s-model-label", "a b"][..],
+                "k8s_model_label:",
+            ),
+        ] {
+            let e = RouterConfig::resolve(&args(flags)).unwrap_err();
+            assert!(e.to_string().starts_with(setting), "{flags:?}: {e}");
+        }
+        assert!(is_label_key("model") && is_label_key("example.com/model-name"));
+        assert!(!is_label_key("-x") && !is_label_key("a/b/c") && !is_label_key(""));
     }
 
     #[test]

@@ -59,11 +59,18 @@ impl Monitor {
     /// Starts a scrape loop for every engine in the registry (call once, inside a runtime).
     pub fn start(self: &Arc<Self>) {
         for engine in self.registry.all().iter() {
-            let me = Arc::clone(self);
-            let engine = Arc::clone(engine);
-            let h = tokio::spawn(async move { me.scrape_loop(engine).await });
-            self.track(h.abort_handle());
+            self.watch_engine(engine);
         }
+    }
+
+    /// Starts the scrape loop of one engine, e.g. one discovered at runtime. The loop (and the
+    /// probe loop, if the engine gets ejected) ends by itself at its first tick after the engine
+    /// left the registry.
+    pub fn watch_engine(self: &Arc<Self>, engine: &Arc<Engine>) {
+        let me = Arc::clone(self);
+        let engine = Arc::clone(engine);
+        let h = tokio::spawn(async move { me.scrape_loop(engine).await });
+        self.track(h.abort_handle());
     }
 
     /// Stops every background task.

@@ -4,7 +4,9 @@
 //! atomic decremented when a response ends, whether it completed, failed or the client went
 //! away), and the figures last scraped from the engine's `/metrics` (see [`stats`]).
 
+pub mod discovery;
 pub mod health;
+pub mod k8s;
 pub mod models;
 pub mod stats;
 
@@ -31,6 +33,9 @@ pub struct Engine {
     in_flight: AtomicU64,
     healthy: AtomicBool,
     consecutive_failures: AtomicU32,
+    /// Removed from the registry: requests still in flight on it finish, but its health no
+    /// longer reaches the per-engine gauges (an engine re-added at the same URL owns them).
+    retired: AtomicBool,
     stats: ArcSwap<ScrapedStats>,
     /// Pre-registered metric handles: the hot path records with atomics, without label lookups.
     pub metrics: EngineMetrics,
@@ -131,6 +136,7 @@ impl Engine {
             in_flight: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
+            retired: AtomicBool::new(false),
             stats: ArcSwap::from_pointee(ScrapedStats::default()),
             metrics,
             models,
@@ -161,13 +167,18 @@ impl Engine {
     /// Sets health; returns the previous value.
     pub fn set_healthy(&self, healthy: bool) -> bool {
         let was = self.healthy.swap(healthy, Ordering::Relaxed);
-        if was != healthy {
+        if was != healthy && !self.is_retired() {
             self.metrics.healthy.set(if healthy { 1.0 } else { 0.0 });
         }
         if healthy {
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
         was
+    }
+
+    /// Whether the engine was removed from the registry (see [`Registry::remove`]).
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     /// Records a failed response (5xx or transport error); returns the consecutive count.
@@ -302,17 +313,45 @@ impl Registry {
         e
     }
 
-    /// Removes an engine by id; returns it if it was present.
+    /// Removes an engine by id; returns it if it was present. Routing decisions made from then
+    /// on no longer see it; requests already on it keep their `Arc` and finish. Its health
+    /// gauge drops to 0 (the metrics recorder cannot delete a series; an engine re-added at the
+    /// same URL takes the series over again).
     pub fn remove(&self, id: u32) -> Option<Arc<Engine>> {
         let mut removed = None;
         self.engines.rcu(|cur| {
             let mut v = Vec::clone(cur);
-            if let Some(pos) = v.iter().position(|e| e.id == id) {
-                removed = Some(v.remove(pos));
-            }
+            removed = v.iter().position(|e| e.id == id).map(|pos| v.remove(pos));
             v
         });
+        if let Some(e) = &removed {
+            e.retired.store(true, Ordering::Relaxed);
+            e.metrics.healthy.set(0.0);
+        }
         removed
+    }
+
+    /// Replaces engine `id` by a new engine at the same URL serving `models`, in one step (no
+    /// request sees the registry without it). The new engine has a new id, fresh health and no
+    /// scraped figures; requests on the old one finish. Returns the new engine, or `None` if
+    /// `id` is not in the registry.
+    pub fn replace(&self, id: u32, models: Vec<String>) -> Option<Arc<Engine>> {
+        let old = self.all().iter().find(|e| e.id == id).cloned()?;
+        let new_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let new = Arc::new(Engine::new(new_id, &old.url, models));
+        let mut replaced = None;
+        self.engines.rcu(|cur| {
+            let mut v = Vec::clone(cur);
+            replaced = v
+                .iter()
+                .position(|e| e.id == id)
+                .map(|pos| std::mem::replace(&mut v[pos], Arc::clone(&new)));
+            v
+        });
+        let was = replaced?;
+        was.retired.store(true, Ordering::Relaxed);
+        new.metrics.healthy.set(1.0);
+        Some(new)
     }
 
     pub fn all(&self) -> Arc<Vec<Arc<Engine>>> {

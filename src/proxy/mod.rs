@@ -22,6 +22,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::RouterConfig;
 use crate::engines::Registry;
+use crate::engines::discovery::{self, DiscoveryHandle};
 use crate::engines::health::{HealthConfig, Monitor};
 use crate::engines::models::ModelCards;
 use crate::policy::{PolicyStore, SettingsLoader, WatchHandle};
@@ -57,6 +58,8 @@ pub enum StartError {
     },
     #[error("policies: {0}")]
     Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
+    Discovery(#[from] crate::engines::discovery::DiscoveryError),
 }
 
 /// A running router.
@@ -67,6 +70,8 @@ pub struct RunningRouter {
     server: JoinHandle<()>,
     /// Hot reload of policies and the config file (and SIGHUP); stops when dropped.
     _policy_watch: Option<WatchHandle>,
+    /// Engine discovery (Kubernetes); stops when dropped.
+    _discovery: Option<DiscoveryHandle>,
 }
 
 impl RunningRouter {
@@ -95,7 +100,7 @@ pub async fn start(
     cfg: RouterConfig,
     settings_loader: Option<SettingsLoader>,
 ) -> Result<RunningRouter, StartError> {
-    if cfg.backends.is_empty() {
+    if cfg.backends.is_empty() && !cfg.discovery.is_dynamic() {
         return Err(StartError::NoBackends);
     }
     let _ = telemetry::prometheus();
@@ -125,6 +130,7 @@ pub async fn start(
         },
     );
     monitor.start();
+    let discovery = discovery::start(&cfg.discovery, &registry, &monitor, &prefix, &client).await?;
     let addr = cfg.listen_addr();
     let listener = TcpListener::bind(addr)
         .await
@@ -163,6 +169,7 @@ pub async fn start(
         shutdown: Some(tx),
         server,
         _policy_watch: policy_watch,
+        _discovery: discovery,
     })
 }
 
