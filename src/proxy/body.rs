@@ -5,9 +5,10 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::conn::BusyGuard;
@@ -16,6 +17,93 @@ use super::telemetry::RequestRecord;
 use crate::engines::InFlightGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a client's request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyReadError {
+    #[error("request body exceeds the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("no request body byte received for {0:?}")]
+    Stalled(Duration),
+    #[error("could not read the request body: {0}")]
+    Broken(BoxError),
+}
+
+/// How [`collect_capped`] stopped early.
+enum Cut {
+    TooLarge,
+    TimedOut,
+    Broken(BoxError),
+}
+
+/// Reads `body` whole, up to `limit` bytes, waiting at most `idle` for each frame and never past
+/// `deadline`. Memory is bounded by `limit`, whatever the peer announces or sends.
+async fn collect_capped<B>(
+    mut body: B,
+    limit: usize,
+    idle: Duration,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Bytes, Cut>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    loop {
+        let mut until = tokio::time::Instant::now() + idle;
+        if let Some(d) = deadline {
+            until = until.min(d);
+        }
+        let frame = match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) => return Err(Cut::TimedOut),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(Cut::Broken(e.into())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            len = len.saturating_add(data.len());
+            if len > limit {
+                return Err(Cut::TooLarge);
+            }
+            if !data.is_empty() {
+                chunks.push(data);
+            }
+        }
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut whole = BytesMut::with_capacity(len);
+            for c in &chunks {
+                whole.extend_from_slice(c);
+            }
+            whole.freeze()
+        }
+    })
+}
+
+/// Reads a client's request body, at most `limit` bytes. `idle` is the body read timeout: the
+/// longest wait for the next frame, counted from the last one received (or from the end of the
+/// headers), so a slow but steady upload is never cut while a stalled one is.
+pub async fn read_request_body<B>(
+    body: B,
+    limit: usize,
+    idle: Duration,
+) -> Result<Bytes, BodyReadError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    collect_capped(body, limit, idle, None)
+        .await
+        .map_err(|c| match c {
+            Cut::TooLarge => BodyReadError::TooLarge(limit),
+            Cut::TimedOut => BodyReadError::Stalled(idle),
+            Cut::Broken(e) => BodyReadError::Broken(e),
+        })
+}
 
 /// The body of every response the router sends.
 pub struct RouterBody {
@@ -162,5 +250,53 @@ impl UpstreamBody {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body yielding `chunks`, then either ending or stalling forever.
+    struct Script {
+        chunks: std::collections::VecDeque<Bytes>,
+        stall: bool,
+    }
+
+    impl Script {
+        fn new(chunks: &[&'static [u8]], stall: bool) -> Script {
+            Script {
+                chunks: chunks.iter().map(|c| Bytes::from_static(c)).collect(),
+                stall,
+            }
+        }
+    }
+
+    impl Body for Script {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.chunks.pop_front() {
+                Some(c) => Poll::Ready(Some(Ok(Frame::data(c)))),
+                None if self.stall => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    const SHORT: Duration = Duration::from_millis(50);
+    const LONG: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn request_body_is_whole_bounded_and_timed() {
+        let b = read_request_body(Script::new(&[b"ab", b"", b"cd"], false), 4, LONG).await;
+        assert_eq!(b.unwrap(), "abcd");
+        let b = read_request_body(Script::new(&[b"ab", b"cde"], false), 4, LONG).await;
+        assert!(matches!(b, Err(BodyReadError::TooLarge(4))));
+        let b = read_request_body(Script::new(&[b"ab"], true), 4, SHORT).await;
+        assert!(matches!(b, Err(BodyReadError::Stalled(d)) if d == SHORT));
     }
 }

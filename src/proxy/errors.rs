@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::body::RouterBody;
+use super::body::{BodyReadError, RouterBody};
 
 /// Everything the router itself can answer with instead of an engine's response.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,8 @@ pub enum ApiError {
     MethodNotAllowed(String, String),
     #[error("Request body exceeds the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("The request body stalled: no byte received for {0:?}")]
+    RequestTimeout(Duration),
     #[error("No healthy engine serves model `{0}`; retry later")]
     NoHealthyEngine(String, Duration),
     #[error("{0}")]
@@ -35,6 +37,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NoHealthyEngine(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -48,6 +51,7 @@ impl ApiError {
             ApiError::RouteNotFound(_) => ("invalid_request_error", "not_found"),
             ApiError::MethodNotAllowed(..) => ("invalid_request_error", "method_not_allowed"),
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", "payload_too_large"),
+            ApiError::RequestTimeout(_) => ("invalid_request_error", "request_timeout"),
             ApiError::NoHealthyEngine(..) => ("service_unavailable", "no_healthy_engine"),
             ApiError::BadGateway(_) => ("api_error", "bad_gateway"),
             ApiError::GatewayTimeout(_) => ("api_error", "gateway_timeout"),
@@ -61,6 +65,12 @@ impl ApiError {
             "error": { "message": self.to_string(), "type": kind, "param": null, "code": code }
         });
         Bytes::from(v.to_string())
+    }
+
+    /// Whether an HTTP/1 connection must be closed after this answer: the rest of a stalled
+    /// request body may still come, and would be read as the next request.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, ApiError::RequestTimeout(_))
     }
 
     pub fn into_response(self) -> Response<RouterBody> {
@@ -78,6 +88,16 @@ impl ApiError {
             );
         }
         resp
+    }
+}
+
+impl From<BodyReadError> for ApiError {
+    fn from(e: BodyReadError) -> ApiError {
+        match e {
+            BodyReadError::TooLarge(limit) => ApiError::PayloadTooLarge(limit),
+            BodyReadError::Stalled(idle) => ApiError::RequestTimeout(idle),
+            e @ BodyReadError::Broken(_) => ApiError::BadRequest(e.to_string()),
+        }
     }
 }
 
@@ -104,5 +124,14 @@ mod tests {
         let r = ApiError::NoHealthyEngine("m".into(), Duration::from_secs(1)).into_response();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let e = ApiError::RequestTimeout(Duration::from_secs(30));
+        assert!(e.closes_connection());
+        assert_eq!(e.status(), StatusCode::REQUEST_TIMEOUT);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "request_timeout");
+        let e = ApiError::GatewayTimeout(Duration::from_secs(1));
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "gateway_timeout");
     }
 }

@@ -8,11 +8,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use super::AppState;
-use super::body::{RouterBody, UpstreamBody};
+use super::body::{RouterBody, UpstreamBody, read_request_body};
 use super::errors::ApiError;
 use super::telemetry::{RequestRecord, count_request};
 use crate::engines::{Candidate, Engine};
@@ -27,6 +27,7 @@ pub async fn route_and_forward(
     request_id: &HeaderValue,
 ) -> Response<RouterBody> {
     let mut model = None;
+    let http1 = req.version() < http::Version::HTTP_2;
     match forward(state, req, request_id, &mut model).await {
         Ok(r) => r,
         Err(e) => {
@@ -34,7 +35,14 @@ pub async fn route_and_forward(
             tracing::debug!(error = %e, status, "request answered by the router");
             let model = model.unwrap_or_else(|| Arc::from("unknown"));
             count_request(&model, &Arc::from("none"), status);
-            e.into_response()
+            let close = http1 && e.closes_connection();
+            let mut resp = e.into_response();
+            if close {
+                // hyper closes the connection after this response (h2: the stream just ends).
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         }
     }
 }
@@ -57,20 +65,8 @@ async fn forward(
     {
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return Err(ApiError::PayloadTooLarge(limit));
-        }
-        Err(e) => {
-            return Err(ApiError::BadRequest(format!(
-                "could not read the request body: {e}"
-            )));
-        }
-    };
+    // Bounded in size, and in time: a body that stalls is answered 408 (`--body-read-timeout`).
+    let body = read_request_body(body, limit, state.cfg.body_read_timeout).await?;
     let session_field = state.cfg.session_key.as_deref();
     let parsed = parse_body(&body, session_field).map_err(|e| match e {
         ParseError::MissingModel => {
