@@ -13,6 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 // =============================================================================================
 // Helpers
@@ -266,6 +267,178 @@ impl Body for StallingBody {
             Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
             None => Poll::Pending,
         }
+    }
+}
+
+/// What a canned engine answers to one request.
+#[derive(Clone)]
+enum Canned {
+    /// A complete response.
+    Full {
+        status: u16,
+        content_type: &'static str,
+        body: Bytes,
+    },
+    /// A chunked body: `chunk` bytes every `pause`, as fast as the connection takes them, up to
+    /// `total` bytes (the drill's own safety bound: "endless" as far as the router can tell).
+    Stream {
+        status: u16,
+        chunk: usize,
+        pause: Duration,
+        total: u64,
+    },
+}
+
+/// A canned engine over HTTP/1.1 (one request per connection).
+struct CannedEngine {
+    url: String,
+    /// Body bytes handed to the kernel so far, over all responses.
+    produced: Arc<AtomicU64>,
+    /// Requests received per path.
+    hits: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+}
+
+impl CannedEngine {
+    fn hits(&self, path: &str) -> u64 {
+        self.hits
+            .lock()
+            .unwrap()
+            .get(path)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// Starts a canned engine answering `answer(method, path)`.
+async fn canned_engine(
+    answer: impl Fn(&str, &str) -> Canned + Send + Sync + 'static,
+) -> CannedEngine {
+    let listener = TcpListener::bind(loopback()).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let produced = Arc::new(AtomicU64::new(0));
+    let hits = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let answer = Arc::new(answer);
+    let (p, h) = (Arc::clone(&produced), Arc::clone(&hits));
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let (p, h, answer) = (Arc::clone(&p), Arc::clone(&h), Arc::clone(&answer));
+            tokio::spawn(async move {
+                let _ = serve_canned(s, &*answer, &p, &h).await;
+            });
+        }
+    });
+    CannedEngine {
+        url,
+        produced,
+        hits,
+    }
+}
+
+async fn serve_canned(
+    mut s: TcpStream,
+    answer: &(dyn Fn(&str, &str) -> Canned + Send + Sync),
+    produced: &AtomicU64,
+    hits: &std::sync::Mutex<std::collections::HashMap<String, u64>>,
+) -> std::io::Result<()> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut buf).await?;
+        if n == 0 || got.len() > 64 * 1024 {
+            return Ok(());
+        }
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).into_owned();
+    let mut first = head.split_whitespace();
+    let (method, path) = (
+        first.next().unwrap_or("").to_owned(),
+        first.next().unwrap_or("").to_owned(),
+    );
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    // Read the request body, so closing never resets the connection under the response.
+    let mut body_read = got.len() - head_end;
+    while body_read < length {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        body_read += n;
+    }
+    *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+    match answer(&method, &path) {
+        Canned::Full {
+            status,
+            content_type,
+            body,
+        } => {
+            let head = format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).await?;
+            s.write_all(&body).await?;
+            produced.fetch_add(body.len() as u64, Ordering::Relaxed);
+        }
+        Canned::Stream {
+            status,
+            chunk,
+            pause,
+            total,
+        } => {
+            let head = format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            );
+            s.write_all(head.as_bytes()).await?;
+            let data = vec![b'x'; chunk];
+            let mut sent = 0u64;
+            while sent < total {
+                s.write_all(format!("{chunk:x}\r\n").as_bytes()).await?;
+                s.write_all(&data).await?;
+                s.write_all(b"\r\n").await?;
+                sent += chunk as u64;
+                produced.fetch_add(chunk as u64, Ordering::Relaxed);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            s.write_all(b"0\r\n\r\n").await?;
+        }
+    }
+    s.shutdown().await
+}
+
+/// A canned OpenAI completion, as an engine would answer it.
+fn canned_completion() -> Canned {
+    Canned::Full {
+        status: 200,
+        content_type: "application/json",
+        body: Bytes::from(
+            serde_json::json!({
+                "id": "cmpl-canned", "object": "text_completion", "model": MODEL,
+                "choices": [{"index": 0, "text": " canned", "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+            })
+            .to_string(),
+        ),
+    }
+}
+
+fn empty_200() -> Canned {
+    Canned::Full {
+        status: 200,
+        content_type: "text/plain",
+        body: Bytes::new(),
     }
 }
 
@@ -702,4 +875,245 @@ async fn drill_20k_stalled_body_connections_leave_health_and_completions_answeri
         }
     })
     .await;
+}
+
+// =============================================================================================
+// Broken engines
+// =============================================================================================
+
+/// An engine answering 500 with an endless body: the client gets a bounded answer at once, and
+/// the router's memory stays flat (measured on the router process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_engine_error_body_is_cut_and_router_memory_stays_flat() {
+    const TOTAL: u64 = 256 * 1024 * 1024; // "endless" to the router; bounds the drill
+    let engine = canned_engine(|method, _| {
+        if method == "POST" {
+            Canned::Stream {
+                status: 500,
+                chunk: 64 * 1024,
+                pause: Duration::ZERO,
+                total: TOTAL,
+            }
+        } else {
+            empty_200()
+        }
+    })
+    .await;
+    let router = RouterProcess::start(&[
+        "--static-backends",
+        &engine.url,
+        "--static-models",
+        MODEL,
+        "--max-attempts",
+        "1",
+        // All eight requests reach the engine: its 500s must not eject it midway.
+        "--eject-after-failures",
+        "100",
+        "--log-level",
+        "error",
+    ]);
+    let url = router.url();
+    let hwm_before = router.status_kib("VmHWM");
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    for i in 0..8 {
+        let url = url.clone();
+        answers.push(tokio::spawn(async move {
+            send(
+                &client(),
+                completion_req(&url, &format!("endless {i}"), 1, false),
+            )
+            .await
+        }));
+    }
+    for a in answers {
+        let r = a.await.unwrap();
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{:?}", r.body.len());
+        assert!(r.body.len() < 1024, "{} bytes relayed", r.body.len());
+        let v = r.json();
+        assert_eq!(v["error"]["code"], "bad_gateway");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("answered 500") && msg.contains("65536"),
+            "{msg}"
+        );
+    }
+    let took = started.elapsed();
+    let hwm = router.status_kib("VmHWM");
+    let produced = engine.produced.load(Ordering::Relaxed);
+    println!(
+        "endless 500 body x8: 502 for all after {took:?}; router peak RSS {:.1} MiB ({:.1} MiB before); the engine got {:.1} MiB out before the router hung up",
+        mib(hwm),
+        mib(hwm_before),
+        produced as f64 / 1048576.0
+    );
+    assert!(
+        produced < 8 * TOTAL,
+        "the router read every endless body to its end"
+    );
+    assert!(
+        hwm < hwm_before + 64 * 1024,
+        "router peak RSS grew from {hwm_before} KiB to {hwm} KiB"
+    );
+}
+
+/// An engine answering 500 and then dripping its body forever: answered within the time limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dripping_engine_error_body_is_time_limited() {
+    let engine = canned_engine(|method, _| {
+        if method == "POST" {
+            Canned::Stream {
+                status: 500,
+                chunk: 1,
+                pause: Duration::from_millis(50),
+                total: 1 << 20,
+            }
+        } else {
+            empty_200()
+        }
+    })
+    .await;
+    let router = start_router(std::slice::from_ref(&engine.url), |c| {
+        c.max_attempts = 1;
+        c.first_byte_timeout = Duration::from_secs(1);
+        c.engine_stats_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let started = Instant::now();
+    let r = send(&client(), completion_req(&router.url(), "drip", 1, false)).await;
+    let took = started.elapsed();
+    println!("dripping 500 body: {} after {took:?}", r.status);
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("did not end within 1s"), "{msg}");
+    assert!(took >= Duration::from_secs(1));
+    router.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A small error body on the last attempt is still passed on as the engine sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_engine_error_body_is_relayed_as_is() {
+    const BODY: &str = r#"{"object":"error","message":"engine overloaded","type":"ServiceUnavailable","code":503}"#;
+    let engine = canned_engine(|method, _| {
+        if method == "POST" {
+            Canned::Full {
+                status: 503,
+                content_type: "application/json",
+                body: Bytes::from_static(BODY.as_bytes()),
+            }
+        } else {
+            empty_200()
+        }
+    })
+    .await;
+    let router = start_router(std::slice::from_ref(&engine.url), |c| {
+        c.max_attempts = 1;
+        c.engine_stats_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let r = send(&client(), completion_req(&router.url(), "x", 1, false)).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.body, BODY);
+    router.shutdown(Duration::from_secs(1)).await;
+}
+
+/// An engine whose `/metrics` page is 50 MB: the scrape fails cleanly (stale figures, the
+/// reason visible in /health), the engine keeps serving, and the router's memory stays flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_engine_metrics_page_fails_the_scrape_cleanly() {
+    let line = "vllm:num_requests_running{model_name=\"m\"} 1.0\n";
+    let page = Bytes::from(line.repeat(50_000_000 / line.len()));
+    let page_len = page.len();
+    let engine = canned_engine(move |method, path| match (method, path) {
+        ("GET", "/metrics") => Canned::Full {
+            status: 200,
+            content_type: "text/plain",
+            body: page.clone(),
+        },
+        ("POST", _) => canned_completion(),
+        _ => empty_200(),
+    })
+    .await;
+    let router = RouterProcess::start(&[
+        "--static-backends",
+        &engine.url,
+        "--static-models",
+        MODEL,
+        "--engine-stats-interval",
+        "1",
+        "--eject-after-failures",
+        "3",
+        "--log-level",
+        "error",
+    ]);
+    let url = router.url();
+    let hwm_before = router.status_kib("VmHWM");
+    // More failed scrapes than --eject-after-failures: had they counted against the engine, it
+    // would be ejected by now.
+    eventually_async("four scrapes of the huge page", SAFETY, || async {
+        engine.hits("/metrics") >= 4
+    })
+    .await;
+    let h = get(&client(), &url, "/health").await;
+    assert_eq!(h.status, StatusCode::OK, "{:?}", h.body);
+    let e = &h.json()["engines"][0];
+    assert_eq!(e["healthy"], true, "{e}");
+    assert_eq!(e["stats_stale"], true, "{e}");
+    assert!(
+        e["stats_error"]
+            .as_str()
+            .is_some_and(|m| m.contains("larger than 4194304")),
+        "{e}"
+    );
+    assert_eq!(
+        router_metric(&url, "switchyard_engine_ejections_total")
+            .await
+            .unwrap_or(0.0),
+        0.0,
+        "the engine was ejected for its metrics page"
+    );
+    let r = send(&client(), completion_req(&url, "x", 1, false)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.json()["choices"][0]["text"], " canned");
+    let hwm = router.status_kib("VmHWM");
+    println!(
+        "{:.1} MB /metrics page, {} scrapes: stale, engine healthy and serving; router peak RSS {:.1} MiB ({:.1} MiB before)",
+        page_len as f64 / 1e6,
+        engine.hits("/metrics"),
+        mib(hwm),
+        mib(hwm_before)
+    );
+    assert!(
+        hwm < hwm_before + 48 * 1024,
+        "router peak RSS grew from {hwm_before} KiB to {hwm} KiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_byte_timeout_on_the_last_attempt_is_504() {
+    let sims = start_sims(2, instant_sim()).await;
+    for s in &sims {
+        s.faults().set_hang(true);
+    }
+    let router = start_router(&urls(&sims), |c| {
+        c.first_byte_timeout = Duration::from_millis(300);
+        c.max_attempts = 2;
+        c.engine_stats_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let started = Instant::now();
+    let r = send(&client(), completion_req(&router.url(), "x", 1, false)).await;
+    println!(
+        "two hanging engines, --first-byte-timeout 300ms: {} after {:?}",
+        r.status,
+        started.elapsed()
+    );
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{:?}", r.body);
+    assert_eq!(r.json()["error"]["code"], "gateway_timeout");
+    assert_eq!(
+        sims.iter().map(|s| s.counters().received).sum::<u64>(),
+        2,
+        "both engines were tried"
+    );
+    router.shutdown(Duration::from_secs(1)).await;
 }

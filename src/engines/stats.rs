@@ -4,8 +4,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+
 use super::Engine;
-use crate::upstream::{self, HttpClient};
+use crate::upstream::HttpClient;
+
+/// Largest `/metrics` page read from an engine; a larger one fails the scrape (the engine's
+/// figures are marked stale) without costing the router more than this.
+pub const MAX_METRICS_BYTES: usize = 4 * 1024 * 1024;
 
 /// The figures last scraped from an engine's `/metrics`, summed over its label sets.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -98,6 +105,69 @@ pub struct ScrapeFailure {
     pub message: String,
     /// The connection was refused or could not be made (as opposed to a slow or bad answer).
     pub unreachable: bool,
+    /// The engine answered, but with a body over the cap: its figures are unusable, yet it is
+    /// no sign of ill health (the engine is not ejected for it).
+    pub too_large: bool,
+}
+
+impl ScrapeFailure {
+    fn new(message: impl Into<String>) -> ScrapeFailure {
+        ScrapeFailure {
+            message: message.into(),
+            unreachable: false,
+            too_large: false,
+        }
+    }
+}
+
+/// GETs `url` and returns its body if it is 2xx, at most `max_bytes` long, and complete within
+/// `timeout` (headers and body). Reading stops as soon as the body is known to be too large
+/// (by its `Content-Length`, or when the bytes read pass the cap).
+pub async fn get_bounded(
+    client: &HttpClient,
+    url: &str,
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<Bytes, ScrapeFailure> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| ScrapeFailure::new(format!("bad url {url}")))?;
+    let req = http::Request::get(uri)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| ScrapeFailure::new(format!("bad request: {e}")))?;
+    let too_large = || ScrapeFailure {
+        message: format!("body larger than {max_bytes} bytes"),
+        unreachable: false,
+        too_large: true,
+    };
+    let fetch = async {
+        let resp = client.request(req).await.map_err(|e| ScrapeFailure {
+            unreachable: e.is_connect(),
+            ..ScrapeFailure::new(if e.is_connect() {
+                format!("connection failed: {e}")
+            } else {
+                format!("request failed: {e}")
+            })
+        })?;
+        if !resp.status().is_success() {
+            return Err(ScrapeFailure::new(format!("HTTP {}", resp.status())));
+        }
+        let announced = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > max_bytes as u64) {
+            return Err(too_large());
+        }
+        match Limited::new(resp.into_body(), max_bytes).collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
+            Err(e) => Err(ScrapeFailure::new(format!("body: {e}"))),
+        }
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| ScrapeFailure::new(format!("timed out after {timeout:?}")))?
 }
 
 /// Scrapes one engine: on success stores fresh figures, on failure marks them stale (keeping
@@ -108,7 +178,7 @@ pub async fn scrape_engine(
     timeout: Duration,
 ) -> Result<(), ScrapeFailure> {
     let url = format!("{}/metrics", engine.url);
-    let failure = match upstream::get(client, &url, timeout).await {
+    let failure = match get_bounded(client, &url, timeout, MAX_METRICS_BYTES).await {
         Ok(body) => match std::str::from_utf8(&body)
             .map_err(|e| e.to_string())
             .and_then(parse_vllm_metrics)
@@ -127,16 +197,14 @@ pub async fn scrape_engine(
                 });
                 return Ok(());
             }
-            Err(message) => ScrapeFailure {
-                message,
-                unreachable: false,
-            },
+            Err(message) => ScrapeFailure::new(message),
         },
-        Err(e) => ScrapeFailure {
-            unreachable: matches!(e, upstream::GetError::Connect(_)),
-            message: e.to_string(),
-        },
+        Err(e) => e,
     };
+    if failure.too_large && !engine.stats().stale {
+        // A configuration problem the operator should see, once per fresh-to-stale change.
+        tracing::warn!(engine = %engine.name, error = %failure.message, "engine /metrics page too large: its figures are stale until it shrinks");
+    }
     engine.mark_stats_stale(failure.message.clone());
     metrics::counter!("switchyard_engine_scrape_failures_total", "engine" => engine.name.to_string()).increment(1);
     tracing::debug!(engine = %engine.name, error = %failure.message, "metrics scrape failed");

@@ -18,6 +18,12 @@ use crate::engines::InFlightGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Largest engine error body relayed to a client (the last attempt's 5xx); a larger one is
+/// replaced by the router's own 502.
+pub const ERROR_BODY_MAX_BYTES: usize = 64 * 1024;
+/// Longest wait for an engine error body to end (less if `--first-byte-timeout` is shorter).
+pub const ERROR_BODY_TIME_LIMIT: Duration = Duration::from_secs(10);
+
 /// Why a client's request body could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyReadError {
@@ -26,6 +32,17 @@ pub enum BodyReadError {
     #[error("no request body byte received for {0:?}")]
     Stalled(Duration),
     #[error("could not read the request body: {0}")]
+    Broken(BoxError),
+}
+
+/// Why an engine's error body was not relayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorBodyError {
+    #[error("its error body exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("its error body did not end within {0:?}")]
+    TooSlow(Duration),
+    #[error("its error body broke: {0}")]
     Broken(BoxError),
 }
 
@@ -102,6 +119,27 @@ where
             Cut::TooLarge => BodyReadError::TooLarge(limit),
             Cut::TimedOut => BodyReadError::Stalled(idle),
             Cut::Broken(e) => BodyReadError::Broken(e),
+        })
+}
+
+/// Reads an engine's error body if it is at most `limit` bytes and complete within `within`;
+/// stops reading (and drops the engine's connection) as soon as either is exceeded.
+pub async fn read_error_body<B>(
+    body: B,
+    limit: usize,
+    within: Duration,
+) -> Result<Bytes, ErrorBodyError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    collect_capped(body, limit, within, Some(deadline))
+        .await
+        .map_err(|c| match c {
+            Cut::TooLarge => ErrorBodyError::TooLarge(limit),
+            Cut::TimedOut => ErrorBodyError::TooSlow(within),
+            Cut::Broken(e) => ErrorBodyError::Broken(e),
         })
 }
 
@@ -298,5 +336,15 @@ mod tests {
         assert!(matches!(b, Err(BodyReadError::TooLarge(4))));
         let b = read_request_body(Script::new(&[b"ab"], true), 4, SHORT).await;
         assert!(matches!(b, Err(BodyReadError::Stalled(d)) if d == SHORT));
+    }
+
+    #[tokio::test]
+    async fn error_body_is_cut_at_its_cap_or_time_limit() {
+        let b = read_error_body(Script::new(&[b"{}"], false), 4, LONG).await;
+        assert_eq!(b.unwrap(), "{}");
+        let b = read_error_body(Script::new(&[b"abc", b"de"], true), 4, LONG).await;
+        assert!(matches!(b, Err(ErrorBodyError::TooLarge(4))));
+        let b = read_error_body(Script::new(&[b"a"], true), 4, SHORT).await;
+        assert!(matches!(b, Err(ErrorBodyError::TooSlow(_))));
     }
 }

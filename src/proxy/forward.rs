@@ -8,11 +8,14 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 
 use super::AppState;
-use super::body::{RouterBody, UpstreamBody, read_request_body};
+use super::body::{
+    ERROR_BODY_MAX_BYTES, ERROR_BODY_TIME_LIMIT, RouterBody, UpstreamBody, read_error_body,
+    read_request_body,
+};
 use super::errors::ApiError;
 use super::telemetry::{RequestRecord, count_request};
 use crate::engines::{Candidate, Engine};
@@ -108,7 +111,8 @@ async fn forward(
     let upstream_headers = upstream_headers(&info.headers, request_id);
     let attempts = state.cfg.max_attempts;
     let mut last_error = String::new();
-    let mut last_5xx: Option<Response<Incoming>> = None;
+    let mut last_timed_out = false;
+    let mut last_5xx: Option<(Response<Incoming>, Arc<str>)> = None;
     for attempt in 0..attempts {
         if cands.is_empty() {
             break;
@@ -137,6 +141,7 @@ async fn forward(
         };
         let outcome =
             tokio::time::timeout(state.cfg.first_byte_timeout, state.client.request(up)).await;
+        last_timed_out = outcome.is_err();
         let failure = match outcome {
             Ok(Ok(resp))
                 if resp.status().is_server_error() && attempt + 1 < attempts && cands.len() > 1 =>
@@ -148,7 +153,7 @@ async fn forward(
                 let status = resp.status();
                 if status.is_server_error() {
                     state.monitor.report_failure(&engine, "engine answered 5xx");
-                    last_5xx = Some(resp);
+                    last_5xx = Some((resp, Arc::clone(&engine.name)));
                     break;
                 }
                 state.monitor.report_success(&engine);
@@ -205,18 +210,25 @@ async fn forward(
                 .increment(1);
         }
     }
-    if let Some(resp) = last_5xx {
-        // Every attempt failed and the last one with an engine's own error: pass it on as-is.
+    if let Some((resp, engine_name)) = last_5xx {
+        // Every attempt failed and the last one with an engine's own error: pass it on as-is if
+        // it is small and comes in time; otherwise the router's own 502 (memory stays bounded).
         let status = resp.status();
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
-        let body = rbody
-            .collect()
+        let within = state.cfg.first_byte_timeout.min(ERROR_BODY_TIME_LIMIT);
+        let body = read_error_body(rbody, ERROR_BODY_MAX_BYTES, within)
             .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
+            .map_err(|e| {
+                tracing::warn!(model = %model, engine = %engine_name, %status, error = %e, "engine error body not relayed");
+                ApiError::BadGateway(format!("engine {engine_name} answered {status}, but {e}"))
+            })?;
         count_request(&model, &Arc::from("none"), status.as_u16());
         return Ok(Response::from_parts(rparts, RouterBody::full(body)));
+    }
+    if last_timed_out {
+        // The last engine tried never answered: a gateway timeout, not a bad gateway.
+        return Err(ApiError::GatewayTimeout(state.cfg.first_byte_timeout));
     }
     if last_error.is_empty() {
         last_error = "no engine left to try".into();
