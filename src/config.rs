@@ -75,6 +75,15 @@ pub struct ServeArgs {
     /// Seconds an idle client keep-alive connection is kept open [default: 60].
     #[arg(long)]
     pub idle_timeout: Option<f64>,
+    /// Seconds a client may go without sending a byte of its request body before it is answered
+    /// 408 and its connection closed; the timer restarts on every byte received [default: 30].
+    #[arg(long)]
+    pub body_read_timeout: Option<f64>,
+    /// Client connections served at once; more are accepted and closed at once [default: the
+    /// open-file limit (raised to its hard limit at start) minus a reserve for engine connections
+    /// and other files: min(limit / 4, 4096)].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
     /// Consecutive failed responses (5xx, transport errors) that eject an engine [default: 3].
     #[arg(long)]
     pub eject_after_failures: Option<u32>,
@@ -132,6 +141,8 @@ pub struct FileConfig {
     pub first_byte_timeout: Option<f64>,
     pub header_read_timeout: Option<f64>,
     pub idle_timeout: Option<f64>,
+    pub body_read_timeout: Option<f64>,
+    pub max_connections: Option<usize>,
     pub eject_after_failures: Option<u32>,
     pub health_probe_interval: Option<f64>,
     pub prefix_index_mib: Option<usize>,
@@ -202,6 +213,11 @@ pub struct RouterConfig {
     pub first_byte_timeout: Duration,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Longest gap between two request-body frames before the request is answered 408.
+    pub body_read_timeout: Duration,
+    /// Client connections served at once; `None`: derived from the open-file limit at start
+    /// (see [`crate::proxy::conn::derive_max_connections`]).
+    pub max_connections: Option<usize>,
     pub eject_after_failures: u32,
     pub health_probe_interval: Duration,
     pub prefix_index_bytes: usize,
@@ -230,6 +246,8 @@ impl Default for RouterConfig {
             first_byte_timeout: Duration::from_secs(300),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: None,
             eject_after_failures: 3,
             health_probe_interval: Duration::from_millis(500),
             prefix_index_bytes: 64 * 1024 * 1024,
@@ -339,6 +357,10 @@ impl RouterConfig {
                 "must be non-empty printable text (it is compared with an Authorization header)",
             ));
         }
+        let max_connections = args.max_connections.or(file.max_connections);
+        if max_connections == Some(0) {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
         let policy = policy_settings(args, &file)?;
         Ok(RouterConfig {
             host: args.host.or(file.host).unwrap_or(d.host),
@@ -386,6 +408,13 @@ impl RouterConfig {
                 file.idle_timeout,
                 d.idle_timeout,
             )?,
+            body_read_timeout: secs(
+                "body_read_timeout",
+                args.body_read_timeout,
+                file.body_read_timeout,
+                d.body_read_timeout,
+            )?,
+            max_connections,
             eject_after_failures: args
                 .eject_after_failures
                 .or(file.eject_after_failures)
@@ -828,6 +857,33 @@ mod tests {
         }
         assert!(is_label_key("model") && is_label_key("example.com/model-name"));
         assert!(!is_label_key("-x") && !is_label_key("a/b/c") && !is_label_key(""));
+    }
+
+    #[test]
+    fn connection_limits() {
+        let c = RouterConfig::resolve(&args(&[])).unwrap();
+        assert_eq!(c.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(
+            c.max_connections, None,
+            "derived from the fd limit at start"
+        );
+        let c = RouterConfig::resolve(&args(&[
+            "--body-read-timeout",
+            "0.5",
+            "--max-connections",
+            "8",
+        ]))
+        .unwrap();
+        assert_eq!(c.body_read_timeout, Duration::from_millis(500));
+        assert_eq!(c.max_connections, Some(8));
+        let e = RouterConfig::resolve(&args(&["--max-connections", "0"])).unwrap_err();
+        assert!(e.to_string().starts_with("max_connections:"), "{e}");
+        let e = RouterConfig::resolve(&args(&["--body-read-timeout", "0"])).unwrap_err();
+        assert!(e.to_string().starts_with("body_read_timeout:"), "{e}");
+        // The shipped example config parses, new keys included.
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/switchyard.toml");
+        let f = load_file(&example).unwrap();
+        assert_eq!(f.body_read_timeout, Some(30.0));
     }
 
     #[test]

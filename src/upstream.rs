@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -33,23 +33,35 @@ pub enum GetError {
     Url(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The connection was refused or could not be made (as opposed to a slow or bad answer).
     #[error("connection failed: {0}")]
     Connect(String),
     #[error("request failed: {0}")]
     Request(String),
     #[error("HTTP {0}")]
     Status(http::StatusCode),
+    /// The engine answered with a body over the cap.
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
     #[error("body: {0}")]
     Body(String),
 }
 
-/// GETs `url` and returns its body, bounded by `timeout` overall (headers and body).
-pub async fn get(client: &HttpClient, url: &str, timeout: Duration) -> Result<Bytes, GetError> {
+/// GETs `url` and returns its body if it is 2xx, at most `max_bytes` long, and complete within
+/// `timeout` (headers and body). Reading stops as soon as the body is known to be too large (by
+/// its `Content-Length`, or when the bytes read pass the cap), so a huge or endless answer costs
+/// no more than the cap.
+pub async fn get(
+    client: &HttpClient,
+    url: &str,
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<Bytes, GetError> {
     let uri: http::Uri = url.parse().map_err(|_| GetError::Url(url.to_owned()))?;
     let req = http::Request::get(uri)
         .body(Full::new(Bytes::new()))
         .map_err(|e| GetError::Url(e.to_string()))?;
-    let fut = async {
+    let fetch = async {
         let resp = client.request(req).await.map_err(|e| {
             if e.is_connect() {
                 GetError::Connect(e.to_string())
@@ -60,14 +72,20 @@ pub async fn get(client: &HttpClient, url: &str, timeout: Duration) -> Result<By
         if !resp.status().is_success() {
             return Err(GetError::Status(resp.status()));
         }
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| GetError::Body(e.to_string()))?;
-        Ok(body.to_bytes())
+        let announced = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > max_bytes as u64) {
+            return Err(GetError::TooLarge(max_bytes));
+        }
+        match Limited::new(resp.into_body(), max_bytes).collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e) if e.is::<LengthLimitError>() => Err(GetError::TooLarge(max_bytes)),
+            Err(e) => Err(GetError::Body(e.to_string())),
+        }
     };
-    tokio::time::timeout(timeout, fut)
+    tokio::time::timeout(timeout, fetch)
         .await
         .map_err(|_| GetError::Timeout(timeout))?
 }

@@ -148,9 +148,14 @@ impl Cluster {
         let (mut hits, mut queries, mut ttft_sum, mut ttft_count) = (0.0, 0.0, 0.0, 0.0);
         for s in &self.sims {
             let url = format!("{}/metrics", s.url());
-            let body = upstream::get(&client, &url, Duration::from_secs(5))
-                .await
-                .map_err(|e| BenchError::Metrics(format!("{url}: {e}")))?;
+            let body = upstream::get(
+                &client,
+                &url,
+                Duration::from_secs(5),
+                crate::engines::stats::MAX_METRICS_BYTES,
+            )
+            .await
+            .map_err(|e| BenchError::Metrics(format!("{url}: {e}")))?;
             let text = String::from_utf8_lossy(&body);
             let f = parse_vllm_metrics(&text)
                 .map_err(|e| BenchError::Metrics(format!("{url}: {e}")))?;

@@ -17,6 +17,9 @@ use super::{Engine, Registry, stats};
 use crate::prefix::PrefixIndex;
 use crate::upstream::{self, HttpClient};
 
+/// Largest `/health` body read from a probed engine.
+const PROBE_MAX_BYTES: usize = 64 * 1024;
+
 /// Health settings.
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
@@ -109,6 +112,8 @@ impl Monitor {
                 Err(f) if f.unreachable => {
                     self.report_unreachable(&engine, "metrics scrape could not connect")
                 }
+                // Stale figures, but the engine answered: it keeps its traffic.
+                Err(f) if f.too_large => {}
                 Err(_) => self.report_failure(&engine, "metrics scrape failed"),
             }
         }
@@ -162,7 +167,10 @@ impl Monitor {
             if !self.registry.all().iter().any(|e| e.id == engine.id) {
                 return;
             }
-            if upstream::get(&self.client, &url, timeout).await.is_ok() {
+            // Only the 2xx status matters; the body is read (bounded) to keep the connection
+            // pooled, and a body over the bound still means a 2xx answer.
+            let probe = upstream::get(&self.client, &url, timeout, PROBE_MAX_BYTES).await;
+            if matches!(probe, Ok(_) | Err(upstream::GetError::TooLarge(_))) {
                 // Refresh the figures before taking traffic again, so policies see its real load.
                 let _ = stats::scrape_engine(&self.client, &engine, timeout).await;
                 engine.set_healthy(true);

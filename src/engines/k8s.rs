@@ -4,7 +4,7 @@
 //!
 //! - A pod is an engine when its `Ready` condition is `True`, it is not being deleted and it has
 //!   a pod IP: `http://{podIP}:{port}`. It leaves when it is deleted or stops being Ready;
-//!   requests in flight on it finish (see [`super::discovery`]).
+//!   requests in flight on it finish (see [`super::fleet`]).
 //! - Its models are what the engine's own `GET /v1/models` lists, fetched when the pod joins
 //!   (before it takes traffic) and refreshed every `models_refresh`. While the engine does not
 //!   answer it (e.g. it requires an API key), the value of the pod label `model_label` stands
@@ -30,7 +30,7 @@ use serde::Deserialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::discovery::{Changes, Desired, Fleet};
+use super::fleet::{Changes, Desired, Fleet};
 use crate::upstream::{self, HttpClient};
 
 /// `--k8s-port`'s default: vLLM's.
@@ -452,9 +452,14 @@ struct ModelId {
 
 /// The model ids an engine's `GET /v1/models` lists (at least one).
 async fn fetch_models(http: &HttpClient, base: &str) -> Result<Vec<String>, String> {
-    let body = upstream::get(http, &format!("{base}/v1/models"), MODELS_FETCH_TIMEOUT)
-        .await
-        .map_err(|e| e.to_string())?;
+    let body = upstream::get(
+        http,
+        &format!("{base}/v1/models"),
+        MODELS_FETCH_TIMEOUT,
+        crate::engines::models::CARDS_MAX_BYTES,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let list: ModelList =
         serde_json::from_slice(&body).map_err(|e| format!("not a model list: {e}"))?;
     let mut ids: Vec<String> = Vec::new();

@@ -5,6 +5,7 @@
 //! away), and the figures last scraped from the engine's `/metrics` (see [`stats`]).
 
 pub mod discovery;
+pub mod fleet;
 pub mod health;
 pub mod k8s;
 pub mod models;

@@ -20,6 +20,8 @@ use crate::upstream::{self, HttpClient};
 
 /// How long fetched cards are served before the next request fetches them again.
 pub const CARDS_MAX_AGE: Duration = Duration::from_secs(30);
+/// The largest `/v1/models` answer read from an engine.
+pub const CARDS_MAX_BYTES: usize = 1024 * 1024;
 /// How long one engine's `/v1/models` may take.
 pub const CARD_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -63,7 +65,7 @@ impl ModelCards {
             let (engine, client) = (Arc::clone(engine), client.clone());
             fetches.spawn(async move {
                 let url = format!("{}/v1/models", engine.url);
-                let got = upstream::get(&client, &url, CARD_FETCH_TIMEOUT).await;
+                let got = upstream::get(&client, &url, CARD_FETCH_TIMEOUT, CARDS_MAX_BYTES).await;
                 (order, engine, got)
             });
         }

@@ -5,7 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Engine;
-use crate::upstream::{self, HttpClient};
+use crate::upstream::{self, GetError, HttpClient};
+
+/// Largest `/metrics` page read from an engine; a larger one fails the scrape (the engine's
+/// figures are marked stale) without costing the router more than this.
+pub const MAX_METRICS_BYTES: usize = 4 * 1024 * 1024;
 
 /// The figures last scraped from an engine's `/metrics`, summed over its label sets.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -98,6 +102,29 @@ pub struct ScrapeFailure {
     pub message: String,
     /// The connection was refused or could not be made (as opposed to a slow or bad answer).
     pub unreachable: bool,
+    /// The engine answered, but with a body over the cap: its figures are unusable, yet it is
+    /// no sign of ill health (the engine is not ejected for it).
+    pub too_large: bool,
+}
+
+impl ScrapeFailure {
+    fn new(message: impl Into<String>) -> ScrapeFailure {
+        ScrapeFailure {
+            message: message.into(),
+            unreachable: false,
+            too_large: false,
+        }
+    }
+}
+
+impl From<GetError> for ScrapeFailure {
+    fn from(e: GetError) -> ScrapeFailure {
+        ScrapeFailure {
+            unreachable: matches!(e, GetError::Connect(_)),
+            too_large: matches!(e, GetError::TooLarge(_)),
+            message: e.to_string(),
+        }
+    }
 }
 
 /// Scrapes one engine: on success stores fresh figures, on failure marks them stale (keeping
@@ -108,7 +135,7 @@ pub async fn scrape_engine(
     timeout: Duration,
 ) -> Result<(), ScrapeFailure> {
     let url = format!("{}/metrics", engine.url);
-    let failure = match upstream::get(client, &url, timeout).await {
+    let failure = match upstream::get(client, &url, timeout, MAX_METRICS_BYTES).await {
         Ok(body) => match std::str::from_utf8(&body)
             .map_err(|e| e.to_string())
             .and_then(parse_vllm_metrics)
@@ -127,16 +154,14 @@ pub async fn scrape_engine(
                 });
                 return Ok(());
             }
-            Err(message) => ScrapeFailure {
-                message,
-                unreachable: false,
-            },
+            Err(message) => ScrapeFailure::new(message),
         },
-        Err(e) => ScrapeFailure {
-            unreachable: matches!(e, upstream::GetError::Connect(_)),
-            message: e.to_string(),
-        },
+        Err(e) => ScrapeFailure::from(e),
     };
+    if failure.too_large && !engine.stats().stale {
+        // A configuration problem the operator should see, once per fresh-to-stale change.
+        tracing::warn!(engine = %engine.name, error = %failure.message, "engine /metrics page too large: its figures are stale until it shrinks");
+    }
     engine.mark_stats_stale(failure.message.clone());
     metrics::counter!("switchyard_engine_scrape_failures_total", "engine" => engine.name.to_string()).increment(1);
     tracing::debug!(engine = %engine.name, error = %failure.message, "metrics scrape failed");

@@ -5,17 +5,144 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::conn::BusyGuard;
-use super::errors::sse_error_event;
 use super::telemetry::RequestRecord;
 use crate::engines::InFlightGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Largest engine error body relayed to a client (the last attempt's 5xx); a larger one is
+/// replaced by the router's own 502.
+pub const ERROR_BODY_MAX_BYTES: usize = 64 * 1024;
+/// Longest wait for an engine error body to end (less if `--first-byte-timeout` is shorter).
+pub const ERROR_BODY_TIME_LIMIT: Duration = Duration::from_secs(10);
+
+/// Why a client's request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyReadError {
+    #[error("request body exceeds the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("no request body byte received for {0:?}")]
+    Stalled(Duration),
+    #[error("could not read the request body: {0}")]
+    Broken(BoxError),
+}
+
+/// Why an engine's error body was not relayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorBodyError {
+    #[error("its error body exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("its error body did not end within {0:?}")]
+    TooSlow(Duration),
+    #[error("its error body broke: {0}")]
+    Broken(BoxError),
+}
+
+/// How [`collect_capped`] stopped early.
+enum Cut {
+    TooLarge,
+    TimedOut,
+    Broken(BoxError),
+}
+
+/// Reads a whole body, at most `limit` bytes, each frame within `idle` of the previous one and
+/// all of it before `deadline`. One frame is kept as it came; more are gathered into one buffer
+/// as they arrive (reserved from `expected`, e.g. a `Content-Length`), so a large body is never
+/// held twice.
+async fn collect_capped<B>(
+    mut body: B,
+    limit: usize,
+    idle: Duration,
+    deadline: Option<tokio::time::Instant>,
+    expected: usize,
+) -> Result<Bytes, Cut>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut len = 0usize;
+    loop {
+        let mut until = tokio::time::Instant::now() + idle;
+        if let Some(d) = deadline {
+            until = until.min(d);
+        }
+        let frame = match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) => return Err(Cut::TimedOut),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(Cut::Broken(e.into())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        len = len.saturating_add(data.len());
+        if len > limit {
+            return Err(Cut::TooLarge);
+        }
+        if data.is_empty() {
+            continue;
+        }
+        if first.is_none() && buf.is_empty() {
+            first = Some(data);
+            continue;
+        }
+        if let Some(f) = first.take() {
+            buf.reserve(expected.max(len).min(limit));
+            buf.extend_from_slice(&f);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+pub async fn read_request_body<B>(
+    body: B,
+    limit: usize,
+    idle: Duration,
+    expected: usize,
+) -> Result<Bytes, BodyReadError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    collect_capped(body, limit, idle, None, expected)
+        .await
+        .map_err(|c| match c {
+            Cut::TooLarge => BodyReadError::TooLarge(limit),
+            Cut::TimedOut => BodyReadError::Stalled(idle),
+            Cut::Broken(e) => BodyReadError::Broken(e),
+        })
+}
+
+/// Reads an engine's error body if it is at most `limit` bytes and complete within `within`;
+/// stops reading (and drops the engine's connection) as soon as either is exceeded.
+pub async fn read_error_body<B>(
+    body: B,
+    limit: usize,
+    within: Duration,
+) -> Result<Bytes, ErrorBodyError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    collect_capped(body, limit, within, Some(deadline), 0)
+        .await
+        .map_err(|c| match c {
+            Cut::TooLarge => ErrorBodyError::TooLarge(limit),
+            Cut::TimedOut => ErrorBodyError::TooSlow(within),
+            Cut::Broken(e) => ErrorBodyError::Broken(e),
+        })
+}
 
 /// The body of every response the router sends.
 pub struct RouterBody {
@@ -162,5 +289,71 @@ impl UpstreamBody {
                 }
             }
         }
+    }
+}
+
+/// An SSE event carrying an error, sent when a stream breaks after it started.
+pub fn sse_error_event(message: &str) -> Bytes {
+    let v = serde_json::json!({
+        "error": { "message": message, "type": "api_error", "param": null, "code": "upstream_stream_error" }
+    });
+    Bytes::from(format!("data: {v}\n\ndata: [DONE]\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body yielding `chunks`, then either ending or stalling forever.
+    struct Script {
+        chunks: std::collections::VecDeque<Bytes>,
+        stall: bool,
+    }
+
+    impl Script {
+        fn new(chunks: &[&'static [u8]], stall: bool) -> Script {
+            Script {
+                chunks: chunks.iter().map(|c| Bytes::from_static(c)).collect(),
+                stall,
+            }
+        }
+    }
+
+    impl Body for Script {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.chunks.pop_front() {
+                Some(c) => Poll::Ready(Some(Ok(Frame::data(c)))),
+                None if self.stall => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    const SHORT: Duration = Duration::from_millis(50);
+    const LONG: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn request_body_is_whole_bounded_and_timed() {
+        let b = read_request_body(Script::new(&[b"ab", b"", b"cd"], false), 4, LONG, 0).await;
+        assert_eq!(b.unwrap(), "abcd");
+        let b = read_request_body(Script::new(&[b"ab", b"cde"], false), 4, LONG, 0).await;
+        assert!(matches!(b, Err(BodyReadError::TooLarge(4))));
+        let b = read_request_body(Script::new(&[b"ab"], true), 4, SHORT, 0).await;
+        assert!(matches!(b, Err(BodyReadError::Stalled(d)) if d == SHORT));
+    }
+
+    #[tokio::test]
+    async fn error_body_is_cut_at_its_cap_or_time_limit() {
+        let b = read_error_body(Script::new(&[b"{}"], false), 4, LONG).await;
+        assert_eq!(b.unwrap(), "{}");
+        let b = read_error_body(Script::new(&[b"abc", b"de"], true), 4, LONG).await;
+        assert!(matches!(b, Err(ErrorBodyError::TooLarge(4))));
+        let b = read_error_body(Script::new(&[b"a"], true), 4, SHORT).await;
+        assert!(matches!(b, Err(ErrorBodyError::TooSlow(_))));
     }
 }

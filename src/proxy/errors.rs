@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::body::RouterBody;
+use super::body::{BodyReadError, RouterBody};
 
 /// Everything the router itself can answer with instead of an engine's response.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,8 @@ pub enum ApiError {
     Unauthorized(&'static str),
     #[error("Request body exceeds the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("The request body stalled: no byte received for {0:?}")]
+    RequestTimeout(Duration),
     #[error("No healthy engine serves model `{0}`; retry later")]
     NoHealthyEngine(String, Duration),
     #[error("{0}")]
@@ -38,6 +40,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NoHealthyEngine(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(..) => ("invalid_request_error", "method_not_allowed"),
             ApiError::Unauthorized(_) => ("invalid_request_error", "invalid_api_key"),
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", "payload_too_large"),
+            ApiError::RequestTimeout(_) => ("invalid_request_error", "request_timeout"),
             ApiError::NoHealthyEngine(..) => ("service_unavailable", "no_healthy_engine"),
             ApiError::BadGateway(_) => ("api_error", "bad_gateway"),
             ApiError::GatewayTimeout(_) => ("api_error", "gateway_timeout"),
@@ -65,6 +69,12 @@ impl ApiError {
             "error": { "message": self.to_string(), "type": kind, "param": null, "code": code }
         });
         Bytes::from(v.to_string())
+    }
+
+    /// Whether an HTTP/1 connection must be closed after this answer: the rest of a stalled
+    /// request body may still come, and would be read as the next request.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, ApiError::RequestTimeout(_))
     }
 
     pub fn into_response(self) -> Response<RouterBody> {
@@ -102,12 +112,14 @@ pub fn clip(s: &str) -> String {
     }
 }
 
-/// An SSE event carrying an error, sent when a stream breaks after it started.
-pub fn sse_error_event(message: &str) -> Bytes {
-    let v = serde_json::json!({
-        "error": { "message": message, "type": "api_error", "param": null, "code": "upstream_stream_error" }
-    });
-    Bytes::from(format!("data: {v}\n\ndata: [DONE]\n\n"))
+impl From<BodyReadError> for ApiError {
+    fn from(e: BodyReadError) -> ApiError {
+        match e {
+            BodyReadError::TooLarge(limit) => ApiError::PayloadTooLarge(limit),
+            BodyReadError::Stalled(idle) => ApiError::RequestTimeout(idle),
+            e @ BodyReadError::Broken(_) => ApiError::BadRequest(e.to_string()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -125,6 +137,15 @@ mod tests {
         let r = ApiError::NoHealthyEngine("m".into(), Duration::from_secs(1)).into_response();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let e = ApiError::RequestTimeout(Duration::from_secs(30));
+        assert!(e.closes_connection());
+        assert_eq!(e.status(), StatusCode::REQUEST_TIMEOUT);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "request_timeout");
+        let e = ApiError::GatewayTimeout(Duration::from_secs(1));
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "gateway_timeout");
     }
 
     #[test]

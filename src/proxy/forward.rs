@@ -5,14 +5,17 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 
 use super::AppState;
-use super::body::{RouterBody, UpstreamBody};
+use super::body::{
+    ERROR_BODY_MAX_BYTES, ERROR_BODY_TIME_LIMIT, RouterBody, UpstreamBody, read_error_body,
+    read_request_body,
+};
 use super::errors::{ApiError, clip};
 use super::telemetry::{RequestRecord, count_request};
 use crate::engines::{Candidate, Engine};
@@ -26,6 +29,7 @@ pub async fn route_and_forward(
     request_id: &HeaderValue,
 ) -> Response<RouterBody> {
     let mut model = None;
+    let http1 = req.version() < http::Version::HTTP_2;
     match forward(state, req, request_id, &mut model).await {
         Ok(r) => r,
         Err(e) => {
@@ -33,7 +37,14 @@ pub async fn route_and_forward(
             tracing::debug!(error = %e, status, "request answered by the router");
             let model = model.unwrap_or_else(|| Arc::from("unknown"));
             count_request(&model, &Arc::from("none"), status);
-            e.into_response()
+            let close = http1 && e.closes_connection();
+            let mut resp = e.into_response();
+            if close {
+                // hyper closes the connection after this response (h2: the stream just ends).
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         }
     }
 }
@@ -47,7 +58,17 @@ async fn forward(
 ) -> Result<Response<RouterBody>, ApiError> {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
-    let body = read_body(body, &parts.headers, state.cfg.max_body_bytes).await?;
+    let limit = state.cfg.max_body_bytes;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    // Bounded in size, and in time: a body that stalls is answered 408 (`--body-read-timeout`).
+    let expected = declared.map_or(0, |n| n as usize);
+    let body = read_request_body(body, limit, state.cfg.body_read_timeout, expected).await?;
     let parsed = parse_routing_view(state, &body).await?;
     let session_key = state
         .session_header
@@ -77,7 +98,8 @@ async fn forward(
     let upstream_headers = upstream_headers(&info.headers, request_id, client_ip);
     let attempts = state.cfg.max_attempts;
     let mut last_error = String::new();
-    let mut last_5xx: Option<Response<Incoming>> = None;
+    let mut last_timed_out = false;
+    let mut last_5xx: Option<(Response<Incoming>, Arc<str>)> = None;
     for attempt in 0..attempts {
         if cands.is_empty() {
             break;
@@ -106,6 +128,7 @@ async fn forward(
         };
         let outcome =
             tokio::time::timeout(state.cfg.first_byte_timeout, state.client.request(up)).await;
+        last_timed_out = outcome.is_err();
         let failure = match outcome {
             Ok(Ok(resp))
                 if resp.status().is_server_error() && attempt + 1 < attempts && cands.len() > 1 =>
@@ -117,7 +140,7 @@ async fn forward(
                 let status = resp.status();
                 if status.is_server_error() {
                     state.monitor.report_failure(&engine, "engine answered 5xx");
-                    last_5xx = Some(resp);
+                    last_5xx = Some((resp, Arc::clone(&engine.name)));
                     break;
                 }
                 state.monitor.report_success(&engine);
@@ -175,61 +198,31 @@ async fn forward(
                 .increment(1);
         }
     }
-    if let Some(resp) = last_5xx {
-        // Every attempt failed and the last one with an engine's own error: pass it on as-is.
+    if let Some((resp, engine_name)) = last_5xx {
+        // Every attempt failed and the last one with an engine's own error: pass it on as-is if
+        // it is small and comes in time; otherwise the router's own 502 (memory stays bounded).
         let status = resp.status();
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
         strip_router_headers(&mut rparts.headers);
-        let body = rbody
-            .collect()
+        let within = state.cfg.first_byte_timeout.min(ERROR_BODY_TIME_LIMIT);
+        let body = read_error_body(rbody, ERROR_BODY_MAX_BYTES, within)
             .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
+            .map_err(|e| {
+                tracing::warn!(model = %model, engine = %engine_name, %status, error = %e, "engine error body not relayed");
+                ApiError::BadGateway(format!("engine {engine_name} answered {status}, but {e}"))
+            })?;
         count_request(&model, &Arc::from("none"), status.as_u16());
         return Ok(Response::from_parts(rparts, RouterBody::full(body)));
+    }
+    if last_timed_out {
+        // The last engine tried never answered: a gateway timeout, not a bad gateway.
+        return Err(ApiError::GatewayTimeout(state.cfg.first_byte_timeout));
     }
     if last_error.is_empty() {
         last_error = "no engine left to try".into();
     }
     Err(ApiError::BadGateway(last_error))
-}
-
-/// Reads the request body into one buffer (sized from `Content-Length` when given, so a large
-/// body is never held twice), refusing more than `limit` bytes.
-async fn read_body(
-    mut body: Incoming,
-    headers: &HeaderMap,
-    limit: usize,
-) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(ApiError::PayloadTooLarge(limit));
-    }
-    let mut buf = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
-    let mut single: Option<Bytes> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| ApiError::BadRequest(format!("could not read the request body: {e}")))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if buf.len() + single.as_ref().map_or(0, Bytes::len) + data.len() > limit {
-            return Err(ApiError::PayloadTooLarge(limit));
-        }
-        // One frame is kept as it came; more are gathered into the buffer.
-        match single.take() {
-            None if buf.is_empty() => single = Some(data),
-            None => buf.extend_from_slice(&data),
-            Some(first) => {
-                buf.extend_from_slice(&first);
-                buf.extend_from_slice(&data);
-            }
-        }
-    }
-    Ok(single.unwrap_or_else(|| buf.freeze()))
 }
 
 /// Bodies at least this large are parsed on the blocking pool: a 32 MiB body takes tens of

@@ -16,7 +16,7 @@ use http::HeaderName;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -44,6 +44,8 @@ pub struct AppState {
     pub started_unix: u64,
     /// The engines' own `/v1/models` cards.
     pub cards: ModelCards,
+    /// The cap on client connections served at once.
+    pub connections: conn::ConnLimit,
 }
 
 /// Why the router could not start.
@@ -131,10 +133,32 @@ pub async fn start(
     );
     monitor.start();
     let discovery = discovery::start(&cfg.discovery, &registry, &monitor, &prefix, &client).await?;
+    let nofile = conn::raise_nofile_limit();
+    let max_connections = cfg
+        .max_connections
+        .unwrap_or_else(|| conn::derive_max_connections(nofile.unwrap_or(1024)));
+    if let Some(limit) = nofile
+        && max_connections as u64 >= limit
+    {
+        tracing::warn!(
+            max_connections,
+            nofile_limit = limit,
+            "max_connections is not below the open-file limit: past it, accepting fails (EMFILE) and engine connections cannot be opened"
+        );
+    }
+    match nofile {
+        Some(limit) => tracing::info!(
+            max_connections,
+            nofile_limit = limit,
+            "client connection cap (open-file limit raised to its hard limit)"
+        ),
+        None => tracing::info!(
+            max_connections,
+            "client connection cap (open-file limit unknown)"
+        ),
+    }
     let addr = cfg.listen_addr();
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
+    let listener = bind_listener(addr).map_err(|source| StartError::Bind { addr, source })?;
     let addr = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
@@ -159,6 +183,7 @@ pub async fn start(
         session_header,
         started_unix,
         cards: ModelCards::new(),
+        connections: conn::ConnLimit::new(max_connections),
     });
     let (tx, rx) = oneshot::channel();
     let server = tokio::spawn(accept_loop(listener, Arc::clone(&state), rx));
@@ -183,6 +208,22 @@ pub fn exposure_warning(ip: std::net::IpAddr, admin_token: bool) -> Option<Strin
     })
 }
 
+/// Pending connections the kernel queues for `accept` (capped by `net.core.somaxconn`). The
+/// usual 128 overflows under a burst of new connections, and each dropped SYN costs its client
+/// a 1 s retransmission.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 async fn accept_loop(
     listener: TcpListener,
     state: Arc<AppState>,
@@ -202,6 +243,7 @@ async fn accept_loop(
     let builder = Arc::new(builder);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
+    let mut last_accept_warning: Option<std::time::Instant> = None;
     loop {
         while conns.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
@@ -209,16 +251,26 @@ async fn accept_loop(
                 Ok(x) => x,
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    if last_accept_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(error = %e, "accept failed");
+                        last_accept_warning = Some(std::time::Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
             },
             _ = &mut shutdown => break,
         };
+        // Over the cap: closed at once (dropped), never queued.
+        let Some(slot) = state.connections.try_admit() else {
+            tracing::debug!(%peer, max = state.connections.max(), "connection refused: at max_connections");
+            drop(stream);
+            continue;
+        };
         conns.spawn(serve_connection(
             stream,
             peer,
+            slot,
             Arc::clone(&state),
             Arc::clone(&builder),
             stop_rx.clone(),
@@ -240,6 +292,7 @@ async fn accept_loop(
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    _slot: conn::ConnSlot,
     state: Arc<AppState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut stop: watch::Receiver<bool>,
@@ -262,7 +315,11 @@ async fn serve_connection(
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let (header_timeout, idle_timeout) = (state.cfg.header_read_timeout, state.cfg.idle_timeout);
-    let mut next_check = Duration::ZERO;
+    // The watchdog: looks at the connection at its next deadline, and at once when its state
+    // changes (bytes on an idle connection, end of the last request), so a deadline set while
+    // idle never outlives the header timeout of a request that started since.
+    let watchdog = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(watchdog);
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -276,14 +333,17 @@ async fn serve_connection(
                 let _ = conn.as_mut().await;
                 return;
             }
-            _ = tokio::time::sleep(next_check) => match activity.check(header_timeout, idle_timeout) {
-                Ok(wait) => next_check = wait,
-                Err(reason) => {
-                    tracing::debug!(reason, "closing client connection");
-                    metrics::counter!("switchyard_client_connections_closed_total", "reason" => reason).increment(1);
-                    return;
-                }
-            },
+            _ = activity.changed() => {}
+            _ = watchdog.as_mut() => {}
+        }
+        match activity.check(header_timeout, idle_timeout) {
+            Ok(wait) => watchdog.as_mut().reset(tokio::time::Instant::now() + wait),
+            Err(reason) => {
+                tracing::debug!(reason, "closing client connection");
+                metrics::counter!("switchyard_client_connections_closed_total", "reason" => reason)
+                    .increment(1);
+                return;
+            }
         }
     }
 }
