@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -17,8 +17,11 @@ use super::body::{
     read_request_body,
 };
 use super::errors::{ApiError, clip};
+use super::headers::{
+    ClientAddr, add_decision_headers, strip_hop_by_hop, strip_router_headers, upstream_headers,
+};
 use super::telemetry::{RequestRecord, count_request};
-use crate::engines::{Candidate, Engine};
+use crate::engines::{Candidate, Engine, InFlightGuard};
 use crate::policy::Decision;
 use crate::request::{ParseError, Parsed, RequestInfo, parse_body};
 
@@ -49,7 +52,10 @@ pub async fn route_and_forward(
     }
 }
 
-/// The work of [`route_and_forward`]; `model_out` is set as soon as the model is known.
+/// The work of [`route_and_forward`], as its steps: read and parse the request, find the
+/// candidates, attempt engines (choosing one per attempt, retrying on another while nothing
+/// has reached the client), and relay the answer. `model_out` is set once the model is known
+/// to be served.
 async fn forward(
     state: &AppState,
     req: Request<Incoming>,
@@ -58,6 +64,33 @@ async fn forward(
 ) -> Result<Response<RouterBody>, ApiError> {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
+    let client_ip = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
+    let uri = parts.uri.clone();
+    let info = read_request(state, parts, body).await?;
+    let model: Arc<str> = Arc::from(info.model.as_str());
+    let cands = candidates(state, &info);
+    // Only served models become label values: clients cannot mint metric series.
+    if !matches!(cands, Err(ApiError::ModelNotFound(_))) {
+        *model_out = Some(Arc::clone(&model));
+    }
+    let headers = upstream_headers(&info.headers, request_id, client_ip);
+    match attempt_engines(state, &info, &uri, &headers, cands?, &model).await {
+        Attempts::Answered(a) => Ok(relay(state, &info, a, &model, start)),
+        Attempts::EngineError(resp, engine) => {
+            relay_engine_error(state, resp, &engine, &model).await
+        }
+        Attempts::TimedOut => Err(ApiError::GatewayTimeout(state.cfg.first_byte_timeout)),
+        Attempts::Failed(error) => Err(ApiError::BadGateway(error)),
+    }
+}
+
+/// Step 1: reads the body (bounded in size, and in time: a body that stalls is answered 408,
+/// `--body-read-timeout`) and parses what routing needs of it.
+async fn read_request(
+    state: &AppState,
+    parts: http::request::Parts,
+    body: Incoming,
+) -> Result<RequestInfo, ApiError> {
     let limit = state.cfg.max_body_bytes;
     let declared = parts
         .headers
@@ -66,7 +99,6 @@ async fn forward(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    // Bounded in size, and in time: a body that stalls is answered 408 (`--body-read-timeout`).
     let expected = declared.map_or(0, |n| n as usize);
     let body = read_request_body(body, limit, state.cfg.body_read_timeout, expected).await?;
     let parsed = parse_routing_view(state, &body).await?;
@@ -77,7 +109,7 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or(parsed.session_value);
-    let info = RequestInfo {
+    Ok(RequestInfo {
         path: parts.uri.path().to_owned(),
         model: parsed.model,
         stream: parsed.stream,
@@ -85,144 +117,222 @@ async fn forward(
         session_key,
         headers: parts.headers,
         body,
-    };
-    let model: Arc<str> = Arc::from(info.model.as_str());
+    })
+}
 
-    let cands = candidates(state, &info);
-    // Only served models become label values: clients cannot mint metric series.
-    if !matches!(cands, Err(ApiError::ModelNotFound(_))) {
-        *model_out = Some(Arc::clone(&model));
-    }
-    let mut cands = cands?;
-    let client_ip = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
-    let upstream_headers = upstream_headers(&info.headers, request_id, client_ip);
+/// An engine's answer that goes to the client, with what it was chosen by.
+struct Answer {
+    resp: Response<Incoming>,
+    engine: Arc<Engine>,
+    guard: InFlightGuard,
+    decision: Decision,
+}
+
+/// How the attempts ended.
+enum Attempts {
+    Answered(Answer),
+    /// The last attempt's engine answered 5xx: its own error is passed on.
+    EngineError(Response<Incoming>, Arc<str>),
+    /// The last engine tried did not answer within `--first-byte-timeout`.
+    TimedOut,
+    /// No engine answered; the last failure.
+    Failed(String),
+}
+
+/// Step 2: up to `--max-attempts` engines, each chosen by the policy among the candidates left.
+async fn attempt_engines(
+    state: &AppState,
+    info: &RequestInfo,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    mut cands: Vec<Candidate>,
+    model: &Arc<str>,
+) -> Attempts {
     let attempts = state.cfg.max_attempts;
-    let mut last_error = String::new();
-    let mut last_timed_out = false;
-    let mut last_5xx: Option<(Response<Incoming>, Arc<str>)> = None;
+    let mut last = Attempts::Failed("no engine left to try".into());
     for attempt in 0..attempts {
         if cands.is_empty() {
             break;
         }
-        let decision = state.policies.decide(&info, &cands);
-        let Decision {
-            engine: idx,
-            policy,
-            tier,
-        } = decision;
-        let idx = idx.min(cands.len() - 1);
+        let decision = state.policies.decide(info, &cands);
+        let idx = decision.engine.min(cands.len() - 1);
         let engine = Arc::clone(&cands[idx].engine);
-        tracing::debug!(model = %model, %policy, %tier, engine = %engine.name, attempt, "routed");
+        tracing::debug!(model = %model, policy = %decision.policy, tier = %decision.tier, engine = %engine.name, attempt, "routed");
         let guard = engine.begin_request();
-        let mut up = Request::post(engine_uri(&engine, &parts.uri));
-        if let Some(h) = up.headers_mut() {
-            *h = upstream_headers.clone();
-        }
-        let up = match up.body(Full::new(info.body.clone())) {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(ApiError::BadGateway(format!(
-                    "cannot build the engine request: {e}"
-                )));
+        let last_chance = attempt + 1 >= attempts || cands.len() == 1;
+        let failure = match try_engine(state, &engine, uri, headers, &info.body).await {
+            Tried::Answered(resp) => {
+                return Attempts::Answered(Answer {
+                    resp,
+                    engine,
+                    guard,
+                    decision,
+                });
             }
-        };
-        let outcome =
-            tokio::time::timeout(state.cfg.first_byte_timeout, state.client.request(up)).await;
-        last_timed_out = outcome.is_err();
-        let failure = match outcome {
-            Ok(Ok(resp))
-                if resp.status().is_server_error() && attempt + 1 < attempts && cands.len() > 1 =>
-            {
-                state.monitor.report_failure(&engine, "engine answered 5xx");
-                format!("engine {} answered {}", engine.name, resp.status())
+            Tried::EngineError(resp) if last_chance => {
+                return Attempts::EngineError(resp, Arc::clone(&engine.name));
             }
-            Ok(Ok(resp)) => {
-                let status = resp.status();
-                if status.is_server_error() {
-                    state.monitor.report_failure(&engine, "engine answered 5xx");
-                    last_5xx = Some((resp, Arc::clone(&engine.name)));
-                    break;
+            Tried::EngineError(resp) => {
+                Attempts::Failed(format!("engine {} answered {}", engine.name, resp.status()))
+            }
+            Tried::Failed { error, timed_out } => {
+                if timed_out {
+                    Attempts::TimedOut
+                } else {
+                    Attempts::Failed(error)
                 }
-                state.monitor.report_success(&engine);
-                if status.is_success() {
-                    state.prefix.insert(engine.id, info.block_hashes());
-                }
-                let sse = info.stream
-                    || resp
-                        .headers()
-                        .get(header::CONTENT_TYPE)
-                        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-                let record = RequestRecord::new(
-                    start,
-                    Arc::clone(&model),
-                    Arc::clone(&engine),
-                    status.as_u16(),
-                );
-                let (mut rparts, rbody) = resp.into_parts();
-                strip_hop_by_hop(&mut rparts.headers);
-                strip_router_headers(&mut rparts.headers);
-                if state.cfg.decision_headers {
-                    add_decision_headers(&mut rparts.headers, &policy, &tier, &engine.name);
-                }
-                let body = RouterBody::upstream(UpstreamBody::new(rbody, guard, record, sse));
-                return Ok(Response::from_parts(rparts, body));
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                state
-                    .monitor
-                    .report_unreachable(&engine, "connection to the engine failed");
-                format!("cannot connect to engine {}: {e}", engine.name)
-            }
-            Ok(Err(e)) => {
-                state
-                    .monitor
-                    .report_failure(&engine, "engine request failed");
-                format!("engine {} failed before answering: {e}", engine.name)
-            }
-            Err(_) => {
-                state
-                    .monitor
-                    .report_unreachable(&engine, "first-byte timeout");
-                format!(
-                    "engine {} did not answer within {:?}",
-                    engine.name, state.cfg.first_byte_timeout
-                )
             }
         };
         drop(guard);
-        tracing::warn!(model = %model, engine = %engine.name, attempt, error = %failure, "attempt failed; trying another engine");
-        last_error = failure;
+        let message = match &failure {
+            Attempts::Failed(e) => e.clone(),
+            _ => format!(
+                "engine {} did not answer within {:?}",
+                engine.name, state.cfg.first_byte_timeout
+            ),
+        };
+        tracing::warn!(model = %model, engine = %engine.name, attempt, error = %message, "attempt failed; trying another engine");
+        last = failure;
         cands.remove(idx);
         if attempt + 1 < attempts && !cands.is_empty() {
-            metrics::counter!("switchyard_retries_total", "model" => Arc::clone(&model))
+            metrics::counter!("switchyard_retries_total", "model" => Arc::clone(model))
                 .increment(1);
         }
     }
-    if let Some((resp, engine_name)) = last_5xx {
-        // Every attempt failed and the last one with an engine's own error: pass it on as-is if
-        // it is small and comes in time; otherwise the router's own 502 (memory stays bounded).
-        let status = resp.status();
-        let (mut rparts, rbody) = resp.into_parts();
-        strip_hop_by_hop(&mut rparts.headers);
-        strip_router_headers(&mut rparts.headers);
-        let within = state.cfg.first_byte_timeout.min(ERROR_BODY_TIME_LIMIT);
-        let body = read_error_body(rbody, ERROR_BODY_MAX_BYTES, within)
-            .await
-            .map_err(|e| {
-                tracing::warn!(model = %model, engine = %engine_name, %status, error = %e, "engine error body not relayed");
-                ApiError::BadGateway(format!("engine {engine_name} answered {status}, but {e}"))
-            })?;
-        count_request(&model, &Arc::from("none"), status.as_u16());
-        return Ok(Response::from_parts(rparts, RouterBody::full(body)));
+    last
+}
+
+/// One attempt's outcome.
+enum Tried {
+    Answered(Response<Incoming>),
+    EngineError(Response<Incoming>),
+    Failed { error: String, timed_out: bool },
+}
+
+/// Sends the request to one engine and waits for its response headers, reporting the outcome
+/// to the health monitor. A 5xx is an engine error (the caller relays it on its last chance).
+async fn try_engine(
+    state: &AppState,
+    engine: &Arc<Engine>,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Tried {
+    let mut up = Request::post(engine_uri(engine, uri));
+    if let Some(h) = up.headers_mut() {
+        *h = headers.clone();
     }
-    if last_timed_out {
-        // The last engine tried never answered: a gateway timeout, not a bad gateway.
-        return Err(ApiError::GatewayTimeout(state.cfg.first_byte_timeout));
+    let up = match up.body(Full::new(body.clone())) {
+        Ok(r) => r,
+        Err(e) => {
+            return Tried::Failed {
+                error: format!("cannot build the engine request: {e}"),
+                timed_out: false,
+            };
+        }
+    };
+    let failed = |error: String, timed_out: bool| Tried::Failed { error, timed_out };
+    match tokio::time::timeout(state.cfg.first_byte_timeout, state.client.request(up)).await {
+        Ok(Ok(resp)) if resp.status().is_server_error() => {
+            state.monitor.report_failure(engine, "engine answered 5xx");
+            Tried::EngineError(resp)
+        }
+        Ok(Ok(resp)) => {
+            state.monitor.report_success(engine);
+            Tried::Answered(resp)
+        }
+        Ok(Err(e)) if e.is_connect() => {
+            state
+                .monitor
+                .report_unreachable(engine, "connection to the engine failed");
+            failed(
+                format!("cannot connect to engine {}: {e}", engine.name),
+                false,
+            )
+        }
+        Ok(Err(e)) => {
+            state
+                .monitor
+                .report_failure(engine, "engine request failed");
+            failed(
+                format!("engine {} failed before answering: {e}", engine.name),
+                false,
+            )
+        }
+        Err(_) => {
+            state
+                .monitor
+                .report_unreachable(engine, "first-byte timeout");
+            failed(
+                format!(
+                    "engine {} did not answer within {:?}",
+                    engine.name, state.cfg.first_byte_timeout
+                ),
+                true,
+            )
+        }
     }
-    if last_error.is_empty() {
-        last_error = "no engine left to try".into();
+}
+
+/// Step 3: streams the engine's answer to the client (recording the prefix it now caches).
+fn relay(
+    state: &AppState,
+    info: &RequestInfo,
+    a: Answer,
+    model: &Arc<str>,
+    start: Instant,
+) -> Response<RouterBody> {
+    let status = a.resp.status();
+    if status.is_success() {
+        state.prefix.insert(a.engine.id, info.block_hashes());
     }
-    Err(ApiError::BadGateway(last_error))
+    let sse = info.stream
+        || a.resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let record = RequestRecord::new(
+        start,
+        Arc::clone(model),
+        Arc::clone(&a.engine),
+        status.as_u16(),
+    );
+    let (mut rparts, rbody) = a.resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    strip_router_headers(&mut rparts.headers);
+    if state.cfg.decision_headers {
+        add_decision_headers(
+            &mut rparts.headers,
+            &a.decision.policy,
+            &a.decision.tier,
+            &a.engine.name,
+        );
+    }
+    let body = RouterBody::upstream(UpstreamBody::new(rbody, a.guard, record, sse));
+    Response::from_parts(rparts, body)
+}
+
+/// Every attempt failed and the last one with an engine's own error: it is passed on as-is if
+/// it is small and comes in time; otherwise the router's own 502 (memory stays bounded).
+async fn relay_engine_error(
+    state: &AppState,
+    resp: Response<Incoming>,
+    engine_name: &str,
+    model: &Arc<str>,
+) -> Result<Response<RouterBody>, ApiError> {
+    let status = resp.status();
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    strip_router_headers(&mut rparts.headers);
+    let within = state.cfg.first_byte_timeout.min(ERROR_BODY_TIME_LIMIT);
+    let body = read_error_body(rbody, ERROR_BODY_MAX_BYTES, within)
+        .await
+        .map_err(|e| {
+            tracing::warn!(model = %model, engine = %engine_name, %status, error = %e, "engine error body not relayed");
+            ApiError::BadGateway(format!("engine {engine_name} answered {status}, but {e}"))
+        })?;
+    count_request(model, &Arc::from("none"), status.as_u16());
+    Ok(Response::from_parts(rparts, RouterBody::full(body)))
 }
 
 /// Bodies at least this large are parsed on the blocking pool: a 32 MiB body takes tens of
@@ -317,98 +427,6 @@ fn candidates(state: &AppState, info: &RequestInfo) -> Result<Vec<Candidate>, Ap
     Ok(cands)
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
-        h.remove(n);
-    }
-    h.remove(header::UPGRADE);
-}
-
-/// The client's address, put in each request's extensions by the connection that read it.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub std::net::SocketAddr);
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-
-/// The headers sent to the engine: the client's, less hop-by-hop ones, `Host` (set from the
-/// engine's URL) and `Content-Length` (set from the body); `Authorization` is kept. As reverse
-/// proxies do, the client's address is appended to `X-Forwarded-For` and `X-Forwarded-Proto`
-/// says the scheme the client used (`http`: the router does not terminate TLS).
-fn upstream_headers(
-    client: &HeaderMap,
-    request_id: &HeaderValue,
-    client_ip: Option<std::net::IpAddr>,
-) -> HeaderMap {
-    let mut h = client.clone();
-    strip_hop_by_hop(&mut h);
-    h.remove(header::HOST);
-    h.remove(header::CONTENT_LENGTH);
-    h.remove(header::EXPECT);
-    h.insert(super::X_REQUEST_ID.clone(), request_id.clone());
-    if let Some(ip) = client_ip {
-        let prior: Vec<&str> = h
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let value = if prior.is_empty() {
-            ip.to_string()
-        } else {
-            format!("{}, {ip}", prior.join(", "))
-        };
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(X_FORWARDED_FOR.clone(), v);
-        }
-    }
-    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    h
-}
-
-/// Removes `x-switchyard-*` headers from an engine's response: only the router sets those.
-fn strip_router_headers(h: &mut HeaderMap) {
-    let theirs: Vec<HeaderName> = h
-        .keys()
-        .filter(|n| n.as_str().starts_with("x-switchyard-"))
-        .cloned()
-        .collect();
-    for n in theirs {
-        h.remove(n);
-    }
-}
-
-fn add_decision_headers(h: &mut HeaderMap, policy: &str, tier: &str, engine: &str) {
-    for (name, v) in [
-        ("x-switchyard-policy", policy),
-        ("x-switchyard-tier", tier),
-        ("x-switchyard-engine", engine),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(v) {
-            h.insert(HeaderName::from_static(name), v);
-        }
-    }
-}
-
 /// A body for the router's own answers.
 pub fn json_response(status: StatusCode, body: Bytes) -> Response<RouterBody> {
     let mut r = Response::new(RouterBody::full(body));
@@ -418,56 +436,4 @@ pub fn json_response(status: StatusCode, body: Bytes) -> Response<RouterBody> {
         HeaderValue::from_static("application/json"),
     );
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_and_connection_named_headers_are_stripped() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
-        h.insert(header::HOST, HeaderValue::from_static("router"));
-        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
-        let out = upstream_headers(
-            &h,
-            &HeaderValue::from_static("rid"),
-            Some([127, 0, 0, 9].into()),
-        );
-        assert_eq!(out["x-forwarded-for"], "203.0.113.7, 127.0.0.9");
-        assert_eq!(out["x-forwarded-proto"], "http");
-        assert!(out.get("x-secret").is_none());
-        assert!(out.get(header::CONNECTION).is_none());
-        assert!(out.get(header::TRANSFER_ENCODING).is_none());
-        assert!(out.get(header::HOST).is_none());
-        assert_eq!(out[header::AUTHORIZATION], "Bearer k");
-        assert_eq!(out["x-request-id"], "rid");
-        let out = upstream_headers(
-            &HeaderMap::new(),
-            &HeaderValue::from_static("r"),
-            Some([127, 0, 0, 1].into()),
-        );
-        assert_eq!(out["x-forwarded-for"], "127.0.0.1");
-    }
-
-    #[test]
-    fn engine_set_router_headers_are_stripped() {
-        let mut h = HeaderMap::new();
-        h.insert("x-switchyard-engine", HeaderValue::from_static("forged"));
-        h.insert("x-switchyard-kv", HeaderValue::from_static("exact"));
-        h.insert("x-other", HeaderValue::from_static("kept"));
-        strip_router_headers(&mut h);
-        assert_eq!(h.len(), 1);
-        assert_eq!(h["x-other"], "kept");
-    }
 }

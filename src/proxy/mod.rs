@@ -4,6 +4,7 @@ pub mod body;
 pub mod conn;
 pub mod errors;
 pub mod forward;
+pub mod headers;
 pub mod routes;
 pub mod telemetry;
 
@@ -302,7 +303,7 @@ async fn serve_connection(
     let act = Arc::clone(&activity);
     let st = Arc::clone(&state);
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(forward::ClientAddr(peer));
+        req.extensions_mut().insert(headers::ClientAddr(peer));
         let busy = act.begin();
         let st = Arc::clone(&st);
         async move {

@@ -1,0 +1,149 @@
+//! The headers the router changes on the way through: hop-by-hop headers are dropped both
+//! ways, the client's address is appended to `X-Forwarded-For` towards engines, and engines'
+//! `x-switchyard-*` headers are replaced by the router's own decision headers.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(n);
+    }
+    h.remove(header::UPGRADE);
+}
+
+/// The client's address, put in each request's extensions by the connection that read it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// The headers sent to the engine: the client's, less hop-by-hop ones, `Host` (set from the
+/// engine's URL) and `Content-Length` (set from the body); `Authorization` is kept. As reverse
+/// proxies do, the client's address is appended to `X-Forwarded-For` and `X-Forwarded-Proto`
+/// says the scheme the client used (`http`: the router does not terminate TLS).
+pub fn upstream_headers(
+    client: &HeaderMap,
+    request_id: &HeaderValue,
+    client_ip: Option<std::net::IpAddr>,
+) -> HeaderMap {
+    let mut h = client.clone();
+    strip_hop_by_hop(&mut h);
+    h.remove(header::HOST);
+    h.remove(header::CONTENT_LENGTH);
+    h.remove(header::EXPECT);
+    h.insert(super::X_REQUEST_ID.clone(), request_id.clone());
+    if let Some(ip) = client_ip {
+        let prior: Vec<&str> = h
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let value = if prior.is_empty() {
+            ip.to_string()
+        } else {
+            format!("{}, {ip}", prior.join(", "))
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(X_FORWARDED_FOR.clone(), v);
+        }
+    }
+    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    h
+}
+
+/// Removes `x-switchyard-*` headers from an engine's response: only the router sets those.
+pub fn strip_router_headers(h: &mut HeaderMap) {
+    let theirs: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-switchyard-"))
+        .cloned()
+        .collect();
+    for n in theirs {
+        h.remove(n);
+    }
+}
+
+pub fn add_decision_headers(h: &mut HeaderMap, policy: &str, tier: &str, engine: &str) {
+    for (name, v) in [
+        ("x-switchyard-policy", policy),
+        ("x-switchyard-tier", tier),
+        ("x-switchyard-engine", engine),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        h.insert(header::HOST, HeaderValue::from_static("router"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+        let out = upstream_headers(
+            &h,
+            &HeaderValue::from_static("rid"),
+            Some([127, 0, 0, 9].into()),
+        );
+        assert_eq!(out["x-forwarded-for"], "203.0.113.7, 127.0.0.9");
+        assert_eq!(out["x-forwarded-proto"], "http");
+        assert!(out.get("x-secret").is_none());
+        assert!(out.get(header::CONNECTION).is_none());
+        assert!(out.get(header::TRANSFER_ENCODING).is_none());
+        assert!(out.get(header::HOST).is_none());
+        assert_eq!(out[header::AUTHORIZATION], "Bearer k");
+        assert_eq!(out["x-request-id"], "rid");
+        let out = upstream_headers(
+            &HeaderMap::new(),
+            &HeaderValue::from_static("r"),
+            Some([127, 0, 0, 1].into()),
+        );
+        assert_eq!(out["x-forwarded-for"], "127.0.0.1");
+    }
+
+    #[test]
+    fn engine_set_router_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert("x-switchyard-engine", HeaderValue::from_static("forged"));
+        h.insert("x-switchyard-kv", HeaderValue::from_static("exact"));
+        h.insert("x-other", HeaderValue::from_static("kept"));
+        strip_router_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-other"], "kept");
+    }
+}
