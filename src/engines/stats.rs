@@ -1,5 +1,5 @@
-//! Engine figures scraped from `GET /metrics` (vLLM's Prometheus text format), parsed with the
-//! `prometheus-parse` crate and summed over the engine's label sets.
+//! Engine figures scraped from `GET /metrics` (vLLM's Prometheus text format): the few samples
+//! routing needs, read by [`parse_vllm_metrics`] and summed over the engine's label sets.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,59 +40,89 @@ pub struct VllmFigures {
 
 /// Parses vLLM figures from Prometheus text. `vllm:kv_cache_usage_perc` is preferred; the older
 /// `vllm:gpu_cache_usage_perc` is used when it is absent. Counters may carry a `_total` suffix or
-/// not, so both spellings are accepted.
+/// not, so both spellings are accepted; `_created` samples (prometheus_client's counter
+/// timestamps) are not counters and are ignored.
 ///
-/// `prometheus-parse` reads metric names as `\w+`, without the `:` that the format allows and
-/// vLLM uses (`vllm:num_requests_running`), so names are normalised `:` → `_` first.
+/// A reader of just these samples, not a general Prometheus parser: each sample line is
+/// `name[{labels}] value [timestamp]`, labels are skipped (quoted values may hold `}`, `,`, and
+/// escaped quotes), every label set of a name is summed. Malformed lines are skipped; a
+/// non-empty page with no readable sample at all is an error.
 pub fn parse_vllm_metrics(text: &str) -> Result<VllmFigures, String> {
-    let lines = text.lines().map(|l| Ok(normalize_name(l)));
-    let scrape =
-        prometheus_parse::Scrape::parse(lines).map_err(|e| format!("unparseable metrics: {e}"))?;
     let mut f = VllmFigures::default();
     let (mut kv_new, mut kv_old) = (None::<f64>, None::<f64>);
-    for s in &scrape.samples {
-        let v = match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => continue,
-        };
-        if !v.is_finite() {
+    let (mut samples, mut malformed) = (0usize, 0usize);
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let name = s.metric.strip_suffix("_total").unwrap_or(&s.metric);
+        let Some((name, value)) = sample(line) else {
+            malformed += 1;
+            continue;
+        };
+        samples += 1;
+        if !value.is_finite() {
+            continue;
+        }
+        let name = name.strip_suffix("_total").unwrap_or(name);
         match name {
-            "vllm_num_requests_running" => f.running += v,
-            "vllm_num_requests_waiting" => f.waiting += v,
-            "vllm_kv_cache_usage_perc" => *kv_new.get_or_insert(0.0) += v,
-            "vllm_gpu_cache_usage_perc" => *kv_old.get_or_insert(0.0) += v,
-            "vllm_prefix_cache_queries" => f.prefix_queries += v,
-            "vllm_prefix_cache_hits" => f.prefix_hits += v,
+            "vllm:num_requests_running" => f.running += value,
+            "vllm:num_requests_waiting" => f.waiting += value,
+            "vllm:kv_cache_usage_perc" => *kv_new.get_or_insert(0.0) += value,
+            "vllm:gpu_cache_usage_perc" => *kv_old.get_or_insert(0.0) += value,
+            "vllm:prefix_cache_queries" => f.prefix_queries += value,
+            "vllm:prefix_cache_hits" => f.prefix_hits += value,
             _ => {}
         }
+    }
+    if samples == 0 && malformed > 0 {
+        return Err(format!(
+            "unparseable metrics: none of {malformed} lines is a Prometheus sample"
+        ));
     }
     f.kv_usage = kv_new.or(kv_old).unwrap_or(0.0);
     Ok(f)
 }
 
-/// Replaces `:` by `_` in the metric name of a sample, `# HELP` or `# TYPE` line.
-fn normalize_name(line: &str) -> String {
-    let (prefix, rest) = match line
-        .strip_prefix("# HELP ")
-        .or_else(|| line.strip_prefix("# TYPE "))
-    {
-        Some(rest) => (&line[..7], rest),
-        None if line.starts_with('#') => return line.to_owned(),
-        None => ("", line),
+/// The name and value of one sample line, or `None` if it is not one.
+fn sample(line: &str) -> Option<(&str, f64)> {
+    let name_end = line.find(|c: char| c == '{' || c.is_ascii_whitespace())?;
+    let name = &line[..name_end];
+    let valid_name = name.chars().enumerate().all(|(i, c)| {
+        c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+    });
+    if name.is_empty() || !valid_name {
+        return None;
+    }
+    let mut rest = &line[name_end..];
+    if rest.starts_with('{') {
+        rest = &rest[labels_end(rest)?..];
+    }
+    let value = rest.split_ascii_whitespace().next()?;
+    let value = match value {
+        "+Inf" | "Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().ok()?,
     };
-    let end = rest
-        .find(|c: char| c == '{' || c.is_whitespace())
-        .unwrap_or(rest.len());
-    let mut out = String::with_capacity(line.len());
-    out.push_str(prefix);
-    out.extend(rest[..end].chars().map(|c| if c == ':' { '_' } else { c }));
-    out.push_str(&rest[end..]);
-    out
+    Some((name, value))
+}
+
+/// The byte offset just past the `}` closing the label set that `s` starts with.
+fn labels_end(s: &str) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in s.char_indices().skip(1) {
+        match (quoted, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (true, false, '"') => quoted = false,
+            (false, _, '"') => quoted = true,
+            (false, _, '}') => return Some(i + 1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// A failed scrape.
@@ -204,11 +234,49 @@ vllm:prefix_cache_hits_total{model_name="m"} 250.0
     }
 
     #[test]
+    fn reads_the_page_prometheus_client_writes_for_vllm() {
+        // Written by prometheus_client with vLLM's metric definitions (two data-parallel
+        // engines): tests/fixtures/gen_vllm_metrics.py.
+        let text = include_str!("../../tests/fixtures/vllm-metrics.txt");
+        let f = parse_vllm_metrics(text).unwrap();
+        assert_eq!(
+            f,
+            VllmFigures {
+                running: 5.0,
+                waiting: 5.0,
+                kv_usage: 1.0,
+                prefix_queries: 4000.0,
+                prefix_hits: 1000.0
+            }
+        );
+        // Without the new KV name, the old one is used.
+        let old: String = text
+            .lines()
+            .filter(|l| !l.contains("vllm:kv_cache_usage_perc"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(parse_vllm_metrics(&old).unwrap().kv_usage, 2.0);
+    }
+
+    #[test]
+    fn labels_may_hold_braces_commas_and_escaped_quotes() {
+        let text = "vllm:num_requests_running{a=\"x}\",b=\"q \\\" } y\",engine=\"0\"} 3 1712000000000\n\
+                    vllm:num_requests_running 2\n\
+                    vllm:num_requests_waiting{engine=\"0\"} NaN\n";
+        let f = parse_vllm_metrics(text).unwrap();
+        assert_eq!(f.running, 5.0);
+        assert_eq!(f.waiting, 0.0, "NaN is skipped");
+        assert!(parse_vllm_metrics("<html>not metrics</html>\n").is_err());
+    }
+
+    #[test]
     fn falls_back_to_old_kv_name_and_tolerates_garbage() {
         let f = parse_vllm_metrics("vllm:gpu_cache_usage_perc{model_name=\"m\"} 0.5\n").unwrap();
         assert_eq!(f.kv_usage, 0.5);
         assert_eq!(parse_vllm_metrics("").unwrap(), VllmFigures::default());
-        // Whatever the text, parsing never panics.
+        // Whatever the text, parsing never panics; readable samples count despite garbage.
         let _ = parse_vllm_metrics("vllm:num_requests_running{ 1\n\u{0}");
+        let f = parse_vllm_metrics("garbage here\nvllm:num_requests_waiting 2\n").unwrap();
+        assert_eq!(f.waiting, 2.0);
     }
 }
