@@ -1,17 +1,43 @@
 //! Switchyard: a router for LLM-serving clusters whose routing policy is a hot-reloaded
 //! pipeline of tiers written in TOML and Rhai.
 //!
+//! # Layout
+//!
+//! The router core, in the order a request meets it:
+//!
+//! - [`config`]: the settings (flags over the config file over defaults) and their validation.
+//! - [`proxy`]: the HTTP server: connections and their limits ([`proxy::conn`]), dispatch of
+//!   routes ([`proxy::routes`]), forwarding with retries ([`proxy::forward`]), headers,
+//!   response bodies, OpenAI-shaped errors and the router's own metrics.
+//! - [`request`]: the routing view of a request body (model, stream, session key, a digest of
+//!   the prompt), parsed in one pass without materialising the rest.
+//! - [`tokens`]: the stand-in tokenizer and the chained block hashes of a prompt.
+//! - [`engines`]: the engines: registry, where they come from (static or Kubernetes
+//!   discovery), health and ejection, scraped load figures, model cards.
+//! - [`prefix`]: the router's approximate index of which engine cached which prompt prefix.
+//! - [`policy`]: the routing decision: policy files, the built-in tiers, Rhai scripts, loading,
+//!   validation and hot reload.
+//! - [`upstream`]: the pooled HTTP client to the engines and its bounded GET.
+//!
 //! Data flows one way: request → [`request`] parse → candidates from [`engines`] →
 //! [`policy`] decision (with the [`prefix`] index) → [`proxy`] forward → record.
+//!
+//! The leaves on top, which use the core only through its public API (the core never imports
+//! them; `tests/architecture.rs` checks that the import graph has no circles):
+//!
+//! - [`cli`]: the `switchyard` command line (`serve`, `sim`, `check`, `bench`).
+//! - [`sim`]: a simulated vLLM engine (scheduler, prefix cache, metrics, failure injection).
+//! - [`bench`]: the routing benchmark: workloads, a load driver, statistics, reports.
 
-pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod engines;
 pub mod policy;
 pub mod prefix;
 pub mod proxy;
 pub mod request;
-pub mod sim;
 pub mod tokens;
 pub mod upstream;
+
+pub mod bench;
+pub mod cli;
+pub mod sim;
