@@ -581,7 +581,7 @@ async fn the_binary_discovers_pods_through_a_kubeconfig() {
     let kubeconfig = dir.join("config");
     std::fs::write(&kubeconfig, stub.kubeconfig_yaml()).expect("kubeconfig");
     let port = pods.port.to_string();
-    let router = spawn_router_with_env(
+    let router = RouterProcess::spawn_with_env(
         &[
             "--service-discovery",
             "k8s",
@@ -612,35 +612,4 @@ async fn the_binary_discovers_pods_through_a_kubeconfig() {
             .all(|r| r.contains("/api/v1/namespaces/llm/pods"))
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Starts the router binary with extra environment variables; returns once it listens.
-fn spawn_router_with_env(args: &[&str], env: &[(&str, &str)]) -> RouterProcess {
-    use std::io::BufRead;
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
-    cmd.args(["serve", "--port", "0", "--log-level", "warn"])
-        .args(args)
-        .env_remove("KUBECONFIG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("the router binary starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if !sent && let Some(url) = line.strip_prefix("Switchyard is routing on ") {
-                let _ = tx.send(url.trim().to_owned());
-                sent = true;
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(SAFETY)
-        .expect("the router binary says where it listens");
-    RouterProcess { child, url }
 }

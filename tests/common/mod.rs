@@ -230,14 +230,23 @@ pub struct RouterProcess {
 impl RouterProcess {
     /// Starts `switchyard serve --port 0 ARGS…` and waits for it to say where it listens.
     pub fn spawn(args: &[&str]) -> RouterProcess {
+        RouterProcess::spawn_with_env(args, &[])
+    }
+
+    /// [`RouterProcess::spawn`] with extra environment variables (and no inherited
+    /// `KUBECONFIG`).
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> RouterProcess {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["serve", "--port", "0", "--log-level", "warn"])
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.args(["serve", "--port", "0", "--log-level", "warn"])
             .args(args)
+            .env_remove("KUBECONFIG")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("the router binary starts");
+            .stderr(std::process::Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("the router binary starts");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
