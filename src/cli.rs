@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -136,17 +135,66 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
             first_model(&router)
         );
     }
+    let mut signals = Signals::new()?;
     tokio::select! {
         _ = router.wait() => {}
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("shutting down");
-            router.shutdown(Duration::from_secs(10)).await;
+        sig = signals.next() => {
+            let grace = router.state.cfg.shutdown_grace;
+            tracing::info!(
+                signal = sig,
+                grace_seconds = grace.as_secs_f64(),
+                "shutting down: /health answers 503, no new connections, requests in progress may finish"
+            );
+            tokio::select! {
+                outcome = router.shutdown(grace) => {
+                    if outcome.cut == 0 {
+                        tracing::info!(connections = outcome.open_at_start, "shut down: every request in progress finished");
+                    } else {
+                        tracing::warn!(cut = outcome.cut, "shut down: connections still open at the end of the grace were cut");
+                    }
+                }
+                sig = signals.next() => {
+                    tracing::warn!(signal = sig, "second signal: exiting at once, cutting the connections still open");
+                }
+            }
         }
     }
     for sim in demo_engines {
         sim.shutdown().await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM (how Kubernetes, Docker and systemd stop a process) and SIGINT (Ctrl-C).
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers now, so a signal sent from here on is never missed.
+    fn new() -> Result<Signals, BoxError> {
+        Ok(Signals {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
 }
 
 fn first_model(router: &crate::proxy::RunningRouter) -> String {

@@ -84,6 +84,11 @@ pub struct ServeArgs {
     /// and other files: min(limit / 4, 4096)].
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Seconds requests in progress (streams included) may take to finish after SIGTERM or
+    /// Ctrl-C, while `/health` answers 503 and no connection is accepted; connections still open
+    /// then are cut [default: 30].
+    #[arg(long)]
+    pub shutdown_grace: Option<f64>,
     /// Consecutive failed responses (5xx, transport errors) that eject an engine [default: 3].
     #[arg(long)]
     pub eject_after_failures: Option<u32>,
@@ -143,6 +148,7 @@ pub struct FileConfig {
     pub idle_timeout: Option<f64>,
     pub body_read_timeout: Option<f64>,
     pub max_connections: Option<usize>,
+    pub shutdown_grace: Option<f64>,
     pub eject_after_failures: Option<u32>,
     pub health_probe_interval: Option<f64>,
     pub prefix_index_mib: Option<usize>,
@@ -218,6 +224,8 @@ pub struct RouterConfig {
     /// Client connections served at once; `None`: derived from the open-file limit at start
     /// (see [`crate::proxy::conn::derive_max_connections`]).
     pub max_connections: Option<usize>,
+    /// How long requests in progress may take to finish once shutdown starts.
+    pub shutdown_grace: Duration,
     pub eject_after_failures: u32,
     pub health_probe_interval: Duration,
     pub prefix_index_bytes: usize,
@@ -248,6 +256,7 @@ impl Default for RouterConfig {
             idle_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(30),
             max_connections: None,
+            shutdown_grace: Duration::from_secs(30),
             eject_after_failures: 3,
             health_probe_interval: Duration::from_millis(500),
             prefix_index_bytes: 64 * 1024 * 1024,
@@ -415,6 +424,12 @@ impl RouterConfig {
                 d.body_read_timeout,
             )?,
             max_connections,
+            shutdown_grace: secs(
+                "shutdown_grace",
+                args.shutdown_grace,
+                file.shutdown_grace,
+                d.shutdown_grace,
+            )?,
             eject_after_failures: args
                 .eject_after_failures
                 .or(file.eject_after_failures)
@@ -884,6 +899,18 @@ mod tests {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/switchyard.toml");
         let f = load_file(&example).unwrap();
         assert_eq!(f.body_read_timeout, Some(30.0));
+    }
+
+    #[test]
+    fn shutdown_grace_in_seconds() {
+        let c = RouterConfig::resolve(&args(&[])).unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        let c = RouterConfig::resolve(&args(&["--shutdown-grace", "2.5"])).unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_millis(2500));
+        let e = RouterConfig::resolve(&args(&["--shutdown-grace=-1"])).unwrap_err();
+        assert!(e.to_string().starts_with("shutdown_grace:"), "{e}");
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/switchyard.toml");
+        assert_eq!(load_file(&example).unwrap().shutdown_grace, Some(30.0));
     }
 
     #[test]
