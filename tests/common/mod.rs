@@ -230,8 +230,17 @@ pub struct RouterProcess {
 impl RouterProcess {
     /// Starts `switchyard serve --port 0 ARGS…` and waits for it to say where it listens.
     pub fn spawn(args: &[&str]) -> RouterProcess {
+        Self::spawn_in(None, args)
+    }
+
+    /// [`RouterProcess::spawn`] in the working directory `cwd` (else the test's).
+    pub fn spawn_in(cwd: Option<&std::path::Path>, args: &[&str]) -> RouterProcess {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd
             .args(["serve", "--port", "0", "--log-level", "warn"])
             .args(args)
             .stdout(std::process::Stdio::piped())
