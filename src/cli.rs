@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -35,15 +34,36 @@ pub enum Command {
     Sim(Box<crate::sim::SimArgs>),
     /// Compile and validate every policy (and the config file, if given).
     Check(CheckArgs),
+    /// The built-in policies: `switchyard policies export DIR` writes them out for editing.
+    Policies(PoliciesArgs),
     /// Compare routing policies: replay a seeded workload through the router in front of simulated engines.
     Bench(Box<crate::bench::BenchArgs>),
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct PoliciesArgs {
+    #[command(subcommand)]
+    pub command: PoliciesCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum PoliciesCommand {
+    /// Write the built-in policies into DIR (created if needed), e.g. to edit them and serve
+    /// them with --policies-dir DIR.
+    Export {
+        dir: PathBuf,
+        /// Overwrite files of the same names.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct CheckArgs {
-    /// Directory of policy files.
-    #[arg(long, default_value = "policies")]
-    pub policies_dir: PathBuf,
+    /// Directory of policy files; it must exist [default: ./policies if it exists, else the
+    /// built-in policies].
+    #[arg(long)]
+    pub policies_dir: Option<PathBuf>,
     /// A config file to validate too.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -57,7 +77,12 @@ pub fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> Result<ExitCode, BoxE
     match cli.command {
         None => runtime.block_on(serve(cli.serve)),
         Some(Command::Serve(args)) => runtime.block_on(serve(*args)),
-        Some(Command::Check(args)) => check(&args),
+        Some(Command::Check(args)) => {
+            let r = check(&args);
+            crate::policy::shipped::remove_builtin_dir();
+            r
+        }
+        Some(Command::Policies(args)) => policies(&args),
         Some(Command::Bench(args)) => {
             init_logging("warn"); // at info, the router logs every start and stop, once per run
             runtime
@@ -84,8 +109,23 @@ fn init_logging(level: &str) {
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
+    let r = serve_inner(args).await;
+    crate::policy::shipped::remove_builtin_dir();
+    r
+}
+
+async fn serve_inner(args: ServeArgs) -> Result<ExitCode, BoxError> {
     let mut cfg = RouterConfig::resolve(&args)?;
     init_logging(&cfg.log_level);
+    if crate::policy::shipped::is_builtin_dir(&cfg.policy.dir) {
+        tracing::info!(
+            imbalanced_threshold = cfg.imbalanced_threshold,
+            "{}",
+            crate::policy::shipped::USING_BUILTIN
+        );
+    } else {
+        tracing::info!(dir = %cfg.policy.dir.display(), "policies directory");
+    }
     // No backends configured: the embedded demo, simulated engines on free loopback ports.
     let mut demo_engines = Vec::new();
     if cfg.backends.is_empty() && !cfg.discovery.is_dynamic() {
@@ -136,17 +176,66 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
             first_model(&router)
         );
     }
+    let mut signals = Signals::new()?;
     tokio::select! {
         _ = router.wait() => {}
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("shutting down");
-            router.shutdown(Duration::from_secs(10)).await;
+        sig = signals.next() => {
+            let grace = router.state.cfg.shutdown_grace;
+            tracing::info!(
+                signal = sig,
+                grace_seconds = grace.as_secs_f64(),
+                "shutting down: /health answers 503, no new connections, requests in progress may finish"
+            );
+            tokio::select! {
+                outcome = router.shutdown(grace) => {
+                    if outcome.cut == 0 {
+                        tracing::info!(connections = outcome.open_at_start, "shut down: every request in progress finished");
+                    } else {
+                        tracing::warn!(cut = outcome.cut, "shut down: connections still open at the end of the grace were cut");
+                    }
+                }
+                sig = signals.next() => {
+                    tracing::warn!(signal = sig, "second signal: exiting at once, cutting the connections still open");
+                }
+            }
         }
     }
     for sim in demo_engines {
         sim.shutdown().await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM (how Kubernetes, Docker and systemd stop a process) and SIGINT (Ctrl-C).
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers now, so a signal sent from here on is never missed.
+    fn new() -> Result<Signals, BoxError> {
+        Ok(Signals {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
 }
 
 fn first_model(router: &crate::proxy::RunningRouter) -> String {
@@ -159,16 +248,36 @@ fn first_model(router: &crate::proxy::RunningRouter) -> String {
         .unwrap_or_default()
 }
 
+/// `switchyard policies export DIR [--force]`.
+fn policies(args: &PoliciesArgs) -> Result<ExitCode, BoxError> {
+    match &args.command {
+        PoliciesCommand::Export { dir, force } => {
+            let written = crate::policy::shipped::export(dir, *force)?;
+            for p in &written {
+                println!("wrote {}", p.display());
+            }
+            println!(
+                "{} policies written: serve them with --policies-dir {}",
+                written.len(),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 /// `switchyard check`: every policy error (and the config file's) as `file:line:col: message`.
 fn check(args: &CheckArgs) -> Result<ExitCode, BoxError> {
     let mut errors = 0usize;
-    let mut dir = args.policies_dir.clone();
+    let mut explicit = args.policies_dir.clone();
+    let mut threshold = None;
     if let Some(path) = &args.config {
         match config::load_file(path) {
             Ok(file) => {
-                if let Some(d) = file.policies_dir {
-                    dir = d;
+                if explicit.is_none() {
+                    explicit = file.policies_dir;
                 }
+                threshold = file.imbalanced_threshold;
             }
             Err(e) => {
                 println!("{e}");
@@ -176,15 +285,31 @@ fn check(args: &CheckArgs) -> Result<ExitCode, BoxError> {
             }
         }
     }
+    let dir = match config::resolve_policies_dir(explicit.as_deref(), threshold) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("{e}");
+            println!("{} error(s)", errors + 1);
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let builtin = crate::policy::shipped::is_builtin_dir(&dir);
+    if builtin {
+        println!("{}", crate::policy::shipped::USING_BUILTIN);
+    }
     for d in crate::policy::PolicyStore::check_dir(&dir) {
         println!("{d}");
         errors += 1;
     }
     if errors == 0 {
-        println!(
-            "ok: every policy in {} compiles and validates",
-            dir.display()
-        );
+        if builtin {
+            println!("ok: every built-in policy compiles and validates");
+        } else {
+            println!(
+                "ok: every policy in {} compiles and validates",
+                dir.display()
+            );
+        }
         Ok(ExitCode::SUCCESS)
     } else {
         println!("{errors} error(s)");

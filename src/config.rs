@@ -45,9 +45,16 @@ pub struct ServeArgs {
     /// Default routing policy (a file stem in the policies directory) [default: load_balanced_kvaware].
     #[arg(long)]
     pub routing_logic: Option<String>,
-    /// Directory of policy files [default: ./policies].
+    /// Directory of policy files; it must exist [default: ./policies if it exists, else the
+    /// built-in policies, read-only (`switchyard policies export DIR` writes them out)].
     #[arg(long)]
     pub policies_dir: Option<PathBuf>,
+    /// production-stack's flag for `--routing-logic load_balanced_kvaware`: the `load_balance`
+    /// tier's threshold, the spread of queues (running + waiting) at which the least queued
+    /// engine takes the request. Applies to the built-in policies (with a policies directory,
+    /// edit `load_balance(N)` in its load_balanced_kvaware.rhai) [default: 8, the policy's].
+    #[arg(long)]
+    pub imbalanced_threshold: Option<u32>,
     /// Seconds one script tier may run for one request; past it the tier passes [default: 0.005].
     #[arg(long)]
     pub script_time_budget: Option<f64>,
@@ -84,6 +91,11 @@ pub struct ServeArgs {
     /// and other files: min(limit / 4, 4096)].
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Seconds requests in progress (streams included) may take to finish after SIGTERM or
+    /// Ctrl-C, while `/health` answers 503 and no connection is accepted; connections still open
+    /// then are cut [default: 30].
+    #[arg(long)]
+    pub shutdown_grace: Option<f64>,
     /// Consecutive failed responses (5xx, transport errors) that eject an engine [default: 3].
     #[arg(long)]
     pub eject_after_failures: Option<u32>,
@@ -132,6 +144,7 @@ pub struct FileConfig {
     pub session_key: Option<String>,
     pub routing_logic: Option<String>,
     pub policies_dir: Option<PathBuf>,
+    pub imbalanced_threshold: Option<u32>,
     pub script_time_budget: Option<f64>,
     pub decision_headers: Option<bool>,
     pub admin_token: Option<String>,
@@ -143,6 +156,7 @@ pub struct FileConfig {
     pub idle_timeout: Option<f64>,
     pub body_read_timeout: Option<f64>,
     pub max_connections: Option<usize>,
+    pub shutdown_grace: Option<f64>,
     pub eject_after_failures: Option<u32>,
     pub health_probe_interval: Option<f64>,
     pub prefix_index_mib: Option<usize>,
@@ -218,12 +232,17 @@ pub struct RouterConfig {
     /// Client connections served at once; `None`: derived from the open-file limit at start
     /// (see [`crate::proxy::conn::derive_max_connections`]).
     pub max_connections: Option<usize>,
+    /// How long requests in progress may take to finish once shutdown starts.
+    pub shutdown_grace: Duration,
     pub eject_after_failures: u32,
     pub health_probe_interval: Duration,
     pub prefix_index_bytes: usize,
     pub block_size: usize,
     /// The config file, watched for policy settings.
     pub config_file: Option<PathBuf>,
+    /// `--imbalanced-threshold`, applied to the built-in load_balanced_kvaware policy (already
+    /// in `policy.dir`); kept for display.
+    pub imbalanced_threshold: Option<u32>,
 }
 
 impl Default for RouterConfig {
@@ -248,11 +267,13 @@ impl Default for RouterConfig {
             idle_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(30),
             max_connections: None,
+            shutdown_grace: Duration::from_secs(30),
             eject_after_failures: 3,
             health_probe_interval: Duration::from_millis(500),
             prefix_index_bytes: 64 * 1024 * 1024,
             block_size: crate::tokens::DEFAULT_BLOCK_SIZE,
             config_file: None,
+            imbalanced_threshold: None,
         }
     }
 }
@@ -415,6 +436,12 @@ impl RouterConfig {
                 d.body_read_timeout,
             )?,
             max_connections,
+            shutdown_grace: secs(
+                "shutdown_grace",
+                args.shutdown_grace,
+                file.shutdown_grace,
+                d.shutdown_grace,
+            )?,
             eject_after_failures: args
                 .eject_after_failures
                 .or(file.eject_after_failures)
@@ -433,6 +460,7 @@ impl RouterConfig {
                 .unwrap_or(d.prefix_index_bytes),
             block_size,
             config_file: args.config.clone(),
+            imbalanced_threshold: args.imbalanced_threshold.or(file.imbalanced_threshold),
         })
     }
 }
@@ -466,21 +494,80 @@ fn secs(
     }
 }
 
+/// The policies directory: `explicit` (`policies_dir`), which must exist; else `./policies` if
+/// it exists; else the built-in policies, written once per process into a private read-only
+/// directory (with `imbalanced_threshold` applied; see [`crate::policy::shipped`]).
+pub fn resolve_policies_dir(
+    explicit: Option<&Path>,
+    imbalanced_threshold: Option<u32>,
+) -> Result<PathBuf, ConfigError> {
+    use crate::policy::shipped;
+    let dir = match explicit {
+        Some(dir) => {
+            if !dir.exists() {
+                return Err(invalid(
+                    "policies_dir",
+                    format!("directory {} does not exist", dir.display()),
+                ));
+            }
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "policies_dir",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+            dir.to_owned()
+        }
+        None if Path::new(shipped::DEFAULT_DIR).is_dir() => PathBuf::from(shipped::DEFAULT_DIR),
+        None => {
+            return shipped::builtin_dir(imbalanced_threshold)
+                .map_err(|e| invalid("policies_dir", format!("built-in policies: {e}")));
+        }
+    };
+    if let Some(n) = imbalanced_threshold {
+        return Err(invalid(
+            "imbalanced_threshold",
+            format!(
+                "sets the threshold of the built-in load_balanced_kvaware policy, but the policies \
+                 come from the directory {}: write load_balance({n}) in its \
+                 load_balanced_kvaware.rhai instead (hot-reloaded), or give no policies directory",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(dir)
+}
+
 /// The policy settings from flags over the file, validated (used at start and when the file
 /// changes).
 pub fn policy_settings(args: &ServeArgs, file: &FileConfig) -> Result<PolicySettings, ConfigError> {
     let d = PolicySettings::default();
+    let default_policy = args
+        .routing_logic
+        .clone()
+        .or(file.routing_logic.clone())
+        .unwrap_or(d.default_policy);
+    let imbalanced_threshold = args.imbalanced_threshold.or(file.imbalanced_threshold);
+    if let Some(n) = imbalanced_threshold {
+        if !matches!(
+            default_policy.as_str(),
+            "load_balanced_kvaware" | "load_balanced_kvaware.rhai" | "load_balanced_kvaware.toml"
+        ) {
+            return Err(invalid(
+                "imbalanced_threshold",
+                format!(
+                    "applies only with routing_logic = load_balanced_kvaware, not {default_policy:?}"
+                ),
+            ));
+        }
+        if n == 0 {
+            return Err(invalid("imbalanced_threshold", "must be at least 1"));
+        }
+    }
+    let explicit_dir = args.policies_dir.clone().or(file.policies_dir.clone());
     let settings = PolicySettings {
-        dir: args
-            .policies_dir
-            .clone()
-            .or(file.policies_dir.clone())
-            .unwrap_or(d.dir),
-        default_policy: args
-            .routing_logic
-            .clone()
-            .or(file.routing_logic.clone())
-            .unwrap_or(d.default_policy),
+        dir: resolve_policies_dir(explicit_dir.as_deref(), imbalanced_threshold)?,
+        default_policy,
         per_model: file.policies.clone(),
         script_time_budget: secs(
             "script_time_budget",
@@ -884,6 +971,18 @@ mod tests {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/switchyard.toml");
         let f = load_file(&example).unwrap();
         assert_eq!(f.body_read_timeout, Some(30.0));
+    }
+
+    #[test]
+    fn shutdown_grace_in_seconds() {
+        let c = RouterConfig::resolve(&args(&[])).unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        let c = RouterConfig::resolve(&args(&["--shutdown-grace", "2.5"])).unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_millis(2500));
+        let e = RouterConfig::resolve(&args(&["--shutdown-grace=-1"])).unwrap_err();
+        assert!(e.to_string().starts_with("shutdown_grace:"), "{e}");
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/switchyard.toml");
+        assert_eq!(load_file(&example).unwrap().shutdown_grace, Some(30.0));
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl Monitor {
                     self.report_unreachable(&engine, "metrics scrape could not connect")
                 }
                 // Stale figures, but the engine answered: it keeps its traffic.
-                Err(f) if f.too_large => {}
+                Err(f) if f.unusable_page => {}
                 Err(_) => self.report_failure(&engine, "metrics scrape failed"),
             }
         }

@@ -132,9 +132,10 @@ pub struct ScrapeFailure {
     pub message: String,
     /// The connection was refused or could not be made (as opposed to a slow or bad answer).
     pub unreachable: bool,
-    /// The engine answered, but with a body over the cap: its figures are unusable, yet it is
-    /// no sign of ill health (the engine is not ejected for it).
-    pub too_large: bool,
+    /// The engine answered 2xx, but with a page that cannot be used (over the cap, or not
+    /// Prometheus text): its figures are stale, yet it is no sign of ill health (the engine is
+    /// not ejected for it).
+    pub unusable_page: bool,
 }
 
 impl ScrapeFailure {
@@ -142,7 +143,7 @@ impl ScrapeFailure {
         ScrapeFailure {
             message: message.into(),
             unreachable: false,
-            too_large: false,
+            unusable_page: false,
         }
     }
 }
@@ -151,7 +152,7 @@ impl From<GetError> for ScrapeFailure {
     fn from(e: GetError) -> ScrapeFailure {
         ScrapeFailure {
             unreachable: matches!(e, GetError::Connect(_)),
-            too_large: matches!(e, GetError::TooLarge(_)),
+            unusable_page: matches!(e, GetError::TooLarge(_)),
             message: e.to_string(),
         }
     }
@@ -184,13 +185,16 @@ pub async fn scrape_engine(
                 });
                 return Ok(());
             }
-            Err(message) => ScrapeFailure::new(message),
+            Err(message) => ScrapeFailure {
+                unusable_page: true,
+                ..ScrapeFailure::new(message)
+            },
         },
         Err(e) => ScrapeFailure::from(e),
     };
-    if failure.too_large && !engine.stats().stale {
+    if failure.unusable_page && !engine.stats().stale {
         // A configuration problem the operator should see, once per fresh-to-stale change.
-        tracing::warn!(engine = %engine.name, error = %failure.message, "engine /metrics page too large: its figures are stale until it shrinks");
+        tracing::warn!(engine = %engine.name, error = %failure.message, "engine /metrics page unusable: its figures are stale until it is fixed");
     }
     engine.mark_stats_stale(failure.message.clone());
     metrics::counter!("switchyard_engine_scrape_failures_total", "engine" => engine.name.to_string()).increment(1);

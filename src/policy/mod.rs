@@ -21,6 +21,7 @@ mod load;
 mod pipeline;
 mod reload;
 mod script;
+pub mod shipped;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

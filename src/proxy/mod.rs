@@ -11,6 +11,7 @@ pub mod telemetry;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::HeaderName;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub cards: ModelCards,
     /// The cap on client connections served at once.
     pub connections: conn::ConnLimit,
+    /// Set when shutdown starts: `/health` answers 503 from then on.
+    pub draining: AtomicBool,
 }
 
 /// Why the router could not start.
@@ -69,8 +72,9 @@ pub enum StartError {
 pub struct RunningRouter {
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: JoinHandle<()>,
+    shutdown: Option<oneshot::Sender<Duration>>,
+    /// The accept loop; it ends with the number of connections cut at the shutdown grace.
+    server: JoinHandle<usize>,
     /// Hot reload of policies and the config file (and SIGHUP); stops when dropped.
     _policy_watch: Option<WatchHandle>,
     /// Engine discovery (Kubernetes); stops when dropped.
@@ -82,20 +86,49 @@ impl RunningRouter {
         format!("http://{}", self.addr)
     }
 
-    /// Stops accepting, lets open connections finish for up to `grace`, then stops everything.
-    pub async fn shutdown(mut self, grace: Duration) {
+    /// Shuts down gracefully: `/health` answers 503 at once, the listener is closed (new
+    /// connections are refused), idle keep-alive connections are closed, and requests in
+    /// progress (streams included) may finish for up to `grace`; connections still open then
+    /// are cut. Engine discovery and health monitoring run until the end. Returns how it went.
+    pub async fn shutdown(mut self, grace: Duration) -> ShutdownOutcome {
+        self.state.draining.store(true, Ordering::SeqCst);
+        let open_at_start = self.state.connections.open();
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(grace);
         }
-        let _ = tokio::time::timeout(grace + Duration::from_secs(1), &mut self.server).await;
-        self.server.abort();
+        // The accept loop enforces the grace itself; this outer limit only guards against a
+        // connection task that does not stop when aborted.
+        let cut = match tokio::time::timeout(grace + Duration::from_secs(5), &mut self.server).await
+        {
+            Ok(Ok(cut)) => cut,
+            Ok(Err(_)) => 0,
+            Err(_) => {
+                self.server.abort();
+                self.state.connections.open()
+            }
+        };
         self.state.monitor.shutdown();
+        ShutdownOutcome { open_at_start, cut }
+    }
+
+    /// Whether shutdown has started (`/health` answers 503).
+    pub fn is_draining(&self) -> bool {
+        self.state.draining.load(Ordering::SeqCst)
     }
 
     /// Runs until the server stops (e.g. on Ctrl-C, see [`RunningRouter::shutdown`]).
     pub async fn wait(&mut self) {
         let _ = (&mut self.server).await;
     }
+}
+
+/// How a graceful shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownOutcome {
+    /// Client connections open when shutdown started.
+    pub open_at_start: usize,
+    /// Connections still open at the end of the grace, and cut.
+    pub cut: usize,
 }
 
 /// Starts the router on `cfg.listen_addr()` (port 0 picks a free port).
@@ -185,6 +218,7 @@ pub async fn start(
         started_unix,
         cards: ModelCards::new(),
         connections: conn::ConnLimit::new(max_connections),
+        draining: AtomicBool::new(false),
     });
     let (tx, rx) = oneshot::channel();
     let server = tokio::spawn(accept_loop(listener, Arc::clone(&state), rx));
@@ -228,8 +262,8 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn accept_loop(
     listener: TcpListener,
     state: Arc<AppState>,
-    mut shutdown: oneshot::Receiver<()>,
-) {
+    mut shutdown: oneshot::Receiver<Duration>,
+) -> usize {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's header timer would also close idle keep-alive connections; `conn` does both.
     builder
@@ -245,7 +279,7 @@ async fn accept_loop(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
     let mut last_accept_warning: Option<std::time::Instant> = None;
-    loop {
+    let grace = loop {
         while conns.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -260,7 +294,7 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            grace = &mut shutdown => break grace.ok(),
         };
         // Over the cap: closed at once (dropped), never queued.
         let Some(slot) = state.connections.try_admit() else {
@@ -276,16 +310,34 @@ async fn accept_loop(
             Arc::clone(&builder),
             stop_rx.clone(),
         ));
-    }
+    };
+    // The sender dropped without a word (the router was dropped, not shut down): the drain
+    // gets the time it always had.
+    let grace = grace.unwrap_or(Duration::from_secs(10));
     drop(listener);
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(Duration::from_secs(10), async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        conns.abort_all();
+    let open = conns.len();
+    if open > 0 {
+        tracing::info!(
+            connections = open,
+            grace_seconds = grace.as_secs_f64(),
+            "shutting down: waiting for requests in progress"
+        );
     }
+    let drained =
+        tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_ok() {
+        return 0;
+    }
+    let cut = conns.len();
+    tracing::warn!(
+        connections = cut,
+        grace_seconds = grace.as_secs_f64(),
+        "shutdown grace over: cutting the connections still open"
+    );
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
+    cut
 }
 
 /// Serves one client connection until it ends, is idle too long, sends its headers too slowly,

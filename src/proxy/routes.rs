@@ -113,13 +113,18 @@ fn new_request_id() -> HeaderValue {
 fn health(state: &AppState) -> Response<RouterBody> {
     let engines = state.registry.all();
     let healthy = engines.iter().filter(|e| e.is_healthy()).count();
-    let status = if healthy > 0 {
-        StatusCode::OK
+    // Shutting down: not ready, whatever the engines, so load balancers stop sending requests.
+    let draining = state.draining.load(std::sync::atomic::Ordering::SeqCst);
+    let (status, text) = if draining {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if healthy > 0 {
+        (StatusCode::OK, "ok")
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        (StatusCode::SERVICE_UNAVAILABLE, "no healthy engine")
     };
     let body = serde_json::json!({
-        "status": if healthy > 0 { "ok" } else { "no healthy engine" },
+        "status": text,
+        "shutting_down": draining,
         "healthy_engines": healthy,
         "engines": engines.iter().map(|e| {
             let s = e.stats();

@@ -230,14 +230,31 @@ pub struct RouterProcess {
 impl RouterProcess {
     /// Starts `switchyard serve --port 0 ARGS…` and waits for it to say where it listens.
     pub fn spawn(args: &[&str]) -> RouterProcess {
-        RouterProcess::spawn_with_env(args, &[])
+        RouterProcess::spawn_with(None, args, &[])
     }
 
-    /// [`RouterProcess::spawn`] with extra environment variables (and no inherited
-    /// `KUBECONFIG`).
+    /// [`RouterProcess::spawn`] in the working directory `cwd` (else the test's).
+    pub fn spawn_in(cwd: Option<&std::path::Path>, args: &[&str]) -> RouterProcess {
+        RouterProcess::spawn_with(cwd, args, &[])
+    }
+
+    /// [`RouterProcess::spawn`] with extra environment variables.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> RouterProcess {
+        RouterProcess::spawn_with(None, args, env)
+    }
+
+    /// Starts the binary in `cwd` (else the test's) with extra environment variables (and no
+    /// inherited `KUBECONFIG`).
+    fn spawn_with(
+        cwd: Option<&std::path::Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> RouterProcess {
         use std::io::BufRead;
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
         cmd.args(["serve", "--port", "0", "--log-level", "warn"])
             .args(args)
             .env_remove("KUBECONFIG")

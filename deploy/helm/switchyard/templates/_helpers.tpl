@@ -101,12 +101,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 - --routing-logic
 - {{ required "router.routingLogic is required" .Values.router.routingLogic | quote }}
-{{- if ne (toString .Values.router.imbalancedThreshold) "" }}
-{{- if ne .Values.router.routingLogic "load_balanced_kvaware" }}
-{{- fail "router.imbalancedThreshold (--imbalanced-threshold) applies only with router.routingLogic load_balanced_kvaware" }}
-{{- end }}
-- --imbalanced-threshold
-- {{ .Values.router.imbalancedThreshold | toString | quote }}
+{{- if hasKey .Values.router "imbalancedThreshold" }}
+{{- fail "router.imbalancedThreshold is not a chart value: the chart serves policies from a ConfigMap directory, where the threshold lives in load_balanced_kvaware.rhai (set policies.files.\"load_balanced_kvaware.rhai\", or kubectl edit the ConfigMap: hot-reloaded)" }}
 {{- end }}
 - --log-level
 - {{ .Values.router.logLevel | quote }}
