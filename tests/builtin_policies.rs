@@ -373,3 +373,30 @@ fn imbalanced_threshold_needs_load_balanced_kvaware_and_the_builtin_policies() {
         text(&o)
     );
 }
+
+#[test]
+fn bench_runs_outside_a_checkout_with_the_builtin_policies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = switchyard(
+        tmp.path(),
+        &[
+            "bench",
+            "--engines",
+            "2",
+            "--workload",
+            "hot-prefix",
+            "--requests",
+            "6",
+            "--policies",
+            "roundrobin",
+            "--time-scale",
+            "0.02",
+            "--quiet",
+            "--out",
+            "out",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let report = std::fs::read_to_string(tmp.path().join("out/bench.json")).unwrap();
+    assert!(report.contains("roundrobin"), "{report}");
+}

@@ -196,6 +196,18 @@ impl BenchArgs {
     }
 }
 
+/// The directory the benchmark reads policies from: the one given, or, for the default
+/// `policies` when there is none here (outside a checkout), the router's built-in set.
+fn policies_source(dir: &std::path::Path) -> Result<PathBuf, BenchError> {
+    if dir != std::path::Path::new("policies") || dir.is_dir() {
+        return Ok(dir.to_owned());
+    }
+    crate::policy::shipped::builtin_dir(None).map_err(|e| BenchError::PolicyDir {
+        path: "built-in policies".into(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -336,7 +348,7 @@ fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
         )
     } else {
         let runs = plan::plan_runs(args.policies.as_deref(), &sweep).map_err(BenchError::Args)?;
-        let dir = PoliciesDir::prepare(&args.policies_dir, &sweep)?;
+        let dir = PoliciesDir::prepare(&policies_source(&args.policies_dir)?, &sweep)?;
         dir.check(&runs)?;
         (runs, Some(dir))
     };
