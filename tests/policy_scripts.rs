@@ -143,7 +143,7 @@ builtin = "fallback"
 }
 
 fn diags(files: &[(&str, &str)]) -> Vec<String> {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     for (n, c) in files {
         dir.write(n, c);
     }
@@ -233,7 +233,7 @@ fn sandbox_has_no_eval_sleep_or_escaping_imports() {
     assert!(d[0].starts_with("e.rhai:1:1: "), "{d:?}");
     let d = diags(&[("s.rhai", "sleep(10); ()\n")]);
     assert!(d[0].contains("Function not found: sleep"), "{d:?}");
-    let outside = TempDir::new();
+    let outside = temp_dir();
     std::fs::write(outside.path().join("evil.rhai"), "fn f() { 1 }").expect("write");
     let rel = format!(
         "../{}/evil",
@@ -254,7 +254,7 @@ fn sandbox_has_no_eval_sleep_or_escaping_imports() {
 
 #[test]
 fn imports_and_script_files_inside_the_directory() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
     std::fs::write(
         dir.path().join("lib/pick.rhai"),
@@ -282,7 +282,7 @@ fn imports_and_script_files_inside_the_directory() {
 
 #[test]
 fn settings_must_name_loadable_policies() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     dir.write("ok.rhai", "fallback()");
     dir.write("broken.rhai", "let = ;");
     let err = PolicyStore::new(settings(dir.path(), "missing"), 16).expect_err("unknown");
@@ -312,7 +312,7 @@ fn settings_must_name_loadable_policies() {
 
 #[test]
 fn per_model_policies_and_file_names() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     dir.write("twin.rhai", "round_robin()");
     dir.write("twin.toml", "[[tier]]\nbuiltin = \"least_loaded\"\n");
     let mut st = settings(dir.path(), "twin");
@@ -352,7 +352,7 @@ fn concurrent_decisions_share_compiled_scripts() {
 
 /// A file outside any policies directory holding `content`.
 fn outside_file(content: &str) -> (TempDir, std::path::PathBuf) {
-    let outside = TempDir::new();
+    let outside = temp_dir();
     let path = outside.path().join("secret.rhai");
     std::fs::write(&path, content).expect("write");
     (outside, path)
@@ -364,7 +364,7 @@ const SECRET: &str = "secret_token_8f3a";
 #[test]
 fn policy_files_symlinked_outside_are_refused_unread() {
     let (_outside, secret) = outside_file(SECRET);
-    let dir = TempDir::new();
+    let dir = temp_dir();
     dir.write("ok.rhai", "fallback()");
     std::os::unix::fs::symlink(&secret, dir.path().join("x.rhai")).expect("symlink");
     let diags = PolicyStore::check_dir(dir.path());
@@ -387,7 +387,7 @@ fn policy_files_symlinked_outside_are_refused_unread() {
 #[test]
 fn script_tiers_and_imports_symlinked_outside_are_refused_unread() {
     let (_outside, secret) = outside_file(&format!("fn f() {{ {SECRET} }}\n{SECRET}"));
-    let dir = TempDir::new();
+    let dir = temp_dir();
     std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
     std::os::unix::fs::symlink(&secret, dir.path().join("lib/link.rhai")).expect("symlink");
     dir.write("tier.toml", "[[tier]]\nfile = \"lib/link.rhai\"\n");
@@ -416,7 +416,7 @@ fn script_tiers_and_imports_symlinked_outside_are_refused_unread() {
 #[test]
 fn files_over_one_mib_are_refused() {
     let big = format!("// {}\nfallback()\n", "x".repeat(1024 * 1024));
-    let dir = TempDir::new();
+    let dir = temp_dir();
     std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
     dir.write("big.rhai", &big);
     std::fs::write(dir.path().join("lib/big.rhai"), &big).expect("write");
@@ -457,7 +457,7 @@ fn files_over_one_mib_are_refused() {
 /// directory, all inside the volume.
 #[test]
 fn configmap_symlinks_inside_the_directory_work() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let data = dir.path().join("..2026_11_25_10_00_00.123");
     std::fs::create_dir_all(data.join("lib")).expect("mkdir");
     std::fs::write(data.join("lib/pick.rhai"), "fn choose() { round_robin() }").expect("write");
@@ -488,7 +488,7 @@ fn configmap_symlinks_inside_the_directory_work() {
     let s = PolicyStore::new(settings(dir.path(), "t"), 16).expect("store");
     assert_eq!(&*s.decide(&request(1), &c).tier, "random");
     // The policies directory itself may be a symlink too.
-    let parent = TempDir::new();
+    let parent = temp_dir();
     let link = parent.path().join("policies");
     std::os::unix::fs::symlink(dir.path(), &link).expect("symlink");
     assert!(PolicyStore::check_dir(&link).is_empty());

@@ -366,29 +366,6 @@ fn off_the_workers<R>(f: impl Fn() -> R) -> R {
     }
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
 impl PolicyStore {
     /// Loads the policies of `settings.dir`. Fails if a policy the settings name is missing or
     /// broken; broken policies nobody uses are logged and shown in `status_json`.
@@ -601,7 +578,7 @@ impl PolicyStore {
                     "loaded": p.is_some(),
                     "active": p.is_some_and(|p| active.iter().any(|a| Arc::ptr_eq(a, p))),
                     "hash": p.map(|p| format!("{:016x}", p.hash)),
-                    "loaded_at": p.map(|p| rfc3339(p.loaded_at)),
+                    "loaded_at": p.map(|p| humantime::format_rfc3339_millis(p.loaded_at).to_string()),
                     "tiers": p.map(|p| p.tier_names()),
                     "execution": p.map(|p| if p.is_native() { "native" } else { "rhai" }),
                     "last_error": last_error,
@@ -614,7 +591,7 @@ impl PolicyStore {
             "per_model": g.settings.per_model,
             "prefix_block_size": self.block_size,
             "generation": g.number,
-            "reloaded_at": rfc3339(g.reloaded_at),
+            "reloaded_at": humantime::format_rfc3339_millis(g.reloaded_at).to_string(),
             "errors": g.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "policies": policies,
         })
@@ -653,12 +630,5 @@ mod tests {
             std::panic::catch_unwind(|| off_the_workers(|| -> u8 { panic!("evaluation") })).is_err()
         });
         assert!(multi.block_on(on_worker).expect("task"));
-    }
-
-    #[test]
-    fn rfc3339_formats_utc() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
-        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123Z");
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
     }
 }
