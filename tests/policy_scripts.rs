@@ -227,6 +227,82 @@ fn unknown_functions_and_variables_are_caught_at_load() {
 }
 
 #[test]
+fn validation_reads_the_whole_script_not_one_run() {
+    // A branch the request data may never reach is checked too.
+    let d = diags(&[(
+        "branch.rhai",
+        "if request.stream {\n  kv_lookp()\n} else {\n  fallback()\n}\n",
+    )]);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(
+        d[0].starts_with("branch.rhai:2:3: Function not found: kv_lookp"),
+        "{d:?}"
+    );
+    // A property of an engine held in a variable, a method of the request, and a property in
+    // an inline TOML script (positions in the TOML file).
+    let d = diags(&[(
+        "var.rhai",
+        "let b = engines[0];\nfor e in engines { if e.queue < b.queue { b = e; } }\nb.kv_usge\n",
+    )]);
+    assert!(
+        d[0].starts_with("var.rhai:3:3: unknown property `kv_usge` of `Engine`"),
+        "{d:?}"
+    );
+    let d = diags(&[(
+        "method.rhai",
+        "if request.stream { request.heder(\"x\") } else { fallback() }\n",
+    )]);
+    assert!(
+        d[0].starts_with("method.rhai:1:29: Function not found: `Request` has no method `heder`"),
+        "{d:?}"
+    );
+    let d = diags(&[(
+        "inline.toml",
+        "[[tier]]\nscript = \"\"\"\nrequest.prompt_tokns > 4\n\"\"\"\n",
+    )]);
+    assert!(
+        d[0].starts_with("inline.toml:3:9: unknown property `prompt_tokns` of `Request`"),
+        "{d:?}"
+    );
+    // A module's functions are checked when it is imported.
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("lib/m.rhai"),
+        "fn ok() { fallback() }\nfn broken() { nope() }\n",
+    )
+    .expect("write");
+    dir.write("imp.rhai", "import \"lib/m\" as m;\nm::ok()\n");
+    dir.write("call.rhai", "import \"lib/m\" as m;\nm::okk()\n");
+    let d: Vec<String> = PolicyStore::check_dir(dir.path())
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert!(
+        d.iter()
+            .any(|d| d.contains("imp.rhai:1:1: Function not found: nope")
+                && d.contains("in module 'lib/m'")),
+        "{d:?}"
+    );
+    // (`call.rhai` imports the same broken module.)
+    assert!(d.iter().any(|d| d.contains("call.rhai:1:1:")), "{d:?}");
+}
+
+#[test]
+fn a_script_defining_a_builtins_name_is_interpreted() {
+    let (_d, s) = store_with(
+        &[("own.rhai", "fn fallback() { \"e2:8000\" }\nfallback()\n")],
+        "own",
+    );
+    assert_eq!(s.status_json()["policies"][0]["execution"], "rhai");
+    let d = s.decide(&request(1), &queues(&[0.0, 0.0, 9.0]));
+    assert_eq!((d.engine, &*d.tier), (2, "own"));
+    let (_d, s) = store_with(&[("own.rhai", "fallback() // the built-in\n")], "own");
+    assert_eq!(s.status_json()["policies"][0]["execution"], "native");
+}
+
+#[test]
 fn sandbox_has_no_eval_sleep_or_escaping_imports() {
     let d = diags(&[("e.rhai", "eval(\"1\")\n")]);
     assert_eq!(d.len(), 1, "{d:?}");
