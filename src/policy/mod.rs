@@ -237,6 +237,14 @@ impl PolicyStore {
         } else {
             off_the_workers(run)
         };
+        // Every tier returns a candidate's index; the clamp only keeps a bug from panicking in a
+        // release build (fuzzing runs with debug assertions, which catch it).
+        debug_assert!(
+            picked < cands.len(),
+            "policy `{}` tier {label} picked {picked} of {} candidates",
+            policy.name,
+            cands.len()
+        );
         let engine = picked.min(cands.len() - 1);
         let tier = policy.label(label);
         decisions::record(policy, label, tier, &cands[engine].engine);
