@@ -105,7 +105,7 @@ pub struct BuiltinSpec {
     /// Parameters in call order; required ones first.
     pub params: &'static [Param],
     /// The native implementation.
-    pub run: Run,
+    run: Run,
 }
 
 impl fmt::Debug for BuiltinSpec {
@@ -258,12 +258,13 @@ impl BuiltinSpec {
         BUILTINS.iter().find(|b| b.name == name)
     }
 
-    /// This row's position in [`BUILTINS`].
+    /// This row's position in [`BUILTINS`] (every `BuiltinSpec` is a row: the type has a
+    /// private field, so no other can be made).
     pub fn index(&self) -> usize {
-        BUILTINS
-            .iter()
-            .position(|b| std::ptr::eq(b, self))
-            .unwrap_or(0)
+        let offset = (self as *const Self as usize).wrapping_sub(BUILTINS.as_ptr() as usize);
+        let index = offset / std::mem::size_of::<Self>();
+        debug_assert!(BUILTINS.get(index).is_some_and(|b| std::ptr::eq(b, self)));
+        index
     }
 
     /// How many parameters must be given.
