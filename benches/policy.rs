@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -138,17 +138,19 @@ fn store(policy: &str) -> Arc<PolicyStore> {
 
 /// The same chain written so that the interpreter evaluates it (a bare chain of built-ins runs
 /// natively).
-fn interpreted_store() -> (PathBuf, Arc<PolicyStore>) {
-    let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+fn interpreted_store() -> (tempfile::TempDir, Arc<PolicyStore>) {
+    let dir = tempfile::Builder::new()
+        .prefix("switchyard-bench-")
+        .tempdir()
+        .expect("temp dir");
     std::fs::write(
-        dir.join("interpreted.rhai"),
+        dir.path().join("interpreted.rhai"),
         "let pick = load_balance(8) ?? kv_lookup() ?? fallback();\npick\n",
     )
     .expect("write policy");
     let s = PolicyStore::new(
         PolicySettings {
-            dir: dir.clone(),
+            dir: dir.path().to_path_buf(),
             default_policy: "interpreted".into(),
             per_model: BTreeMap::new(),
             ..PolicySettings::default()
@@ -196,7 +198,7 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
-    let _ = std::fs::remove_dir_all(tmp);
+    drop(tmp);
 
     // A script that walks the engines: the shipped composed example.
     let lowest = store("lowest_kv_usage");

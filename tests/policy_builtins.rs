@@ -9,7 +9,16 @@ use std::time::Instant;
 
 use policy_support::*;
 use switchyard::engines::{Candidate, ScrapedStats};
-use switchyard::policy::builtins::{self, Builtin, PolicyState};
+use switchyard::policy::builtins::{self, Arg, Builtin, BuiltinSpec, PolicyState};
+
+/// The built-in `name` with these arguments, bound by the table.
+fn builtin(name: &str, args: &[Arg<'_>]) -> Builtin {
+    let args: Vec<Option<Arg<'_>>> = args.iter().copied().map(Some).collect();
+    BuiltinSpec::find(name)
+        .expect("a built-in")
+        .bind(&args)
+        .expect("valid arguments")
+}
 
 fn counts(picks: impl Iterator<Item = Option<usize>>) -> HashMap<usize, usize> {
     let mut m = HashMap::new();
@@ -95,9 +104,9 @@ fn least_loaded_orders_by_queue_then_in_flight_and_rotates() {
     // fallback is least_loaded under another name.
     let req = request(1);
     let c = queues(&[4.0, 2.0, 3.0]);
-    assert_eq!(Builtin::Fallback.run(&req, &c, &st), Some(1));
-    assert_eq!(Builtin::LeastLoaded.run(&req, &c, &st), Some(1));
-    assert_eq!(Builtin::Fallback.run(&req, &[], &st), None);
+    assert_eq!(builtin("fallback", &[]).run(&req, &c, &st), Some(1));
+    assert_eq!(builtin("least_loaded", &[]).run(&req, &c, &st), Some(1));
+    assert_eq!(builtin("fallback", &[]).run(&req, &[], &st), None);
 }
 
 #[test]
@@ -177,16 +186,11 @@ fn session_hash_key_sources() {
     assert_eq!(builtins::session_hash(&[], Some(b"k")), None);
     assert_eq!(builtins::session_hash(&queues(&[3.0]), Some(b"k")), Some(0));
     let mut req = request(1);
-    assert_eq!(
-        Builtin::SessionHash { header: None }.run(&req, &c, &st),
-        None
-    );
+    assert_eq!(builtin("session_hash", &[]).run(&req, &c, &st), None);
     req.session_key = Some("user-1".into());
-    let by_key = Builtin::SessionHash { header: None }.run(&req, &c, &st);
+    let by_key = builtin("session_hash", &[]).run(&req, &c, &st);
     assert_eq!(by_key, builtins::session_hash(&c, Some(b"user-1")));
-    let hdr = Builtin::SessionHash {
-        header: Some("x-conversation".into()),
-    };
+    let hdr = builtin("session_hash", &[Arg::Str("X-Conversation")]);
     assert_eq!(hdr.run(&req, &c, &st), None, "header absent: pass");
     req.headers
         .insert("X-Conversation", http::HeaderValue::from_static("user-1"));

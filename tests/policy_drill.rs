@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
+use policy_support::WriteAtomic;
 
 /// The sum of the samples whose line starts with `prefix`.
 fn sum_of(metrics: &str, prefix: &str) -> f64 {
@@ -82,7 +83,7 @@ fn live_error(v: &serde_json::Value) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_then_runaway_then_fixed_policy_under_load_loses_nothing() {
-    let dir = policy_support::TempDir::new();
+    let dir = policy_support::temp_dir();
     dir.write(
         "live.rhai",
         "// never relieves: the threshold is out of reach\nload_balance(1000000) ?? fallback()\n",
@@ -196,7 +197,7 @@ fn check_subcommand_reports_file_line_col_and_exit_status() {
         String::from_utf8_lossy(&ok.stdout)
     );
 
-    let dir = policy_support::TempDir::new();
+    let dir = policy_support::temp_dir();
     dir.write("good.rhai", "fallback()\n");
     dir.write("bad.rhai", "let x = 1;\nload_balance(8 ?? fallback()\n");
     let out = std::process::Command::new(bin)

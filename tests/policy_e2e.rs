@@ -7,6 +7,7 @@ mod policy_support;
 use std::time::{Duration, Instant};
 
 use common::*;
+use policy_support::WriteAtomic;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_policy_follows_the_prefix_cache() {
@@ -72,7 +73,7 @@ async fn until_tier(c: &TestClient, url: &str, tier: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn editing_a_policy_while_routing() {
-    let dir = policy_support::TempDir::new();
+    let dir = policy_support::temp_dir();
     dir.write("live.toml", "[[tier]]\nbuiltin = \"round_robin\"\n");
     let sims = start_sims(2, instant_sim()).await;
     let router = start_router(&urls(&sims), |cfg| {

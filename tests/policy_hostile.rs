@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
-use policy_support::TempDir;
+use policy_support::{WriteAtomic, temp_dir};
 use switchyard::policy::{DEFAULT_SCRIPT_TIME_BUDGET, SettingsLoader};
 
 /// The script of issue 8: one operation is a native call over a 4000-element array, so the
@@ -39,7 +39,7 @@ async fn admin_policies(c: &TestClient, url: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runaway_script_is_stopped_by_its_time_budget_and_the_request_served() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     dir.write("runaway.rhai", RUNAWAY);
     let sims = start_sims(2, instant_sim()).await;
     let router = start_router(&urls(&sims), |cfg| {
@@ -111,9 +111,9 @@ const SECRET: &str = "secret_token_51c2";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symlinks_out_of_the_policies_directory_are_refused_unread() {
-    let outside = TempDir::new();
+    let outside = temp_dir();
     std::fs::write(outside.path().join("shadow"), SECRET).expect("write");
-    let dir = TempDir::new();
+    let dir = temp_dir();
     dir.write("ok.rhai", "fallback()");
     std::os::unix::fs::symlink(outside.path().join("shadow"), dir.path().join("x.rhai"))
         .expect("symlink");
@@ -166,12 +166,12 @@ fn config_loader(conf: &Path) -> SettingsLoader {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_config_reload_leaves_the_previous_generation_fully_in_effect() {
-    let a = TempDir::new();
+    let a = temp_dir();
     a.write("p.toml", &named("from_a"));
-    let b = TempDir::new();
+    let b = temp_dir();
     b.write("p.toml", &named("from_b"));
     b.write("only_b.rhai", "random()");
-    let conf_dir = TempDir::new();
+    let conf_dir = temp_dir();
     let conf = conf_dir.path().join("switchyard.toml");
     let config = |dir: &Path, policy: &str| {
         format!(
@@ -232,7 +232,7 @@ async fn a_rejected_config_reload_leaves_the_previous_generation_fully_in_effect
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validation_registers_no_metrics() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     // Scripts that run at validation: a .rhai policy, an inline tier, a file tier.
     dir.write(
         "walk.rhai",
@@ -347,7 +347,7 @@ async fn until_tier(c: &TestClient, url: &str, tier: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_and_re_arms_the_binary_whose_watcher_could_not_start() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     dir.write("p.toml", &named("v1"));
     let sims = start_sims(1, instant_sim()).await;
     let backend = sims[0].url();

@@ -128,7 +128,7 @@ fn errors_by_reason(text: &str, policy: &str, reason: &str) -> f64 {
 #[test]
 fn the_time_budget_stops_a_runaway_script_and_is_the_reason_counted() {
     let h = recorder();
-    let dir = TempDir::new();
+    let dir = temp_dir();
     dir.write("runaway.rhai", RUNAWAY);
     let mut st = settings(dir.path(), "runaway");
     st.script_time_budget = std::time::Duration::from_millis(5);
@@ -176,7 +176,7 @@ script = 'let s = "xx"; loop { s += s; }'
 [[tier]]
 builtin = "fallback"
 "#;
-    let dir = TempDir::new();
+    let dir = temp_dir();
     dir.write("reasons.toml", pipeline);
     // A budget the operation limit always beats.
     let mut st = settings(dir.path(), "reasons");

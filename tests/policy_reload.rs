@@ -193,7 +193,7 @@ fn dropping_the_handle_stops_watching() {
 fn config_changes_apply_new_settings() {
     let rt = runtime();
     let (dir, store) = store_with(&[("p.toml", &pipeline(8)), ("q.rhai", "random()")], "p");
-    let conf_dir = TempDir::new();
+    let conf_dir = temp_dir();
     let conf = conf_dir.path().join("switchyard.conf");
     std::fs::write(&conf, "p").expect("write config");
     let calls = Arc::new(AtomicUsize::new(0));
@@ -247,7 +247,7 @@ fn sighup_reloads() {
 
 #[test]
 fn edited_modules_take_effect() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
     std::fs::write(
         dir.path().join("lib/pick.rhai"),
@@ -266,7 +266,7 @@ fn edited_modules_take_effect() {
 #[test]
 fn settings_not_applied_leave_modules_resolving_from_the_kept_directory() {
     let write_dir = |choice: &str| {
-        let dir = TempDir::new();
+        let dir = temp_dir();
         std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
         std::fs::write(
             dir.path().join("lib/pick.rhai"),
@@ -293,9 +293,9 @@ fn settings_not_applied_leave_modules_resolving_from_the_kept_directory() {
 #[test]
 fn rejected_settings_leave_the_previous_generation_in_effect() {
     let named = |tier: &str| format!("[[tier]]\nname = \"{tier}\"\nbuiltin = \"round_robin\"\n");
-    let a = TempDir::new();
+    let a = temp_dir();
     a.write("p.toml", &named("from_a"));
-    let b = TempDir::new();
+    let b = temp_dir();
     b.write("p.toml", &named("from_b"));
     b.write("only_b.rhai", "random()");
     let store = PolicyStore::new(settings(a.path(), "p"), 16).expect("store");
@@ -362,7 +362,7 @@ fn decided_by(store: &PolicyStore) -> String {
 #[test]
 fn watcher_follows_a_directory_replaced_by_move_and_copy() {
     let rt = runtime();
-    let root = TempDir::new();
+    let root = temp_dir();
     let dir = root.path().join("policies");
     std::fs::create_dir(&dir).expect("mkdir");
     std::fs::write(dir.join("p.toml"), named("v1")).expect("write");
@@ -394,7 +394,7 @@ fn watcher_follows_a_directory_replaced_by_move_and_copy() {
 #[test]
 fn watcher_follows_a_re_pointed_directory_symlink() {
     let rt = runtime();
-    let root = TempDir::new();
+    let root = temp_dir();
     for (release, tier) in [("r1", "v1"), ("r2", "v2")] {
         std::fs::create_dir(root.path().join(release)).expect("mkdir");
         std::fs::write(root.path().join(release).join("p.toml"), named(tier)).expect("write");
@@ -436,7 +436,7 @@ fn configmap_update(volume: &std::path::Path, version: &str, files: &[(&str, Str
 #[test]
 fn watcher_follows_configmap_updates() {
     let rt = runtime();
-    let volume = TempDir::new();
+    let volume = temp_dir();
     configmap_update(
         volume.path(),
         "..2026_11_25_10_00_00.1",
@@ -478,7 +478,7 @@ fn sighup_reloads_and_re_arms_when_watching_failed() {
     let rt = runtime();
     let (dir, store) = store_with(&[("p.toml", &pipeline(8)), ("q.rhai", "random()")], "p");
     // The config file's directory does not exist yet: it cannot be watched at start.
-    let conf_root = TempDir::new();
+    let conf_root = temp_dir();
     let conf_dir = conf_root.path().join("conf.d");
     let conf = conf_dir.join("switchyard.conf");
     let loader: SettingsLoader = {

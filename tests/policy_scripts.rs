@@ -143,7 +143,7 @@ builtin = "fallback"
 }
 
 fn diags(files: &[(&str, &str)]) -> Vec<String> {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     for (n, c) in files {
         dir.write(n, c);
     }
@@ -227,13 +227,89 @@ fn unknown_functions_and_variables_are_caught_at_load() {
 }
 
 #[test]
+fn validation_reads_the_whole_script_not_one_run() {
+    // A branch the request data may never reach is checked too.
+    let d = diags(&[(
+        "branch.rhai",
+        "if request.stream {\n  kv_lookp()\n} else {\n  fallback()\n}\n",
+    )]);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(
+        d[0].starts_with("branch.rhai:2:3: Function not found: kv_lookp"),
+        "{d:?}"
+    );
+    // A property of an engine held in a variable, a method of the request, and a property in
+    // an inline TOML script (positions in the TOML file).
+    let d = diags(&[(
+        "var.rhai",
+        "let b = engines[0];\nfor e in engines { if e.queue < b.queue { b = e; } }\nb.kv_usge\n",
+    )]);
+    assert!(
+        d[0].starts_with("var.rhai:3:3: unknown property `kv_usge` of `Engine`"),
+        "{d:?}"
+    );
+    let d = diags(&[(
+        "method.rhai",
+        "if request.stream { request.heder(\"x\") } else { fallback() }\n",
+    )]);
+    assert!(
+        d[0].starts_with("method.rhai:1:29: Function not found: `Request` has no method `heder`"),
+        "{d:?}"
+    );
+    let d = diags(&[(
+        "inline.toml",
+        "[[tier]]\nscript = \"\"\"\nrequest.prompt_tokns > 4\n\"\"\"\n",
+    )]);
+    assert!(
+        d[0].starts_with("inline.toml:3:9: unknown property `prompt_tokns` of `Request`"),
+        "{d:?}"
+    );
+    // A module's functions are checked when it is imported.
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("lib/m.rhai"),
+        "fn ok() { fallback() }\nfn broken() { nope() }\n",
+    )
+    .expect("write");
+    dir.write("imp.rhai", "import \"lib/m\" as m;\nm::ok()\n");
+    dir.write("call.rhai", "import \"lib/m\" as m;\nm::okk()\n");
+    let d: Vec<String> = PolicyStore::check_dir(dir.path())
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert!(
+        d.iter()
+            .any(|d| d.contains("imp.rhai:1:1: Function not found: nope")
+                && d.contains("in module 'lib/m'")),
+        "{d:?}"
+    );
+    // (`call.rhai` imports the same broken module.)
+    assert!(d.iter().any(|d| d.contains("call.rhai:1:1:")), "{d:?}");
+}
+
+#[test]
+fn a_script_defining_a_builtins_name_is_interpreted() {
+    let (_d, s) = store_with(
+        &[("own.rhai", "fn fallback() { \"e2:8000\" }\nfallback()\n")],
+        "own",
+    );
+    assert_eq!(s.status_json()["policies"][0]["execution"], "rhai");
+    let d = s.decide(&request(1), &queues(&[0.0, 0.0, 9.0]));
+    assert_eq!((d.engine, &*d.tier), (2, "own"));
+    let (_d, s) = store_with(&[("own.rhai", "fallback() // the built-in\n")], "own");
+    assert_eq!(s.status_json()["policies"][0]["execution"], "native");
+}
+
+#[test]
 fn sandbox_has_no_eval_sleep_or_escaping_imports() {
     let d = diags(&[("e.rhai", "eval(\"1\")\n")]);
     assert_eq!(d.len(), 1, "{d:?}");
     assert!(d[0].starts_with("e.rhai:1:1: "), "{d:?}");
     let d = diags(&[("s.rhai", "sleep(10); ()\n")]);
     assert!(d[0].contains("Function not found: sleep"), "{d:?}");
-    let outside = TempDir::new();
+    let outside = temp_dir();
     std::fs::write(outside.path().join("evil.rhai"), "fn f() { 1 }").expect("write");
     let rel = format!(
         "../{}/evil",
@@ -254,7 +330,7 @@ fn sandbox_has_no_eval_sleep_or_escaping_imports() {
 
 #[test]
 fn imports_and_script_files_inside_the_directory() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
     std::fs::write(
         dir.path().join("lib/pick.rhai"),
@@ -282,7 +358,7 @@ fn imports_and_script_files_inside_the_directory() {
 
 #[test]
 fn settings_must_name_loadable_policies() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     dir.write("ok.rhai", "fallback()");
     dir.write("broken.rhai", "let = ;");
     let err = PolicyStore::new(settings(dir.path(), "missing"), 16).expect_err("unknown");
@@ -312,7 +388,7 @@ fn settings_must_name_loadable_policies() {
 
 #[test]
 fn per_model_policies_and_file_names() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     dir.write("twin.rhai", "round_robin()");
     dir.write("twin.toml", "[[tier]]\nbuiltin = \"least_loaded\"\n");
     let mut st = settings(dir.path(), "twin");
@@ -352,7 +428,7 @@ fn concurrent_decisions_share_compiled_scripts() {
 
 /// A file outside any policies directory holding `content`.
 fn outside_file(content: &str) -> (TempDir, std::path::PathBuf) {
-    let outside = TempDir::new();
+    let outside = temp_dir();
     let path = outside.path().join("secret.rhai");
     std::fs::write(&path, content).expect("write");
     (outside, path)
@@ -364,7 +440,7 @@ const SECRET: &str = "secret_token_8f3a";
 #[test]
 fn policy_files_symlinked_outside_are_refused_unread() {
     let (_outside, secret) = outside_file(SECRET);
-    let dir = TempDir::new();
+    let dir = temp_dir();
     dir.write("ok.rhai", "fallback()");
     std::os::unix::fs::symlink(&secret, dir.path().join("x.rhai")).expect("symlink");
     let diags = PolicyStore::check_dir(dir.path());
@@ -387,7 +463,7 @@ fn policy_files_symlinked_outside_are_refused_unread() {
 #[test]
 fn script_tiers_and_imports_symlinked_outside_are_refused_unread() {
     let (_outside, secret) = outside_file(&format!("fn f() {{ {SECRET} }}\n{SECRET}"));
-    let dir = TempDir::new();
+    let dir = temp_dir();
     std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
     std::os::unix::fs::symlink(&secret, dir.path().join("lib/link.rhai")).expect("symlink");
     dir.write("tier.toml", "[[tier]]\nfile = \"lib/link.rhai\"\n");
@@ -416,7 +492,7 @@ fn script_tiers_and_imports_symlinked_outside_are_refused_unread() {
 #[test]
 fn files_over_one_mib_are_refused() {
     let big = format!("// {}\nfallback()\n", "x".repeat(1024 * 1024));
-    let dir = TempDir::new();
+    let dir = temp_dir();
     std::fs::create_dir_all(dir.path().join("lib")).expect("mkdir");
     dir.write("big.rhai", &big);
     std::fs::write(dir.path().join("lib/big.rhai"), &big).expect("write");
@@ -457,7 +533,7 @@ fn files_over_one_mib_are_refused() {
 /// directory, all inside the volume.
 #[test]
 fn configmap_symlinks_inside_the_directory_work() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let data = dir.path().join("..2026_11_25_10_00_00.123");
     std::fs::create_dir_all(data.join("lib")).expect("mkdir");
     std::fs::write(data.join("lib/pick.rhai"), "fn choose() { round_robin() }").expect("write");
@@ -488,7 +564,7 @@ fn configmap_symlinks_inside_the_directory_work() {
     let s = PolicyStore::new(settings(dir.path(), "t"), 16).expect("store");
     assert_eq!(&*s.decide(&request(1), &c).tier, "random");
     // The policies directory itself may be a symlink too.
-    let parent = TempDir::new();
+    let parent = temp_dir();
     let link = parent.path().join("policies");
     std::os::unix::fs::symlink(dir.path(), &link).expect("symlink");
     assert!(PolicyStore::check_dir(&link).is_empty());

@@ -35,7 +35,12 @@ fuzz_target!(|data: &[u8]| {
     if !diagnostics.is_empty() {
         return;
     }
-    let settings = PolicySettings { dir: dir.to_path_buf(), default_policy: "p".into(), per_model: BTreeMap::new() };
+    let settings = PolicySettings {
+        dir: dir.to_path_buf(),
+        default_policy: "p".into(),
+        per_model: BTreeMap::new(),
+        ..PolicySettings::default()
+    };
     // What `switchyard check` accepts, the router loads.
     let store = match PolicyStore::new(settings, 16) {
         Ok(s) => s,
@@ -49,9 +54,10 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     let req = RequestInfo { model: "m".into(), prompt: switchyard::request::PromptDigest::of_text(&"hello world".repeat(10), 16), ..Default::default() };
-    // `decide` debug-asserts that every tier's pick is a candidate (fuzz builds keep debug
-    // assertions), so a pick out of range fails here instead of being clamped silently.
+    // `decide` debug-asserts that the tier's pick is a candidate before clamping it (fuzz
+    // builds keep debug assertions), so a tier returning an index out of range fails here.
     let d = store.decide(&req, &cands);
     assert_eq!(&*d.policy, "p");
     assert!(!d.tier.is_empty());
+    assert!(d.engine < cands.len());
 });

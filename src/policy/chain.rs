@@ -2,221 +2,141 @@
 //! `load_balance(8) ?? kv_lookup() ?? fallback()`, mean exactly the pipeline of those built-in
 //! tiers: each call either chooses an engine or yields `()`, and `??` moves to the next call
 //! only on `()`. Such scripts are run as that pipeline, natively, instead of being interpreted.
-//! Anything else (variables, other expressions, non-literal arguments, unknown names, escapes in
-//! strings, numbers in other notations) is left to the interpreter, so the recogniser only has
-//! to be exact for what it accepts. The script is still compiled by Rhai first, so it is valid
-//! Rhai and its diagnostics are Rhai's.
+//!
+//! They are recognised on Rhai's own AST of the compiled (and validated) script: its only
+//! statement is a call, or a `??` chain (`Expr::Coalesce`) of calls, each without a namespace,
+//! naming a built-in with literal arguments, and not a function the script defines itself with
+//! that name and number of parameters (which Rhai would call instead). The arguments are bound
+//! by the built-ins' table, as everywhere else. Anything else is left to the interpreter.
 
-use super::builtins::{Builtin, BuiltinKind, DEFAULT_KV_MIN_MATCH};
+use rhai::{AST, Expr, FnCallExpr, Stmt};
 
-#[derive(Debug, Clone, PartialEq)]
-enum Tok<'a> {
-    Ident(&'a str),
-    Num(f64),
-    Str(&'a str),
-    Minus,
-    Open,
-    Close,
-    Coalesce,
-    Semi,
-}
+use super::builtins::{Builtin, BuiltinSpec};
+use super::script::validate::literal;
 
-/// Skips whitespace and comments (`//` to end of line, nested `/* */`).
-fn skip_trivia(s: &str) -> Option<&str> {
-    let mut s = s.trim_start();
-    loop {
-        if let Some(rest) = s.strip_prefix("//") {
-            s = rest.find('\n').map_or("", |i| &rest[i..]).trim_start();
-        } else if s.starts_with("/*") {
-            let mut depth = 0usize;
-            let mut i = 0;
-            let b = s.as_bytes();
-            loop {
-                if i + 1 >= b.len() {
-                    return None; // unterminated: let the compiler have it
-                }
-                if b[i] == b'/' && b[i + 1] == b'*' {
-                    depth += 1;
-                    i += 2;
-                } else if b[i] == b'*' && b[i + 1] == b'/' {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            s = s[i..].trim_start();
-        } else {
-            return Some(s);
-        }
-    }
-}
-
-fn tokens(src: &str) -> Option<Vec<Tok<'_>>> {
-    let mut out = Vec::new();
-    let mut s = src;
-    loop {
-        s = skip_trivia(s)?;
-        let Some(c) = s.chars().next() else {
-            return Some(out);
-        };
-        let (tok, len) = match c {
-            '(' => (Tok::Open, 1),
-            ')' => (Tok::Close, 1),
-            ';' => (Tok::Semi, 1),
-            '-' => (Tok::Minus, 1),
-            '?' if s.starts_with("??") => (Tok::Coalesce, 2),
-            '"' => {
-                let end = s[1..].find('"')? + 1;
-                let body = &s[1..end];
-                if body.contains(['\\', '\n', '\r']) {
-                    return None;
-                }
-                (Tok::Str(body), end + 1)
-            }
-            c if c.is_ascii_digit() => {
-                let len = s
-                    .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                    .unwrap_or(s.len());
-                let text = &s[..len];
-                // Plain decimal only: `8`, `0.5`.
-                if text.matches('.').count() > 1 || text.ends_with('.') {
-                    return None;
-                }
-                (Tok::Num(text.parse().ok()?), len)
-            }
-            c if c.is_ascii_alphabetic() || c == '_' => {
-                let len = s
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(s.len());
-                (Tok::Ident(&s[..len]), len)
-            }
+/// The built-ins `ast` chains, if it is exactly such a chain.
+pub(crate) fn builtin_chain(ast: &AST) -> Option<Vec<Builtin>> {
+    let [stmt] = ast.statements() else {
+        return None;
+    };
+    let calls: Vec<&FnCallExpr> = match stmt {
+        Stmt::FnCall(call, _) => vec![call],
+        Stmt::Expr(e) => match &**e {
+            Expr::FnCall(call, _) => vec![call],
+            Expr::Coalesce(chain, _) => chain
+                .iter()
+                .map(|e| match e {
+                    Expr::FnCall(call, _) => Some(&**call),
+                    _ => None,
+                })
+                .collect::<Option<_>>()?,
             _ => return None,
-        };
-        out.push(tok);
-        s = &s[len..];
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Arg<'a> {
-    None,
-    Num(f64),
-    Str(&'a str),
-}
-
-fn builtin(name: &str, arg: Arg<'_>) -> Option<Builtin> {
-    let kind = BuiltinKind::from_name(name)?;
-    Some(match (kind, arg) {
-        (BuiltinKind::LoadBalance, Arg::Num(t)) => Builtin::LoadBalance { threshold: t },
-        (BuiltinKind::KvLookup, Arg::None) => Builtin::KvLookup {
-            min_match: DEFAULT_KV_MIN_MATCH,
         },
-        (BuiltinKind::KvLookup, Arg::Num(m)) => Builtin::KvLookup { min_match: m },
-        (BuiltinKind::SessionHash, Arg::None) => Builtin::SessionHash { header: None },
-        (BuiltinKind::SessionHash, Arg::Str(h)) => Builtin::SessionHash {
-            header: Some(h.to_string()),
-        },
-        (BuiltinKind::Fallback, Arg::None) => Builtin::Fallback,
-        (BuiltinKind::RoundRobin, Arg::None) => Builtin::RoundRobin,
-        (BuiltinKind::LeastLoaded, Arg::None) => Builtin::LeastLoaded,
-        (BuiltinKind::Random, Arg::None) => Builtin::Random,
-        (BuiltinKind::PowerOfTwo, Arg::None) => Builtin::PowerOfTwo,
         _ => return None,
-    })
+    };
+    calls.into_iter().map(|call| builtin(ast, call)).collect()
 }
 
-/// The built-ins of `src` if it is exactly `call (?? call)* ;?`.
-pub(crate) fn builtin_chain(src: &str) -> Option<Vec<Builtin>> {
-    let toks = tokens(src)?;
-    let mut t = toks.as_slice();
-    let mut out = Vec::new();
-    loop {
-        let (name, arg, rest) = match t {
-            [Tok::Ident(n), Tok::Open, Tok::Close, rest @ ..] => (*n, Arg::None, rest),
-            [Tok::Ident(n), Tok::Open, Tok::Num(x), Tok::Close, rest @ ..] => {
-                (*n, Arg::Num(*x), rest)
-            }
-            [
-                Tok::Ident(n),
-                Tok::Open,
-                Tok::Minus,
-                Tok::Num(x),
-                Tok::Close,
-                rest @ ..,
-            ] => (*n, Arg::Num(-*x), rest),
-            [Tok::Ident(n), Tok::Open, Tok::Str(s), Tok::Close, rest @ ..] => {
-                (*n, Arg::Str(s), rest)
-            }
-            _ => return None,
-        };
-        out.push(builtin(name, arg)?);
-        match rest {
-            [] | [Tok::Semi] => return Some(out),
-            [Tok::Coalesce, more @ ..] => t = more,
-            _ => return None,
-        }
+fn builtin(ast: &AST, call: &FnCallExpr) -> Option<Builtin> {
+    if !call.namespace.is_empty() || call.op_token.is_some() || call.capture_parent_scope {
+        return None;
     }
+    let name = call.name.as_str();
+    let n = call.args.len();
+    if ast
+        .iter_functions()
+        .any(|f| f.name == name && f.params.len() == n)
+    {
+        return None;
+    }
+    let spec = BuiltinSpec::find(name)?;
+    let args = call
+        .args
+        .iter()
+        .map(|a| literal(a).map(Some))
+        .collect::<Option<Vec<_>>>()?;
+    spec.bind(&args).ok()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+    use crate::policy::script::{compile, sandbox};
+
+    /// The chain `src` runs as: each built-in's name and first argument, as text.
+    fn chain(src: &str) -> Option<Vec<String>> {
+        let sandbox = sandbox::build(Path::new("."));
+        let script = compile(&sandbox, src, Path::new("t.rhai"), (1, 1)).expect("compiles");
+        builtin_chain(script.ast()).map(|builtins| {
+            builtins
+                .iter()
+                .map(|b| match (b.args().number(0), b.args().header(0)) {
+                    (Some(x), _) => format!("{}({x})", b.name()),
+                    (_, Some(h)) => format!("{}({h})", b.name()),
+                    _ => format!("{}()", b.name()),
+                })
+                .collect()
+        })
+    }
 
     #[test]
-    fn recognises_the_default_chain_with_comments() {
+    fn recognises_chains_of_builtin_calls_with_literal_arguments() {
         let src = "// header\n/* block /* nested */ */\nload_balance(8) ?? kv_lookup()\n  ?? fallback(); // done\n";
         assert_eq!(
-            builtin_chain(src),
-            Some(vec![
-                Builtin::LoadBalance { threshold: 8.0 },
-                Builtin::KvLookup {
-                    min_match: DEFAULT_KV_MIN_MATCH
-                },
-                Builtin::Fallback,
-            ])
+            chain(src).expect("a chain"),
+            ["load_balance(8)", "kv_lookup(0.5)", "fallback()"]
         );
         assert_eq!(
-            builtin_chain(r#"session_hash("x-user") ?? kv_lookup(0.25) ?? load_balance(-1)"#),
-            Some(vec![
-                Builtin::SessionHash {
-                    header: Some("x-user".into())
-                },
-                Builtin::KvLookup { min_match: 0.25 },
-                Builtin::LoadBalance { threshold: -1.0 },
-            ])
+            chain(r#"session_hash("X-User") ?? kv_lookup(0.25) ?? load_balance(0)"#)
+                .expect("a chain"),
+            ["session_hash(x-user)", "kv_lookup(0.25)", "load_balance(0)"]
+        );
+        assert_eq!(chain("round_robin()").expect("a chain"), ["round_robin()"]);
+        // Rhai's own parser and optimizer decide what a literal is.
+        assert_eq!(
+            chain("load_balance(1_000)").expect("a chain"),
+            ["load_balance(1000)"]
         );
         assert_eq!(
-            builtin_chain("round_robin()"),
-            Some(vec![Builtin::RoundRobin])
+            chain("load_balance(0x10)").expect("a chain"),
+            ["load_balance(16)"]
+        );
+        assert_eq!(
+            chain("load_balance(4 + 4)").expect("a chain"),
+            ["load_balance(8)"]
+        );
+        // `x ?? ()` is `x`; a constant condition is folded.
+        assert_eq!(
+            chain("if true { fallback() } else { random() }").expect("a chain"),
+            ["fallback()"]
+        );
+        assert_eq!(
+            chain("load_balance(8) ?? ()").expect("a chain"),
+            ["load_balance(8)"]
+        );
+        // A script function of another arity does not hide the built-in.
+        assert_eq!(
+            chain("fn fallback(x) { x } fallback()").expect("a chain"),
+            ["fallback()"]
         );
     }
 
     #[test]
     fn leaves_everything_else_to_the_interpreter() {
         for src in [
-            "",
+            "()",
             "let x = 8; load_balance(x)",
-            "load_balance(8) ?? ()",
-            "load_balance(4 + 4)",
-            "load_balance(1_000)",
-            "load_balance(0x10)",
-            "load_balance()",
-            "fallback(1)",
-            "kv_lookup(\"a\")",
-            "session_hash(\"a\\\"b\")",
+            "load_balance(8) ?? engines[0]",
             "fn fallback() { () } fallback()",
-            "load_balance(8) ?? fallback() ?? ",
+            "fn load_balance(t) { () } load_balance(8) ?? fallback()",
             "load_balance(8); fallback()",
-            "nope()",
-            "/* unterminated",
-            "fallback() fallback()",
-            "fallback();;",
+            "let pick = fallback(); pick",
+            "fallback() ?? request.header(\"x\")",
+            "if request.stream { fallback() } else { random() }",
         ] {
-            assert_eq!(builtin_chain(src), None, "{src}");
+            assert_eq!(chain(src), None, "{src}");
         }
     }
 }

@@ -4,15 +4,16 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use rhai::{Array, Dynamic, Engine, FLOAT, INT, Map};
+use rhai::{Array, Dynamic, FLOAT, INT, Map};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 use xxhash_rust::xxh3::Xxh3;
 
-use super::builtins::{Builtin, BuiltinKind, DEFAULT_KV_MIN_MATCH};
+use super::builtins::{Arg, ArgError, BUILTINS, Builtin, BuiltinSpec, MAX_PARAMS};
 use super::chain;
 use super::files;
 use super::pipeline::{CompiledPolicy, Tier, TierKind};
+use super::script::sandbox::Sandbox;
 use super::script::{self, ScriptError};
 
 /// One problem in a policy file, displayed as `file:line:col: message`.
@@ -128,7 +129,7 @@ pub(crate) struct Loaded {
 }
 
 /// Reads, compiles and validates one policy file.
-pub(crate) fn load_file(engine: &Engine, dir: &Path, file: &PolicyFile) -> Loaded {
+pub(crate) fn load_file(sandbox: &Sandbox, dir: &Path, file: &PolicyFile) -> Loaded {
     let mut hasher = Xxh3::new();
     let text = match files::read_policy_text(dir, &file.path) {
         Ok(t) => t,
@@ -148,8 +149,8 @@ pub(crate) fn load_file(engine: &Engine, dir: &Path, file: &PolicyFile) -> Loade
     hasher.update(text.as_bytes());
     let mut imports = script::mentions(&text, "import");
     let result = match file.kind {
-        FileKind::Rhai => load_rhai(engine, file, &text),
-        FileKind::Toml => load_toml(engine, dir, file, &text, &mut hasher, &mut imports),
+        FileKind::Rhai => load_rhai(sandbox, file, &text),
+        FileKind::Toml => load_toml(sandbox, dir, file, &text, &mut hasher, &mut imports),
     };
     let hash = hasher.digest();
     Loaded {
@@ -165,37 +166,30 @@ fn empty_params() -> Dynamic {
     Dynamic::from_map(Map::new())
 }
 
-fn compile_checked(
-    engine: &Engine,
+fn compile(
+    sandbox: &Sandbox,
     src: &str,
     file: &Path,
     origin: (usize, usize),
-    params: &Dynamic,
 ) -> Result<script::Script, PolicyDiagnostic> {
-    let s = script::compile(engine, src, file, origin)
-        .map_err(|e| PolicyDiagnostic::script(file, e))?;
-    match script::dry_run(engine, &s, params) {
-        Some(e) => Err(PolicyDiagnostic::script(file, e)),
-        None => Ok(s),
-    }
+    script::compile(sandbox, src, file, origin).map_err(|e| PolicyDiagnostic::script(file, e))
 }
 
 fn load_rhai(
-    engine: &Engine,
+    sandbox: &Sandbox,
     file: &PolicyFile,
     text: &str,
 ) -> Result<Parts, Vec<PolicyDiagnostic>> {
-    let params = empty_params();
-    let s = compile_checked(engine, text, &file.path, (1, 1), &params).map_err(|d| vec![d])?;
+    let s = compile(sandbox, text, &file.path, (1, 1)).map_err(|d| vec![d])?;
     // A bare `??` chain of built-ins runs as the equivalent pipeline of built-in tiers.
-    let tiers = match chain::builtin_chain(text) {
+    let tiers = match chain::builtin_chain(s.ast()) {
         Some(builtins) => builtins
             .into_iter()
-            .map(|b| Tier::new(b.kind().name(), TierKind::Builtin(b)))
+            .map(|b| Tier::new(b.name(), TierKind::Builtin(b)))
             .collect(),
         None => vec![Tier::new(&file.name, TierKind::Script(s))],
     };
-    Ok((tiers, params))
+    Ok((tiers, empty_params()))
 }
 
 fn toml_to_dynamic(v: &DeValue<'_>) -> Dynamic {
@@ -221,13 +215,15 @@ fn toml_to_dynamic(v: &DeValue<'_>) -> Dynamic {
     }
 }
 
-fn number(v: &DeValue<'_>) -> Option<f64> {
+/// A TOML value as a built-in's argument.
+fn arg<'a>(v: &'a DeValue<'_>) -> Arg<'a> {
     match v {
-        DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
-            .ok()
-            .map(|n| n as f64),
-        DeValue::Float(f) => f.as_str().parse().ok(),
-        _ => None,
+        DeValue::Integer(i) => {
+            i64::from_str_radix(i.as_str(), i.radix()).map_or(Arg::Other, |n| Arg::Number(n as f64))
+        }
+        DeValue::Float(f) => f.as_str().parse().map_or(Arg::Other, Arg::Number),
+        DeValue::String(s) => Arg::Str(s),
+        _ => Arg::Other,
     }
 }
 
@@ -254,7 +250,7 @@ fn string_content_start(text: &str, start: usize) -> usize {
 }
 
 struct TomlCx<'a> {
-    engine: &'a Engine,
+    sandbox: &'a Sandbox,
     dir: &'a Path,
     file: &'a Path,
     text: &'a str,
@@ -270,7 +266,7 @@ impl TomlCx<'_> {
 }
 
 fn load_toml(
-    engine: &Engine,
+    sandbox: &Sandbox,
     dir: &Path,
     file: &PolicyFile,
     text: &str,
@@ -287,7 +283,7 @@ fn load_toml(
         )]
     })?;
     let mut cx = TomlCx {
-        engine,
+        sandbox,
         dir,
         file: &file.path,
         text,
@@ -321,9 +317,7 @@ fn load_toml(
             for (i, t) in arr.iter().enumerate() {
                 match t.get_ref() {
                     DeValue::Table(table) => {
-                        if let Some(tier) =
-                            parse_tier(&mut cx, i, t.span().start, table, &params, hasher)
-                        {
+                        if let Some(tier) = parse_tier(&mut cx, i, t.span().start, table, hasher) {
                             tiers.push(tier);
                         }
                     }
@@ -349,7 +343,6 @@ fn parse_tier(
     index: usize,
     at: usize,
     table: &DeTable<'_>,
-    params: &Dynamic,
     hasher: &mut Xxh3,
 ) -> Option<Tier> {
     let mut name: Option<String> = None;
@@ -423,7 +416,7 @@ fn parse_tier(
         };
         hasher.update(src.as_bytes());
         cx.imports |= script::mentions(&src, "import");
-        let script = match compile_checked(cx.engine, &src, &path, (1, 1), params) {
+        let script = match compile(cx.sandbox, &src, &path, (1, 1)) {
             Ok(s) => s,
             Err(d) => {
                 cx.diags.push(d);
@@ -439,7 +432,7 @@ fn parse_tier(
     }
     let (v, src) = inline?;
     let origin = line_col(cx.text, string_content_start(cx.text, v.span().start));
-    match compile_checked(cx.engine, &src, cx.file, origin, params) {
+    match compile(cx.sandbox, &src, cx.file, origin) {
         Ok(s) => {
             let label = name.unwrap_or_else(|| format!("script{}", index + 1));
             Some(Tier::new(&label, TierKind::Script(s)))
@@ -457,91 +450,44 @@ fn parse_builtin(
     name: &str,
     args: &[(&Spanned<toml::de::DeString<'_>>, &Spanned<DeValue<'_>>)],
 ) -> Option<Builtin> {
-    let Some(kind) = BuiltinKind::from_name(name) else {
-        let known: Vec<&str> = BuiltinKind::ALL.iter().map(|k| k.name()).collect();
+    let Some(spec) = BuiltinSpec::find(name) else {
+        let known: Vec<&str> = BUILTINS.iter().map(|b| b.name).collect();
         cx.err(
             v.span().start,
             format!("unknown built-in `{name}` (known: {})", known.join(", ")),
         );
         return None;
     };
-    let allowed: &[&str] = match kind {
-        BuiltinKind::LoadBalance => &["threshold"],
-        BuiltinKind::KvLookup => &["min_match"],
-        BuiltinKind::SessionHash => &["header"],
-        _ => &[],
-    };
     let mut ok = true;
-    let get = |key: &str| {
-        args.iter()
-            .find(|(k, _)| k.get_ref().as_ref() == key)
-            .map(|(_, v)| *v)
-    };
-    for (k, _) in args {
+    let mut bound: [Option<Arg<'_>>; MAX_PARAMS] = [None; MAX_PARAMS];
+    let mut spans = [v.span().start; MAX_PARAMS];
+    for (k, value) in args {
         let key = k.get_ref().as_ref();
-        if !allowed.contains(&key) {
-            ok = false;
-            let hint = if allowed.is_empty() {
-                format!("`{name}` takes no arguments")
-            } else {
-                format!("`{name}` takes: {}", allowed.join(", "))
-            };
-            cx.err(k.span().start, format!("unknown argument `{key}`; {hint}"));
+        match spec.param(key) {
+            Some(i) if i < MAX_PARAMS => {
+                bound[i] = Some(arg(value.get_ref()));
+                spans[i] = value.span().start;
+            }
+            _ => {
+                ok = false;
+                cx.err(
+                    k.span().start,
+                    format!("unknown argument `{key}`; {}", spec.takes()),
+                );
+            }
         }
     }
-    let built = match kind {
-        BuiltinKind::LoadBalance => match get("threshold") {
-            None => {
-                cx.err(
-                    v.span().start,
-                    "`load_balance` needs `threshold` (queue spread, e.g. 8)",
-                );
-                None
-            }
-            Some(t) => match number(t.get_ref()) {
-                Some(x) if x >= 0.0 => Some(Builtin::LoadBalance { threshold: x }),
-                _ => {
-                    cx.err(t.span().start, "`threshold` must be a number ≥ 0");
-                    None
-                }
-            },
-        },
-        BuiltinKind::KvLookup => match get("min_match") {
-            None => Some(Builtin::KvLookup {
-                min_match: DEFAULT_KV_MIN_MATCH,
-            }),
-            Some(m) => match number(m.get_ref()) {
-                Some(x) if (0.0..=1.0).contains(&x) => Some(Builtin::KvLookup { min_match: x }),
-                _ => {
-                    cx.err(
-                        m.span().start,
-                        "`min_match` must be a fraction of the prompt's tokens, 0 to 1",
-                    );
-                    None
-                }
-            },
-        },
-        BuiltinKind::SessionHash => match get("header") {
-            None => Some(Builtin::SessionHash { header: None }),
-            Some(h) => match h.get_ref().as_str() {
-                Some(s) if http::HeaderName::from_bytes(s.as_bytes()).is_ok() => {
-                    Some(Builtin::SessionHash {
-                        header: Some(s.to_ascii_lowercase()),
-                    })
-                }
-                _ => {
-                    cx.err(h.span().start, "`header` must be a valid header name");
-                    None
-                }
-            },
-        },
-        BuiltinKind::Fallback => Some(Builtin::Fallback),
-        BuiltinKind::RoundRobin => Some(Builtin::RoundRobin),
-        BuiltinKind::LeastLoaded => Some(Builtin::LeastLoaded),
-        BuiltinKind::Random => Some(Builtin::Random),
-        BuiltinKind::PowerOfTwo => Some(Builtin::PowerOfTwo),
-    };
-    if ok { built } else { None }
+    match spec.bind(&bound) {
+        Ok(b) => ok.then_some(b),
+        Err(e) => {
+            let at = match e {
+                ArgError::Invalid { index, .. } => spans.get(index).copied(),
+                ArgError::Missing { .. } | ArgError::TooMany { .. } => None,
+            };
+            cx.err(at.unwrap_or(v.span().start), e.to_string());
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,16 +17,17 @@ pub mod builtins;
 mod chain;
 mod decisions;
 mod files;
+mod generation;
 mod load;
 mod pipeline;
 mod reload;
 mod script;
 pub mod shipped;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -37,16 +38,18 @@ pub use files::MAX_POLICY_FILE_BYTES;
 pub use load::PolicyDiagnostic;
 pub use pipeline::DEFAULT_TIER;
 pub use reload::{REARM_INTERVAL, WatchHandle};
-pub use script::{
-    MAX_ARRAY_SIZE, MAX_CALL_LEVELS, MAX_EXPR_DEPTHS, MAX_MAP_SIZE, MAX_OPERATIONS,
-    MAX_STRING_SIZE, VALIDATION_TIME_BUDGET,
+pub use script::VALIDATION_TIME_BUDGET;
+pub use script::sandbox::{
+    MAX_ARRAY_SIZE, MAX_CALL_LEVELS, MAX_EXPR_DEPTHS, MAX_MAP_SIZE, MAX_OPERATIONS, MAX_STRING_SIZE,
 };
 
 /// Default wall-clock budget of one script tier's evaluation (`--script-time-budget`).
 pub const DEFAULT_SCRIPT_TIME_BUDGET: Duration = Duration::from_millis(5);
 
-use load::{FileKind, PolicyFile};
+use generation::{Generation, load_files, resolve};
+use load::FileKind;
 use pipeline::CompiledPolicy;
+use script::sandbox;
 
 /// Where policies live and which one applies to which model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,55 +128,6 @@ impl ReloadOutcome {
     }
 }
 
-/// One policy file's state, for `status_json`.
-#[derive(Debug)]
-struct FileStatus {
-    file: PolicyFile,
-    /// The version in use: the one just loaded, or the last good one if loading failed.
-    policy: Option<Arc<CompiledPolicy>>,
-    last_error: Vec<PolicyDiagnostic>,
-}
-
-/// Everything one load produced, swapped in as a whole. Every part of it comes from the same
-/// settings: the files were loaded from `settings.dir`, with an engine (and module resolver)
-/// built for `settings.dir`.
-struct Generation {
-    settings: Arc<PolicySettings>,
-    engine: Arc<rhai::Engine>,
-    default: Arc<CompiledPolicy>,
-    per_model: HashMap<String, Arc<CompiledPolicy>>,
-    /// Policies by the names the settings used.
-    resolved: HashMap<String, Arc<CompiledPolicy>>,
-    files: Vec<FileStatus>,
-    errors: Vec<PolicyDiagnostic>,
-    reloaded_at: SystemTime,
-    /// Counts loads: 1 for the first, +1 per reload.
-    number: u64,
-}
-
-impl Generation {
-    fn new(
-        settings: PolicySettings,
-        engine: Arc<rhai::Engine>,
-        (default, per_model, resolved): Resolution,
-        files: Vec<FileStatus>,
-        errors: Vec<PolicyDiagnostic>,
-        number: u64,
-    ) -> Generation {
-        Generation {
-            settings: Arc::new(settings),
-            engine,
-            default,
-            per_model,
-            resolved,
-            files,
-            errors,
-            reloaded_at: SystemTime::now(),
-            number,
-        }
-    }
-}
-
 /// All loaded policies.
 pub struct PolicyStore {
     current: ArcSwap<Generation>,
@@ -190,154 +144,6 @@ impl std::fmt::Debug for PolicyStore {
             .field("block_size", &self.block_size)
             .finish()
     }
-}
-
-/// Finds a policy by the name settings use: `NAME` (the `.rhai` if both `NAME.rhai` and
-/// `NAME.toml` exist) or a file name `NAME.rhai` / `NAME.toml`.
-fn lookup<'a>(files: &'a [FileStatus], name: &str) -> Option<&'a Arc<CompiledPolicy>> {
-    let by_file = |kind: FileKind, stem: &str| {
-        files
-            .iter()
-            .find(|f| f.file.kind == kind && f.file.name == stem)
-            .and_then(|f| f.policy.as_ref())
-    };
-    if let Some(stem) = name.strip_suffix(".toml") {
-        return by_file(FileKind::Toml, stem);
-    }
-    if let Some(stem) = name.strip_suffix(".rhai") {
-        return by_file(FileKind::Rhai, stem);
-    }
-    by_file(FileKind::Rhai, name).or_else(|| by_file(FileKind::Toml, name))
-}
-
-fn settings_names(s: &PolicySettings) -> impl Iterator<Item = (&str, String)> {
-    std::iter::once((s.default_policy.as_str(), "default policy".to_string())).chain(
-        s.per_model
-            .iter()
-            .map(|(m, p)| (p.as_str(), format!("policy for model `{m}`"))),
-    )
-}
-
-type Resolution = (
-    Arc<CompiledPolicy>,
-    HashMap<String, Arc<CompiledPolicy>>,
-    HashMap<String, Arc<CompiledPolicy>>,
-);
-
-/// Resolves the settings' policy names. A name that no longer resolves in `files` but did in
-/// `prev` (its file vanished) keeps the last good version, with a diagnostic; a name that never
-/// resolved is an error.
-fn resolve(
-    settings: &PolicySettings,
-    files: &[FileStatus],
-    prev: Option<&Generation>,
-) -> Result<(Resolution, Vec<PolicyDiagnostic>), Vec<PolicyDiagnostic>> {
-    let mut resolved = HashMap::new();
-    let mut errors = Vec::new();
-    let mut kept = Vec::new();
-    for (name, role) in settings_names(settings) {
-        if resolved.contains_key(name) {
-            continue;
-        }
-        let missing = |what: &str| {
-            PolicyDiagnostic::new(
-                &settings.dir.join(name),
-                1,
-                1,
-                format!(
-                    "{what} {role} `{name}`: no loadable {name}.rhai or {name}.toml in {}",
-                    settings.dir.display()
-                ),
-            )
-        };
-        if let Some(p) = lookup(files, name) {
-            resolved.insert(name.to_string(), Arc::clone(p));
-        } else if let Some(p) = prev.and_then(|g| g.resolved.get(name)) {
-            let mut d = missing("vanished");
-            d.message.push_str("; keeping its last good version");
-            kept.push(d);
-            resolved.insert(name.to_string(), Arc::clone(p));
-        } else {
-            errors.push(missing("unknown"));
-        }
-    }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let default = Arc::clone(&resolved[settings.default_policy.as_str()]);
-    let per_model = settings
-        .per_model
-        .iter()
-        .map(|(m, p)| (m.clone(), Arc::clone(&resolved[p.as_str()])))
-        .collect();
-    Ok(((default, per_model, resolved), kept))
-}
-
-/// Loads every policy file of `dir`, keeping `prev`'s version of files that fail.
-fn load_files(
-    engine: &Arc<rhai::Engine>,
-    dir: &Path,
-    prev: Option<&Generation>,
-) -> (Vec<FileStatus>, Vec<PolicyDiagnostic>) {
-    // Compiled scripts are only reused with the engine that compiled them.
-    let reuse = prev.is_some_and(|g| Arc::ptr_eq(&g.engine, engine));
-    let mut errors = Vec::new();
-    let files = match load::policy_files(dir) {
-        Ok(f) => f,
-        Err(d) => {
-            errors.push(d);
-            // Keep serving what was loaded before.
-            let kept = prev
-                .map(|g| {
-                    g.files
-                        .iter()
-                        .map(|f| FileStatus {
-                            file: f.file.clone(),
-                            policy: f.policy.clone(),
-                            last_error: errors.clone(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            return (kept, errors);
-        }
-    };
-    let mut out = Vec::with_capacity(files.len());
-    for file in files {
-        let loaded = load::load_file(engine, dir, &file);
-        let previous = prev.and_then(|g| {
-            g.files
-                .iter()
-                .find(|f| f.file.path == file.path)
-                .and_then(|f| f.policy.clone())
-        });
-        match loaded.result {
-            Ok(p) => {
-                // An unchanged file keeps its compiled policy (and load time, counters).
-                let policy = match previous {
-                    Some(old) if reuse && !loaded.imports && old.hash == loaded.hash => old,
-                    _ => Arc::new(p),
-                };
-                out.push(FileStatus {
-                    file,
-                    policy: Some(policy),
-                    last_error: Vec::new(),
-                });
-            }
-            Err(diags) => {
-                for d in &diags {
-                    tracing::error!(policy = %file.name, "{d}");
-                }
-                errors.extend(diags.iter().cloned());
-                out.push(FileStatus {
-                    file,
-                    policy: previous,
-                    last_error: diags,
-                });
-            }
-        }
-    }
-    (out, errors)
 }
 
 /// Runs `f` (an evaluation that may take up to the script time budget) so that it does not
@@ -367,29 +173,6 @@ fn off_the_workers<R>(f: impl Fn() -> R) -> R {
     }
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
 impl PolicyStore {
     /// Loads the policies of `settings.dir`. Fails if a policy the settings name is missing or
     /// broken; broken policies nobody uses are logged and shown in `status_json`.
@@ -397,8 +180,8 @@ impl PolicyStore {
         settings: PolicySettings,
         prefix_block_size: usize,
     ) -> Result<Arc<PolicyStore>, PolicyError> {
-        let engine = Arc::new(script::build_engine(&settings.dir));
-        let (files, mut errors) = load_files(&engine, &settings.dir, None);
+        let sandbox = Arc::new(sandbox::build(&settings.dir));
+        let (files, mut errors) = load_files(&sandbox, &settings.dir, None);
         let ((default, per_model, resolved), _) =
             resolve(&settings, &files, None).map_err(|mut e| {
                 errors.append(&mut e);
@@ -406,7 +189,7 @@ impl PolicyStore {
             })?;
         let generation = Generation::new(
             settings,
-            engine,
+            sandbox,
             (default, per_model, resolved),
             files,
             errors,
@@ -444,7 +227,7 @@ impl PolicyStore {
         }
         let run = || {
             policy.decide(
-                &generation.engine,
+                &generation.sandbox.engine,
                 generation.settings.script_time_budget,
                 req,
                 cands,
@@ -455,6 +238,14 @@ impl PolicyStore {
         } else {
             off_the_workers(run)
         };
+        // Every tier returns a candidate's index; the clamp only keeps a bug from panicking in a
+        // release build (fuzzing runs with debug assertions, which catch it).
+        debug_assert!(
+            picked < cands.len(),
+            "policy `{}` tier {label} picked {picked} of {} candidates",
+            policy.name,
+            cands.len()
+        );
         let engine = picked.min(cands.len() - 1);
         let tier = policy.label(label);
         decisions::record(policy, label, tier, &cands[engine].engine);
@@ -487,15 +278,15 @@ impl PolicyStore {
     pub fn reload_with(&self, settings: PolicySettings) -> ReloadOutcome {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let prev = self.current.load_full();
-        let engine_for = |dir: &Path| {
+        let sandbox_for = |dir: &Path| {
             if prev.settings.dir == dir {
-                Arc::clone(&prev.engine)
+                Arc::clone(&prev.sandbox)
             } else {
-                Arc::new(script::build_engine(dir))
+                Arc::new(sandbox::build(dir))
             }
         };
-        let mut engine = engine_for(&settings.dir);
-        let (mut files, mut errors) = load_files(&engine, &settings.dir, Some(&prev));
+        let mut sandbox = sandbox_for(&settings.dir);
+        let (mut files, mut errors) = load_files(&sandbox, &settings.dir, Some(&prev));
         let (settings, resolution, settings_applied) = match resolve(&settings, &files, Some(&prev))
         {
             Ok((r, mut kept)) => {
@@ -513,8 +304,8 @@ impl PolicyStore {
                 if old.dir != settings.dir {
                     // The files just loaded belong to the rejected directory: load the
                     // directory in effect instead.
-                    engine = engine_for(&old.dir);
-                    (files, errors) = load_files(&engine, &old.dir, Some(&prev));
+                    sandbox = sandbox_for(&old.dir);
+                    (files, errors) = load_files(&sandbox, &old.dir, Some(&prev));
                 }
                 errors.append(&mut rejected);
                 match resolve(&old, &files, Some(&prev)) {
@@ -538,7 +329,7 @@ impl PolicyStore {
         let ok = errors.is_empty();
         let generation = Generation::new(
             settings,
-            engine,
+            sandbox,
             resolution,
             files,
             errors.clone(),
@@ -576,8 +367,8 @@ impl PolicyStore {
 
     /// Compiles and validates every policy file in `dir`, as `switchyard check` does.
     pub fn check_dir(dir: &Path) -> Vec<PolicyDiagnostic> {
-        let engine = Arc::new(script::build_engine(dir));
-        load_files(&engine, dir, None).1
+        let sandbox = Arc::new(sandbox::build(dir));
+        load_files(&sandbox, dir, None).1
     }
 
     /// Status for `GET /admin/policies`: settings, and per policy file its name, source, content
@@ -602,7 +393,7 @@ impl PolicyStore {
                     "loaded": p.is_some(),
                     "active": p.is_some_and(|p| active.iter().any(|a| Arc::ptr_eq(a, p))),
                     "hash": p.map(|p| format!("{:016x}", p.hash)),
-                    "loaded_at": p.map(|p| rfc3339(p.loaded_at)),
+                    "loaded_at": p.map(|p| humantime::format_rfc3339_millis(p.loaded_at).to_string()),
                     "tiers": p.map(|p| p.tier_names()),
                     "execution": p.map(|p| if p.is_native() { "native" } else { "rhai" }),
                     "last_error": last_error,
@@ -615,7 +406,7 @@ impl PolicyStore {
             "per_model": g.settings.per_model,
             "prefix_block_size": self.block_size,
             "generation": g.number,
-            "reloaded_at": rfc3339(g.reloaded_at),
+            "reloaded_at": humantime::format_rfc3339_millis(g.reloaded_at).to_string(),
             "errors": g.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "policies": policies,
         })
@@ -654,12 +445,5 @@ mod tests {
             std::panic::catch_unwind(|| off_the_workers(|| -> u8 { panic!("evaluation") })).is_err()
         });
         assert!(multi.block_on(on_worker).expect("task"));
-    }
-
-    #[test]
-    fn rfc3339_formats_utc() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
-        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123Z");
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
     }
 }

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rhai::Dynamic;
 
-use super::builtins::{self, Builtin, BuiltinKind, PolicyState};
-use super::script::{self, Ctx, ErrorReason, ORIGIN_SCRIPT, Outcome, Script, ScriptError};
+use super::builtins::{self, BUILTINS, Builtin, PolicyState};
+use super::script::api::{Ctx, ORIGIN_SCRIPT};
+use super::script::{self, ErrorReason, Outcome, Script, ScriptError};
 use crate::engines::Candidate;
 use crate::request::RequestInfo;
 
@@ -107,9 +108,9 @@ pub(crate) struct CompiledPolicy {
 
 impl CompiledPolicy {
     pub fn new(name: &str, hash: u64, tiers: Vec<Tier>, params: Dynamic) -> Self {
-        let labels = BuiltinKind::ALL
+        let labels = BUILTINS
             .iter()
-            .map(|k| Arc::from(k.name()))
+            .map(|b| Arc::from(b.name))
             .chain(tiers.iter().map(|t| Arc::clone(&t.name)))
             .chain(std::iter::once(Arc::from(DEFAULT_TIER)))
             .collect();
@@ -130,7 +131,7 @@ impl CompiledPolicy {
     }
 
     fn tier_label(&self, tier: usize) -> Label {
-        (BuiltinKind::ALL.len() + tier) as Label
+        (BUILTINS.len() + tier) as Label
     }
 
     fn default_label(&self) -> Label {
@@ -166,7 +167,6 @@ impl CompiledPolicy {
                             line: s.origin.0,
                             col: s.origin.1,
                             message: "script evaluation panicked".into(),
-                            unknown_name: false,
                             reason: ErrorReason::Panic,
                         })
                     });

@@ -75,7 +75,7 @@ pub fn settings(dir: &Path, default: &str) -> PolicySettings {
 
 /// A store over a temporary directory holding `files` (name, content).
 pub fn store_with(files: &[(&str, &str)], default: &str) -> (TempDir, Arc<PolicyStore>) {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     for (name, content) in files {
         dir.write(name, content);
     }
@@ -102,36 +102,28 @@ pub fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A temporary directory removed on drop.
-pub struct TempDir(PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new() -> TempDir {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!(
-            "switchyard-policy-test-{}-{n}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// Writes `name` atomically (temporary file, then rename), as editors do.
-    pub fn write(&self, name: &str, content: &str) {
-        let tmp = self.0.join(format!(".{name}.tmp{}", fastrand::u32(..)));
-        std::fs::write(&tmp, content).expect("write temp file");
-        std::fs::rename(&tmp, self.0.join(name)).expect("rename into place");
-    }
+/// A fresh temporary directory, removed when dropped.
+pub fn temp_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("switchyard-policy-test-")
+        .tempdir()
+        .expect("create temp dir")
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// Writing policy files into a directory as editors do.
+pub trait WriteAtomic {
+    /// Writes `name` atomically: a hidden temporary file in the directory, then a rename.
+    fn write(&self, name: &str, content: &str);
+}
+
+impl WriteAtomic for TempDir {
+    fn write(&self, name: &str, content: &str) {
+        use std::io::Write;
+        let mut tmp = tempfile::NamedTempFile::new_in(self.path()).expect("create temp file");
+        tmp.write_all(content.as_bytes()).expect("write temp file");
+        tmp.persist(self.path().join(name))
+            .expect("rename into place");
     }
 }

@@ -1,8 +1,9 @@
-//! The built-in tiers. Each looks at the candidates (and the request) and returns the index of
-//! the engine it chooses, or `None` to pass to the next tier.
+//! The native implementations of the built-ins (their table is in [`super`]). Each looks at
+//! the candidates (and the request's figures) and returns the index of the engine it chooses,
+//! or `None` to pass to the next tier.
 //!
 //! Every function copes with an empty candidate slice (it passes), although
-//! [`super::PolicyStore::decide`] never calls them with one. Ties between equally good engines
+//! [`crate::policy::PolicyStore::decide`] never calls them with one. Ties between equally good engines
 //! rotate through a per-policy counter, so equal engines share the traffic instead of the first
 //! one taking everything.
 
@@ -12,10 +13,6 @@ use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::engines::Candidate;
-use crate::request::RequestInfo;
-
-/// `kv_lookup()`'s default minimum match: half of the prompt's tokens.
-pub const DEFAULT_KV_MIN_MATCH: f64 = 0.5;
 
 /// A counter on its own cache line, so that policies' counters do not false-share.
 #[derive(Debug, Default)]
@@ -33,113 +30,6 @@ impl Counter {
 pub struct PolicyState {
     ties: Counter,
     rr: Counter,
-}
-
-/// The built-in tiers, as named in TOML (`builtin = "..."`) and in scripts (`name(...)`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum BuiltinKind {
-    LoadBalance = 0,
-    KvLookup = 1,
-    SessionHash = 2,
-    Fallback = 3,
-    RoundRobin = 4,
-    LeastLoaded = 5,
-    Random = 6,
-    PowerOfTwo = 7,
-}
-
-impl BuiltinKind {
-    pub const ALL: [BuiltinKind; 8] = [
-        BuiltinKind::LoadBalance,
-        BuiltinKind::KvLookup,
-        BuiltinKind::SessionHash,
-        BuiltinKind::Fallback,
-        BuiltinKind::RoundRobin,
-        BuiltinKind::LeastLoaded,
-        BuiltinKind::Random,
-        BuiltinKind::PowerOfTwo,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            BuiltinKind::LoadBalance => "load_balance",
-            BuiltinKind::KvLookup => "kv_lookup",
-            BuiltinKind::SessionHash => "session_hash",
-            BuiltinKind::Fallback => "fallback",
-            BuiltinKind::RoundRobin => "round_robin",
-            BuiltinKind::LeastLoaded => "least_loaded",
-            BuiltinKind::Random => "random",
-            BuiltinKind::PowerOfTwo => "power_of_two",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<BuiltinKind> {
-        BuiltinKind::ALL.into_iter().find(|k| k.name() == name)
-    }
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    pub fn from_index(i: usize) -> Option<BuiltinKind> {
-        BuiltinKind::ALL.get(i).copied()
-    }
-}
-
-/// A built-in with its arguments.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Builtin {
-    LoadBalance {
-        threshold: f64,
-    },
-    KvLookup {
-        min_match: f64,
-    },
-    /// Hash `RequestInfo::session_key`, or this header if given.
-    SessionHash {
-        header: Option<String>,
-    },
-    Fallback,
-    RoundRobin,
-    LeastLoaded,
-    Random,
-    PowerOfTwo,
-}
-
-impl Builtin {
-    pub fn kind(&self) -> BuiltinKind {
-        match self {
-            Builtin::LoadBalance { .. } => BuiltinKind::LoadBalance,
-            Builtin::KvLookup { .. } => BuiltinKind::KvLookup,
-            Builtin::SessionHash { .. } => BuiltinKind::SessionHash,
-            Builtin::Fallback => BuiltinKind::Fallback,
-            Builtin::RoundRobin => BuiltinKind::RoundRobin,
-            Builtin::LeastLoaded => BuiltinKind::LeastLoaded,
-            Builtin::Random => BuiltinKind::Random,
-            Builtin::PowerOfTwo => BuiltinKind::PowerOfTwo,
-        }
-    }
-
-    /// Runs the built-in: the chosen candidate index, or `None` to pass.
-    pub fn run(&self, req: &RequestInfo, cands: &[Candidate], st: &PolicyState) -> Option<usize> {
-        match self {
-            Builtin::LoadBalance { threshold } => load_balance(cands, *threshold, st),
-            Builtin::KvLookup { min_match } => {
-                kv_lookup(cands, req.prompt_tokens(), *min_match, st)
-            }
-            Builtin::SessionHash { header: None } => {
-                session_hash(cands, req.session_key.as_deref().map(str::as_bytes))
-            }
-            Builtin::SessionHash { header: Some(h) } => {
-                session_hash(cands, req.headers.get(h.as_str()).map(|v| v.as_bytes()))
-            }
-            Builtin::Fallback | Builtin::LeastLoaded => least_loaded(cands, st),
-            Builtin::RoundRobin => round_robin(cands, st),
-            Builtin::Random => random(cands),
-            Builtin::PowerOfTwo => power_of_two(cands),
-        }
-    }
 }
 
 /// Orders engines by load: queue, then the router's in-flight count.
