@@ -987,9 +987,8 @@ mod tests {
 
     #[test]
     fn file_then_flags_override() {
-        let dir = std::env::temp_dir().join(format!("switchyard-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
         std::fs::write(&path, "port = 9000\nrouting_logic = \"session\"\nstatic_backends = [\"http://a:1\"]\nstatic_models = [\"m\"]\n[policies]\nbig = \"kvaware\"\n").unwrap();
         let p = path.to_str().unwrap();
         let c = RouterConfig::resolve(&args(&["--config", p, "--port", "9100"])).unwrap();

@@ -133,7 +133,8 @@ async fn multi_round_qa_has_a_consistent_row_per_policy() {
             "{p} in both tables:\n{text}"
         );
     }
-    let out = std::env::temp_dir().join(format!("switchyard-bench-test-{}", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
     report.write_files(&out).expect("files written");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();

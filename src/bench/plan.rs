@@ -117,7 +117,8 @@ pub fn plan_runs(policies: Option<&[String]>, sweep: &[Threshold]) -> Result<Vec
 #[derive(Debug)]
 pub struct PoliciesDir {
     path: PathBuf,
-    temporary: bool,
+    /// The temporary copy (removed when dropped), if this is one.
+    _temporary: Option<tempfile::TempDir>,
 }
 
 impl PoliciesDir {
@@ -141,18 +142,16 @@ impl PoliciesDir {
         if sweep.is_empty() {
             return Ok(PoliciesDir {
                 path: user_dir.to_owned(),
-                temporary: false,
+                _temporary: None,
             });
         }
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path =
-            std::env::temp_dir().join(format!("switchyard-bench-{}-{nanos}", std::process::id()));
+        let tmp = tempfile::Builder::new()
+            .prefix("switchyard-bench-")
+            .tempdir()
+            .map_err(io(&std::env::temp_dir()))?;
         let dir = PoliciesDir {
-            path,
-            temporary: true,
+            path: tmp.path().to_owned(),
+            _temporary: Some(tmp),
         };
         copy_dir(user_dir, &dir.path).map_err(io(user_dir))?;
         for t in sweep {
@@ -181,14 +180,6 @@ impl PoliciesDir {
             }
         }
         Ok(())
-    }
-}
-
-impl Drop for PoliciesDir {
-    fn drop(&mut self) {
-        if self.temporary {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
     }
 }
 
@@ -256,7 +247,8 @@ mod tests {
 
     #[test]
     fn sweep_dir_is_a_temporary_copy() {
-        let user = std::env::temp_dir().join(format!("switchyard-plan-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let user = tmp.path().join("user");
         std::fs::create_dir_all(user.join("sub")).unwrap();
         std::fs::write(user.join("mine.rhai"), "fallback()\n").unwrap();
         std::fs::write(user.join("sub/x.txt"), "x").unwrap();
@@ -284,6 +276,5 @@ mod tests {
         drop(d);
         assert!(user.is_dir(), "the user's directory is never removed");
         assert!(PoliciesDir::prepare(&user.join("missing"), &[]).is_err());
-        let _ = std::fs::remove_dir_all(&user);
     }
 }

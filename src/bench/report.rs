@@ -627,7 +627,8 @@ pub(crate) mod tests {
     #[test]
     fn files_are_written_and_json_round_trips() {
         let r = sample_report();
-        let dir = std::env::temp_dir().join(format!("switchyard-report-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("out");
         let written = r.write_files(&dir).unwrap();
         assert_eq!(written.len(), 4);
         let json: serde_json::Value =
