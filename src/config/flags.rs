@@ -1,0 +1,168 @@
+//! What can be set: the flags of `switchyard serve` ([`ServeArgs`]) and the keys of the config
+//! file ([`FileConfig`]), the same names with `_`. Defaults and validation are in the parent
+//! module's `RouterConfig::resolve`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Flags of `switchyard serve`. Every flag may also be set in the config file under the same
+/// name with `_` instead of `-`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long)]
+    pub host: Option<IpAddr>,
+    /// Port to listen on (0 = any free port) [default: 8001].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Comma-separated engine base URLs, e.g. http://a:8000,http://b:8000.
+    #[arg(long, value_delimiter = ',')]
+    pub static_backends: Option<Vec<String>>,
+    /// Comma-separated models: one per backend, or one for all.
+    #[arg(long, value_delimiter = ',')]
+    pub static_models: Option<Vec<String>>,
+    /// Seconds between scrapes of each engine's /metrics [default: 1].
+    #[arg(long)]
+    pub engine_stats_interval: Option<f64>,
+    /// trace, debug, info, warn|warning, error|critical [default: info].
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Header (else JSON body field) holding the session key.
+    #[arg(long)]
+    pub session_key: Option<String>,
+    /// Default routing policy (a file stem in the policies directory) [default: load_balanced_kvaware].
+    #[arg(long)]
+    pub routing_logic: Option<String>,
+    /// Directory of policy files; it must exist [default: ./policies if it exists, else the
+    /// built-in policies, read-only (`switchyard policies export DIR` writes them out)].
+    #[arg(long)]
+    pub policies_dir: Option<PathBuf>,
+    /// production-stack's flag for `--routing-logic load_balanced_kvaware`: the `load_balance`
+    /// tier's threshold, the spread of queues (running + waiting) at which the least queued
+    /// engine takes the request. Applies to the built-in policies (with a policies directory,
+    /// edit `load_balance(N)` in its load_balanced_kvaware.rhai) [default: 8, the policy's].
+    #[arg(long)]
+    pub imbalanced_threshold: Option<u32>,
+    /// Seconds one script tier may run for one request; past it the tier passes [default: 0.005].
+    #[arg(long)]
+    pub script_time_budget: Option<f64>,
+    /// Add x-switchyard-policy/-tier/-engine response headers.
+    #[arg(long)]
+    pub decision_headers: bool,
+    /// Bearer token required on /admin/* (unset: /admin/* is open; keep the router on loopback then).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Largest accepted request body in bytes [default: 33554432].
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    /// Engines tried per request before giving up with 502 [default: 2].
+    #[arg(long)]
+    pub max_attempts: Option<usize>,
+    /// Seconds to connect to an engine [default: 2].
+    #[arg(long)]
+    pub connect_timeout: Option<f64>,
+    /// Seconds to wait for an engine's response headers [default: 300].
+    #[arg(long)]
+    pub first_byte_timeout: Option<f64>,
+    /// Seconds a client has to send its request headers [default: 10].
+    #[arg(long)]
+    pub header_read_timeout: Option<f64>,
+    /// Seconds an idle client keep-alive connection is kept open [default: 60].
+    #[arg(long)]
+    pub idle_timeout: Option<f64>,
+    /// Seconds a client may go without sending a byte of its request body before it is answered
+    /// 408 and its connection closed; the timer restarts on every byte received [default: 30].
+    #[arg(long)]
+    pub body_read_timeout: Option<f64>,
+    /// Client connections served at once; more are accepted and closed at once [default: the
+    /// open-file limit (raised to its hard limit at start) minus a reserve for engine connections
+    /// and other files: min(limit / 4, 4096)].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds requests in progress (streams included) may take to finish after SIGTERM or
+    /// Ctrl-C, while `/health` answers 503 and no connection is accepted; connections still open
+    /// then are cut [default: 30].
+    #[arg(long)]
+    pub shutdown_grace: Option<f64>,
+    /// Consecutive failed responses (5xx, transport errors) that eject an engine [default: 3].
+    #[arg(long)]
+    pub eject_after_failures: Option<u32>,
+    /// Seconds between health probes of an ejected engine [default: 0.5].
+    #[arg(long)]
+    pub health_probe_interval: Option<f64>,
+    /// Memory budget of the router's prefix index in MiB [default: 64].
+    #[arg(long)]
+    pub prefix_index_mib: Option<usize>,
+    /// Tokens per prefix block; should match the engines' --block-size [default: 16].
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// Simulated engines started in-process when no backends are configured [default: 3].
+    #[arg(long)]
+    pub demo_engines: Option<usize>,
+    /// Where engines come from: `static` (--static-backends) or `k8s` (Ready pods found through
+    /// the Kubernetes API) [default: static].
+    #[arg(long)]
+    pub service_discovery: Option<String>,
+    /// k8s: namespace of the engine pods [default: the router pod's own namespace, else the
+    /// kubeconfig context's, else default].
+    #[arg(long)]
+    pub k8s_namespace: Option<String>,
+    /// k8s: label selector of the engine pods, e.g. app=vllm [default: every pod of the namespace].
+    #[arg(long)]
+    pub k8s_label_selector: Option<String>,
+    /// k8s: the engines' port on each pod [default: 8000].
+    #[arg(long)]
+    pub k8s_port: Option<u16>,
+    /// k8s: pod label naming the served model, used while an engine does not answer its
+    /// /v1/models (which wins); "" for none [default: model].
+    #[arg(long)]
+    pub k8s_model_label: Option<String>,
+}
+
+/// The config file. Keys are the flag names with `_`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub host: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub static_backends: Option<Vec<String>>,
+    pub static_models: Option<Vec<String>>,
+    pub engine_stats_interval: Option<f64>,
+    pub log_level: Option<String>,
+    pub session_key: Option<String>,
+    pub routing_logic: Option<String>,
+    pub policies_dir: Option<PathBuf>,
+    pub imbalanced_threshold: Option<u32>,
+    pub script_time_budget: Option<f64>,
+    pub decision_headers: Option<bool>,
+    pub admin_token: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub max_attempts: Option<usize>,
+    pub connect_timeout: Option<f64>,
+    pub first_byte_timeout: Option<f64>,
+    pub header_read_timeout: Option<f64>,
+    pub idle_timeout: Option<f64>,
+    pub body_read_timeout: Option<f64>,
+    pub max_connections: Option<usize>,
+    pub shutdown_grace: Option<f64>,
+    pub eject_after_failures: Option<u32>,
+    pub health_probe_interval: Option<f64>,
+    pub prefix_index_mib: Option<usize>,
+    pub block_size: Option<usize>,
+    pub demo_engines: Option<usize>,
+    pub service_discovery: Option<String>,
+    pub k8s_namespace: Option<String>,
+    pub k8s_label_selector: Option<String>,
+    pub k8s_port: Option<u16>,
+    pub k8s_model_label: Option<String>,
+    /// Per-model policies: `[policies] "model-name" = "policy"`.
+    #[serde(default)]
+    pub policies: BTreeMap<String, String>,
+}
