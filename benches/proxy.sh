@@ -5,6 +5,7 @@
 #
 #   benches/proxy.sh                 # full run (a few minutes)
 #   REQUESTS=2000 benches/proxy.sh   # fewer requests per cell
+#   BIN=/path/to/switchyard benches/proxy.sh   # measure another build (e.g. an older commit's)
 #
 # Per cell: requests/s and p50/p99 latency from oha; the router's CPU seconds per request from
 # /proc/PID/stat (utime+stime delta / requests answered); the router's peak RSS (VmHWM).
@@ -22,8 +23,10 @@ OUT=${OUT:-bench-out/proxy}
 mkdir -p "$OUT"
 
 command -v oha >/dev/null || cargo install oha --locked
-cargo build --release --quiet
-BIN=target/release/switchyard
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN=target/release/switchyard
+fi
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 || true
 
 CORES=$(nproc)
