@@ -428,20 +428,11 @@ async fn slow_reader_does_not_make_the_router_buffer_without_bound() {
         while let Ok((mut s, _)) = listener.accept().await {
             let p = p.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = vec![0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = read_head(&mut s).await else {
+                    return;
+                };
                 if head.starts_with(b"GET") {
-                    let _ = s
-                        .write_all(
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                        )
-                        .await;
+                    answer_empty_200(&mut s).await;
                     return;
                 }
                 let hdr = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";

@@ -307,3 +307,27 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
+
+/// Reads a raw HTTP/1.1 request head (through the blank line) from `s`; `None` if the peer
+/// closes first. For hand-written engines that control every byte they send.
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
+/// Answers a raw request with an empty 200 and closes (scrapes and probes of hand-written
+/// engines).
+pub async fn answer_empty_200(s: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = s
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .await;
+}
