@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::engines::discovery::ServiceDiscovery;
-use crate::engines::k8s::{self, K8sDiscovery};
 use crate::policy::PolicySettings;
 
+mod discovery;
 mod flags;
 
 pub use flags::{FileConfig, ServeArgs};
@@ -153,7 +153,7 @@ impl RouterConfig {
             .or(file.static_backends.clone())
             .unwrap_or_default();
         let models_raw = args.static_models.clone().or(file.static_models.clone());
-        let discovery = discovery_from(args, &file)?;
+        let discovery = discovery::discovery_from(args, &file)?;
         if discovery.is_dynamic() {
             for (setting, given) in [
                 (
@@ -488,117 +488,6 @@ fn backends_from(urls: &[String], models: Option<&[String]>) -> Result<Vec<Backe
         .collect())
 }
 
-/// `service_discovery` and the `k8s_*` settings.
-fn discovery_from(args: &ServeArgs, file: &FileConfig) -> Result<ServiceDiscovery, ConfigError> {
-    let mode = args
-        .service_discovery
-        .as_deref()
-        .or(file.service_discovery.as_deref())
-        .unwrap_or("static");
-    let namespace = args.k8s_namespace.clone().or(file.k8s_namespace.clone());
-    let selector = args
-        .k8s_label_selector
-        .clone()
-        .or(file.k8s_label_selector.clone());
-    let port = args.k8s_port.or(file.k8s_port);
-    let model_label = args
-        .k8s_model_label
-        .clone()
-        .or(file.k8s_model_label.clone());
-    match mode {
-        "static" => {
-            for (setting, given) in [
-                ("k8s_namespace", namespace.is_some()),
-                ("k8s_label_selector", selector.is_some()),
-                ("k8s_port", port.is_some()),
-                ("k8s_model_label", model_label.is_some()),
-            ] {
-                if given {
-                    return Err(invalid(
-                        setting,
-                        "only applies with service_discovery = k8s (the discovery is static)",
-                    ));
-                }
-            }
-            Ok(ServiceDiscovery::Static)
-        }
-        "k8s" => {
-            if let Some(ns) = &namespace
-                && !is_dns_label(ns)
-            {
-                return Err(invalid(
-                    "k8s_namespace",
-                    format!(
-                        "{ns:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"
-                    ),
-                ));
-            }
-            if let Some(sel) = &selector
-                && (sel.trim().is_empty() || sel.chars().any(char::is_control))
-            {
-                return Err(invalid(
-                    "k8s_label_selector",
-                    "must be a label selector such as app=vllm (omit it to take every pod of the namespace)",
-                ));
-            }
-            if port == Some(0) {
-                return Err(invalid("k8s_port", "must be a port number, 1 to 65535"));
-            }
-            let model_label = match model_label {
-                None => Some(k8s::DEFAULT_MODEL_LABEL.to_owned()),
-                Some(l) if l.is_empty() => None,
-                Some(l) if is_label_key(&l) => Some(l),
-                Some(l) => {
-                    return Err(invalid(
-                        "k8s_model_label",
-                        format!(
-                            "{l:?} is not a label key (e.g. model or example.com/model; \"\" for none)"
-                        ),
-                    ));
-                }
-            };
-            Ok(ServiceDiscovery::K8s(Box::new(K8sDiscovery {
-                namespace,
-                label_selector: selector.map(|s| s.trim().to_owned()),
-                port: port.unwrap_or(k8s::DEFAULT_PORT),
-                model_label,
-                ..K8sDiscovery::default()
-            })))
-        }
-        other => Err(invalid(
-            "service_discovery",
-            format!("unknown value {other:?} (static or k8s)"),
-        )),
-    }
-}
-
-/// An RFC 1123 label: what a namespace name is.
-fn is_dns_label(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63
-/// alphanumerics, `-`, `_` and `.`, beginning and ending with an alphanumeric.
-fn is_label_key(s: &str) -> bool {
-    let (prefix, name) = match s.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, s),
-    };
-    let name_ok = (1..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
-    let prefix_ok =
-        prefix.is_none_or(|p| (1..=253).contains(&p.len()) && p.split('.').all(is_dns_label));
-    name_ok && prefix_ok
-}
-
 /// Maps tracing's level names and production-stack's (`warning`, `critical`) to a filter.
 pub fn normalize_log_level(level: &str) -> Result<String, ConfigError> {
     let l = level.to_ascii_lowercase();
@@ -620,6 +509,7 @@ pub fn normalize_log_level(level: &str) -> Result<String, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use super::discovery::is_label_key;
     use super::*;
 
     #[derive(clap::Parser)]
