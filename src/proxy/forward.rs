@@ -349,17 +349,16 @@ fn large_parse_permits() -> &'static tokio::sync::Semaphore {
 
 /// Parses what routing needs of `body`, off the runtime's workers when the body is large.
 async fn parse_routing_view(state: &AppState, body: &Bytes) -> Result<Parsed, ApiError> {
-    let session_field = state.cfg.session_key.clone();
     let block_size = state.cfg.block_size;
     let parsed = if body.len() < PARSE_INLINE_MAX_BYTES {
-        parse_body(body, session_field.as_deref(), block_size)
+        parse_body(body, state.cfg.session_key.as_deref(), block_size)
     } else {
         // Large parses run at most one per core but one: a core stays free for the workers.
         let _permit = large_parse_permits()
             .acquire()
             .await
             .map_err(|e| ApiError::BadRequest(format!("could not parse the request body: {e}")))?;
-        let body = body.clone();
+        let (body, session_field) = (body.clone(), state.cfg.session_key.clone());
         tokio::task::spawn_blocking(move || parse_body(&body, session_field.as_deref(), block_size))
             .await
             .map_err(|e| ApiError::BadRequest(format!("could not parse the request body: {e}")))?
