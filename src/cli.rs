@@ -157,6 +157,9 @@ async fn serve_inner(args: ServeArgs) -> Result<ExitCode, BoxError> {
         });
         f
     });
+    // The handlers are installed before the router listens: a SIGTERM sent as soon as it says
+    // where it listens drains it instead of killing it.
+    let mut signals = Signals::new()?;
     let mut router = crate::proxy::start(cfg, loader).await?;
     let url = router.url();
     println!("Switchyard is routing on {url}");
@@ -176,7 +179,6 @@ async fn serve_inner(args: ServeArgs) -> Result<ExitCode, BoxError> {
             first_model(&router)
         );
     }
-    let mut signals = Signals::new()?;
     tokio::select! {
         _ = router.wait() => {}
         sig = signals.next() => {
@@ -210,6 +212,8 @@ async fn serve_inner(args: ServeArgs) -> Result<ExitCode, BoxError> {
 struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -218,6 +222,8 @@ impl Signals {
         Ok(Signals {
             #[cfg(unix)]
             term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+            #[cfg(unix)]
+            int: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?,
         })
     }
 
@@ -227,7 +233,7 @@ impl Signals {
         {
             tokio::select! {
                 _ = self.term.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = self.int.recv() => "SIGINT",
             }
         }
         #[cfg(not(unix))]
