@@ -104,6 +104,10 @@ where
     Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
+/// Reads a client's request body, at most `limit` bytes. `idle` is the body read timeout: the
+/// longest wait for the next frame, counted from the last one received (or from the end of the
+/// headers), so a slow but steady upload is never cut while a stalled one is. `expected` (the
+/// `Content-Length`, or 0) sizes the buffer up front.
 pub async fn read_request_body<B>(
     body: B,
     limit: usize,
