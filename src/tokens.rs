@@ -8,6 +8,9 @@
 //! (`4 * block_size` bytes); only full blocks are hashed, as vLLM only caches full blocks.
 //! Block hashes are chained: hash(i) = xxh3(hash(i-1) ‖ bytes of block i), so equal hashes at
 //! block i mean the whole prefix up to and including block i is equal.
+//!
+//! Real token ids (from a model's tokenizer, or an engine's KV events) are keyed the same way,
+//! by [`token_block_hashes`]: the router's own chained hash of each full block of ids.
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -103,6 +106,48 @@ impl BlockHasher {
     }
 }
 
+/// The seed of a token-id chain: [`CHAIN_SEED`] for the base model, mixed with the adapter's
+/// name for blocks computed under a LoRA adapter (vLLM keys those blocks apart too).
+pub fn token_chain_seed(lora_name: Option<&str>) -> u64 {
+    match lora_name {
+        None => CHAIN_SEED,
+        Some(name) => xxh3_64_with_seed(name.as_bytes(), CHAIN_SEED),
+    }
+}
+
+/// The router's own chained hash of one full block of token ids after the block hashed to
+/// `prev`: xxh3 of the ids as little-endian `u32`s, seeded with `prev`. This is how the router
+/// keys blocks it learns from an engine's KV events and the blocks of a tokenized prompt, so
+/// the engine's own hash function and seed never matter.
+pub fn token_block_hash(prev: u64, ids: &[u32]) -> u64 {
+    let mut bytes = [0u8; 4 * 64];
+    if ids.len() <= 64 {
+        for (chunk, id) in bytes.chunks_exact_mut(4).zip(ids) {
+            chunk.copy_from_slice(&id.to_le_bytes());
+        }
+        return xxh3_64_with_seed(&bytes[..4 * ids.len()], prev);
+    }
+    let mut hasher = xxhash_rust::xxh3::Xxh3::with_seed(prev);
+    for id in ids {
+        hasher.update(&id.to_le_bytes());
+    }
+    hasher.digest()
+}
+
+/// The chained hashes of every full block of `block_size` token ids, from `seed`
+/// ([`token_chain_seed`]). A trailing partial block is not hashed, as vLLM caches only full
+/// blocks.
+pub fn token_block_hashes(ids: &[u32], block_size: usize, seed: u64) -> Vec<u64> {
+    let block_size = block_size.max(1);
+    let mut out = Vec::with_capacity(ids.len() / block_size);
+    let mut prev = seed;
+    for block in ids.chunks_exact(block_size) {
+        prev = token_block_hash(prev, block);
+        out.push(prev);
+    }
+    out
+}
+
 /// The chained hashes of every full block of `text`.
 pub fn block_hashes(text: &[u8], block_size_tokens: usize) -> Vec<u64> {
     let mut out = Vec::with_capacity(text.len() / (block_size_tokens.max(1) * BYTES_PER_TOKEN));
@@ -139,6 +184,32 @@ mod tests {
         );
         // Identical blocks at different positions hash differently (chaining).
         assert_ne!(h[0], h[1]);
+    }
+
+    #[test]
+    fn token_blocks_chain_and_depend_on_the_adapter() {
+        let ids: Vec<u32> = (0..100).collect();
+        let base = token_block_hashes(&ids, 16, token_chain_seed(None));
+        assert_eq!(base.len(), 6, "only full blocks");
+        assert_eq!(
+            base[0],
+            token_block_hash(token_chain_seed(None), &ids[..16])
+        );
+        assert_eq!(base[1], token_block_hash(base[0], &ids[16..32]));
+        let mut other = ids.clone();
+        other[20] = 7;
+        let changed = token_block_hashes(&other, 16, token_chain_seed(None));
+        assert_eq!(base[0], changed[0]);
+        assert!(base[1..].iter().zip(&changed[1..]).all(|(a, b)| a != b));
+        let lora = token_block_hashes(&ids, 16, token_chain_seed(Some("sql-adapter")));
+        assert_ne!(base[0], lora[0]);
+        // Blocks longer than the fast path hash the same bytes the same way.
+        let long: Vec<u32> = (0..200).collect();
+        let mut bytes = Vec::new();
+        for id in &long {
+            bytes.extend_from_slice(&id.to_le_bytes());
+        }
+        assert_eq!(token_block_hash(1, &long), xxh3_64_with_seed(&bytes, 1));
     }
 
     #[test]
