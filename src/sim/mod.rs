@@ -15,6 +15,7 @@
 //! ```
 
 mod cache;
+pub mod cache_events;
 mod faults;
 mod http;
 mod metrics;
