@@ -82,7 +82,7 @@ printf '{"model":"%s","prompt":"%s","max_tokens":%d,"stream":true}' "$MODEL" "$P
 
 # CPU time of every thread of PID in ns (schedstat: on-CPU time, user and kernel; ns resolution,
 # where utime+stime counts 10 ms ticks).
-cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s+=$1} END {printf "%d\n", s}'; }
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s+=$1} END {printf "%.0f\n", s}'; }
 status_kb() { awk -v f="$2:" '$1==f{print $2}' "/proc/$1/status"; }
 
 # start_targets ENGINE_PORT: starts every proxy in front of the engine; sets TARGETS, PORT_x, PID_x.
