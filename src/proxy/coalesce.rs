@@ -259,3 +259,158 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Coalesced<B> {
         h
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Wake, Waker};
+
+    use super::*;
+
+    enum Step {
+        Data(Bytes),
+        Wait,
+        End,
+        Fail,
+        Trailers,
+    }
+
+    /// A body that plays `steps` (`Wait`: one `Pending`), then stays pending.
+    struct Script(VecDeque<Step>);
+
+    impl Body for Script {
+        type Data = Bytes;
+        type Error = &'static str;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+            match self.0.pop_front() {
+                Some(Step::Data(b)) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                Some(Step::Wait) | None => Poll::Pending,
+                Some(Step::End) => Poll::Ready(None),
+                Some(Step::Fail) => Poll::Ready(Some(Err("broke"))),
+                Some(Step::Trailers) => Poll::Ready(Some(Ok(Frame::trailers(HeaderMap::new())))),
+            }
+        }
+    }
+
+    struct CountWakes(AtomicUsize);
+    impl Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn data(s: &str) -> Step {
+        Step::Data(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn body(steps: Vec<Step>) -> Coalesced<Script> {
+        Coalesced::new(Script(steps.into()))
+    }
+
+    /// What one poll gives: `"data:.."`, `"end"`, `"error"`, `"trailers"` or `"pending"`.
+    fn poll(b: &mut Coalesced<Script>, cx: &mut Context<'_>, epoch: Option<u64>) -> String {
+        match b.poll_next(cx, epoch) {
+            Poll::Pending => "pending".into(),
+            Poll::Ready(None) => "end".into(),
+            Poll::Ready(Some(Err(_))) => "error".into(),
+            Poll::Ready(Some(Ok(f))) if f.is_trailers() => "trailers".into(),
+            Poll::Ready(Some(Ok(f))) => {
+                let d = f.into_data().unwrap_or_default();
+                format!("data:{}", String::from_utf8_lossy(&d))
+            }
+        }
+    }
+
+    fn waker() -> (Arc<CountWakes>, Waker) {
+        let w = Arc::new(CountWakes(AtomicUsize::new(0)));
+        (w.clone(), Waker::from(w))
+    }
+
+    #[test]
+    fn ready_frames_are_joined_and_what_follows_them_comes_after() {
+        let (_, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        let mut b = body(vec![data("a"), data("b"), data("c"), Step::Wait, data("d")]);
+        assert_eq!(poll(&mut b, &mut cx, None), "data:abc");
+        assert_eq!(poll(&mut b, &mut cx, None), "data:d");
+        assert_eq!(poll(&mut b, &mut cx, None), "pending");
+        for (last, then) in [
+            (Step::End, "end"),
+            (Step::Fail, "error"),
+            (Step::Trailers, "trailers"),
+        ] {
+            let mut b = body(vec![data("a"), data("b"), last]);
+            assert_eq!(poll(&mut b, &mut cx, None), "data:ab");
+            assert_eq!(poll(&mut b, &mut cx, None), then);
+        }
+        let mut b = body(vec![data("a"), Step::End]);
+        assert_eq!(poll(&mut b, &mut cx, None), "data:a");
+        assert!(!b.is_end_stream(), "the end is still to come");
+        assert_eq!(poll(&mut b, &mut cx, None), "end");
+        assert!(b.is_end_stream());
+    }
+
+    #[test]
+    fn joined_frames_never_pass_the_bound() {
+        let (_, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        let k = "x".repeat(COALESCE_MAX_BYTES / 3 + 1);
+        let big = "y".repeat(COALESCE_MAX_BYTES + 1);
+        let mut b = body(vec![
+            data(&k),
+            data(&k),
+            data(&k),
+            data(&big),
+            data("z"),
+            Step::End,
+        ]);
+        let mut sizes = Vec::new();
+        loop {
+            match poll(&mut b, &mut cx, None).as_str() {
+                "end" => break,
+                d => sizes.push(d.len() - "data:".len()),
+            }
+        }
+        // Two of the three fit; the third starts the next batch; a frame over the bound alone
+        // passes whole.
+        assert_eq!(sizes, vec![2 * k.len(), k.len(), big.len(), 1]);
+    }
+
+    #[test]
+    fn a_burst_is_gathered_across_yields_and_a_lone_frame_is_not_held() {
+        let (wakes, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        let mut b = body(vec![
+            data("a"),
+            Step::Wait,
+            data("b"),
+            Step::Wait,
+            Step::Wait,
+            data("c"),
+            Step::Wait,
+            Step::Wait,
+            data("d"),
+        ]);
+        // The first frame of a body is relayed at once.
+        assert_eq!(poll(&mut b, &mut cx, Some(1)), "data:a");
+        // The second is held for a yield, which wakes the task...
+        assert_eq!(poll(&mut b, &mut cx, Some(2)), "pending");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        // ...and stays held if polled again within the same task poll.
+        assert_eq!(poll(&mut b, &mut cx, Some(2)), "pending");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        // The yield brought a frame: one more yield.
+        assert_eq!(poll(&mut b, &mut cx, Some(3)), "pending");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+        // That one brought nothing: what was gathered goes, as one frame.
+        assert_eq!(poll(&mut b, &mut cx, Some(4)), "data:bc");
+        // Without an epoch nothing waits.
+        assert_eq!(poll(&mut b, &mut cx, None), "data:d");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+    }
+}
