@@ -184,3 +184,80 @@ async fn stopping_a_subscriber_drops_its_view() {
     assert_eq!(held(&index, &tokens(1, 0)), None);
     assert!(subs.engines().is_empty());
 }
+
+/// The value of the first `/metrics` sample named `name` whose labels include `label`.
+fn sample(metrics: &str, name: &str, label: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn the_router_follows_its_static_engines_and_counts_malformed_messages() {
+    let sims = common::start_sims(
+        2,
+        switchyard::sim::SimConfig {
+            kv_events_endpoint: Some("tcp://127.0.0.1:0".into()),
+            kv_events_replay_endpoint: Some("tcp://127.0.0.1:0".into()),
+            ..common::instant_sim()
+        },
+    )
+    .await;
+    let p = sims[0].kv_events().expect("the sim publishes KV events");
+    // Engine 0 has KV events, engine 1 none (an empty entry).
+    let endpoints = vec![Some(endpoints(p)), None];
+    let router = common::start_router(&common::urls(&sims), |cfg| {
+        cfg.kv_events.static_endpoints = endpoints;
+    })
+    .await;
+    let exact = Arc::clone(&router.state.exact);
+    let ids = router
+        .state
+        .registry
+        .all()
+        .iter()
+        .map(|e| e.id)
+        .collect::<Vec<_>>();
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while !exact.is_live(ids[0]) {
+        assert!(tokio::time::Instant::now() < deadline, "never live");
+        p.removed(&[u64::MAX]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Messages that are not [topic, seq, payload] are counted and skipped.
+    p.send_raw(vec![bytes::Bytes::from_static(b"only one frame")]);
+    p.send_raw(vec![
+        bytes::Bytes::new(),
+        bytes::Bytes::from_static(b"seq"),
+        bytes::Bytes::from_static(b"payload"),
+    ]);
+    let t = tokens(2, 8);
+    p.stored(stored(None, &[81, 82], &t));
+    eventually("the stream goes on past them", || {
+        exact.match_tokens(&t, None, &ids) == vec![Some(2 * BS), None]
+    })
+    .await;
+    let engine = format!("engine=\"{}\"", sims[0].addr());
+    let c = common::client();
+    let m = String::from_utf8_lossy(&common::get(&c, &router.url(), "/metrics").await.body)
+        .into_owned();
+    assert_eq!(
+        sample(&m, "switchyard_kv_events_malformed_total", &engine),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(sample(&m, "switchyard_kv_events_live", &engine), Some(1.0));
+    assert!(sample(&m, "switchyard_kv_events_batches_total", &engine).unwrap() >= 2.0);
+    assert!(
+        sample(
+            &m,
+            "switchyard_kv_events_events_total",
+            "type=\"BlockStored\""
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(sample(&m, "switchyard_kv_events_index_blocks", "").unwrap() >= 2.0);
+    router.shutdown(Duration::from_secs(1)).await;
+}

@@ -172,3 +172,145 @@ pub(super) fn kv_events_from(
         max_bytes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{RouterConfig, ServeArgs};
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn resolve(v: &[&str]) -> Result<RouterConfig, ConfigError> {
+        use clap::Parser;
+        let mut full = vec!["switchyard"];
+        full.extend_from_slice(v);
+        RouterConfig::resolve(&Flags::try_parse_from(full).unwrap().serve)
+    }
+
+    fn err(v: &[&str]) -> String {
+        resolve(v).unwrap_err().to_string()
+    }
+
+    const TWO: [&str; 4] = [
+        "--static-backends",
+        "http://a:1,http://b:2",
+        "--static-models",
+        "m",
+    ];
+
+    fn with(extra: &[&'static str]) -> Vec<&'static str> {
+        let mut v = TWO.to_vec();
+        v.extend_from_slice(extra);
+        v
+    }
+
+    #[test]
+    fn one_entry_per_backend_with_empty_ones_for_none() {
+        let c = resolve(&with(&[
+            "--static-kv-events",
+            "tcp://a:5557,",
+            "--static-kv-events-replay",
+            "tcp://a:5558,",
+            "--kv-index-max-bytes",
+            "1048576",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.kv_events.static_endpoints,
+            vec![
+                Some(KvEndpoints {
+                    events: "tcp://a:5557".into(),
+                    replay: Some("tcp://a:5558".into())
+                }),
+                None
+            ]
+        );
+        assert_eq!(c.kv_events.max_bytes, 1 << 20);
+        let d = resolve(&TWO).unwrap().kv_events;
+        assert_eq!(d, KvEventsSettings::default());
+        assert_eq!(d.max_bytes, 256 << 20);
+    }
+
+    #[test]
+    fn mistakes_name_the_setting() {
+        for (args, setting) in [
+            (
+                with(&["--static-kv-events", "tcp://a:5557"]),
+                "static_kv_events:",
+            ),
+            (
+                with(&["--static-kv-events", "a:5557,"]),
+                "static_kv_events:",
+            ),
+            (
+                with(&["--static-kv-events", "tcp://a:0,"]),
+                "static_kv_events:",
+            ),
+            (
+                with(&["--static-kv-events-replay", "tcp://a:1,"]),
+                "static_kv_events_replay:",
+            ),
+            (
+                with(&[
+                    "--static-kv-events",
+                    ",tcp://b:1",
+                    "--static-kv-events-replay",
+                    "tcp://a:2,",
+                ]),
+                "static_kv_events_replay:",
+            ),
+            (with(&["--kv-events-port", "5557"]), "kv_events_port:"),
+            (with(&["--kv-index-max-bytes", "0"]), "kv_index_max_bytes:"),
+            (
+                vec![
+                    "--service-discovery",
+                    "k8s",
+                    "--static-kv-events",
+                    "tcp://a:1",
+                ],
+                "static_kv_events:",
+            ),
+            (
+                vec![
+                    "--service-discovery",
+                    "k8s",
+                    "--kv-events-replay-port",
+                    "5558",
+                ],
+                "kv_events_replay_port:",
+            ),
+            (
+                vec!["--service-discovery", "k8s", "--kv-events-port", "0"],
+                "kv_events_port:",
+            ),
+        ] {
+            let e = err(&args);
+            assert!(e.starts_with(setting), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_ports_make_each_pods_endpoints() {
+        let c = resolve(&[
+            "--service-discovery",
+            "k8s",
+            "--kv-events-port",
+            "5557",
+            "--kv-events-replay-port",
+            "5558",
+        ])
+        .unwrap();
+        let ports = c.kv_events.k8s_ports.unwrap();
+        assert_eq!(
+            ports.endpoints_for("http://10.1.2.3:8000"),
+            Some(KvEndpoints {
+                events: "tcp://10.1.2.3:5557".into(),
+                replay: Some("tcp://10.1.2.3:5558".into()),
+            })
+        );
+    }
+}

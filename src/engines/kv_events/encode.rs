@@ -1,4 +1,5 @@
-//! The encoder of [`super::wire`]'s batches, as msgspec writes them (`omit_defaults=True`):
+//! The encoder of [`super::wire`]'s batches, as msgspec writes them (`omit_defaults=True`:
+//! map-encoded structs leave out fields at their default; array-like ones write every field):
 //! used by the simulated engine's publisher and by tests.
 
 use rmp::encode as w;
@@ -83,7 +84,8 @@ fn extra_keys(out: &mut Vec<u8>, keys: &Option<Vec<Option<rmpv::Value>>>) {
 /// Encodes `batch` as vLLM's publisher does (`msgspec.msgpack.Encoder().encode(batch)`).
 pub fn encode_batch(batch: &EventBatch, encoding: Encoding) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + batch.events.len() * 128);
-    let dp = batch.data_parallel_rank.is_some();
+    // The batch's one defaulted field: omitted from a map when unset, nil in an array.
+    let dp = batch.data_parallel_rank.is_some() || encoding == Encoding::Array;
     match encoding {
         Encoding::Map => {
             let _ = w::write_map_len(&mut out, 2 + u32::from(dp));
@@ -101,11 +103,13 @@ pub fn encode_batch(batch: &EventBatch, encoding: Encoding) -> Vec<u8> {
     for e in &batch.events {
         encode_event(&mut out, e, encoding);
     }
-    if let Some(rank) = batch.data_parallel_rank {
-        if encoding == Encoding::Map {
+    match (batch.data_parallel_rank, encoding) {
+        (Some(rank), Encoding::Map) => {
             str(&mut out, "data_parallel_rank");
+            int(&mut out, i128::from(rank));
         }
-        int(&mut out, i128::from(rank));
+        (rank, Encoding::Array) => opt_int(&mut out, rank.map(i128::from)),
+        (None, Encoding::Map) => {}
     }
     out
 }
@@ -127,14 +131,10 @@ fn write_struct(out: &mut Vec<u8>, tag: &str, fields: Vec<Field<'_>>, encoding: 
             }
         }
         Encoding::Array => {
-            // Trailing fields at their default are omitted.
-            let len = fields
-                .iter()
-                .rposition(|f| !(f.1 && f.2))
-                .map_or(0, |i| i + 1);
-            let _ = w::write_array_len(out, 1 + len as u32);
+            // msgspec writes every field of an array-like struct, defaults included.
+            let _ = w::write_array_len(out, 1 + fields.len() as u32);
             str(out, tag);
-            for (_, _, _, write) in &fields[..len] {
+            for (_, _, _, write) in &fields {
                 write(out);
             }
         }

@@ -60,10 +60,10 @@ pub fn describe() {
 #[derive(Debug)]
 pub(super) struct StreamMetrics {
     pub batches: Counter,
-    stored: Counter,
-    removed: Counter,
-    cleared: Counter,
-    unknown: Counter,
+    pub stored: Counter,
+    pub removed: Counter,
+    pub cleared: Counter,
+    pub unknown: Counter,
     pub malformed: Counter,
     pub gaps: Counter,
     pub replays_ok: Counter,
@@ -99,16 +99,6 @@ impl StreamMetrics {
             live: metrics::gauge!("switchyard_kv_events_live", "engine" => e()),
             index_bytes: metrics::gauge!("switchyard_kv_events_index_bytes"),
             index_blocks: metrics::gauge!("switchyard_kv_events_index_blocks"),
-        }
-    }
-
-    /// Counts one event of type `kind` ([`super::wire::KvEvent::kind`]).
-    pub fn event(&self, kind: &str) {
-        match kind {
-            "BlockStored" => self.stored.increment(1),
-            "BlockRemoved" => self.removed.increment(1),
-            "AllBlocksCleared" => self.cleared.increment(1),
-            _ => self.unknown.increment(1),
         }
     }
 }

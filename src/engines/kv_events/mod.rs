@@ -4,6 +4,7 @@
 //! set.
 
 pub mod encode;
+pub mod ingest;
 mod metrics;
 pub mod subscriber;
 pub mod wire;

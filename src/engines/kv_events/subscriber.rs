@@ -34,10 +34,11 @@ use futures_util::StreamExt;
 use zeromq::prelude::*;
 use zeromq::{DealerSocket, SocketEvent, SubSocket, ZmqMessage};
 
+use super::ingest;
 use super::metrics::StreamMetrics;
-use super::wire::{self, END_SEQ, EventBatch, KvEvent};
+use super::wire::{self, END_SEQ, EventBatch};
 use super::{KvEndpoints, SubscriberOptions};
-use crate::prefix::exact::{ExactIndex, Medium, StoreOutcome, StoredRun};
+use crate::prefix::exact::ExactIndex;
 
 /// Most batches accepted from one replay (vLLM buffers 10,000 by default).
 const MAX_REPLAY_BATCHES: usize = 200_000;
@@ -284,65 +285,19 @@ impl Stream {
 
     /// Applies the events; true when one of them cleared the cache.
     fn apply_batch(&mut self, batch: &EventBatch) -> bool {
+        let Some(a) = ingest::apply_batch(&self.index, self.engine, batch, &mut self.keys) else {
+            return false;
+        };
         let m = &self.m;
-        let keys = &mut self.keys;
-        self.index
-            .update(self.engine, |v| {
-                v.set_data_parallel_rank(batch.data_parallel_rank);
-                let mut cleared = false;
-                for event in &batch.events {
-                    m.event(event.kind());
-                    match event {
-                        KvEvent::Stored(s) if s.group_idx.unwrap_or(0) != 0 => {
-                            m.other_groups.increment(1)
-                        }
-                        KvEvent::Stored(s) => {
-                            keys.clear();
-                            keys.extend(s.block_hashes.iter().map(wire::BlockHash::key));
-                            let synthetic;
-                            let lora_name = match (&s.lora_name, s.lora_id) {
-                                (Some(n), _) => Some(n.as_str()),
-                                (None, Some(id)) => {
-                                    synthetic = format!("lora-id:{id}");
-                                    Some(synthetic.as_str())
-                                }
-                                (None, None) => None,
-                            };
-                            let run = StoredRun {
-                                parent: s.parent_block_hash.as_ref().map(wire::BlockHash::key),
-                                block_hashes: keys,
-                                token_ids: &s.token_ids,
-                                block_size: s.block_size,
-                                lora_name,
-                                medium: Medium::from_wire(s.medium.as_deref()),
-                            };
-                            match v.store(&run) {
-                                StoreOutcome::Stored(_) => {}
-                                StoreOutcome::Unanchored => {
-                                    m.unanchored.increment(keys.len() as u64)
-                                }
-                                StoreOutcome::BadLength => m.malformed.increment(1),
-                            }
-                        }
-                        KvEvent::Removed(r) if r.group_idx.unwrap_or(0) != 0 => {
-                            m.other_groups.increment(1)
-                        }
-                        KvEvent::Removed(r) => {
-                            keys.clear();
-                            keys.extend(r.block_hashes.iter().map(wire::BlockHash::key));
-                            let unknown = v.remove(keys, Medium::from_wire(r.medium.as_deref()));
-                            m.unknown_removals.increment(unknown as u64);
-                        }
-                        KvEvent::Cleared => {
-                            v.clear();
-                            cleared = true;
-                        }
-                        KvEvent::Unknown(_) => {}
-                    }
-                }
-                cleared
-            })
-            .unwrap_or(false)
+        m.stored.increment(a.stored);
+        m.removed.increment(a.removed);
+        m.cleared.increment(a.cleared);
+        m.unknown.increment(a.unknown);
+        m.unanchored.increment(a.unanchored_blocks);
+        m.unknown_removals.increment(a.unknown_removals);
+        m.other_groups.increment(a.other_groups);
+        m.malformed.increment(a.bad_events);
+        a.cleared > 0
     }
 }
 

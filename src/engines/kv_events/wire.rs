@@ -8,8 +8,8 @@
 //!   data_parallel_rank?]`, an event `["BlockStored", block_hashes, parent_block_hash,
 //!   token_ids, block_size, lora_id, medium, lora_name, extra_keys, group_idx,
 //!   kv_cache_spec_kind, kv_cache_spec_sliding_window]` (the tag first, then the fields in
-//!   declaration order; old releases stop after `lora_id`, and trailing fields left at their
-//!   default are omitted);
+//!   declaration order; msgspec writes them all, and older releases have fewer: the first
+//!   stop after `lora_id`, so missing trailing fields are taken as unset);
 //! - **map** (recent releases): `{"ts", "events", "data_parallel_rank"?}`, each event a map
 //!   with its class name under `"type"` and its fields by name (those at their default
 //!   omitted).
