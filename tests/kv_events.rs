@@ -261,3 +261,53 @@ async fn the_router_follows_its_static_engines_and_counts_malformed_messages() {
     assert!(sample(&m, "switchyard_kv_events_index_blocks", "").unwrap() >= 2.0);
     router.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn switchyard_sim_flags_start_the_publisher() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: switchyard::sim::SimArgs,
+    }
+    assert!(
+        Cli::try_parse_from(["sim", "--kv-events-replay-endpoint", "tcp://127.0.0.1:0"]).is_err(),
+        "a replay endpoint needs an events endpoint"
+    );
+    let cli = Cli::try_parse_from([
+        "sim",
+        "--kv-events-endpoint",
+        "tcp://127.0.0.1:0",
+        "--kv-events-replay-endpoint",
+        "tcp://127.0.0.1:0",
+    ])
+    .unwrap();
+    let cfg = cli.sim.to_config();
+    assert_eq!(cfg.kv_events_endpoint.as_deref(), Some("tcp://127.0.0.1:0"));
+    let sim = switchyard::sim::start(cfg, common::loopback())
+        .await
+        .unwrap();
+    let p = sim.kv_events().expect("publisher started");
+    assert!(p.endpoint().starts_with("tcp://127.0.0.1:") && !p.endpoint().ends_with(":0"));
+    // The replay socket answers an empty buffer with the end-of-sequence marker alone.
+    let replayed = switchyard::engines::kv_events::subscriber::fetch_replay(
+        p.replay_endpoint().unwrap(),
+        0,
+        SAFETY,
+    )
+    .await
+    .unwrap();
+    assert!(replayed.is_empty());
+    sim.shutdown().await;
+    assert!(
+        switchyard::sim::start(
+            switchyard::sim::SimConfig {
+                kv_events_endpoint: Some("udp://nowhere".into()),
+                ..common::instant_sim()
+            },
+            common::loopback()
+        )
+        .await
+        .is_err()
+    );
+}

@@ -241,4 +241,38 @@ mod tests {
         assert_eq!(c.removed.len(), 2);
         assert!(registry.all().is_empty());
     }
+
+    #[tokio::test]
+    async fn kv_event_subscribers_follow_the_engine_set() {
+        use crate::engines::kv_events::SubscriberOptions;
+        use crate::prefix::exact::ExactIndex;
+        let (registry, f) = fleet();
+        let subs = Arc::new(KvSubscribers::new(
+            Arc::new(ExactIndex::new(1 << 20)),
+            SubscriberOptions::default(),
+        ));
+        let ports = KvEventsPorts {
+            events: 5557,
+            replay: Some(5558),
+        };
+        let mut f = f.with_kv_events(Arc::clone(&subs), ports);
+        f.apply(&desired(&[
+            ("http://127.0.0.1:1", "m"),
+            ("http://127.0.0.1:2", "m"),
+        ]));
+        let mut ids: Vec<u32> = registry.all().iter().map(|e| e.id).collect();
+        ids.sort_unstable();
+        assert_eq!(subs.engines(), ids);
+        // Replaced (models changed): the new entry's subscriber replaces the old one's.
+        f.apply(&desired(&[
+            ("http://127.0.0.1:1", "m"),
+            ("http://127.0.0.1:2", "other"),
+        ]));
+        let mut now: Vec<u32> = registry.all().iter().map(|e| e.id).collect();
+        now.sort_unstable();
+        assert_eq!(subs.engines(), now);
+        assert_ne!(now, ids);
+        f.apply(&Desired::new());
+        assert!(subs.engines().is_empty());
+    }
 }

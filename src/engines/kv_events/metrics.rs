@@ -82,7 +82,7 @@ impl StreamMetrics {
         let e = || engine.to_owned();
         let ev = |t: &'static str| metrics::counter!("switchyard_kv_events_events_total", "engine" => e(), "type" => t);
         let replays = |r: &'static str| metrics::counter!("switchyard_kv_events_replays_total", "engine" => e(), "result" => r);
-        StreamMetrics {
+        let m = StreamMetrics {
             batches: metrics::counter!("switchyard_kv_events_batches_total", "engine" => e()),
             stored: ev("BlockStored"),
             removed: ev("BlockRemoved"),
@@ -99,6 +99,25 @@ impl StreamMetrics {
             live: metrics::gauge!("switchyard_kv_events_live", "engine" => e()),
             index_bytes: metrics::gauge!("switchyard_kv_events_index_bytes"),
             index_blocks: metrics::gauge!("switchyard_kv_events_index_blocks"),
+        };
+        // Exported at 0 from the start, as every family is.
+        for c in [
+            &m.batches,
+            &m.stored,
+            &m.removed,
+            &m.cleared,
+            &m.unknown,
+            &m.malformed,
+            &m.gaps,
+            &m.replays_ok,
+            &m.replays_failed,
+            &m.restarts,
+            &m.unanchored,
+            &m.unknown_removals,
+            &m.other_groups,
+        ] {
+            c.increment(0);
         }
+        m
     }
 }
