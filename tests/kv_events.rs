@@ -232,6 +232,8 @@ async fn the_router_follows_its_static_engines_and_counts_malformed_messages() {
         bytes::Bytes::from_static(b"seq"),
         bytes::Bytes::from_static(b"payload"),
     ]);
+    // A numbered batch that is not a KVEventBatch: counted, skipped, and no gap.
+    p.send_payload(bytes::Bytes::from_static(b"\xc1 not msgpack"));
     let t = tokens(2, 8);
     p.stored(stored(None, &[81, 82], &t));
     eventually("the stream goes on past them", || {
@@ -244,8 +246,12 @@ async fn the_router_follows_its_static_engines_and_counts_malformed_messages() {
         .into_owned();
     assert_eq!(
         sample(&m, "switchyard_kv_events_malformed_total", &engine),
-        Some(2.0),
+        Some(3.0),
         "{m}"
+    );
+    assert_eq!(
+        sample(&m, "switchyard_kv_events_gaps_total", &engine),
+        Some(0.0)
     );
     assert_eq!(sample(&m, "switchyard_kv_events_live", &engine), Some(1.0));
     assert!(sample(&m, "switchyard_kv_events_batches_total", &engine).unwrap() >= 2.0);

@@ -38,6 +38,8 @@ enum Msg {
     Raw(Vec<Bytes>),
     /// Ends the current batch: later events go in the next one.
     EndBatch,
+    /// Publishes this payload as the next batch (malformed-payload tests).
+    Payload(Bytes),
 }
 
 /// A running publisher; dropping it closes its sockets.
@@ -134,6 +136,12 @@ impl KvPublisher {
         let _ = self.tx.send(Msg::Raw(frames));
     }
 
+    /// Publishes `payload` as the next batch, numbered and buffered like any other (e.g. bytes
+    /// that are not a `KVEventBatch`).
+    pub fn send_payload(&self, payload: Bytes) {
+        let _ = self.tx.send(Msg::Payload(payload));
+    }
+
     /// Ends the current batch (as a scheduler step does): events queued after this call go in
     /// a later batch than those queued before it.
     pub fn end_batch(&self) {
@@ -204,6 +212,10 @@ impl State {
             },
             Encoding::Map,
         ));
+        self.publish_payload(payload).await;
+    }
+
+    async fn publish_payload(&mut self, payload: Bytes) {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.lose > 0 {
@@ -308,6 +320,10 @@ async fn publish_loop(
                             st.send(frames).await;
                         }
                         Msg::EndBatch => st.flush(&mut events).await,
+                        Msg::Payload(payload) => {
+                            st.flush(&mut events).await;
+                            st.publish_payload(payload).await;
+                        }
                     }
                     if events.len() < MAX_EVENTS_PER_BATCH {
                         next = rx.try_recv().ok();

@@ -323,4 +323,34 @@ mod tests {
         ));
         assert!(decode_batch(&[]).is_err());
     }
+
+    #[test]
+    fn truncated_flipped_and_hostile_payloads_are_errors_not_panics() {
+        for enc in [Encoding::Map, Encoding::Array] {
+            let good = encode_batch(&sample(), enc);
+            for cut in 0..good.len() {
+                assert!(decode_batch(&good[..cut]).is_err(), "{enc:?} cut at {cut}");
+            }
+            for at in 0..good.len() {
+                for bit in [0x01u8, 0x10, 0x80] {
+                    let mut bad = good.clone();
+                    bad[at] ^= bit;
+                    let _ = decode_batch(&bad);
+                }
+            }
+        }
+        // A huge declared length, and nesting deeper than any batch, in an ignored field.
+        let huge = [0x82, 0xa2, b't', b's', 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0xa6];
+        let mut p = huge.to_vec();
+        p.extend_from_slice(b"events");
+        p.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
+        assert!(decode_batch(&p).is_err());
+        let mut deep = vec![0x83, 0xa2, b't', b's', 0x00, 0xa6];
+        deep.extend_from_slice(b"events");
+        deep.push(0x90);
+        deep.extend_from_slice(&[0xa1, b'x']);
+        deep.extend(std::iter::repeat_n(0x91, 10_000));
+        deep.push(0xc0);
+        assert!(decode_batch(&deep).is_err());
+    }
 }

@@ -6,6 +6,7 @@
 pub mod encode;
 pub mod ingest;
 mod metrics;
+mod msgpack;
 pub mod subscriber;
 pub mod wire;
 

@@ -150,7 +150,7 @@ impl Stream {
 
     async fn on_frames(&mut self, frames: &[Bytes]) {
         let (seq, payload) = match wire::split_frames(frames) {
-            Ok(f) => (f.seq, Bytes::copy_from_slice(f.payload)),
+            Ok(f) => (f.seq, frames[2].clone()),
             Err(e) => {
                 self.m.malformed.increment(1);
                 tracing::debug!(engine = self.engine, error = %e, "malformed KV-event message skipped");

@@ -2,7 +2,9 @@
 //!
 //! Verified against vLLM's `vllm/distributed/kv_events.py` (the `ZmqEventPublisher`, the
 //! msgspec structs `EventBatch`/`KVEventBatch`, `BlockStored`, `BlockRemoved`,
-//! `AllBlocksCleared`), in both encodings vLLM has shipped:
+//! `AllBlocksCleared`) at two revisions, commit `b4e69e0a` (array-like, int hashes, no
+//! `medium`) and commit `0181ea31` (maps, `ExternalBlockHash`, `lora_name`, `extra_keys`,
+//! `group_idx`, `kv_cache_spec_*`, `data_parallel_rank`), in both encodings vLLM has shipped:
 //!
 //! - **array-like** (early releases, `array_like=True`): a batch is `[ts, events,
 //!   data_parallel_rank?]`, an event `["BlockStored", block_hashes, parent_block_hash,
@@ -23,13 +25,10 @@
 //! and answers every buffered batch with `seq >= start` as `["", seq, payload]`, then the
 //! end-of-sequence marker `["", -1 as 8 bytes BE, ""]`.
 
-use rmpv::ValueRef;
+use super::msgpack::{ReadError, Reader, Tok};
 
 /// The replay socket's end-of-sequence marker: -1 as a signed 8-byte big-endian integer.
 pub const END_SEQ: [u8; 8] = (-1i64).to_be_bytes();
-
-/// The deepest nesting accepted in a payload (a batch is 4 levels deep; `extra_keys` more).
-const MAX_DEPTH: usize = 32;
 
 /// A block hash as vLLM publishes it (`ExternalBlockHash = bytes | int`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -134,6 +133,12 @@ pub enum WireError {
     },
 }
 
+impl From<ReadError> for WireError {
+    fn from(e: ReadError) -> WireError {
+        WireError::Msgpack(e.0)
+    }
+}
+
 /// One published message: `[topic, seq, payload]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frames<'a> {
@@ -164,33 +169,40 @@ pub fn decode_seq(bytes: &[u8]) -> Result<u64, WireError> {
 
 /// Decodes a `KVEventBatch` payload in either encoding.
 pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, WireError> {
-    let mut rd = payload;
-    let value = rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH)
-        .map_err(|e| WireError::Msgpack(e.to_string()))?;
-    if !rd.is_empty() {
-        return Err(WireError::TrailingBytes(rd.len()));
-    }
-    let fields = Fields::of(&value).ok_or(WireError::Shape {
-        what: "batch",
-        expected: "a map or an array",
-    })?;
+    let mut rd = Reader { buf: payload };
+    let mut ts = None;
+    let mut events = None;
+    let mut data_parallel_rank = None;
     const B: &str = "EventBatch";
-    let ts = match fields.get("ts", 0) {
-        Some(v) => as_f64(v).ok_or_else(|| field(B, "ts", "not a number"))?,
-        None => return Err(field(B, "ts", "missing")),
-    };
-    let events = match fields.get("events", 1) {
-        Some(ValueRef::Array(items)) => items
-            .iter()
-            .map(decode_event)
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(_) => return Err(field(B, "events", "not an array")),
-        None => return Err(field(B, "events", "missing")),
-    };
-    let data_parallel_rank = opt(&fields, B, "data_parallel_rank", 2, as_i64, "not an int")?;
+    let fields = fields(&mut rd, "batch")?;
+    for at in 0..fields.len() {
+        let Some(index) = fields.field(&mut rd, at, &["ts", "events", "data_parallel_rank"])?
+        else {
+            continue;
+        };
+        let tok = rd.next()?;
+        match index {
+            0 => ts = Some(as_f64(tok).ok_or_else(|| field(B, "ts", "not a number"))?),
+            1 => {
+                let Tok::Array(n) = tok else {
+                    return Err(field(B, "events", "not an array"));
+                };
+                let mut v = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    v.push(decode_event(&mut rd)?);
+                }
+                events = Some(v);
+            }
+            2 => data_parallel_rank = opt(tok, B, "data_parallel_rank", as_i64, "not an int")?,
+            _ => rd.skip(tok)?,
+        }
+    }
+    if !rd.buf.is_empty() {
+        return Err(WireError::TrailingBytes(rd.buf.len()));
+    }
     Ok(EventBatch {
-        ts,
-        events,
+        ts: ts.ok_or_else(|| field(B, "ts", "missing"))?,
+        events: events.ok_or_else(|| field(B, "events", "missing"))?,
         data_parallel_rank,
     })
 }
@@ -203,201 +215,313 @@ fn field(event: &'static str, field: &'static str, problem: &'static str) -> Wir
     }
 }
 
-/// A struct's fields: by name (map encoding) or by position (array-like encoding, where
-/// position 0 of an event is its tag, so event fields start at 1).
-enum Fields<'v, 'a> {
-    Map(&'v [(ValueRef<'a>, ValueRef<'a>)]),
-    Array(&'v [ValueRef<'a>]),
+/// A struct's fields: `len` pairs (map encoding, fields by name) or `len` items (array-like
+/// encoding, fields by position).
+struct Fields {
+    map: bool,
+    len: usize,
+    /// Positions before the first field (an event's tag in array-like encoding).
+    skip: usize,
 }
 
-impl<'v, 'a> Fields<'v, 'a> {
-    fn of(value: &'v ValueRef<'a>) -> Option<Fields<'v, 'a>> {
-        match value {
-            ValueRef::Map(m) => Some(Fields::Map(m)),
-            ValueRef::Array(a) => Some(Fields::Array(a)),
-            _ => None,
-        }
+fn fields(rd: &mut Reader<'_>, what: &'static str) -> Result<Fields, WireError> {
+    match rd.next()? {
+        Tok::Map(len) => Ok(Fields {
+            map: true,
+            len,
+            skip: 0,
+        }),
+        Tok::Array(len) => Ok(Fields {
+            map: false,
+            len,
+            skip: 0,
+        }),
+        _ => Err(WireError::Shape {
+            what,
+            expected: "a map or an array",
+        }),
+    }
+}
+
+impl Fields {
+    fn len(&self) -> usize {
+        self.len
     }
 
-    /// The field `name` (map) or at `index` (array); `None` when absent.
-    fn get(&self, name: &str, index: usize) -> Option<&'v ValueRef<'a>> {
-        match self {
-            Fields::Map(m) => m
-                .iter()
-                .find(|(k, _)| matches!(k, ValueRef::String(s) if s.as_str() == Some(name)))
-                .map(|(_, v)| v),
-            Fields::Array(a) => a.get(index),
+    /// Positions the reader on the value of field `at` and returns its index in `names`, or
+    /// `None` (value skipped) for an unknown name or a position past `names`.
+    fn field(
+        &self,
+        rd: &mut Reader<'_>,
+        at: usize,
+        names: &[&str],
+    ) -> Result<Option<usize>, WireError> {
+        if self.map {
+            let key = rd.next()?;
+            let index = match key {
+                Tok::Str(k) => names.iter().position(|n| n.as_bytes() == k),
+                _ => None,
+            };
+            if index.is_none() {
+                let v = rd.next()?;
+                rd.skip(v)?;
+            }
+            Ok(index)
+        } else {
+            let index = at.checked_sub(self.skip).filter(|i| *i < names.len());
+            if index.is_none() {
+                let v = rd.next()?;
+                rd.skip(v)?;
+            }
+            Ok(index)
         }
     }
 }
 
-/// An optional field: absent or nil is `None`.
+/// An optional field: nil is `None`.
 fn opt<'a, T>(
-    fields: &Fields<'_, 'a>,
+    tok: Tok<'a>,
     event: &'static str,
     name: &'static str,
-    index: usize,
-    conv: impl Fn(&ValueRef<'a>) -> Option<T>,
+    conv: impl Fn(Tok<'a>) -> Option<T>,
     problem: &'static str,
 ) -> Result<Option<T>, WireError> {
-    match fields.get(name, index) {
-        None | Some(ValueRef::Nil) => Ok(None),
-        Some(v) => conv(v).map(Some).ok_or_else(|| field(event, name, problem)),
+    match tok {
+        Tok::Nil => Ok(None),
+        t => conv(t).map(Some).ok_or_else(|| field(event, name, problem)),
     }
 }
 
-fn as_f64(v: &ValueRef<'_>) -> Option<f64> {
-    match v {
-        ValueRef::F64(f) => Some(*f),
-        ValueRef::F32(f) => Some(f64::from(*f)),
-        ValueRef::Integer(i) => i.as_f64(),
+fn as_f64(t: Tok<'_>) -> Option<f64> {
+    match t {
+        Tok::Float(f) => Some(f),
+        Tok::Int(i) => Some(i as f64),
         _ => None,
     }
 }
 
-fn as_i64(v: &ValueRef<'_>) -> Option<i64> {
-    match v {
-        ValueRef::Integer(i) => i.as_i64(),
+fn as_i64(t: Tok<'_>) -> Option<i64> {
+    match t {
+        Tok::Int(i) => i64::try_from(i).ok(),
         _ => None,
     }
 }
 
-fn as_u64(v: &ValueRef<'_>) -> Option<u64> {
-    match v {
-        ValueRef::Integer(i) => i.as_u64(),
+fn as_u64(t: Tok<'_>) -> Option<u64> {
+    match t {
+        Tok::Int(i) => u64::try_from(i).ok(),
         _ => None,
     }
 }
 
-fn as_u32(v: &ValueRef<'_>) -> Option<u32> {
-    as_u64(v).and_then(|n| u32::try_from(n).ok())
-}
-
-fn as_string(v: &ValueRef<'_>) -> Option<String> {
-    match v {
-        ValueRef::String(s) => s.as_str().map(str::to_owned),
+fn as_u32(t: Tok<'_>) -> Option<u32> {
+    match t {
+        Tok::Int(i) => u32::try_from(i).ok(),
         _ => None,
     }
 }
 
-fn as_hash(v: &ValueRef<'_>) -> Option<BlockHash> {
-    match v {
-        ValueRef::Integer(i) => i
-            .as_i64()
-            .map(i128::from)
-            .or_else(|| i.as_u64().map(i128::from))
-            .map(BlockHash::Int),
-        ValueRef::Binary(b) => Some(BlockHash::Bytes(b.to_vec())),
+fn as_string(t: Tok<'_>) -> Option<String> {
+    match t {
+        Tok::Str(s) => std::str::from_utf8(s).ok().map(str::to_owned),
+        _ => None,
+    }
+}
+
+fn as_hash(t: Tok<'_>) -> Option<BlockHash> {
+    match t {
+        Tok::Int(i) => Some(BlockHash::Int(i)),
+        Tok::Bin(b) => Some(BlockHash::Bytes(b.to_vec())),
         _ => None,
     }
 }
 
 fn hashes(
-    fields: &Fields<'_, '_>,
+    rd: &mut Reader<'_>,
+    tok: Tok<'_>,
     event: &'static str,
-    index: usize,
 ) -> Result<Vec<BlockHash>, WireError> {
-    match fields.get("block_hashes", index) {
-        Some(ValueRef::Array(items)) => items
-            .iter()
-            .map(|v| as_hash(v).ok_or_else(|| field(event, "block_hashes", "not an int or bytes")))
-            .collect(),
-        Some(_) => Err(field(event, "block_hashes", "not an array")),
-        None => Err(field(event, "block_hashes", "missing")),
-    }
-}
-
-/// The event's tag and fields.
-fn tagged<'v, 'a>(value: &'v ValueRef<'a>) -> Result<(&'v str, Fields<'v, 'a>), WireError> {
-    let fields = Fields::of(value).ok_or(WireError::Shape {
-        what: "event",
-        expected: "a map or an array",
-    })?;
-    let tag = match &fields {
-        Fields::Map(_) => fields.get("type", 0),
-        Fields::Array(a) => a.first(),
+    let Tok::Array(n) = tok else {
+        return Err(field(event, "block_hashes", "not an array"));
     };
-    match tag {
-        Some(ValueRef::String(s)) => match s.as_str() {
-            Some(t) => Ok((t, fields)),
-            None => Err(field("event", "type", "not UTF-8")),
-        },
-        _ => Err(field("event", "type", "missing (no tag string)")),
+    let mut v = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        let t = rd.next()?;
+        v.push(as_hash(t).ok_or_else(|| field(event, "block_hashes", "not an int or bytes"))?);
     }
+    Ok(v)
 }
 
-fn decode_event(value: &ValueRef<'_>) -> Result<KvEvent, WireError> {
-    let (tag, f) = tagged(value)?;
+const STORED: [&str; 11] = [
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
+    "kv_cache_spec_sliding_window",
+];
+const REMOVED: [&str; 3] = ["block_hashes", "medium", "group_idx"];
+
+/// The event's tag: the first item (array-like), or the `"type"` entry wherever it is in the
+/// map (looked up ahead, the reader left where it was).
+fn tag<'a>(rd: &mut Reader<'a>, f: &Fields) -> Result<&'a [u8], WireError> {
+    let missing = || field("event", "type", "missing (no tag string)");
+    if !f.map {
+        if f.len == 0 {
+            return Err(missing());
+        }
+        return match rd.next()? {
+            Tok::Str(t) => Ok(t),
+            _ => Err(missing()),
+        };
+    }
+    let mut ahead = *rd;
+    for _ in 0..f.len {
+        let k = ahead.next()?;
+        let v = ahead.next()?;
+        match (k, v) {
+            (Tok::Str(b"type"), Tok::Str(t)) => return Ok(t),
+            (_, v) => ahead.skip(v)?,
+        }
+    }
+    Err(missing())
+}
+
+fn decode_event(rd: &mut Reader<'_>) -> Result<KvEvent, WireError> {
+    let mut f = fields(rd, "event")?;
+    let tag = tag(rd, &f)?;
+    if !f.map {
+        f.skip = 1;
+    }
+    let start = if f.map { 0 } else { 1 };
     match tag {
-        "BlockStored" => {
+        b"BlockStored" => {
             const E: &str = "BlockStored";
-            let token_ids = match f.get("token_ids", 3) {
-                Some(ValueRef::Array(items)) => items
-                    .iter()
-                    .map(|v| as_u32(v).ok_or_else(|| field(E, "token_ids", "not a u32")))
-                    .collect::<Result<Vec<_>, _>>()?,
-                Some(_) => return Err(field(E, "token_ids", "not an array")),
-                None => return Err(field(E, "token_ids", "missing")),
-            };
-            let block_size = match f.get("block_size", 4) {
-                Some(ValueRef::Integer(i)) => i.as_u64(),
-                // The first releases sent `num_toks_per_block`, a list, in this position.
-                Some(ValueRef::Array(a)) => a.first().and_then(as_u64),
-                _ => None,
+            let mut s = BlockStored::default();
+            let (mut have_hashes, mut have_tokens, mut have_size) = (false, false, false);
+            for at in start..f.len() {
+                let Some(i) = f.field(rd, at, &STORED)? else {
+                    continue;
+                };
+                let tok = rd.next()?;
+                match i {
+                    0 => {
+                        s.block_hashes = hashes(rd, tok, E)?;
+                        have_hashes = true;
+                    }
+                    1 => s.parent_block_hash = opt(tok, E, STORED[1], as_hash, "not a hash")?,
+                    2 => {
+                        let Tok::Array(n) = tok else {
+                            return Err(field(E, "token_ids", "not an array"));
+                        };
+                        s.token_ids.reserve(n.min(1 << 20));
+                        for _ in 0..n {
+                            let t = rd.next()?;
+                            s.token_ids
+                                .push(as_u32(t).ok_or_else(|| field(E, "token_ids", "not a u32"))?);
+                        }
+                        have_tokens = true;
+                    }
+                    3 => {
+                        let size = match tok {
+                            Tok::Int(_) => as_u64(tok),
+                            // The first releases sent `num_toks_per_block`, a list, here.
+                            Tok::Array(n) => {
+                                let mut first = None;
+                                for k in 0..n {
+                                    let t = rd.next()?;
+                                    if k == 0 {
+                                        first = as_u64(t);
+                                    }
+                                    rd.skip(t)?;
+                                }
+                                first
+                            }
+                            other => {
+                                rd.skip(other)?;
+                                None
+                            }
+                        };
+                        s.block_size = size
+                            .and_then(|n| usize::try_from(n).ok())
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| {
+                                field(E, "block_size", "missing or not a positive int")
+                            })?;
+                        have_size = true;
+                    }
+                    4 => s.lora_id = opt(tok, E, STORED[4], as_i64, "not an int")?,
+                    5 => s.medium = opt(tok, E, STORED[5], as_string, "not a string")?,
+                    6 => s.lora_name = opt(tok, E, STORED[6], as_string, "not a string")?,
+                    7 => {
+                        s.extra_keys = match tok {
+                            Tok::Nil => None,
+                            Tok::Array(n) => {
+                                let mut keys = Vec::with_capacity(n.min(4096));
+                                for _ in 0..n {
+                                    let v = rd.value()?;
+                                    keys.push((!v.is_nil()).then_some(v));
+                                }
+                                Some(keys)
+                            }
+                            _ => return Err(field(E, "extra_keys", "not an array")),
+                        }
+                    }
+                    8 => s.group_idx = opt(tok, E, STORED[8], as_u32, "not a u32")?,
+                    9 => s.kv_cache_spec_kind = opt(tok, E, STORED[9], as_string, "not a string")?,
+                    _ => {
+                        s.kv_cache_spec_sliding_window =
+                            opt(tok, E, STORED[10], as_u64, "not an int")?
+                    }
+                }
             }
-            .and_then(|n| usize::try_from(n).ok())
-            .filter(|n| *n > 0)
-            .ok_or_else(|| field(E, "block_size", "missing or not a positive int"))?;
-            let extra_keys = match f.get("extra_keys", 8) {
-                None | Some(ValueRef::Nil) => None,
-                Some(ValueRef::Array(items)) => Some(
-                    items
-                        .iter()
-                        .map(|v| match v {
-                            ValueRef::Nil => None,
-                            v => Some(v.to_owned()),
-                        })
-                        .collect(),
-                ),
-                Some(_) => return Err(field(E, "extra_keys", "not an array")),
-            };
-            Ok(KvEvent::Stored(BlockStored {
-                block_hashes: hashes(&f, E, 1)?,
-                parent_block_hash: opt(&f, E, "parent_block_hash", 2, as_hash, "not a hash")?,
-                token_ids,
-                block_size,
-                lora_id: opt(&f, E, "lora_id", 5, as_i64, "not an int")?,
-                medium: opt(&f, E, "medium", 6, as_string, "not a string")?,
-                lora_name: opt(&f, E, "lora_name", 7, as_string, "not a string")?,
-                extra_keys,
-                group_idx: opt(&f, E, "group_idx", 9, as_u32, "not a u32")?,
-                kv_cache_spec_kind: opt(
-                    &f,
-                    E,
-                    "kv_cache_spec_kind",
-                    10,
-                    as_string,
-                    "not a string",
-                )?,
-                kv_cache_spec_sliding_window: opt(
-                    &f,
-                    E,
-                    "kv_cache_spec_sliding_window",
-                    11,
-                    as_u64,
-                    "not an int",
-                )?,
-            }))
+            for (have, name) in [
+                (have_hashes, "block_hashes"),
+                (have_tokens, "token_ids"),
+                (have_size, "block_size"),
+            ] {
+                if !have {
+                    return Err(field(E, name, "missing"));
+                }
+            }
+            Ok(KvEvent::Stored(s))
         }
-        "BlockRemoved" => {
+        b"BlockRemoved" => {
             const E: &str = "BlockRemoved";
-            Ok(KvEvent::Removed(BlockRemoved {
-                block_hashes: hashes(&f, E, 1)?,
-                medium: opt(&f, E, "medium", 2, as_string, "not a string")?,
-                group_idx: opt(&f, E, "group_idx", 3, as_u32, "not a u32")?,
-            }))
+            let mut r = BlockRemoved::default();
+            let mut have_hashes = false;
+            for at in start..f.len() {
+                let Some(i) = f.field(rd, at, &REMOVED)? else {
+                    continue;
+                };
+                let tok = rd.next()?;
+                match i {
+                    0 => {
+                        r.block_hashes = hashes(rd, tok, E)?;
+                        have_hashes = true;
+                    }
+                    1 => r.medium = opt(tok, E, REMOVED[1], as_string, "not a string")?,
+                    _ => r.group_idx = opt(tok, E, REMOVED[2], as_u32, "not a u32")?,
+                }
+            }
+            if !have_hashes {
+                return Err(field(E, "block_hashes", "missing"));
+            }
+            Ok(KvEvent::Removed(r))
         }
-        "AllBlocksCleared" => Ok(KvEvent::Cleared),
-        other => Ok(KvEvent::Unknown(other.to_owned())),
+        other => {
+            for at in start..f.len() {
+                f.field(rd, at, &[])?;
+            }
+            Ok(match other {
+                b"AllBlocksCleared" => KvEvent::Cleared,
+                t => KvEvent::Unknown(String::from_utf8_lossy(t).into_owned()),
+            })
+        }
     }
 }
