@@ -5,6 +5,7 @@ pub mod conn;
 pub mod errors;
 pub mod forward;
 pub mod headers;
+pub mod kv;
 pub mod routes;
 pub mod telemetry;
 
