@@ -2,7 +2,7 @@
 //! in front of them, running one policy.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::RouterConfig;
@@ -32,6 +32,13 @@ pub struct ClusterSpec {
     pub engine_stats_interval: f64,
     /// Seeds the engines' generated words.
     pub seed: u64,
+    /// Router replicas in front of the same engines (each with its own prefix index).
+    pub router_replicas: usize,
+    /// The model's tokenizer: the engines cache by its token ids (and render chat templates);
+    /// the routers get it too when `exact_kv` is set.
+    pub tokenizer: Option<PathBuf>,
+    /// The engines publish KV events and the routers follow them (needs `tokenizer`).
+    pub exact_kv: bool,
 }
 
 impl ClusterSpec {
@@ -77,14 +84,15 @@ pub fn sample_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// Simulated engines and the router in front of them.
+/// Simulated engines and the router replicas in front of them.
 pub struct Cluster {
     sims: Vec<SimHandle>,
-    router: RunningRouter,
+    routers: Vec<RunningRouter>,
 }
 
 impl Cluster {
-    /// Starts `spec.engines` fresh engines and a router running `policy` from `policies_dir`.
+    /// Starts `spec.engines` fresh engines and `spec.router_replicas` routers (at least one)
+    /// running `policy` from `policies_dir`.
     pub async fn start(
         spec: &ClusterSpec,
         policies_dir: &Path,
@@ -112,23 +120,36 @@ impl Cluster {
         cfg.block_size = spec.sim_config(0).block_size;
         cfg.engine_stats_interval =
             Duration::from_secs_f64((spec.engine_stats_interval * spec.time_scale).max(0.01));
-        match proxy::start(cfg, None).await {
-            Ok(router) => Ok(Cluster { sims, router }),
-            Err(e) => {
-                for s in sims {
-                    s.shutdown().await;
+        let mut cluster = Cluster {
+            sims,
+            routers: Vec::new(),
+        };
+        for _ in 0..spec.router_replicas.max(1) {
+            match proxy::start(cfg.clone(), None).await {
+                Ok(router) => cluster.routers.push(router),
+                Err(e) => {
+                    cluster.shutdown().await;
+                    return Err(BenchError::Router {
+                        policy: policy.to_owned(),
+                        source: e,
+                    });
                 }
-                Err(BenchError::Router {
-                    policy: policy.to_owned(),
-                    source: e,
-                })
             }
         }
+        Ok(cluster)
     }
 
-    /// The router's base URL.
+    /// The (first) router's base URL.
     pub fn url(&self) -> String {
-        self.router.url()
+        self.routers
+            .first()
+            .map(RunningRouter::url)
+            .unwrap_or_default()
+    }
+
+    /// Every router replica's base URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.routers.iter().map(RunningRouter::url).collect()
     }
 
     /// The engines as the router names them (`host:port`), in cluster order.
@@ -170,9 +191,11 @@ impl Cluster {
         })
     }
 
-    /// Stops the router, then the engines.
+    /// Stops the routers, then the engines.
     pub async fn shutdown(self) {
-        self.router.shutdown(Duration::from_millis(200)).await;
+        for r in self.routers {
+            r.shutdown(Duration::from_millis(200)).await;
+        }
         for s in self.sims {
             s.shutdown().await;
         }
@@ -213,6 +236,9 @@ vllm:time_to_first_token_seconds_count_other 9\n";
             num_blocks: Some(100),
             engine_stats_interval: 1.0,
             seed: 5,
+            router_replicas: 1,
+            tokenizer: None,
+            exact_kv: false,
         };
         let d = SimConfig::default();
         let (a, b) = (spec.sim_config(0), spec.sim_config(1));
