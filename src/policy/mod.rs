@@ -155,7 +155,7 @@ impl std::fmt::Debug for PolicyStore {
 /// hold up the other tasks of a tokio worker: on a multi-threaded runtime's worker the worker's
 /// other tasks (`/health`, other requests) move to another thread for the duration
 /// (`block_in_place`); anywhere else `f` simply runs.
-fn off_the_workers<R>(f: impl Fn() -> R) -> R {
+pub fn off_the_workers<R>(f: impl Fn() -> R) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
     let multi_thread =
         Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);

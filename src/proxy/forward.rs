@@ -393,12 +393,15 @@ fn engine_uri(engine: &Engine, client_uri: &http::Uri) -> http::Uri {
 }
 
 /// Where the request's prefix matches come from, when a tier needs them.
-fn kv_sources<'a>(state: &'a AppState, _info: &'a RequestInfo) -> Sources<'a> {
+fn kv_sources<'a>(state: &'a AppState, info: &'a RequestInfo) -> Sources<'a> {
+    let exact = None;
     Sources {
         approximate: &state.prefix,
         block_size: state.cfg.block_size,
-        exact: None,
-        lora_name: None,
+        exact,
+        // An adapter's blocks are keyed under its name (known from the engines' model cards).
+        lora_name: (exact.is_some() && state.cards.is_adapter(&info.model))
+            .then_some(info.model.as_str()),
     }
 }
 

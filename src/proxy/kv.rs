@@ -20,9 +20,12 @@
 use std::cell::{OnceCell, RefCell};
 
 use crate::engines::Candidate;
-use crate::policy::{KvMatches, KvSource, PrefixMatcher};
+use crate::policy::{KvMatches, KvSource, PrefixMatcher, off_the_workers};
 use crate::prefix::PrefixIndex;
 use crate::request::RequestInfo;
+
+/// Bodies at least this large are tokenized off the runtime's workers.
+const OFF_THE_WORKERS_BYTES: usize = 64 * 1024;
 
 /// The exact source: the engines' own KV-cache views.
 pub trait ExactLookup: Sync {
@@ -77,10 +80,18 @@ impl<'a> RequestKv<'a> {
         }
     }
 
-    /// The request's token ids, tokenizing it now if not yet done; `None` on error.
+    /// The request's token ids, tokenizing it now if not yet done; `None` on error. A large
+    /// body is tokenized off the runtime's workers (it may take milliseconds).
     fn token_ids(&self, tokenizer: &dyn RequestTokenizer, req: &RequestInfo) -> Option<&[u32]> {
+        let tokenize = || tokenizer.token_ids(&req.path, &req.body);
         self.token_ids
-            .get_or_init(|| match tokenizer.token_ids(&req.path, &req.body) {
+            .get_or_init(|| {
+                let result = if req.body.len() >= OFF_THE_WORKERS_BYTES {
+                    off_the_workers(tokenize)
+                } else {
+                    tokenize()
+                };
+                match result {
                 Ok(ids) => {
                     metrics::counter!("switchyard_tokenize_total", "result" => "ok").increment(1);
                     Some(ids)
@@ -91,7 +102,7 @@ impl<'a> RequestKv<'a> {
                     tracing::warn!(model = %req.model, path = %req.path, error = %e, "cannot tokenize the request; its prefix matches are approximate");
                     None
                 }
-            })
+            }})
             .as_deref()
     }
 
