@@ -13,8 +13,10 @@
 //!   the prompt), parsed in one pass without materialising the rest.
 //! - [`tokens`]: the stand-in tokenizer and the chained block hashes of a prompt.
 //! - [`engines`]: the engines: registry, where they come from (static or Kubernetes
-//!   discovery), health and ejection, scraped load figures, model cards.
-//! - [`prefix`]: the router's approximate index of which engine cached which prompt prefix.
+//!   discovery), health and ejection, scraped load figures, model cards, and their KV-cache
+//!   events ([`engines::kv_events`]: vLLM's wire format and the ZMQ subscribers).
+//! - [`prefix`]: the router's approximate index of which engine cached which prompt prefix,
+//!   and the exact one ([`prefix::exact`]) built from the engines' own KV events.
 //! - [`policy`]: the routing decision: policy files, the built-in tiers, Rhai scripts, loading,
 //!   validation and hot reload.
 //! - [`upstream`]: the pooled HTTP client to the engines and its bounded GET.

@@ -124,6 +124,25 @@ pub struct ServeArgs {
     /// /v1/models (which wins); "" for none [default: model].
     #[arg(long)]
     pub k8s_model_label: Option<String>,
+    /// Comma-separated ZMQ endpoints of the engines' KV events (vLLM's --kv-events-config
+    /// endpoint), one per --static-backends entry in the same order, an empty entry for none,
+    /// e.g. tcp://a:5557,,tcp://c:5557 [default: none: kv_lookup uses the approximate index].
+    #[arg(long, value_delimiter = ',')]
+    pub static_kv_events: Option<Vec<String>>,
+    /// Comma-separated ZMQ endpoints of the engines' KV-event replay sockets, one per
+    /// --static-backends entry, an empty entry for none [default: none].
+    #[arg(long, value_delimiter = ',')]
+    pub static_kv_events_replay: Option<Vec<String>>,
+    /// k8s: the port every engine pod publishes KV events on (vLLM's default is 5557)
+    /// [default: none: no KV events].
+    #[arg(long)]
+    pub kv_events_port: Option<u16>,
+    /// k8s: the port of every engine pod's KV-event replay socket [default: none].
+    #[arg(long)]
+    pub kv_events_replay_port: Option<u16>,
+    /// Memory budget of the exact KV index (engines' KV events) in bytes [default: 268435456].
+    #[arg(long)]
+    pub kv_index_max_bytes: Option<usize>,
 }
 
 /// The config file. Keys are the flag names with `_`.
@@ -162,6 +181,11 @@ pub struct FileConfig {
     pub k8s_label_selector: Option<String>,
     pub k8s_port: Option<u16>,
     pub k8s_model_label: Option<String>,
+    pub static_kv_events: Option<Vec<String>>,
+    pub static_kv_events_replay: Option<Vec<String>>,
+    pub kv_events_port: Option<u16>,
+    pub kv_events_replay_port: Option<u16>,
+    pub kv_index_max_bytes: Option<usize>,
     /// Per-model policies: `[policies] "model-name" = "policy"`.
     #[serde(default)]
     pub policies: BTreeMap<String, String>,

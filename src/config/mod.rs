@@ -11,8 +11,10 @@ use crate::policy::PolicySettings;
 
 mod discovery;
 mod flags;
+mod kv_events;
 
 pub use flags::{FileConfig, ServeArgs};
+pub use kv_events::KvEventsSettings;
 
 /// A configuration error; the message names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,8 @@ pub struct RouterConfig {
     /// `--imbalanced-threshold`, applied to the built-in load_balanced_kvaware policy (already
     /// in `policy.dir`); kept for display.
     pub imbalanced_threshold: Option<u32>,
+    /// The engines' KV-event endpoints and the exact index's budget.
+    pub kv_events: KvEventsSettings,
 }
 
 impl Default for RouterConfig {
@@ -116,6 +120,7 @@ impl Default for RouterConfig {
             block_size: crate::tokens::DEFAULT_BLOCK_SIZE,
             config_file: None,
             imbalanced_threshold: None,
+            kv_events: KvEventsSettings::default(),
         }
     }
 }
@@ -225,6 +230,8 @@ impl RouterConfig {
             return Err(invalid("max_connections", "must be at least 1"));
         }
         let policy = policy_settings(args, &file)?;
+        let kv_events =
+            kv_events::kv_events_from(args, &file, backends.len(), discovery.is_dynamic())?;
         Ok(RouterConfig {
             host: args.host.or(file.host).unwrap_or(d.host),
             port: args.port.or(file.port).unwrap_or(d.port),
@@ -303,6 +310,7 @@ impl RouterConfig {
             block_size,
             config_file: args.config.clone(),
             imbalanced_threshold: args.imbalanced_threshold.or(file.imbalanced_threshold),
+            kv_events,
         })
     }
 }

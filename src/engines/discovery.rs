@@ -7,6 +7,7 @@ use super::Registry;
 use super::fleet::Fleet;
 use super::health::Monitor;
 use super::k8s::{self, K8sDiscovery, K8sError};
+use super::kv_events::{KvEventsPorts, KvSubscribers};
 use crate::prefix::PrefixIndex;
 use crate::upstream::HttpClient;
 
@@ -47,23 +48,28 @@ pub enum DiscoveryError {
 }
 
 /// Starts the configured discovery source, if it is a dynamic one: it adds engines to the
-/// registry (starting their scrape loops) and removes them as they come and go.
+/// registry (starting their scrape loops, and their KV-event subscribers with `kv_events`) and
+/// removes them as they come and go.
 pub async fn start(
     sd: &ServiceDiscovery,
     registry: &Arc<Registry>,
     monitor: &Arc<Monitor>,
     prefix: &Arc<PrefixIndex>,
     http: &HttpClient,
+    kv_events: Option<(Arc<KvSubscribers>, KvEventsPorts)>,
 ) -> Result<Option<DiscoveryHandle>, DiscoveryError> {
     match sd {
         ServiceDiscovery::Static => Ok(None),
         ServiceDiscovery::K8s(cfg) => {
             k8s::describe_metrics();
-            let fleet = Fleet::new(
+            let mut fleet = Fleet::new(
                 Arc::clone(registry),
                 Arc::clone(monitor),
                 Arc::clone(prefix),
             );
+            if let Some((subscribers, ports)) = kv_events {
+                fleet = fleet.with_kv_events(subscribers, ports);
+            }
             let task = k8s::spawn(K8sDiscovery::clone(cfg), fleet, http.clone()).await?;
             Ok(Some(DiscoveryHandle { task }))
         }

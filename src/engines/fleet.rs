@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::health::Monitor;
+use super::kv_events::{KvEventsPorts, KvSubscribers};
 use super::{Engine, Registry};
 use crate::prefix::PrefixIndex;
 
@@ -44,6 +45,8 @@ pub struct Fleet {
     monitor: Arc<Monitor>,
     prefix: Arc<PrefixIndex>,
     owned: BTreeMap<String, Arc<Engine>>,
+    /// KV-event subscribers, started and stopped with the engines (each engine's host, these ports).
+    kv_events: Option<(Arc<KvSubscribers>, KvEventsPorts)>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -61,6 +64,31 @@ impl Fleet {
             monitor,
             prefix,
             owned: BTreeMap::new(),
+            kv_events: None,
+        }
+    }
+
+    /// Also follows each engine's KV events at its host on `ports`.
+    pub fn with_kv_events(
+        mut self,
+        subscribers: Arc<KvSubscribers>,
+        ports: KvEventsPorts,
+    ) -> Fleet {
+        self.kv_events = Some((subscribers, ports));
+        self
+    }
+
+    fn start_kv_events(&self, engine: &Engine) {
+        if let Some((subs, ports)) = &self.kv_events
+            && let Some(endpoints) = ports.endpoints_for(&engine.url)
+        {
+            subs.start(engine.id, &engine.name, endpoints);
+        }
+    }
+
+    fn stop_kv_events(&self, engine: u32) {
+        if let Some((subs, _)) = &self.kv_events {
+            subs.stop(engine);
         }
     }
 
@@ -84,6 +112,7 @@ impl Fleet {
             if let Some(engine) = self.owned.remove(&url) {
                 self.registry.remove(engine.id);
                 self.prefix.remove_engine(engine.id);
+                self.stop_kv_events(engine.id);
                 changes.removed.push(url);
             }
         }
@@ -98,12 +127,15 @@ impl Fleet {
                         None => self.registry.add(url, models.clone()),
                     };
                     self.prefix.remove_engine(old_id);
+                    self.stop_kv_events(old_id);
+                    self.start_kv_events(&new);
                     self.monitor.watch_engine(&new);
                     self.owned.insert(url.clone(), new);
                     changes.replaced.push(url.clone());
                 }
                 None => {
                     let engine = self.registry.add(url, models.clone());
+                    self.start_kv_events(&engine);
                     self.monitor.watch_engine(&engine);
                     self.owned.insert(url.clone(), engine);
                     changes.added.push(url.clone());

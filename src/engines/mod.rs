@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod fleet;
 pub mod health;
 pub mod k8s;
+pub mod kv_events;
 pub mod models;
 pub mod stats;
 

@@ -14,6 +14,7 @@
 //!
 //! All methods take `&self`; each touches one shard mutex per block, held for one table probe.
 
+pub mod exact;
 mod shard;
 
 use std::sync::{Mutex, MutexGuard};

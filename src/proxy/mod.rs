@@ -27,9 +27,11 @@ use crate::config::RouterConfig;
 use crate::engines::Registry;
 use crate::engines::discovery::{self, DiscoveryHandle};
 use crate::engines::health::{HealthConfig, Monitor};
+use crate::engines::kv_events::{KvSubscribers, SubscriberOptions};
 use crate::engines::models::ModelCards;
 use crate::policy::{PolicyStore, SettingsLoader, WatchHandle};
 use crate::prefix::PrefixIndex;
+use crate::prefix::exact::ExactIndex;
 use crate::upstream::{self, HttpClient};
 
 /// The request-id header, propagated or generated.
@@ -41,6 +43,10 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub policies: Arc<PolicyStore>,
     pub prefix: Arc<PrefixIndex>,
+    /// What each engine really caches, from its KV events (live views only).
+    pub exact: Arc<ExactIndex>,
+    /// The KV-event subscribers feeding `exact`, one per engine with an events endpoint.
+    pub kv_events: Arc<KvSubscribers>,
     pub client: HttpClient,
     pub monitor: Arc<Monitor>,
     pub session_header: Option<HeaderName>,
@@ -142,8 +148,16 @@ pub async fn start(
     }
     let _ = telemetry::prometheus();
     let registry = Arc::new(Registry::new());
-    for b in &cfg.backends {
-        registry.add(&b.url, b.models.clone());
+    let exact = Arc::new(ExactIndex::new(cfg.kv_events.max_bytes));
+    let kv_events = Arc::new(KvSubscribers::new(
+        Arc::clone(&exact),
+        SubscriberOptions::default(),
+    ));
+    for (i, b) in cfg.backends.iter().enumerate() {
+        let engine = registry.add(&b.url, b.models.clone());
+        if let Some(Some(endpoints)) = cfg.kv_events.static_endpoints.get(i) {
+            kv_events.start(engine.id, &engine.name, endpoints.clone());
+        }
     }
     let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));
     let policies = PolicyStore::new(cfg.policy.clone(), cfg.block_size)?;
@@ -167,7 +181,19 @@ pub async fn start(
         },
     );
     monitor.start();
-    let discovery = discovery::start(&cfg.discovery, &registry, &monitor, &prefix, &client).await?;
+    let kv_discovered = cfg
+        .kv_events
+        .k8s_ports
+        .map(|ports| (Arc::clone(&kv_events), ports));
+    let discovery = discovery::start(
+        &cfg.discovery,
+        &registry,
+        &monitor,
+        &prefix,
+        &client,
+        kv_discovered,
+    )
+    .await?;
     let nofile = conn::raise_nofile_limit();
     let max_connections = cfg
         .max_connections
@@ -213,6 +239,8 @@ pub async fn start(
         registry,
         policies,
         prefix,
+        exact,
+        kv_events,
         client,
         monitor,
         session_header,

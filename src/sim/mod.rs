@@ -18,6 +18,7 @@ mod cache;
 pub mod cache_events;
 mod faults;
 mod http;
+pub mod kv_publisher;
 mod metrics;
 mod scheduler;
 mod text;
@@ -91,6 +92,10 @@ pub struct SimConfig {
     pub hang: bool,
     /// Seeds the generated words, the request ids and failure injection.
     pub seed: u64,
+    /// Publish vLLM-format KV events on this ZMQ PUB endpoint (`tcp://HOST:PORT`, port 0: any).
+    pub kv_events_endpoint: Option<String>,
+    /// The ZMQ ROUTER endpoint answering replay requests (needs `kv_events_endpoint`).
+    pub kv_events_replay_endpoint: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -111,6 +116,8 @@ impl Default for SimConfig {
             drop_rate: 0.0,
             hang: false,
             seed: 0,
+            kv_events_endpoint: None,
+            kv_events_replay_endpoint: None,
         }
     }
 }
@@ -204,6 +211,10 @@ pub(crate) struct Engine {
     pub(crate) faults: Faults,
     pub(crate) words: text::Words,
     pub(crate) next_id: AtomicU64,
+    /// Where the prefix cache reports its changes (the KV-event publisher), if anywhere; the
+    /// scheduler reads it once its cache is keyed by token ids.
+    #[allow(dead_code)]
+    pub(crate) cache_events: Option<Arc<dyn cache_events::CacheEvents>>,
 }
 
 /// A running simulated engine. Dropping the handle shuts the engine down (without waiting);
@@ -214,6 +225,7 @@ pub struct SimHandle {
     engine: Arc<Engine>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
+    kv_events: Option<Arc<kv_publisher::KvPublisher>>,
 }
 
 impl SimHandle {
@@ -240,6 +252,11 @@ impl SimHandle {
         }
     }
 
+    /// The KV-event publisher (with `kv_events_endpoint`).
+    pub fn kv_events(&self) -> Option<&Arc<kv_publisher::KvPublisher>> {
+        self.kv_events.as_ref()
+    }
+
     /// Failure injection, adjustable while the engine runs.
     pub fn faults(&self) -> &Faults {
         &self.engine.faults
@@ -249,7 +266,13 @@ impl SimHandle {
     /// at once (in-flight requests count as cancelled). Returns once the listening socket is
     /// closed and every connection task has ended, so the port can be bound again.
     pub async fn shutdown(self) {
-        let SimHandle { stop, task, .. } = self;
+        let SimHandle {
+            stop,
+            task,
+            kv_events,
+            ..
+        } = self;
+        drop(kv_events);
         let _ = stop.send(());
         if let Err(e) = task.await {
             tracing::warn!("simulated engine task ended abnormally: {e}");
@@ -271,6 +294,14 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> io::Result<SimHandle> {
     socket.bind(addr)?;
     let listener = socket.listen(1024)?;
     let addr = listener.local_addr()?;
+    let kv_events = match &cfg.kv_events_endpoint {
+        Some(ep) => Some(Arc::new(
+            kv_publisher::KvPublisher::start(ep, cfg.kv_events_replay_endpoint.as_deref())
+                .await
+                .map_err(io::Error::other)?,
+        )),
+        None => None,
+    };
     let engine = Arc::new(Engine {
         model: cfg.model.clone(),
         block_size: cfg.block_size,
@@ -284,6 +315,9 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> io::Result<SimHandle> {
         faults: Faults::new(cfg.fail_rate, cfg.drop_rate, cfg.hang, cfg.seed),
         words: text::Words::new(cfg.seed),
         next_id: AtomicU64::new(0),
+        cache_events: kv_events
+            .clone()
+            .map(|p| p as Arc<dyn cache_events::CacheEvents>),
     });
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(serve(listener, Arc::clone(&engine), stopped));
@@ -292,6 +326,7 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> io::Result<SimHandle> {
         engine,
         stop,
         task,
+        kv_events,
     })
 }
 
@@ -426,6 +461,12 @@ pub struct SimArgs {
     /// Zero every delay (prefill and inter-token): measure router overhead.
     #[arg(long)]
     pub instant: bool,
+    /// Publish vLLM-format KV events (ZMQ PUB) here, e.g. tcp://127.0.0.1:5557.
+    #[arg(long)]
+    pub kv_events_endpoint: Option<String>,
+    /// Answer KV-event replay requests (ZMQ ROUTER) here, e.g. tcp://127.0.0.1:5558.
+    #[arg(long, requires = "kv_events_endpoint")]
+    pub kv_events_replay_endpoint: Option<String>,
 }
 
 impl SimArgs {
@@ -447,6 +488,8 @@ impl SimArgs {
             drop_rate: self.drop_rate,
             hang: self.hang,
             seed: self.seed,
+            kv_events_endpoint: self.kv_events_endpoint.clone(),
+            kv_events_replay_endpoint: self.kv_events_replay_endpoint.clone(),
         };
         if self.instant {
             cfg.prefill_overhead_ms = 0.0;
@@ -483,6 +526,9 @@ pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Se
         "simulated vLLM engine listening on {}",
         handle.url()
     );
+    if let Some(p) = handle.kv_events() {
+        tracing::info!(endpoint = p.endpoint(), replay = ?p.replay_endpoint(), "publishing KV events");
+    }
     tokio::signal::ctrl_c().await?;
     tracing::info!("simulated engine shutting down");
     handle.shutdown().await;
@@ -565,6 +611,7 @@ mod tests {
                 drop_rate: 0.5,
                 hang: true,
                 seed: 7,
+                ..SimConfig::default()
             }
         );
     }

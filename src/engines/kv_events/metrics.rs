@@ -1,0 +1,114 @@
+//! The `switchyard_kv_events_*` metrics: per engine (label `engine`, its `host:port`) and for
+//! the exact index as a whole.
+
+use metrics::{Counter, Gauge};
+
+/// Describes the metric families (for `/metrics` HELP lines).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "switchyard_kv_events_batches_total",
+        "KV-event batches applied, per engine (replayed ones included)"
+    );
+    describe_counter!(
+        "switchyard_kv_events_events_total",
+        "KV events received, per engine and type (BlockStored, BlockRemoved, AllBlocksCleared, unknown)"
+    );
+    describe_counter!(
+        "switchyard_kv_events_malformed_total",
+        "KV-event messages, batches or events that could not be decoded, skipped"
+    );
+    describe_counter!(
+        "switchyard_kv_events_gaps_total",
+        "Sequence gaps in an engine's KV-event stream"
+    );
+    describe_counter!(
+        "switchyard_kv_events_replays_total",
+        "Replays asked from an engine's replay socket, by result (ok, failed)"
+    );
+    describe_counter!(
+        "switchyard_kv_events_restarts_total",
+        "Engine restarts seen in its KV-event stream (the view was dropped)"
+    );
+    describe_counter!(
+        "switchyard_kv_events_unanchored_blocks_total",
+        "Stored blocks skipped because their parent block is unknown to the view"
+    );
+    describe_counter!(
+        "switchyard_kv_events_unknown_removals_total",
+        "Removed blocks the view did not hold"
+    );
+    describe_counter!(
+        "switchyard_kv_events_other_groups_total",
+        "Events of KV-cache groups other than 0 (hybrid models), not indexed"
+    );
+    describe_gauge!(
+        "switchyard_kv_events_live",
+        "1 while an engine's exact KV view is live (connected, in sequence, complete)"
+    );
+    describe_gauge!(
+        "switchyard_kv_events_index_bytes",
+        "Bytes accounted to the exact KV index"
+    );
+    describe_gauge!(
+        "switchyard_kv_events_index_blocks",
+        "Engine blocks held in the exact KV index"
+    );
+}
+
+/// One engine's handles.
+#[derive(Debug)]
+pub(super) struct StreamMetrics {
+    pub batches: Counter,
+    stored: Counter,
+    removed: Counter,
+    cleared: Counter,
+    unknown: Counter,
+    pub malformed: Counter,
+    pub gaps: Counter,
+    pub replays_ok: Counter,
+    pub replays_failed: Counter,
+    pub restarts: Counter,
+    pub unanchored: Counter,
+    pub unknown_removals: Counter,
+    pub other_groups: Counter,
+    pub live: Gauge,
+    pub index_bytes: Gauge,
+    pub index_blocks: Gauge,
+}
+
+impl StreamMetrics {
+    pub fn new(engine: &str) -> StreamMetrics {
+        let e = || engine.to_owned();
+        let ev = |t: &'static str| metrics::counter!("switchyard_kv_events_events_total", "engine" => e(), "type" => t);
+        let replays = |r: &'static str| metrics::counter!("switchyard_kv_events_replays_total", "engine" => e(), "result" => r);
+        StreamMetrics {
+            batches: metrics::counter!("switchyard_kv_events_batches_total", "engine" => e()),
+            stored: ev("BlockStored"),
+            removed: ev("BlockRemoved"),
+            cleared: ev("AllBlocksCleared"),
+            unknown: ev("unknown"),
+            malformed: metrics::counter!("switchyard_kv_events_malformed_total", "engine" => e()),
+            gaps: metrics::counter!("switchyard_kv_events_gaps_total", "engine" => e()),
+            replays_ok: replays("ok"),
+            replays_failed: replays("failed"),
+            restarts: metrics::counter!("switchyard_kv_events_restarts_total", "engine" => e()),
+            unanchored: metrics::counter!("switchyard_kv_events_unanchored_blocks_total", "engine" => e()),
+            unknown_removals: metrics::counter!("switchyard_kv_events_unknown_removals_total", "engine" => e()),
+            other_groups: metrics::counter!("switchyard_kv_events_other_groups_total", "engine" => e()),
+            live: metrics::gauge!("switchyard_kv_events_live", "engine" => e()),
+            index_bytes: metrics::gauge!("switchyard_kv_events_index_bytes"),
+            index_blocks: metrics::gauge!("switchyard_kv_events_index_blocks"),
+        }
+    }
+
+    /// Counts one event of type `kind` ([`super::wire::KvEvent::kind`]).
+    pub fn event(&self, kind: &str) {
+        match kind {
+            "BlockStored" => self.stored.increment(1),
+            "BlockRemoved" => self.removed.increment(1),
+            "AllBlocksCleared" => self.cleared.increment(1),
+            _ => self.unknown.increment(1),
+        }
+    }
+}

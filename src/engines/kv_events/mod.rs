@@ -1,0 +1,157 @@
+//! Engines' own KV-cache events (vLLM's `--kv-events-config`): the wire format ([`wire`],
+//! [`encode`]) and the subscribers ([`subscriber`]) that keep each engine's view in the exact
+//! index ([`crate::prefix::exact`]). [`KvSubscribers`] starts and stops them with the engine
+//! set.
+
+pub mod encode;
+mod metrics;
+pub mod subscriber;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::prefix::exact::ExactIndex;
+
+pub use metrics::describe as describe_metrics;
+
+/// Where an engine publishes its KV events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEndpoints {
+    /// The PUB socket, e.g. `tcp://10.0.0.5:5557`.
+    pub events: String,
+    /// The replay (ROUTER) socket, if the engine has one.
+    pub replay: Option<String>,
+}
+
+/// vLLM's default KV-events port (`tcp://*:5557`).
+pub const DEFAULT_EVENTS_PORT: u16 = 5557;
+
+/// The KV-event ports of discovered engines (each engine's host, these ports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvEventsPorts {
+    pub events: u16,
+    pub replay: Option<u16>,
+}
+
+impl KvEventsPorts {
+    /// The endpoints of the engine at `url` (`http://HOST:PORT`).
+    pub fn endpoints_for(&self, url: &str) -> Option<KvEndpoints> {
+        let uri: http::Uri = url.parse().ok()?;
+        let host = uri.host()?;
+        Some(KvEndpoints {
+            events: format!("tcp://{host}:{}", self.events),
+            replay: self.replay.map(|p| format!("tcp://{host}:{p}")),
+        })
+    }
+}
+
+/// How subscribers follow their streams.
+#[derive(Debug, Clone)]
+pub struct SubscriberOptions {
+    /// Batches followed in sequence before a view that started mid-stream counts as rebuilt
+    /// (live) [default: 1000].
+    pub rebuild_after_batches: u64,
+    /// How long one replay may take [default: 5 s].
+    pub replay_timeout: Duration,
+    /// Reconnection backoff bounds [default: 100 ms to 5 s].
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl Default for SubscriberOptions {
+    fn default() -> Self {
+        SubscriberOptions {
+            rebuild_after_batches: 1000,
+            replay_timeout: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The running subscribers, one per engine with an events endpoint. Dropping it stops them.
+#[derive(Debug)]
+pub struct KvSubscribers {
+    index: Arc<ExactIndex>,
+    opts: SubscriberOptions,
+    tasks: Mutex<HashMap<u32, Running>>,
+}
+
+/// A subscriber task and the engine's name (its metric label).
+type Running = (JoinHandle<()>, Arc<str>);
+
+impl KvSubscribers {
+    pub fn new(index: Arc<ExactIndex>, opts: SubscriberOptions) -> KvSubscribers {
+        self::metrics::describe();
+        KvSubscribers {
+            index,
+            opts,
+            tasks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn index(&self) -> &Arc<ExactIndex> {
+        &self.index
+    }
+
+    /// Starts following `endpoints` for engine `engine` (named `name` in metrics), replacing
+    /// any subscriber it had. Must be called within a Tokio runtime.
+    pub fn start(&self, engine: u32, name: &str, endpoints: KvEndpoints) {
+        self.index.add_engine(engine);
+        let name: Arc<str> = Arc::from(name);
+        let task = tokio::spawn(subscriber::run(
+            engine,
+            Arc::clone(&name),
+            endpoints,
+            Arc::clone(&self.index),
+            self.opts.clone(),
+        ));
+        let old = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(engine, (task, name));
+        if let Some((old, _)) = old {
+            old.abort();
+        }
+    }
+
+    /// Stops `engine`'s subscriber and drops its view.
+    pub fn stop(&self, engine: u32) {
+        let task = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&engine);
+        if let Some((task, name)) = task {
+            task.abort();
+            ::metrics::gauge!("switchyard_kv_events_live", "engine" => name.to_string()).set(0.0);
+        }
+        self.index.remove_engine(engine);
+    }
+
+    /// The engines with a subscriber, sorted.
+    pub fn engines(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+impl Drop for KvSubscribers {
+    fn drop(&mut self) {
+        for (_, (task, _)) in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! One engine's KV-event subscriber: a task that follows the engine's PUB socket, recovers
+//! missed batches from its replay socket, and keeps the engine's view in the exact index.
+//!
+//! **Sequence.** Batches carry consecutive sequence numbers from 0 (vLLM's publisher counts
+//! from 0 at each start). A batch with the expected number is applied. A jump forward is a gap:
+//! the missing batches are asked from the replay socket (DEALER to vLLM's ROUTER, from the
+//! first missing number); if they all come back, nothing was lost. Without a replay socket, or
+//! if the replay does not cover the gap (or fails, or times out), the view is dropped (cleared,
+//! not live) and rebuilt from the stream. A number lower than expected is a duplicate of a
+//! batch already replayed, else the engine restarted: the view is dropped and followed anew.
+//! After the connection was lost, the first batch must be the expected one; anything else
+//! means the engine may have restarted meanwhile, and the view is dropped too.
+//!
+//! **Complete and rebuilt.** A view is complete when it has followed the engine since a point
+//! where the engine's cache state was known: its first batch (sequence 0, received live or by
+//! replay), or an `AllBlocksCleared`. A view that starts mid-stream (the router started after
+//! the engine and no replay reaches back to 0, or after a dropped view) lacks the blocks stored
+//! before; it counts as **rebuilt** once it has followed the stream in sequence for
+//! [`SubscriberOptions::rebuild_after_batches`] batches (by then the engine's busy prefixes have
+//! been stored or touched again), or at an `AllBlocksCleared`.
+//!
+//! **Live** = connected, in sequence, and complete or rebuilt. While not live, `kv_lookup` uses
+//! the approximate index for this engine.
+//!
+//! Malformed messages are counted and skipped (their sequence number still counts as
+//! received: replaying them would give the same bytes). Nothing here can stop routing: the
+//! task only writes the engine's view.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use zeromq::prelude::*;
+use zeromq::{DealerSocket, SocketEvent, SubSocket, ZmqMessage};
+
+use super::metrics::StreamMetrics;
+use super::wire::{self, END_SEQ, EventBatch, KvEvent};
+use super::{KvEndpoints, SubscriberOptions};
+use crate::prefix::exact::{ExactIndex, Medium, StoreOutcome, StoredRun};
+
+/// Most batches accepted from one replay (vLLM buffers 10,000 by default).
+const MAX_REPLAY_BATCHES: usize = 200_000;
+
+/// Why a replay brought nothing usable.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("timed out")]
+    Timeout,
+    #[error("zmq: {0}")]
+    Zmq(#[from] zeromq::ZmqError),
+    #[error("malformed reply: {0}")]
+    Malformed(String),
+}
+
+/// Asks the replay socket at `endpoint` for every buffered batch from `from`: (seq, payload)
+/// in the order sent, up to the end-of-sequence marker.
+pub async fn fetch_replay(
+    endpoint: &str,
+    from: u64,
+    timeout: Duration,
+) -> Result<Vec<(u64, Bytes)>, ReplayError> {
+    tokio::time::timeout(timeout, async {
+        let mut dealer = DealerSocket::new();
+        dealer.connect(endpoint).await?;
+        let request = ZmqMessage::try_from(vec![
+            Bytes::new(),
+            Bytes::copy_from_slice(&from.to_be_bytes()),
+        ])
+        .map_err(|e| ReplayError::Malformed(e.to_string()))?;
+        dealer.send(request).await?;
+        let mut out = Vec::new();
+        loop {
+            let frames = dealer.recv().await?.into_vec();
+            let (seq, payload) = match frames.as_slice() {
+                [empty, seq, payload] if empty.is_empty() => (seq, payload),
+                [seq, payload] => (seq, payload),
+                other => {
+                    return Err(ReplayError::Malformed(format!("{} frames", other.len())));
+                }
+            };
+            if seq[..] == END_SEQ {
+                return Ok(out);
+            }
+            let seq = wire::decode_seq(seq).map_err(|e| ReplayError::Malformed(e.to_string()))?;
+            out.push((seq, payload.clone()));
+            if out.len() > MAX_REPLAY_BATCHES {
+                return Err(ReplayError::Malformed("too many batches".into()));
+            }
+        }
+    })
+    .await
+    .map_err(|_| ReplayError::Timeout)?
+}
+
+/// The follower of one engine's stream.
+struct Stream {
+    engine: u32,
+    endpoints: KvEndpoints,
+    index: Arc<ExactIndex>,
+    opts: SubscriberOptions,
+    m: StreamMetrics,
+    /// The next sequence number; `None` before the first batch and after a drop.
+    expected: Option<u64>,
+    /// Batches below `expected` and at least this were replayed ahead of the live stream:
+    /// their live copies are duplicates.
+    dup_floor: Option<u64>,
+    /// `None` when the view is complete; else batches followed in sequence since it started.
+    rebuilding: Option<u64>,
+    connected: bool,
+    /// The connection was lost since the last batch.
+    reconnected: bool,
+    /// Scratch space for engine hashes.
+    keys: Vec<u64>,
+}
+
+impl Stream {
+    fn set_live(&self) {
+        let live = self.connected && !self.reconnected && self.expected.is_some() && {
+            self.rebuilding.is_none()
+        };
+        self.index.update(self.engine, |v| v.set_live(live));
+        self.m.live.set(if live { 1.0 } else { 0.0 });
+    }
+
+    fn disconnected(&mut self) {
+        if self.connected {
+            self.connected = false;
+            self.reconnected = true;
+            self.set_live();
+        }
+    }
+
+    fn connected(&mut self) {
+        self.connected = true;
+    }
+
+    /// Drops the view: cleared, not live, following anew.
+    fn drop_view(&mut self) {
+        self.index.update(self.engine, |v| {
+            v.clear();
+            v.set_live(false);
+        });
+        self.expected = None;
+        self.dup_floor = None;
+        self.rebuilding = Some(0);
+        self.m.live.set(0.0);
+    }
+
+    async fn on_frames(&mut self, frames: &[Bytes]) {
+        let (seq, payload) = match wire::split_frames(frames) {
+            Ok(f) => (f.seq, Bytes::copy_from_slice(f.payload)),
+            Err(e) => {
+                self.m.malformed.increment(1);
+                tracing::debug!(engine = self.engine, error = %e, "malformed KV-event message skipped");
+                return;
+            }
+        };
+        let reconnected = std::mem::take(&mut self.reconnected);
+        match self.expected {
+            Some(e) if seq == e => self.apply(seq, &payload),
+            None => self.resync(seq, payload).await,
+            Some(_) if reconnected => {
+                // The engine may have restarted while the connection was down.
+                self.m.restarts.increment(1);
+                self.drop_view();
+                self.resync(seq, payload).await;
+            }
+            Some(e) if seq > e => self.recover_gap(e, seq, payload).await,
+            Some(_) if self.dup_floor.is_some_and(|f| seq >= f) => {}
+            Some(_) => {
+                self.m.restarts.increment(1);
+                tracing::info!(
+                    engine = self.engine,
+                    seq,
+                    "KV-event sequence went back: the engine restarted"
+                );
+                self.drop_view();
+                self.resync(seq, payload).await;
+            }
+        }
+        self.set_live();
+    }
+
+    /// Missing `expected..seq`: replays them, or drops the view.
+    async fn recover_gap(&mut self, expected: u64, seq: u64, payload: Bytes) {
+        self.m.gaps.increment(1);
+        tracing::debug!(engine = self.engine, expected, seq, "KV-event gap");
+        if let Some(replay) = self.endpoints.replay.clone() {
+            match fetch_replay(&replay, expected, self.opts.replay_timeout).await {
+                Ok(batches) => {
+                    let covers = batches.first().map(|b| b.0) == Some(expected)
+                        && is_contiguous(&batches)
+                        && batches.last().is_some_and(|b| b.0 + 1 >= seq);
+                    if covers {
+                        self.m.replays_ok.increment(1);
+                        for (s, p) in &batches {
+                            self.apply(*s, p);
+                        }
+                        self.dup_floor = Some(seq);
+                        if self.expected == Some(seq) {
+                            self.apply(seq, &payload);
+                        }
+                        return;
+                    }
+                    tracing::info!(
+                        engine = self.engine,
+                        expected,
+                        "KV-event replay does not reach back to the gap: dropping the view"
+                    );
+                }
+                Err(e) => {
+                    tracing::info!(engine = self.engine, error = %e, "KV-event replay failed: dropping the view");
+                }
+            }
+            self.m.replays_failed.increment(1);
+        }
+        self.drop_view();
+        self.resync(seq, payload).await;
+    }
+
+    /// Starts following at `seq` (first batch, or after a drop): with a replay socket, from the
+    /// engine's first batch if its buffer still holds it.
+    async fn resync(&mut self, seq: u64, payload: Bytes) {
+        let mut run: Vec<(u64, Bytes)> = Vec::new();
+        if seq != 0
+            && let Some(replay) = self.endpoints.replay.clone()
+        {
+            match fetch_replay(&replay, 0, self.opts.replay_timeout).await {
+                Ok(batches) => {
+                    self.m.replays_ok.increment(1);
+                    run = batches;
+                }
+                Err(e) => {
+                    self.m.replays_failed.increment(1);
+                    tracing::info!(engine = self.engine, error = %e, "KV-event replay failed");
+                }
+            }
+        }
+        if run.last().is_none_or(|b| b.0 < seq) {
+            run.push((seq, payload));
+        } else {
+            self.dup_floor = Some(seq);
+        }
+        // Keep the contiguous tail: what follows the last break in the numbering.
+        let start = (1..run.len())
+            .rev()
+            .find(|&i| run[i].0 != run[i - 1].0 + 1)
+            .unwrap_or(0);
+        let first = run[start].0;
+        self.index.update(self.engine, |v| v.clear());
+        self.rebuilding = if first == 0 { None } else { Some(0) };
+        self.expected = Some(first);
+        for (s, p) in &run[start..] {
+            self.apply(*s, p);
+        }
+    }
+
+    /// Applies one batch in sequence.
+    fn apply(&mut self, seq: u64, payload: &[u8]) {
+        self.expected = Some(seq + 1);
+        self.m.batches.increment(1);
+        match wire::decode_batch(payload) {
+            Ok(batch) => {
+                if self.apply_batch(&batch) {
+                    // The engine's cache was cleared: the view is complete from here.
+                    self.rebuilding = None;
+                }
+            }
+            Err(e) => {
+                self.m.malformed.increment(1);
+                tracing::debug!(engine = self.engine, seq, error = %e, "malformed KV-event batch skipped");
+            }
+        }
+        if let Some(n) = self.rebuilding.as_mut() {
+            *n += 1;
+            if *n >= self.opts.rebuild_after_batches {
+                self.rebuilding = None;
+            }
+        }
+        self.m.index_bytes.set(self.index.accounted_bytes() as f64);
+        self.m.index_blocks.set(self.index.blocks() as f64);
+    }
+
+    /// Applies the events; true when one of them cleared the cache.
+    fn apply_batch(&mut self, batch: &EventBatch) -> bool {
+        let m = &self.m;
+        let keys = &mut self.keys;
+        self.index
+            .update(self.engine, |v| {
+                v.set_data_parallel_rank(batch.data_parallel_rank);
+                let mut cleared = false;
+                for event in &batch.events {
+                    m.event(event.kind());
+                    match event {
+                        KvEvent::Stored(s) if s.group_idx.unwrap_or(0) != 0 => {
+                            m.other_groups.increment(1)
+                        }
+                        KvEvent::Stored(s) => {
+                            keys.clear();
+                            keys.extend(s.block_hashes.iter().map(wire::BlockHash::key));
+                            let synthetic;
+                            let lora_name = match (&s.lora_name, s.lora_id) {
+                                (Some(n), _) => Some(n.as_str()),
+                                (None, Some(id)) => {
+                                    synthetic = format!("lora-id:{id}");
+                                    Some(synthetic.as_str())
+                                }
+                                (None, None) => None,
+                            };
+                            let run = StoredRun {
+                                parent: s.parent_block_hash.as_ref().map(wire::BlockHash::key),
+                                block_hashes: keys,
+                                token_ids: &s.token_ids,
+                                block_size: s.block_size,
+                                lora_name,
+                                medium: Medium::from_wire(s.medium.as_deref()),
+                            };
+                            match v.store(&run) {
+                                StoreOutcome::Stored(_) => {}
+                                StoreOutcome::Unanchored => {
+                                    m.unanchored.increment(keys.len() as u64)
+                                }
+                                StoreOutcome::BadLength => m.malformed.increment(1),
+                            }
+                        }
+                        KvEvent::Removed(r) if r.group_idx.unwrap_or(0) != 0 => {
+                            m.other_groups.increment(1)
+                        }
+                        KvEvent::Removed(r) => {
+                            keys.clear();
+                            keys.extend(r.block_hashes.iter().map(wire::BlockHash::key));
+                            let unknown = v.remove(keys, Medium::from_wire(r.medium.as_deref()));
+                            m.unknown_removals.increment(unknown as u64);
+                        }
+                        KvEvent::Cleared => {
+                            v.clear();
+                            cleared = true;
+                        }
+                        KvEvent::Unknown(_) => {}
+                    }
+                }
+                cleared
+            })
+            .unwrap_or(false)
+    }
+}
+
+fn is_contiguous(batches: &[(u64, Bytes)]) -> bool {
+    batches.windows(2).all(|w| w[1].0 == w[0].0 + 1)
+}
+
+/// Follows `endpoints` for `engine` until aborted: connects (retrying with backoff), follows
+/// the stream, and reconnects when it breaks.
+pub(super) async fn run(
+    engine: u32,
+    name: Arc<str>,
+    endpoints: KvEndpoints,
+    index: Arc<ExactIndex>,
+    opts: SubscriberOptions,
+) {
+    index.add_engine(engine);
+    let mut stream = Stream {
+        engine,
+        endpoints,
+        index,
+        m: StreamMetrics::new(&name),
+        opts,
+        expected: None,
+        dup_floor: None,
+        rebuilding: Some(0),
+        connected: false,
+        reconnected: false,
+        keys: Vec::new(),
+    };
+    stream.m.live.set(0.0);
+    let mut backoff = stream.opts.reconnect_min;
+    loop {
+        let mut sub = SubSocket::new();
+        let mut monitor = sub.monitor();
+        let connect = async {
+            sub.subscribe("").await?;
+            sub.connect(&stream.endpoints.events).await
+        };
+        if let Err(e) = connect.await {
+            tracing::debug!(engine, error = %e, endpoint = %stream.endpoints.events, "KV-event subscriber cannot connect; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(stream.opts.reconnect_max);
+            continue;
+        }
+        backoff = stream.opts.reconnect_min;
+        stream.connected();
+        let mut monitor_open = true;
+        loop {
+            tokio::select! {
+                msg = sub.recv() => match msg {
+                    Ok(m) => stream.on_frames(&m.into_vec()).await,
+                    Err(e) => {
+                        tracing::debug!(engine, error = %e, "KV-event subscriber socket failed; reconnecting");
+                        break;
+                    }
+                },
+                ev = monitor.next(), if monitor_open => match ev {
+                    Some(SocketEvent::Disconnected(_)) => stream.disconnected(),
+                    Some(SocketEvent::Connected(..)) => stream.connected(),
+                    Some(_) => {}
+                    None => monitor_open = false,
+                },
+            }
+        }
+        stream.disconnected();
+        tokio::time::sleep(backoff).await;
+    }
+}

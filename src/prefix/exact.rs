@@ -1,0 +1,235 @@
+//! The exact index: what each engine really holds in its KV cache, learned from the engine's
+//! own KV events (vLLM's `BlockStored` / `BlockRemoved` / `AllBlocksCleared`, see
+//! `engines::kv_events`), as opposed to the approximate [`super::PrefixIndex`] of what the
+//! router sent where.
+//!
+//! **Keys.** Blocks are keyed by the router's own chained hash of their token ids
+//! ([`crate::tokens::token_block_hash`], seeded per LoRA adapter name by
+//! [`crate::tokens::token_chain_seed`]), so the engine's hash function and seed never matter
+//! and a tokenized prompt is looked up with the same hashes. Each engine's block hashes are
+//! mapped to the router's: removals name the engine's hashes, and a stored run is chained from
+//! its `parent_block_hash`'s content. A run whose parent the view does not know cannot be
+//! keyed by content and is skipped ([`StoreOutcome::Unanchored`]).
+//!
+//! **Media.** A block counts as held while it is on any medium (GPU, or CPU-offloaded: loading
+//! it back beats recomputing it); removal from one medium keeps it while another holds it.
+//!
+//! **Groups.** Hybrid models publish one event per KV-cache group (`group_idx`); only group 0
+//! (or no group) is indexed, the caller skips the others: a prefix hit needs every group, and
+//! group 0 is the full-attention group in vLLM's layouts.
+//!
+//! **Memory.** The index is bounded by `max_bytes` (accounted per block: the engine-hash slot,
+//! the content-hash slot and the store-order entry, ~76 bytes). Past the budget, the engine
+//! with the largest view loses its blocks stored longest ago (first in, first out by last
+//! store), down to the budget less 1/64 of it. Under pressure a view under-reports (old
+//! prefixes are forgotten first, as the engine's own LRU would), never over-reports.
+//!
+//! **Lookup** hashes the prompt once per distinct block size and walks each engine's view
+//! until its first missing block: O(blocks in the prompt) per engine.
+
+mod view;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+pub use view::{EngineView, Medium, StoreOutcome, StoredRun};
+
+use crate::tokens::{token_block_hashes, token_chain_seed};
+
+/// The default memory budget: 256 MiB, about 3.5 million blocks at ~76 bytes each: the GPU
+/// caches of ~100 engines serving an 8B model on 80 GB (~30,000 16-token blocks each), or ~25
+/// engines of a 1B model (whose smaller KV per token fits ~4× the blocks).
+pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
+
+/// Every engine's exact view. All methods take `&self`.
+#[derive(Debug)]
+pub struct ExactIndex {
+    max_bytes: usize,
+    engines: RwLock<HashMap<u32, Arc<RwLock<EngineView>>>>,
+    /// Sum of the views' accounted bytes, and of their blocks.
+    bytes: AtomicUsize,
+    blocks: AtomicUsize,
+}
+
+impl Default for ExactIndex {
+    fn default() -> Self {
+        ExactIndex::new(DEFAULT_MAX_BYTES)
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // A panic mid-update can at worst leave one view inexact, which is no worse than losing
+    // it: a poisoned lock is reused.
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ExactIndex {
+    pub fn new(max_bytes: usize) -> ExactIndex {
+        ExactIndex {
+            max_bytes,
+            engines: RwLock::new(HashMap::new()),
+            bytes: AtomicUsize::new(0),
+            blocks: AtomicUsize::new(0),
+        }
+    }
+
+    /// Per engine id in `engines`: Some(tokens of `token_ids` the engine holds: its leading
+    /// held blocks × its block size) while its exact view is live; None when it has none.
+    pub fn match_tokens(
+        &self,
+        token_ids: &[u32],
+        lora_name: Option<&str>,
+        engines: &[u32],
+    ) -> Vec<Option<usize>> {
+        let views: Vec<Option<Arc<RwLock<EngineView>>>> = {
+            let map = read(&self.engines);
+            engines.iter().map(|e| map.get(e).cloned()).collect()
+        };
+        let seed = token_chain_seed(lora_name);
+        // The prompt's hashes per block size (engines almost always share one).
+        let mut chains: Vec<(usize, Vec<u64>)> = Vec::with_capacity(1);
+        views
+            .iter()
+            .map(|v| {
+                let view = read(v.as_ref()?);
+                if !view.live {
+                    return None;
+                }
+                let Some(bs) = view.block_size() else {
+                    return Some(0);
+                };
+                let at = match chains.iter().position(|(b, _)| *b == bs) {
+                    Some(at) => at,
+                    None => {
+                        chains.push((bs, token_block_hashes(token_ids, bs, seed)));
+                        chains.len() - 1
+                    }
+                };
+                let held = chains[at].1.iter().take_while(|h| view.holds(**h)).count();
+                Some(held * bs)
+            })
+            .collect()
+    }
+
+    /// Whether `engine` has a live exact view.
+    pub fn is_live(&self, engine: u32) -> bool {
+        read(&self.engines)
+            .get(&engine)
+            .is_some_and(|v| read(v).live)
+    }
+
+    /// Starts an empty, not live view for `engine` (kept if it exists).
+    pub fn add_engine(&self, engine: u32) {
+        write(&self.engines).entry(engine).or_default();
+    }
+
+    /// Drops `engine`'s view; later updates to it are ignored.
+    pub fn remove_engine(&self, engine: u32) {
+        let Some(view) = write(&self.engines).remove(&engine) else {
+            return;
+        };
+        let mut v = write(&view);
+        v.removed = true;
+        self.bytes.fetch_sub(v.bytes(), Ordering::Relaxed);
+        self.blocks.fetch_sub(v.len(), Ordering::Relaxed);
+        v.clear();
+        v.live = false;
+    }
+
+    /// Changes `engine`'s view under its lock (one batch of events at a time), then enforces
+    /// the memory budget. `None` when the engine has no view.
+    pub fn update<R>(&self, engine: u32, f: impl FnOnce(&mut EngineView) -> R) -> Option<R> {
+        let view = read(&self.engines).get(&engine).cloned()?;
+        let r = {
+            let mut v = write(&view);
+            if v.removed {
+                return None;
+            }
+            let (bytes, blocks) = (v.bytes(), v.len());
+            let r = f(&mut v);
+            self.account(bytes, v.bytes(), blocks, v.len());
+            r
+        };
+        if self.bytes.load(Ordering::Relaxed) > self.max_bytes {
+            self.enforce_budget();
+        }
+        Some(r)
+    }
+
+    fn account(&self, bytes_before: usize, bytes_after: usize, before: usize, after: usize) {
+        if bytes_after >= bytes_before {
+            self.bytes
+                .fetch_add(bytes_after - bytes_before, Ordering::Relaxed);
+        } else {
+            self.bytes
+                .fetch_sub(bytes_before - bytes_after, Ordering::Relaxed);
+        }
+        if after >= before {
+            self.blocks.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.blocks.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// Evicts from the largest views, oldest blocks first, until the index is below its budget
+    /// less 1/64 (so that the next few stores do not evict again).
+    fn enforce_budget(&self) {
+        let target = self.max_bytes - self.max_bytes / 64;
+        loop {
+            let total = self.bytes.load(Ordering::Relaxed);
+            if total <= target {
+                return;
+            }
+            let views: Vec<Arc<RwLock<EngineView>>> =
+                read(&self.engines).values().cloned().collect();
+            let Some(largest) = views.iter().max_by_key(|v| read(v).bytes()) else {
+                return;
+            };
+            let mut v = write(largest);
+            if v.removed {
+                continue;
+            }
+            let (bytes, blocks) = (v.bytes(), v.len());
+            let keep = bytes.saturating_sub(total - target);
+            let mut evicted = false;
+            while v.bytes() > keep && v.evict_oldest() {
+                evicted = true;
+            }
+            self.account(bytes, v.bytes(), blocks, v.len());
+            if !evicted {
+                return;
+            }
+        }
+    }
+
+    /// The configured budget.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Bytes accounted to all views.
+    pub fn accounted_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Engine blocks in all views.
+    pub fn blocks(&self) -> usize {
+        self.blocks.load(Ordering::Relaxed)
+    }
+
+    /// Engines with a live view.
+    pub fn live_engines(&self) -> usize {
+        read(&self.engines)
+            .values()
+            .filter(|v| read(v).live)
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests;

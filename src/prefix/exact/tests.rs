@@ -1,0 +1,206 @@
+use super::*;
+
+const BS: usize = 4;
+
+fn ids(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| i * 7 + salt).collect()
+}
+
+fn run<'a>(
+    parent: Option<u64>,
+    hashes: &'a [u64],
+    tokens: &'a [u32],
+    lora: Option<&'a str>,
+    medium: Medium,
+) -> StoredRun<'a> {
+    StoredRun {
+        parent,
+        block_hashes: hashes,
+        token_ids: tokens,
+        block_size: BS,
+        lora_name: lora,
+        medium,
+    }
+}
+
+fn live_index(engines: &[u32]) -> ExactIndex {
+    let idx = ExactIndex::new(1 << 30);
+    for &e in engines {
+        idx.add_engine(e);
+        idx.update(e, |v| v.set_live(true));
+    }
+    idx
+}
+
+#[test]
+fn chained_runs_match_the_prompt_and_removal_by_engine_hash_cuts_it() {
+    let idx = live_index(&[1, 2]);
+    let prompt = ids(4 * BS + 2, 0);
+    // Engine 1 stores the first two blocks, then the next two chained from its parent hash.
+    let out = idx.update(1, |v| {
+        let a = v.store(&run(
+            None,
+            &[100, 101],
+            &prompt[..2 * BS],
+            None,
+            Medium::Gpu,
+        ));
+        let b = v.store(&run(
+            Some(101),
+            &[102, 103],
+            &prompt[2 * BS..4 * BS],
+            None,
+            Medium::Gpu,
+        ));
+        (a, b)
+    });
+    assert_eq!(
+        out,
+        Some((StoreOutcome::Stored(2), StoreOutcome::Stored(2)))
+    );
+    assert_eq!(
+        idx.match_tokens(&prompt, None, &[1, 2, 3]),
+        vec![Some(4 * BS), Some(0), None],
+        "engine 2 is live with nothing; engine 3 has no view"
+    );
+    // A prompt diverging in block 2 matches two blocks.
+    let mut other = prompt.clone();
+    other[2 * BS + 1] = 9999;
+    assert_eq!(idx.match_tokens(&other, None, &[1]), vec![Some(2 * BS)]);
+    // Removing block 1 by the engine's hash cuts the match at block 1.
+    assert_eq!(
+        idx.update(1, |v| v.remove(&[101, 555], Medium::Gpu)),
+        Some(1)
+    );
+    assert_eq!(idx.match_tokens(&prompt, None, &[1]), vec![Some(BS)]);
+    assert!(idx.blocks() == 3 && idx.accounted_bytes() > 0);
+}
+
+#[test]
+fn unknown_parent_is_skipped_and_bad_lengths_rejected() {
+    let idx = live_index(&[1]);
+    let t = ids(2 * BS, 0);
+    assert_eq!(
+        idx.update(1, |v| v.store(&run(
+            Some(42),
+            &[1, 2],
+            &t,
+            None,
+            Medium::Gpu
+        ))),
+        Some(StoreOutcome::Unanchored)
+    );
+    assert_eq!(
+        idx.update(1, |v| v.store(&run(
+            None,
+            &[1, 2, 3],
+            &t,
+            None,
+            Medium::Gpu
+        ))),
+        Some(StoreOutcome::BadLength)
+    );
+    assert_eq!(idx.blocks(), 0);
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(0)]);
+}
+
+#[test]
+fn lora_adapters_key_blocks_apart() {
+    let idx = live_index(&[1]);
+    let t = ids(2 * BS, 3);
+    idx.update(1, |v| {
+        v.store(&run(None, &[1, 2], &t, Some("sql"), Medium::Gpu))
+    });
+    assert_eq!(idx.match_tokens(&t, Some("sql"), &[1]), vec![Some(2 * BS)]);
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(0)]);
+    assert_eq!(idx.match_tokens(&t, Some("other"), &[1]), vec![Some(0)]);
+}
+
+#[test]
+fn a_block_offloaded_to_cpu_stays_held_until_removed_there_too() {
+    let idx = live_index(&[1]);
+    let t = ids(BS, 0);
+    idx.update(1, |v| {
+        v.store(&run(None, &[7], &t, None, Medium::Gpu));
+        v.store(&run(None, &[7], &t, None, Medium::from_wire(Some("CPU"))));
+        v.remove(&[7], Medium::from_wire(Some("GPU")));
+    });
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(BS)]);
+    idx.update(1, |v| v.remove(&[7], Medium::Cpu));
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(0)]);
+    assert_eq!(idx.blocks(), 0);
+}
+
+#[test]
+fn clear_liveness_and_engine_removal() {
+    let idx = live_index(&[1]);
+    let t = ids(2 * BS, 0);
+    idx.update(1, |v| v.store(&run(None, &[1, 2], &t, None, Medium::Gpu)));
+    assert!(idx.is_live(1));
+    idx.update(1, |v| v.set_live(false));
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![None]);
+    assert!(!idx.is_live(1));
+    idx.update(1, |v| {
+        v.clear();
+        v.set_live(true)
+    });
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(0)]);
+    idx.update(1, |v| v.store(&run(None, &[1, 2], &t, None, Medium::Gpu)));
+    idx.remove_engine(1);
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![None]);
+    assert_eq!((idx.blocks(), idx.accounted_bytes()), (0, 0));
+    assert_eq!(idx.update(1, |v| v.set_live(true)), None);
+}
+
+#[test]
+fn the_byte_budget_is_respected_evicting_the_oldest_blocks_of_the_largest_view() {
+    let budget = 64 * 1024;
+    let idx = ExactIndex::new(budget);
+    for e in [1, 2] {
+        idx.add_engine(e);
+        idx.update(e, |v| v.set_live(true));
+    }
+    // Engine 2 holds one early prompt; engine 1 then stores far more than the budget.
+    let early = ids(BS, 1);
+    idx.update(2, |v| v.store(&run(None, &[1], &early, None, Medium::Gpu)));
+    let first = ids(BS, 2);
+    idx.update(1, |v| v.store(&run(None, &[1], &first, None, Medium::Gpu)));
+    for i in 2..10_000u64 {
+        let t = ids(BS, i as u32 * 1000);
+        idx.update(1, |v| v.store(&run(None, &[i], &t, None, Medium::Gpu)));
+        assert!(idx.accounted_bytes() <= budget, "over budget at {i}");
+    }
+    assert!(idx.blocks() > 500, "the budget is used: {}", idx.blocks());
+    // The largest view lost its oldest block; the small one kept its own.
+    assert_eq!(idx.match_tokens(&first, None, &[1]), vec![Some(0)]);
+    let last = ids(BS, 9999 * 1000);
+    assert_eq!(idx.match_tokens(&last, None, &[1]), vec![Some(BS)]);
+    assert_eq!(idx.match_tokens(&early, None, &[2]), vec![Some(BS)]);
+}
+
+#[test]
+fn a_new_block_size_restarts_the_view_and_each_engine_uses_its_own() {
+    let idx = live_index(&[1, 2]);
+    let t = ids(4 * BS, 0);
+    idx.update(1, |v| {
+        v.store(&run(None, &[1, 2], &t[..2 * BS], None, Medium::Gpu))
+    });
+    idx.update(2, |v| {
+        v.store(&StoredRun {
+            block_size: 2 * BS,
+            ..run(None, &[1], &t[..2 * BS], None, Medium::Gpu)
+        })
+    });
+    assert_eq!(
+        idx.match_tokens(&t, None, &[1, 2]),
+        vec![Some(2 * BS), Some(2 * BS)]
+    );
+    idx.update(1, |v| {
+        v.store(&StoredRun {
+            block_size: 2 * BS,
+            ..run(None, &[9], &t[2 * BS..4 * BS], None, Medium::Gpu)
+        })
+    });
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(0)]);
+    assert_eq!(idx.blocks(), 2);
+}

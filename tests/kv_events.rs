@@ -1,0 +1,186 @@
+//! KV-event subscribers end to end over real ZMQ sockets on 127.0.0.1: the simulated engine's
+//! publisher (vLLM's frames, encoding and replay protocol) → the subscriber → the exact index.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{SAFETY, eventually};
+use switchyard::engines::kv_events::{KvEndpoints, KvSubscribers, SubscriberOptions};
+use switchyard::prefix::exact::ExactIndex;
+use switchyard::sim::cache_events::{CacheEvents, StoredBlocks};
+use switchyard::sim::kv_publisher::KvPublisher;
+
+const BS: usize = 16;
+const ENGINE: u32 = 7;
+
+fn tokens(blocks: usize, salt: u32) -> Vec<u32> {
+    (0..(blocks * BS) as u32).map(|i| i * 31 + salt).collect()
+}
+
+fn stored(parent: Option<u64>, hashes: &[u64], ids: &[u32]) -> StoredBlocks {
+    StoredBlocks {
+        parent,
+        block_hashes: hashes.to_vec(),
+        token_ids: ids.to_vec(),
+        block_size: BS,
+        lora_name: None,
+    }
+}
+
+async fn publisher(replay: bool) -> KvPublisher {
+    KvPublisher::start("tcp://127.0.0.1:0", replay.then_some("tcp://127.0.0.1:0"))
+        .await
+        .expect("publisher binds")
+}
+
+fn endpoints(p: &KvPublisher) -> KvEndpoints {
+    KvEndpoints {
+        events: p.endpoint().to_owned(),
+        replay: p.replay_endpoint().map(str::to_owned),
+    }
+}
+
+fn subscribe(p: &KvPublisher, opts: SubscriberOptions) -> (Arc<ExactIndex>, KvSubscribers) {
+    let index = Arc::new(ExactIndex::new(64 << 20));
+    let subs = KvSubscribers::new(Arc::clone(&index), opts);
+    subs.start(ENGINE, "engine-under-test", endpoints(p));
+    (index, subs)
+}
+
+/// Publishes harmless batches (a removal of a block nobody holds) until the view is live: the
+/// first batches may go out before the subscription reaches the publisher.
+async fn until_live(p: &KvPublisher, index: &ExactIndex) {
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while !index.is_live(ENGINE) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the view never became live"
+        );
+        p.removed(&[u64::MAX]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn held(index: &ExactIndex, ids: &[u32]) -> Option<usize> {
+    index.match_tokens(ids, None, &[ENGINE])[0]
+}
+
+#[tokio::test]
+async fn stored_blocks_become_visible_and_removed_ones_go() {
+    let p = publisher(true).await;
+    let (index, _subs) = subscribe(&p, SubscriberOptions::default());
+    until_live(&p, &index).await;
+    let ids = tokens(3, 1);
+    p.stored(stored(None, &[11, 12], &ids[..2 * BS]));
+    p.stored(stored(Some(12), &[13], &ids[2 * BS..]));
+    eventually("three blocks held", || held(&index, &ids) == Some(3 * BS)).await;
+    // A prompt that extends the cached one matches the cached part.
+    let mut longer = ids.clone();
+    longer.extend(tokens(2, 99));
+    assert_eq!(held(&index, &longer), Some(3 * BS));
+    p.removed(&[12]);
+    eventually("the match stops at the removed block", || {
+        held(&index, &ids) == Some(BS)
+    })
+    .await;
+    p.cleared();
+    eventually("all cleared", || held(&index, &ids) == Some(0)).await;
+    assert!(index.is_live(ENGINE));
+}
+
+#[tokio::test]
+async fn a_sequence_gap_is_recovered_from_the_replay_socket() {
+    let p = publisher(true).await;
+    let (index, _subs) = subscribe(&p, SubscriberOptions::default());
+    until_live(&p, &index).await;
+    let ids = tokens(2, 2);
+    // The batch storing block 1 is lost on the PUB socket (kept in the replay buffer); block 2
+    // is chained from it, so it can only be keyed if the lost batch is replayed.
+    p.lose_next_batches(1);
+    p.stored(stored(None, &[21], &ids[..BS]));
+    p.end_batch();
+    p.stored(stored(Some(21), &[22], &ids[BS..]));
+    eventually("both blocks held after the replay", || {
+        held(&index, &ids) == Some(2 * BS)
+    })
+    .await;
+    assert!(index.is_live(ENGINE), "a replayed gap keeps the view live");
+}
+
+#[tokio::test]
+async fn a_gap_without_replay_drops_the_view_until_it_is_rebuilt() {
+    let p = publisher(false).await;
+    let opts = SubscriberOptions {
+        rebuild_after_batches: 5,
+        ..SubscriberOptions::default()
+    };
+    let (index, _subs) = subscribe(&p, opts);
+    until_live(&p, &index).await;
+    let ids = tokens(1, 3);
+    p.stored(stored(None, &[31], &ids));
+    eventually("block held", || held(&index, &ids) == Some(BS)).await;
+    p.lose_next_batches(1);
+    p.removed(&[31]);
+    p.end_batch();
+    p.removed(&[u64::MAX]);
+    eventually("the view is dropped at the gap", || !index.is_live(ENGINE)).await;
+    assert_eq!(held(&index, &ids), None, "no exact answer while not live");
+    // Rebuilt after following the stream in sequence for 5 batches.
+    until_live(&p, &index).await;
+    assert_eq!(held(&index, &ids), Some(0), "the dropped view starts empty");
+    let again = tokens(1, 4);
+    p.stored(stored(None, &[32], &again));
+    eventually("new blocks are followed", || {
+        held(&index, &again) == Some(BS)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_restarted_publisher_is_followed_again_from_scratch() {
+    let p = publisher(true).await;
+    let (index, _subs) = subscribe(&p, SubscriberOptions::default());
+    until_live(&p, &index).await;
+    let old = tokens(1, 5);
+    p.stored(stored(None, &[41], &old));
+    eventually("block held", || held(&index, &old) == Some(BS)).await;
+    let (events, replay) = (
+        p.endpoint().to_owned(),
+        p.replay_endpoint().map(str::to_owned),
+    );
+    drop(p);
+    eventually("not live once the publisher is gone", || {
+        !index.is_live(ENGINE)
+    })
+    .await;
+    // The engine restarts on the same ports, its sequence from 0 and its cache empty.
+    let p = KvPublisher::start(&events, replay.as_deref())
+        .await
+        .expect("rebinds its ports");
+    until_live(&p, &index).await;
+    assert_eq!(
+        held(&index, &old),
+        Some(0),
+        "blocks of the engine's previous life are gone"
+    );
+    let new = tokens(1, 6);
+    p.stored(stored(None, &[42], &new));
+    eventually("the new engine's blocks are held", || {
+        held(&index, &new) == Some(BS)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stopping_a_subscriber_drops_its_view() {
+    let p = publisher(true).await;
+    let (index, subs) = subscribe(&p, SubscriberOptions::default());
+    until_live(&p, &index).await;
+    assert_eq!(subs.engines(), vec![ENGINE]);
+    subs.stop(ENGINE);
+    assert!(!index.is_live(ENGINE));
+    assert_eq!(held(&index, &tokens(1, 0)), None);
+    assert!(subs.engines().is_empty());
+}
