@@ -19,6 +19,7 @@ pub mod cache_events;
 mod faults;
 mod http;
 mod metrics;
+mod prompt;
 mod scheduler;
 mod text;
 
@@ -37,6 +38,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use faults::Faults;
+pub use prompt::{ENGINE_SEED, SimHooks, engine_block_hashes};
 
 /// Defaults: an 8B model (Llama-3.1-8B, BF16) on one A100 under vLLM; see `docs/sim.md`.
 pub mod defaults {
@@ -91,6 +93,10 @@ pub struct SimConfig {
     pub hang: bool,
     /// Seeds the generated words, the request ids and failure injection.
     pub seed: u64,
+    /// The model's tokenizer (`tokenizer.json` or a model directory), loaded at start: the
+    /// prefix cache then keys blocks by the model's token ids of each request (chat template
+    /// included). `None`: the stand-in's 4 bytes per token.
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -111,6 +117,7 @@ impl Default for SimConfig {
             drop_rate: 0.0,
             hang: false,
             seed: 0,
+            tokenizer: None,
         }
     }
 }
@@ -202,6 +209,7 @@ pub(crate) struct Engine {
     pub(crate) created: u64,
     pub(crate) sched: Arc<scheduler::Scheduler>,
     pub(crate) faults: Faults,
+    pub(crate) tokenizer: Option<Arc<crate::tokens::Tokenizer>>,
     pub(crate) words: text::Words,
     pub(crate) next_id: AtomicU64,
 }
@@ -259,8 +267,24 @@ impl SimHandle {
 
 /// Starts a simulated engine listening on `addr` (port 0 picks a free port).
 pub async fn start(cfg: SimConfig, addr: SocketAddr) -> io::Result<SimHandle> {
+    start_with(cfg, addr, SimHooks::default()).await
+}
+
+/// [`start`] with a shared tokenizer and/or a receiver of the prefix cache's changes.
+pub async fn start_with(
+    cfg: SimConfig,
+    addr: SocketAddr,
+    hooks: SimHooks,
+) -> io::Result<SimHandle> {
     cfg.validate()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let tokenizer = match (hooks.tokenizer, &cfg.tokenizer) {
+        (Some(t), _) => Some(t),
+        (None, None) => None,
+        (None, Some(path)) => Some(Arc::new(crate::tokens::Tokenizer::load(path).map_err(
+            |e| io::Error::new(io::ErrorKind::InvalidInput, format!("--tokenizer: {e}")),
+        )?)),
+    };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -280,8 +304,9 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> io::Result<SimHandle> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        sched: Arc::new(scheduler::Scheduler::new(&cfg)),
+        sched: Arc::new(scheduler::Scheduler::new(&cfg, hooks.cache_events)),
         faults: Faults::new(cfg.fail_rate, cfg.drop_rate, cfg.hang, cfg.seed),
+        tokenizer,
         words: text::Words::new(cfg.seed),
         next_id: AtomicU64::new(0),
     });
@@ -426,6 +451,10 @@ pub struct SimArgs {
     /// Zero every delay (prefill and inter-token): measure router overhead.
     #[arg(long)]
     pub instant: bool,
+    /// The model's tokenizer.json or model directory: cache by its token ids (chat template
+    /// included) instead of the stand-in's 4 bytes per token.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 impl SimArgs {
@@ -447,6 +476,7 @@ impl SimArgs {
             drop_rate: self.drop_rate,
             hang: self.hang,
             seed: self.seed,
+            tokenizer: self.tokenizer.clone(),
         };
         if self.instant {
             cfg.prefill_overhead_ms = 0.0;
@@ -543,6 +573,8 @@ mod tests {
             "--seed",
             "7",
             "--instant",
+            "--tokenizer",
+            "tok.json",
         ])
         .unwrap();
         let c = cli.sim.to_config();
@@ -565,6 +597,7 @@ mod tests {
                 drop_rate: 0.5,
                 hang: true,
                 seed: 7,
+                tokenizer: Some("tok.json".into()),
             }
         );
     }
