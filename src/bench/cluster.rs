@@ -5,7 +5,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::config::RouterConfig;
+use crate::engines::kv_events::KvEndpoints;
+use crate::sim::SimHooks;
+use crate::tokens::Tokenizer;
 use crate::engines::stats::parse_vllm_metrics;
 use crate::proxy::{self, RunningRouter};
 use crate::sim::{self, SimConfig, SimCounters, SimHandle};
@@ -15,6 +20,9 @@ use super::BenchError;
 use super::driver::SESSION_HEADER;
 use super::stats::EngineFigures;
 use super::text::mix;
+
+/// A ZMQ endpoint on any free loopback port.
+const LOOPBACK_ANY_PORT: &str = "tcp://127.0.0.1:0";
 
 /// The engines of every run.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +68,11 @@ impl ClusterSpec {
             max_num_seqs,
             num_blocks: self.num_blocks.unwrap_or(d.num_blocks),
             seed: mix(self.seed, i as u64 + 1),
+            tokenizer: self.tokenizer.clone(),
+            // Events (with replay, so that a subscriber joining late misses nothing) only
+            // when the routers follow them.
+            kv_events_endpoint: self.exact_kv.then(|| LOOPBACK_ANY_PORT.to_owned()),
+            kv_events_replay_endpoint: self.exact_kv.then(|| LOOPBACK_ANY_PORT.to_owned()),
             ..d
         }
     }
@@ -99,9 +112,20 @@ impl Cluster {
         policy: &str,
     ) -> Result<Cluster, BenchError> {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        // One tokenizer shared by the engines (loaded once).
+        let tokenizer = match &spec.tokenizer {
+            Some(p) => Some(Arc::new(Tokenizer::load(p).map_err(|e| {
+                BenchError::Args(format!("--tokenizer {}: {e}", p.display()))
+            })?)),
+            None => None,
+        };
         let mut sims = Vec::with_capacity(spec.engines);
         for i in 0..spec.engines {
-            match sim::start(spec.sim_config(i), loopback).await {
+            let hooks = SimHooks {
+                tokenizer: tokenizer.clone(),
+                cache_events: None,
+            };
+            match sim::start_with(spec.sim_config(i), loopback, hooks).await {
                 Ok(s) => sims.push(s),
                 Err(e) => {
                     for s in sims {
@@ -113,6 +137,18 @@ impl Cluster {
         }
         let urls: Vec<String> = sims.iter().map(SimHandle::url).collect();
         let mut cfg = RouterConfig::for_backends(&urls, &spec.model);
+        if spec.exact_kv {
+            cfg.tokenizer = spec.tokenizer.clone();
+            cfg.kv_events.static_endpoints = sims
+                .iter()
+                .map(|s| {
+                    s.kv_events().map(|p| KvEndpoints {
+                        events: p.endpoint().to_owned(),
+                        replay: p.replay_endpoint().map(str::to_owned),
+                    })
+                })
+                .collect();
+        }
         cfg.policy.dir = policies_dir.to_owned();
         cfg.policy.default_policy = policy.to_owned();
         cfg.session_key = Some(SESSION_HEADER.to_owned());

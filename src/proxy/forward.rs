@@ -394,7 +394,13 @@ fn engine_uri(engine: &Engine, client_uri: &http::Uri) -> http::Uri {
 
 /// Where the request's prefix matches come from, when a tier needs them.
 fn kv_sources<'a>(state: &'a AppState, info: &'a RequestInfo) -> Sources<'a> {
-    let exact = None;
+    // Exact matching needs both the engines' views and the request's token ids.
+    let exact = state.tokenizer.as_deref().map(|t| {
+        (
+            &*state.exact as &dyn super::kv::ExactLookup,
+            t as &dyn super::kv::RequestTokenizer,
+        )
+    });
     Sources {
         approximate: &state.prefix,
         block_size: state.cfg.block_size,

@@ -22,7 +22,9 @@ use std::cell::{OnceCell, RefCell};
 use crate::engines::Candidate;
 use crate::policy::{KvMatches, KvSource, PrefixMatcher, off_the_workers};
 use crate::prefix::PrefixIndex;
+use crate::prefix::exact::ExactIndex;
 use crate::request::RequestInfo;
+use crate::tokens::Tokenizer;
 
 /// Bodies at least this large are tokenized off the runtime's workers.
 const OFF_THE_WORKERS_BYTES: usize = 64 * 1024;
@@ -46,6 +48,27 @@ pub trait ExactLookup: Sync {
 pub trait RequestTokenizer: Sync {
     /// The token ids the engine would compute for the request to `path` with `body`.
     fn token_ids(&self, path: &str, body: &[u8]) -> Result<Vec<u32>, String>;
+}
+
+impl ExactLookup for ExactIndex {
+    fn match_tokens(
+        &self,
+        token_ids: &[u32],
+        lora_name: Option<&str>,
+        engines: &[u32],
+    ) -> Vec<Option<usize>> {
+        ExactIndex::match_tokens(self, token_ids, lora_name, engines)
+    }
+
+    fn is_live(&self, engine: u32) -> bool {
+        ExactIndex::is_live(self, engine)
+    }
+}
+
+impl RequestTokenizer for Tokenizer {
+    fn token_ids(&self, path: &str, body: &[u8]) -> Result<Vec<u32>, String> {
+        self.request_token_ids(path, body).map_err(|e| e.to_string())
+    }
 }
 
 /// Where one request's prefix matches come from.
