@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use crate::config::RouterConfig;
 use crate::engines::kv_events::KvEndpoints;
-use crate::sim::SimHooks;
-use crate::tokens::Tokenizer;
 use crate::engines::stats::parse_vllm_metrics;
 use crate::proxy::{self, RunningRouter};
+use crate::sim::SimHooks;
 use crate::sim::{self, SimConfig, SimCounters, SimHandle};
+use crate::tokens::Tokenizer;
 use crate::upstream;
 
 use super::BenchError;

@@ -67,7 +67,8 @@ impl ExactLookup for ExactIndex {
 
 impl RequestTokenizer for Tokenizer {
     fn token_ids(&self, path: &str, body: &[u8]) -> Result<Vec<u32>, String> {
-        self.request_token_ids(path, body).map_err(|e| e.to_string())
+        self.request_token_ids(path, body)
+            .map_err(|e| e.to_string())
     }
 }
 
