@@ -171,7 +171,8 @@ async fn run_chain(
             }
         };
         let replicas = 1 + cfg.replica_urls.len();
-        let url = match (idx + turn_idx) % replicas {
+        let replica = (idx + turn_idx) % replicas;
+        let url = match replica {
             0 => &cfg.url,
             r => &cfg.replica_urls[r - 1],
         };
@@ -200,6 +201,7 @@ async fn run_chain(
             tier: ex.tier,
             policy: ex.policy,
             kv: ex.kv,
+            replica,
             lag: sim(sent.saturating_duration_since(due)),
         });
         progress.inc(1);

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::plan::RunPlan;
 use super::stats::{RequestRecord, RunStats};
 use super::workload::Workload;
-use crate::tokens::{DEFAULT_BLOCK_SIZE, estimate_tokens};
+use crate::tokens::{DEFAULT_BLOCK_SIZE, Tokenizer, estimate_tokens};
 
 /// How a run's routers know what the engines cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -95,9 +95,34 @@ pub fn plan(replicas: &[usize], small_blocks: usize) -> Vec<RunPlan> {
     out
 }
 
+/// Real tokens per stand-in token of the workload's chat prompts under `tokenizer` (its chat
+/// template included): the first chain's first request, tokenized as the engines will.
+pub fn tokens_per_stand_in_token(workload: &Workload, tokenizer: &Tokenizer) -> Option<f64> {
+    let chain = workload.chains.first()?;
+    let turn = chain.turns.first()?;
+    let mut messages: Vec<serde_json::Value> = chain
+        .preamble
+        .iter()
+        .map(|m| serde_json::json!({ "role": m.role, "content": &*m.content }))
+        .collect();
+    messages.push(serde_json::json!({ "role": "user", "content": turn.question }));
+    let stand_in: usize = messages
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .map(|c| estimate_tokens(c.len()))
+        .sum();
+    let body = serde_json::json!({ "model": "m", "messages": messages }).to_string();
+    let real = tokenizer
+        .request_token_ids("/v1/chat/completions", body.as_bytes())
+        .ok()?
+        .len();
+    (stand_in > 0).then(|| real as f64 / stand_in as f64)
+}
+
 /// The default `small` cache per engine: half of an even share of the workload's working set
-/// (every chain's longest prompt and answer, in blocks of stand-in tokens), at least 64 blocks.
-pub fn small_cache_blocks(workload: &Workload, engines: usize) -> usize {
+/// (every chain's longest prompt and answer, in blocks, stand-in tokens scaled by
+/// `tokens_per_stand_in`), at least 64 blocks.
+pub fn small_cache_blocks(workload: &Workload, engines: usize, tokens_per_stand_in: f64) -> usize {
     let tokens: usize = workload
         .chains
         .iter()
@@ -115,6 +140,7 @@ pub fn small_cache_blocks(workload: &Workload, engines: usize) -> usize {
             preamble + turns
         })
         .sum();
+    let tokens = (tokens as f64 * tokens_per_stand_in.max(0.01)) as usize;
     (tokens / DEFAULT_BLOCK_SIZE / engines.max(1) / 2).max(64)
 }
 

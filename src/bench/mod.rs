@@ -377,7 +377,14 @@ fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
         }
         let small = match args.num_blocks {
             Some(n) => n,
-            None => kvcompare::small_cache_blocks(&Workload::generate(&spec), args.engines),
+            None => {
+                let t = crate::tokens::Tokenizer::load(tokenizer).map_err(|e| {
+                    BenchError::Args(format!("--tokenizer {}: {e}", tokenizer.display()))
+                })?;
+                let w = Workload::generate(&spec);
+                let ratio = kvcompare::tokens_per_stand_in_token(&w, &t).unwrap_or(1.0);
+                kvcompare::small_cache_blocks(&w, args.engines, ratio)
+            }
         };
         let runs = kvcompare::plan(&replicas, small);
         let dir = PoliciesDir::prepare(&policies_source(&args.policies_dir)?, &[])?;

@@ -459,6 +459,7 @@ impl BenchReport {
             "tier",
             "policy",
             "kv",
+            "replica",
             "lag_s",
         ]);
         for (run, recs) in self.runs.iter().zip(&self.records) {
@@ -482,6 +483,7 @@ impl BenchReport {
                     r.tier.clone().unwrap_or_default(),
                     r.policy.clone().unwrap_or_default(),
                     r.kv.clone().unwrap_or_default(),
+                    r.replica.to_string(),
                     format!("{:.6}", r.lag),
                 ]);
             }

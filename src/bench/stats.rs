@@ -41,6 +41,8 @@ pub struct RequestRecord {
     pub policy: Option<String>,
     /// The source of the chosen engine's prefix match (`x-switchyard-kv`), when matched.
     pub kv: Option<String>,
+    /// The router replica the request was sent to (0 with one router).
+    pub replica: usize,
     /// How much later than it could have been the request was sent (client scheduling lag),
     /// simulated seconds. Large values mean the benchmarking machine was overloaded.
     pub lag: f64,
@@ -320,6 +322,7 @@ pub(crate) mod tests {
             tier: Some(tier.into()),
             policy: Some("p".into()),
             kv: None,
+            replica: 0,
             lag: 0.0,
         }
     }
