@@ -118,6 +118,7 @@ impl Native {
             engine,
             policy: Arc::clone(&self.policy),
             tier: Arc::clone(&self.tiers[tier]),
+            kv: None,
         }
     }
 }

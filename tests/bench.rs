@@ -216,6 +216,9 @@ async fn target_mode_benchmarks_a_running_router() {
         num_blocks: None,
         engine_stats_interval: 1.0,
         seed: 1,
+        router_replicas: 1,
+        tokenizer: None,
+        exact_kv: false,
     };
     let cluster = Cluster::start(&spec, &shipped_policies(), "roundrobin")
         .await
@@ -341,6 +344,7 @@ async fn rounds_carry_the_streamed_answers_and_failures_are_counted() {
     });
     let cfg = DriveConfig {
         url,
+        replica_urls: Vec::new(),
         model: "m".into(),
         time_scale: 1.0,
         request_timeout: Duration::from_secs(20),

@@ -2,19 +2,27 @@
 //! in front of them, running one policy.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::config::RouterConfig;
+use crate::engines::kv_events::KvEndpoints;
 use crate::engines::stats::parse_vllm_metrics;
 use crate::proxy::{self, RunningRouter};
+use crate::sim::SimHooks;
 use crate::sim::{self, SimConfig, SimCounters, SimHandle};
+use crate::tokens::Tokenizer;
 use crate::upstream;
 
 use super::BenchError;
 use super::driver::SESSION_HEADER;
 use super::stats::EngineFigures;
 use super::text::mix;
+
+/// A ZMQ endpoint on any free loopback port.
+const LOOPBACK_ANY_PORT: &str = "tcp://127.0.0.1:0";
 
 /// The engines of every run.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +40,13 @@ pub struct ClusterSpec {
     pub engine_stats_interval: f64,
     /// Seeds the engines' generated words.
     pub seed: u64,
+    /// Router replicas in front of the same engines (each with its own prefix index).
+    pub router_replicas: usize,
+    /// The model's tokenizer: the engines cache by its token ids (and render chat templates);
+    /// the routers get it too when `exact_kv` is set.
+    pub tokenizer: Option<PathBuf>,
+    /// The engines publish KV events and the routers follow them (needs `tokenizer`).
+    pub exact_kv: bool,
 }
 
 impl ClusterSpec {
@@ -53,6 +68,11 @@ impl ClusterSpec {
             max_num_seqs,
             num_blocks: self.num_blocks.unwrap_or(d.num_blocks),
             seed: mix(self.seed, i as u64 + 1),
+            tokenizer: self.tokenizer.clone(),
+            // Events (with replay, so that a subscriber joining late misses nothing) only
+            // when the routers follow them.
+            kv_events_endpoint: self.exact_kv.then(|| LOOPBACK_ANY_PORT.to_owned()),
+            kv_events_replay_endpoint: self.exact_kv.then(|| LOOPBACK_ANY_PORT.to_owned()),
             ..d
         }
     }
@@ -77,23 +97,35 @@ pub fn sample_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// Simulated engines and the router in front of them.
+/// Simulated engines and the router replicas in front of them.
 pub struct Cluster {
     sims: Vec<SimHandle>,
-    router: RunningRouter,
+    routers: Vec<RunningRouter>,
 }
 
 impl Cluster {
-    /// Starts `spec.engines` fresh engines and a router running `policy` from `policies_dir`.
+    /// Starts `spec.engines` fresh engines and `spec.router_replicas` routers (at least one)
+    /// running `policy` from `policies_dir`.
     pub async fn start(
         spec: &ClusterSpec,
         policies_dir: &Path,
         policy: &str,
     ) -> Result<Cluster, BenchError> {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        // One tokenizer shared by the engines (loaded once).
+        let tokenizer = match &spec.tokenizer {
+            Some(p) => Some(Arc::new(Tokenizer::load(p).map_err(|e| {
+                BenchError::Args(format!("--tokenizer {}: {e}", p.display()))
+            })?)),
+            None => None,
+        };
         let mut sims = Vec::with_capacity(spec.engines);
         for i in 0..spec.engines {
-            match sim::start(spec.sim_config(i), loopback).await {
+            let hooks = SimHooks {
+                tokenizer: tokenizer.clone(),
+                cache_events: None,
+            };
+            match sim::start_with(spec.sim_config(i), loopback, hooks).await {
                 Ok(s) => sims.push(s),
                 Err(e) => {
                     for s in sims {
@@ -105,6 +137,18 @@ impl Cluster {
         }
         let urls: Vec<String> = sims.iter().map(SimHandle::url).collect();
         let mut cfg = RouterConfig::for_backends(&urls, &spec.model);
+        if spec.exact_kv {
+            cfg.tokenizer = spec.tokenizer.clone();
+            cfg.kv_events.static_endpoints = sims
+                .iter()
+                .map(|s| {
+                    s.kv_events().map(|p| KvEndpoints {
+                        events: p.endpoint().to_owned(),
+                        replay: p.replay_endpoint().map(str::to_owned),
+                    })
+                })
+                .collect();
+        }
         cfg.policy.dir = policies_dir.to_owned();
         cfg.policy.default_policy = policy.to_owned();
         cfg.session_key = Some(SESSION_HEADER.to_owned());
@@ -112,23 +156,36 @@ impl Cluster {
         cfg.block_size = spec.sim_config(0).block_size;
         cfg.engine_stats_interval =
             Duration::from_secs_f64((spec.engine_stats_interval * spec.time_scale).max(0.01));
-        match proxy::start(cfg, None).await {
-            Ok(router) => Ok(Cluster { sims, router }),
-            Err(e) => {
-                for s in sims {
-                    s.shutdown().await;
+        let mut cluster = Cluster {
+            sims,
+            routers: Vec::new(),
+        };
+        for _ in 0..spec.router_replicas.max(1) {
+            match proxy::start(cfg.clone(), None).await {
+                Ok(router) => cluster.routers.push(router),
+                Err(e) => {
+                    cluster.shutdown().await;
+                    return Err(BenchError::Router {
+                        policy: policy.to_owned(),
+                        source: e,
+                    });
                 }
-                Err(BenchError::Router {
-                    policy: policy.to_owned(),
-                    source: e,
-                })
             }
         }
+        Ok(cluster)
     }
 
-    /// The router's base URL.
+    /// The (first) router's base URL.
     pub fn url(&self) -> String {
-        self.router.url()
+        self.routers
+            .first()
+            .map(RunningRouter::url)
+            .unwrap_or_default()
+    }
+
+    /// Every router replica's base URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.routers.iter().map(RunningRouter::url).collect()
     }
 
     /// The engines as the router names them (`host:port`), in cluster order.
@@ -170,9 +227,11 @@ impl Cluster {
         })
     }
 
-    /// Stops the router, then the engines.
+    /// Stops the routers, then the engines.
     pub async fn shutdown(self) {
-        self.router.shutdown(Duration::from_millis(200)).await;
+        for r in self.routers {
+            r.shutdown(Duration::from_millis(200)).await;
+        }
         for s in self.sims {
             s.shutdown().await;
         }
@@ -213,6 +272,9 @@ vllm:time_to_first_token_seconds_count_other 9\n";
             num_blocks: Some(100),
             engine_stats_interval: 1.0,
             seed: 5,
+            router_replicas: 1,
+            tokenizer: None,
+            exact_kv: false,
         };
         let d = SimConfig::default();
         let (a, b) = (spec.sim_config(0), spec.sim_config(1));

@@ -43,6 +43,9 @@ pub fn client() -> BenchClient {
 pub struct DriveConfig {
     /// Base URL of the router, e.g. `http://127.0.0.1:8001`.
     pub url: String,
+    /// Other replicas of the router: requests are spread over `url` and these, request `k` of
+    /// chain `c` to replica `(c + k) % replicas` (each replica sees its share of every user).
+    pub replica_urls: Vec<String>,
     pub model: String,
     /// Wall seconds per simulated second: arrival times are multiplied by it, measured times
     /// divided by it.
@@ -167,9 +170,15 @@ async fn run_chain(
                 break;
             }
         };
+        let replicas = 1 + cfg.replica_urls.len();
+        let replica = (idx + turn_idx) % replicas;
+        let url = match replica {
+            0 => &cfg.url,
+            r => &cfg.replica_urls[r - 1],
+        };
         let sent = Instant::now();
         let mut ex = Exchange::default();
-        let timed_out = match request(&cfg.url, &chain.user, body) {
+        let timed_out = match request(url, &chain.user, body) {
             Ok(req) => tokio::time::timeout(cfg.request_timeout, ex.run(&client, req))
                 .await
                 .is_err(),
@@ -191,6 +200,8 @@ async fn run_chain(
             engine: ex.engine,
             tier: ex.tier,
             policy: ex.policy,
+            kv: ex.kv,
+            replica,
             lag: sim(sent.saturating_duration_since(due)),
         });
         progress.inc(1);
@@ -216,6 +227,7 @@ struct Exchange {
     engine: Option<String>,
     tier: Option<String>,
     policy: Option<String>,
+    kv: Option<String>,
     first: Option<Instant>,
     answer: String,
     done: bool,
@@ -241,6 +253,7 @@ impl Exchange {
         self.engine = header(h, "x-switchyard-engine");
         self.tier = header(h, "x-switchyard-tier");
         self.policy = header(h, "x-switchyard-policy");
+        self.kv = header(h, "x-switchyard-kv");
         let mut body = resp.into_body();
         if !status.is_success() {
             let mut text = Vec::new();

@@ -13,6 +13,7 @@
 
 pub mod cluster;
 pub mod driver;
+pub mod kvcompare;
 pub mod plan;
 pub mod report;
 pub mod sse;
@@ -91,6 +92,18 @@ pub struct BenchArgs {
     /// The router's scrape interval of engine metrics, simulated seconds.
     #[arg(long, default_value_t = 1.0)]
     pub engine_stats_interval: f64,
+    /// Compare exact, approximate and load-only routing (see docs/bench.md): engines with a
+    /// small cache and an ample one, behind each count of --router-replicas. Needs --tokenizer.
+    #[arg(long)]
+    pub kv_compare: bool,
+    /// Router replicas sharing the load in --kv-compare, one set of runs per count
+    /// [default: 1,3].
+    #[arg(long, value_delimiter = ',')]
+    pub router_replicas: Option<Vec<usize>>,
+    /// The model's tokenizer (a tokenizer.json or a model directory) for --kv-compare: the
+    /// engines cache by its token ids and render chat prompts with its chat template.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
     pub knobs: WorkloadKnobs,
 }
@@ -115,6 +128,9 @@ impl Default for BenchArgs {
             max_num_seqs: None,
             num_blocks: None,
             engine_stats_interval: 1.0,
+            kv_compare: false,
+            router_replicas: None,
+            tokenizer: None,
             knobs: WorkloadKnobs::default(),
         }
     }
@@ -166,6 +182,23 @@ impl BenchArgs {
         );
         flag("max-num-seqs", self.max_num_seqs.map(|v| v.to_string()));
         flag("num-blocks", self.num_blocks.map(|v| v.to_string()));
+        flag(
+            "kv-compare",
+            differs(self.kv_compare).map(|_| String::new()),
+        );
+        flag(
+            "router-replicas",
+            self.router_replicas.as_ref().map(|r| {
+                r.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
+        );
+        flag(
+            "tokenizer",
+            self.tokenizer.as_ref().map(|p| p.display().to_string()),
+        );
         flag(
             "engine-stats-interval",
             differs(self.engine_stats_interval != d.engine_stats_interval)
@@ -314,7 +347,50 @@ fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
         Some(s) => plan::parse_sweep(s).map_err(BenchError::Args)?,
         None => Vec::new(),
     };
-    let (runs, dir) = if let Some(target) = &args.target {
+    if !args.kv_compare && (args.router_replicas.is_some() || args.tokenizer.is_some()) {
+        return bad("--router-replicas and --tokenizer are settings of --kv-compare".into());
+    }
+    let (runs, dir) = if args.kv_compare {
+        if args.target.is_some() || !sweep.is_empty() || args.policies.is_some() {
+            return bad(
+                "--kv-compare chooses its own runs: it cannot be used with --target, --sweep                  or --policies"
+                    .into(),
+            );
+        }
+        let Some(tokenizer) = &args.tokenizer else {
+            return bad(
+                "--kv-compare needs --tokenizer PATH (e.g. tests/fixtures/tokenizer in a checkout)"
+                    .into(),
+            );
+        };
+        if !tokenizer.exists() {
+            return bad(format!(
+                "--tokenizer {}: no such file or directory",
+                tokenizer.display()
+            ));
+        }
+        let replicas = args.router_replicas.clone().unwrap_or_else(|| vec![1, 3]);
+        if replicas.is_empty() || replicas.iter().any(|&n| !(1..=8).contains(&n)) {
+            return bad(format!(
+                "--router-replicas must be counts between 1 and 8, got {replicas:?}"
+            ));
+        }
+        let small = match args.num_blocks {
+            Some(n) => n,
+            None => {
+                let t = crate::tokens::Tokenizer::load(tokenizer).map_err(|e| {
+                    BenchError::Args(format!("--tokenizer {}: {e}", tokenizer.display()))
+                })?;
+                let w = Workload::generate(&spec);
+                let ratio = kvcompare::tokens_per_stand_in_token(&w, &t).unwrap_or(1.0);
+                kvcompare::small_cache_blocks(&w, args.engines, ratio)
+            }
+        };
+        let runs = kvcompare::plan(&replicas, small);
+        let dir = PoliciesDir::prepare(&policies_source(&args.policies_dir)?, &[])?;
+        dir.check(&runs)?;
+        (runs, Some(dir))
+    } else if let Some(target) = &args.target {
         if !(target.starts_with("http://") && target.len() > 7) {
             return bad(format!("--target must be an http:// URL, got {target:?}"));
         }
@@ -343,6 +419,7 @@ fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
             vec![RunPlan {
                 policy: name.clone(),
                 name,
+                kv: None,
             }],
             None,
         )
@@ -362,6 +439,9 @@ fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
             num_blocks: args.num_blocks,
             engine_stats_interval: args.engine_stats_interval,
             seed: spec.seed,
+            router_replicas: 1,
+            tokenizer: args.tokenizer.clone(),
+            exact_kv: false,
         },
         spec,
         time_scale,
@@ -409,11 +489,14 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
     }
     let mut runs = Vec::with_capacity(s.runs.len());
     let mut records = Vec::with_capacity(s.runs.len());
+    let mut kv_rows = Vec::new();
     for r in &s.runs {
         let bar = progress_bar(planned, &r.name, show);
         let wall = Instant::now();
-        let (recs, engines, figures) =
-            run_one(args, &s, &r.policy, Arc::clone(&workload), &bar).await?;
+        let (recs, engines, figures) = run_one(args, &s, r, Arc::clone(&workload), &bar).await?;
+        if let Some(kv) = &r.kv {
+            kv_rows.push(kvcompare::KvRow::new(kv, &recs));
+        }
         bar.finish_and_clear();
         let name = if args.target.is_some() && args.policies.is_none() {
             majority_policy(&recs).unwrap_or_else(|| r.name.clone())
@@ -432,7 +515,12 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
         runs.push(st);
         records.push(recs);
     }
-    let winners = report::winners(&runs);
+    // The kv comparison's runs differ in their clusters: no single winner per figure.
+    let winners = if args.kv_compare {
+        Vec::new()
+    } else {
+        report::winners(&runs)
+    };
     Ok(BenchReport {
         settings: BenchSettings {
             command: args.command_line(),
@@ -451,6 +539,7 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
         },
         runs,
         winners,
+        kv_compare: args.kv_compare.then_some(kv_rows),
         records,
     })
 }
@@ -459,10 +548,11 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
 async fn run_one(
     args: &BenchArgs,
     s: &Setup,
-    policy: &str,
+    run: &RunPlan,
     workload: Arc<Workload>,
     bar: &ProgressBar,
 ) -> Result<(Vec<RequestRecord>, Vec<String>, EngineFigures), BenchError> {
+    let policy = run.policy.as_str();
     if let Some(target) = &args.target {
         let cfg = drive_config(target.trim_end_matches('/'), args, s);
         let recs = driver::drive_isolated(cfg, workload, bar.clone())
@@ -473,8 +563,15 @@ async fn run_one(
     let Some(dir) = &s.dir else {
         return Err(BenchError::Args("no policies directory".into()));
     };
-    let cluster = Cluster::start(&s.cluster, dir.path(), policy).await?;
-    let cfg = drive_config(&cluster.url(), args, s);
+    let mut spec = s.cluster.clone();
+    if let Some(kv) = &run.kv {
+        spec.num_blocks = kv.num_blocks;
+        spec.router_replicas = kv.replicas;
+        spec.exact_kv = kv.mode == kvcompare::KvMode::Exact;
+    }
+    let cluster = Cluster::start(&spec, dir.path(), policy).await?;
+    let mut cfg = drive_config(&cluster.url(), args, s);
+    cfg.replica_urls = cluster.urls().into_iter().skip(1).collect();
     let recs = driver::drive_isolated(cfg, workload, bar.clone()).await;
     let figures = match &recs {
         Ok(_) => cluster.engine_figures().await,
@@ -488,6 +585,7 @@ async fn run_one(
 fn drive_config(url: &str, args: &BenchArgs, s: &Setup) -> DriveConfig {
     DriveConfig {
         url: url.to_owned(),
+        replica_urls: Vec::new(),
         model: args.model.clone(),
         time_scale: s.time_scale,
         request_timeout: s.request_timeout,

@@ -18,6 +18,8 @@ pub struct RunPlan {
     pub name: String,
     /// Policy name given to the router.
     pub policy: String,
+    /// With `--kv-compare`: the run's cluster and routing.
+    pub kv: Option<super::kvcompare::KvRun>,
 }
 
 /// A `load_balance` threshold of the sweep; `Inf` drops the `load_balance` tier.
@@ -95,11 +97,13 @@ pub fn plan_runs(policies: Option<&[String]>, sweep: &[Threshold]) -> Result<Vec
         .map(|p| RunPlan {
             name: p.clone(),
             policy: p,
+            kv: None,
         })
         .collect();
     runs.extend(sweep.iter().map(|t| RunPlan {
         name: format!("{SWEEP_BASE}[t={}]", t.label()),
         policy: t.policy_name(),
+        kv: None,
     }));
     if runs.is_empty() {
         return Err("no policies to run".into());
@@ -265,6 +269,7 @@ mod tests {
                 .check(&[RunPlan {
                     name: "nope".into(),
                     policy: "nope".into(),
+                    kv: None,
                 }])
                 .unwrap_err();
             assert!(e.to_string().contains("unknown policy \"nope\""), "{e}");

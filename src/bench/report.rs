@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::kvcompare;
 use super::stats::{RequestRecord, RunStats};
 use super::workload::WorkloadSpec;
 
@@ -46,6 +47,9 @@ pub struct BenchReport {
     pub settings: BenchSettings,
     pub runs: Vec<RunStats>,
     pub winners: Vec<Winner>,
+    /// With `--kv-compare`: each run's cluster and routing, in the order of `runs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_compare: Option<Vec<super::kvcompare::KvRow>>,
     /// Every request of every run (written to `requests.csv`, not to the JSON).
     #[serde(skip)]
     pub records: Vec<Vec<RequestRecord>>,
@@ -361,6 +365,13 @@ impl BenchReport {
             s.time_scale
         );
         out.push('\n');
+        if let Some(rows) = &self.kv_compare {
+            out.push_str(&text_table(
+                kvcompare::HEADERS,
+                &kvcompare::table_rows(rows, &self.runs),
+            ));
+            out.push('\n');
+        }
         out.push_str(&text_table(PERF_HEADERS, &perf_rows(&self.runs)));
         out.push('\n');
         out.push_str(&text_table(ROUTING_HEADERS, &routing_rows(&self.runs)));
@@ -409,6 +420,13 @@ impl BenchReport {
             s.workload.describe(),
             s.time_scale
         );
+        if let Some(rows) = &self.kv_compare {
+            out.push_str(&markdown_table(
+                kvcompare::HEADERS,
+                &kvcompare::table_rows(rows, &self.runs),
+            ));
+            out.push('\n');
+        }
         out.push_str(&markdown_table(PERF_HEADERS, &perf_rows(&self.runs)));
         out.push('\n');
         out.push_str(&markdown_table(ROUTING_HEADERS, &routing_rows(&self.runs)));
@@ -440,6 +458,8 @@ impl BenchReport {
             "engine",
             "tier",
             "policy",
+            "kv",
+            "replica",
             "lag_s",
         ]);
         for (run, recs) in self.runs.iter().zip(&self.records) {
@@ -462,6 +482,8 @@ impl BenchReport {
                     r.engine.clone().unwrap_or_default(),
                     r.tier.clone().unwrap_or_default(),
                     r.policy.clone().unwrap_or_default(),
+                    r.kv.clone().unwrap_or_default(),
+                    r.replica.to_string(),
                     format!("{:.6}", r.lag),
                 ]);
             }
@@ -547,6 +569,7 @@ pub(crate) mod tests {
                 time_unit: "simulated seconds",
             },
             winners: winners(&runs),
+            kv_compare: None,
             runs,
             records: vec![a, b],
         }

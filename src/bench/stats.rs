@@ -39,6 +39,10 @@ pub struct RequestRecord {
     pub engine: Option<String>,
     pub tier: Option<String>,
     pub policy: Option<String>,
+    /// The source of the chosen engine's prefix match (`x-switchyard-kv`), when matched.
+    pub kv: Option<String>,
+    /// The router replica the request was sent to (0 with one router).
+    pub replica: usize,
     /// How much later than it could have been the request was sent (client scheduling lag),
     /// simulated seconds. Large values mean the benchmarking machine was overloaded.
     pub lag: f64,
@@ -317,6 +321,8 @@ pub(crate) mod tests {
             engine: Some(engine.into()),
             tier: Some(tier.into()),
             policy: Some("p".into()),
+            kv: None,
+            replica: 0,
             lag: 0.0,
         }
     }

@@ -106,6 +106,11 @@ pub struct ServeArgs {
     /// Simulated engines started in-process when no backends are configured [default: 3].
     #[arg(long)]
     pub demo_engines: Option<usize>,
+    /// The engines' tokenizer, for exact prefix matching: a Hugging Face `tokenizer.json`, or a
+    /// model directory holding it and `tokenizer_config.json` (chat template, special tokens).
+    /// Read once at start; nothing is downloaded [default: none: the 4-bytes-per-token estimate].
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Where engines come from: `static` (--static-backends) or `k8s` (Ready pods found through
     /// the Kubernetes API) [default: static].
     #[arg(long)]
@@ -176,6 +181,7 @@ pub struct FileConfig {
     pub prefix_index_mib: Option<usize>,
     pub block_size: Option<usize>,
     pub demo_engines: Option<usize>,
+    pub tokenizer: Option<PathBuf>,
     pub service_discovery: Option<String>,
     pub k8s_namespace: Option<String>,
     pub k8s_label_selector: Option<String>,

@@ -82,6 +82,9 @@ pub struct RouterConfig {
     pub health_probe_interval: Duration,
     pub prefix_index_bytes: usize,
     pub block_size: usize,
+    /// The engines' tokenizer (`tokenizer.json` or a model directory), loaded when the router
+    /// starts (into its `AppState`); `None`: the stand-in estimate.
+    pub tokenizer: Option<PathBuf>,
     /// The config file, watched for policy settings.
     pub config_file: Option<PathBuf>,
     /// `--imbalanced-threshold`, applied to the built-in load_balanced_kvaware policy (already
@@ -118,6 +121,7 @@ impl Default for RouterConfig {
             health_probe_interval: Duration::from_millis(500),
             prefix_index_bytes: 64 * 1024 * 1024,
             block_size: crate::tokens::DEFAULT_BLOCK_SIZE,
+            tokenizer: None,
             config_file: None,
             imbalanced_threshold: None,
             kv_events: KvEventsSettings::default(),
@@ -232,6 +236,15 @@ impl RouterConfig {
         let policy = policy_settings(args, &file)?;
         let kv_events =
             kv_events::kv_events_from(args, &file, backends.len(), discovery.is_dynamic())?;
+        let tokenizer = args.tokenizer.clone().or(file.tokenizer.clone());
+        if let Some(p) = &tokenizer
+            && !p.exists()
+        {
+            return Err(invalid(
+                "tokenizer",
+                format!("{} does not exist", p.display()),
+            ));
+        }
         Ok(RouterConfig {
             host: args.host.or(file.host).unwrap_or(d.host),
             port: args.port.or(file.port).unwrap_or(d.port),
@@ -308,6 +321,7 @@ impl RouterConfig {
                 .map(|m| m * 1024 * 1024)
                 .unwrap_or(d.prefix_index_bytes),
             block_size,
+            tokenizer,
             config_file: args.config.clone(),
             imbalanced_threshold: args.imbalanced_threshold.or(file.imbalanced_threshold),
             kv_events,
@@ -535,6 +549,27 @@ mod tests {
         let mut full = vec!["switchyard"];
         full.extend_from_slice(v);
         Flags::try_parse_from(full).map(|f| f.serve)
+    }
+
+    #[test]
+    fn tokenizer_flag_and_file_key_resolve_and_a_missing_path_names_the_setting() {
+        assert_eq!(RouterConfig::resolve(&args(&[])).unwrap().tokenizer, None);
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let c = RouterConfig::resolve(&args(&["--tokenizer", d])).unwrap();
+        assert_eq!(c.tokenizer.as_deref(), Some(dir.path()));
+        let file = dir.path().join("s.toml");
+        std::fs::write(&file, format!("tokenizer = {d:?}\n")).unwrap();
+        let c = RouterConfig::resolve(&args(&["--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!(c.tokenizer.as_deref(), Some(dir.path()));
+        let missing = dir.path().join("nope");
+        let e = RouterConfig::resolve(&args(&["--tokenizer", missing.to_str().unwrap()]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("tokenizer: ") && e.contains("does not exist"),
+            "{e}"
+        );
     }
 
     #[test]

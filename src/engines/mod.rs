@@ -285,7 +285,9 @@ pub struct EngineSnapshot {
 pub struct Candidate {
     pub engine: Arc<Engine>,
     pub load: EngineSnapshot,
-    /// Tokens of this request's prompt found cached on this engine by the router's prefix index.
+    /// Tokens of the prompt found cached on this engine, as given by the caller of
+    /// `PolicyStore::decide` (tests, benchmarks). The proxy leaves it 0 and passes
+    /// `PolicyStore::decide_with` a matcher that computes matches only when a tier needs them.
     pub prefix_match_tokens: usize,
 }
 

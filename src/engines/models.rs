@@ -48,6 +48,16 @@ impl ModelCards {
         self.cards.load().get(model).cloned()
     }
 
+    /// Whether `model` is a LoRA adapter as its card says (vLLM's cards of adapters name their
+    /// base model in `parent`); `false` while no card of it was fetched.
+    pub fn is_adapter(&self, model: &str) -> bool {
+        self.cards
+            .load()
+            .get(model)
+            .and_then(|c| c.get("parent")?.as_str().map(|p| p != model))
+            .unwrap_or(false)
+    }
+
     /// Fetches the cards again if they are older than [`CARDS_MAX_AGE`].
     pub async fn refresh_if_stale(&self, registry: &Registry, client: &HttpClient) {
         let mut fetched_at = self.fetched_at.lock().await;
@@ -131,5 +141,13 @@ mod tests {
         );
         assert_eq!(cards.len(), 1);
         assert_eq!(cards["m"]["owned_by"], "vllm");
+        let store = ModelCards::new();
+        assert!(!store.is_adapter("m"));
+        cards.insert(
+            "sql".into(),
+            serde_json::json!({"id": "sql", "parent": "m"}),
+        );
+        store.cards.store(Arc::new(cards));
+        assert!(store.is_adapter("sql") && !store.is_adapter("m"));
     }
 }

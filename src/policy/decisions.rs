@@ -1,6 +1,9 @@
-//! Counting decisions: `switchyard_routing_decisions_total{policy,tier,engine}`.
+//! Counting decisions: `switchyard_routing_decisions_total{policy,tier,engine,kv}`, where `kv`
+//! is where the chosen engine's prefix match came from (`exact`, `approximate`), or `none`
+//! when no tier of the decision needed prefix matches.
 //!
-//! Counter handles are cached per thread, keyed by (compiled policy, tier label, engine id), so
+//! Counter handles are cached per thread, keyed by (compiled policy, tier label, engine id,
+//! source), so
 //! a decision costs one small hash lookup and an atomic increment, with no label strings built.
 //! Handles are created against the recorder installed at the time of first use.
 
@@ -9,6 +12,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
+use super::kv::KvSource;
 use super::pipeline::{CompiledPolicy, Label};
 use crate::engines::Engine;
 
@@ -40,30 +44,47 @@ impl Hasher for KeyHasher {
     }
 }
 
-type Key = (u64, Label, u32);
+type Key = (u64, Label, u32, u8);
 type Cache = HashMap<Key, (Arc<str>, metrics::Counter), BuildHasherDefault<KeyHasher>>;
 
 thread_local! {
     static COUNTERS: RefCell<Cache> = RefCell::new(Cache::default());
 }
 
-fn counter(policy: &CompiledPolicy, tier: &str, engine: &Engine) -> metrics::Counter {
+fn counter(
+    policy: &CompiledPolicy,
+    tier: &str,
+    engine: &Engine,
+    source: Option<KvSource>,
+) -> metrics::Counter {
     metrics::counter!(
         "switchyard_routing_decisions_total",
         "policy" => policy.name.to_string(),
         "tier" => tier.to_string(),
-        "engine" => engine.name.to_string()
+        "engine" => engine.name.to_string(),
+        "kv" => KvSource::label(source)
     )
 }
 
 /// Counts one decision.
-pub(crate) fn record(policy: &CompiledPolicy, label: Label, tier: &str, engine: &Engine) {
+pub(crate) fn record(
+    policy: &CompiledPolicy,
+    label: Label,
+    tier: &str,
+    engine: &Engine,
+    source: Option<KvSource>,
+) {
     COUNTERS.with(|cell| {
         let Ok(mut cache) = cell.try_borrow_mut() else {
-            counter(policy, tier, engine).increment(1);
+            counter(policy, tier, engine, source).increment(1);
             return;
         };
-        let key = (policy.uid, label, engine.id);
+        let source_key = match source {
+            None => 0,
+            Some(KvSource::Exact) => 1,
+            Some(KvSource::Approximate) => 2,
+        };
+        let key = (policy.uid, label, engine.id, source_key);
         if let Some((name, c)) = cache.get(&key)
             && Arc::ptr_eq(name, &engine.name)
         {
@@ -73,7 +94,7 @@ pub(crate) fn record(policy: &CompiledPolicy, label: Label, tier: &str, engine: 
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
-        let c = counter(policy, tier, engine);
+        let c = counter(policy, tier, engine, source);
         c.increment(1);
         cache.insert(key, (Arc::clone(&engine.name), c));
     });

@@ -18,6 +18,7 @@ mod chain;
 mod decisions;
 mod files;
 mod generation;
+pub mod kv;
 mod load;
 mod pipeline;
 mod reload;
@@ -35,6 +36,7 @@ use crate::engines::Candidate;
 use crate::request::RequestInfo;
 
 pub use files::MAX_POLICY_FILE_BYTES;
+pub use kv::{KvMatches, KvSource, PrefixMatcher};
 pub use load::PolicyDiagnostic;
 pub use pipeline::DEFAULT_TIER;
 pub use reload::{REARM_INTERVAL, WatchHandle};
@@ -88,6 +90,9 @@ pub struct Decision {
     pub policy: Arc<str>,
     /// Name of the deciding tier (e.g. `load_balance`, `kv_lookup`, a script, `default`).
     pub tier: Arc<str>,
+    /// Where the chosen engine's prefix match came from, if a tier of this decision needed
+    /// prefix matches (so they were computed); `None` if none did.
+    pub kv: Option<KvSource>,
 }
 
 /// Why policies could not be loaded or watched.
@@ -150,7 +155,7 @@ impl std::fmt::Debug for PolicyStore {
 /// hold up the other tasks of a tokio worker: on a multi-threaded runtime's worker the worker's
 /// other tasks (`/health`, other requests) move to another thread for the duration
 /// (`block_in_place`); anywhere else `f` simply runs.
-fn off_the_workers<R>(f: impl Fn() -> R) -> R {
+pub fn off_the_workers<R>(f: impl Fn() -> R) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
     let multi_thread =
         Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
@@ -207,8 +212,29 @@ impl PolicyStore {
         Arc::clone(&self.current.load().settings)
     }
 
-    /// Chooses one of `cands` (never empty) for `req`.
+    /// Chooses one of `cands` (never empty) for `req`, on the candidates' own
+    /// `prefix_match_tokens`.
     pub fn decide(&self, req: &RequestInfo, cands: &[Candidate]) -> Decision {
+        self.decide_inner(req, cands, None)
+    }
+
+    /// Chooses one of `cands` (never empty) for `req`; prefix matches are asked of `matcher`
+    /// when a tier first needs them (at most once), never otherwise.
+    pub fn decide_with(
+        &self,
+        req: &RequestInfo,
+        cands: &[Candidate],
+        matcher: &dyn PrefixMatcher,
+    ) -> Decision {
+        self.decide_inner(req, cands, Some(matcher))
+    }
+
+    fn decide_inner(
+        &self,
+        req: &RequestInfo,
+        cands: &[Candidate],
+        matcher: Option<&dyn PrefixMatcher>,
+    ) -> Decision {
         let generation = self.current.load();
         let policy = if generation.per_model.is_empty() {
             &generation.default
@@ -223,14 +249,17 @@ impl PolicyStore {
                 engine: 0,
                 policy: Arc::clone(&policy.name),
                 tier: Arc::from(DEFAULT_TIER),
+                kv: None,
             };
         }
+        let kv = kv::Kv::new(matcher, req, cands);
         let run = || {
             policy.decide(
                 &generation.sandbox.engine,
                 generation.settings.script_time_budget,
                 req,
                 cands,
+                &kv,
             )
         };
         let (picked, label) = if policy.is_native() {
@@ -248,11 +277,13 @@ impl PolicyStore {
         );
         let engine = picked.min(cands.len() - 1);
         let tier = policy.label(label);
-        decisions::record(policy, label, tier, &cands[engine].engine);
+        let source = kv.source(engine);
+        decisions::record(policy, label, tier, &cands[engine].engine, source);
         tracing::debug!(
             policy = %policy.name,
             tier = %tier,
             engine = %cands[engine].engine.name,
+            kv = KvSource::label(source),
             model = %req.model,
             candidates = cands.len(),
             "routing decision"
@@ -261,6 +292,7 @@ impl PolicyStore {
             engine,
             policy: Arc::clone(&policy.name),
             tier: Arc::clone(tier),
+            kv: source,
         }
     }
 

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rhai::Dynamic;
 
-use super::builtins::{self, BUILTINS, Builtin, PolicyState};
+use super::builtins::{self, BUILTINS, Builtin, Inputs, PolicyState};
+use super::kv::Kv;
 use super::script::api::{Ctx, ORIGIN_SCRIPT};
 use super::script::{self, ErrorReason, Outcome, Script, ScriptError};
 use crate::engines::Candidate;
@@ -140,24 +141,32 @@ impl CompiledPolicy {
 
     /// Chooses one of `cands` (never empty): the first tier that decides, else the least
     /// loaded engine under the [`DEFAULT_TIER`] label. Each script tier may run for
-    /// `script_budget` (wall clock) before it is stopped and passes.
+    /// `script_budget` (wall clock) before it is stopped and passes. Prefix matches are
+    /// computed by `kv` when a tier first reads them.
     pub fn decide(
         &self,
         engine: &rhai::Engine,
         script_budget: Duration,
         req: &RequestInfo,
         cands: &[Candidate],
+        kv: &Kv<'_>,
     ) -> (usize, Label) {
         let mut ctx: Option<Ctx<'_>> = None;
+        let inputs = Inputs {
+            req,
+            cands,
+            state: &self.state,
+            kv,
+        };
         for (i, tier) in self.tiers.iter().enumerate() {
             match &tier.kind {
                 TierKind::Builtin(b) => {
-                    if let Some(e) = b.run(req, cands, &self.state) {
+                    if let Some(e) = b.run_on(&inputs) {
                         return (e, self.tier_label(i));
                     }
                 }
                 TierKind::Script(s) => {
-                    let ctx = ctx.get_or_insert_with(|| Ctx::new(req, cands, &self.state));
+                    let ctx = ctx.get_or_insert_with(|| Ctx::new(req, cands, &self.state, kv));
                     // A request never fails because of a script, not even if evaluation panics.
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         script::eval(engine, s, ctx, &self.params, script_budget)

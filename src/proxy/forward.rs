@@ -20,9 +20,10 @@ use super::errors::{ApiError, clip};
 use super::headers::{
     ClientAddr, add_decision_headers, strip_hop_by_hop, strip_router_headers, upstream_headers,
 };
+use super::kv::{RequestKv, Sources};
 use super::telemetry::{RequestRecord, count_request};
 use crate::engines::{Candidate, Engine, InFlightGuard};
-use crate::policy::Decision;
+use crate::policy::{Decision, KvSource};
 use crate::request::{ParseError, Parsed, RequestInfo, parse_body};
 
 /// Routes and forwards a POST to a model endpoint; errors become OpenAI-shaped responses.
@@ -150,11 +151,12 @@ async fn attempt_engines(
 ) -> Attempts {
     let attempts = state.cfg.max_attempts;
     let mut last = Attempts::Failed("no engine left to try".into());
+    let kv = RequestKv::new(kv_sources(state, info));
     for attempt in 0..attempts {
         if cands.is_empty() {
             break;
         }
-        let decision = state.policies.decide(info, &cands);
+        let decision = state.policies.decide_with(info, &cands, &kv);
         let idx = decision.engine.min(cands.len() - 1);
         let engine = Arc::clone(&cands[idx].engine);
         tracing::debug!(model = %model, policy = %decision.policy, tier = %decision.tier, engine = %engine.name, attempt, "routed");
@@ -306,6 +308,7 @@ fn relay(
             &a.decision.policy,
             &a.decision.tier,
             &a.engine.name,
+            a.decision.kv.map(KvSource::as_str),
         );
     }
     let body = RouterBody::upstream(UpstreamBody::new(rbody, a.guard, record, sse));
@@ -389,7 +392,27 @@ fn engine_uri(engine: &Engine, client_uri: &http::Uri) -> http::Uri {
     format!("{}{}", engine.url, pq).parse().unwrap_or_default()
 }
 
-/// The healthy engines serving the request's model, with their load and prefix match.
+/// Where the request's prefix matches come from, when a tier needs them.
+fn kv_sources<'a>(state: &'a AppState, info: &'a RequestInfo) -> Sources<'a> {
+    // Exact matching needs both the engines' views and the request's token ids.
+    let exact = state.tokenizer.as_deref().map(|t| {
+        (
+            &*state.exact as &dyn super::kv::ExactLookup,
+            t as &dyn super::kv::RequestTokenizer,
+        )
+    });
+    Sources {
+        approximate: &state.prefix,
+        block_size: state.cfg.block_size,
+        exact,
+        // An adapter's blocks are keyed under its name (known from the engines' model cards).
+        lora_name: (exact.is_some() && state.cards.is_adapter(&info.model))
+            .then_some(info.model.as_str()),
+    }
+}
+
+/// The healthy engines serving the request's model, with their load. Their prefix matches are
+/// computed later, only if the policy needs them ([`RequestKv`]).
 fn candidates(state: &AppState, info: &RequestInfo) -> Result<Vec<Candidate>, ApiError> {
     let all = state.registry.all();
     let mut serving = 0usize;
@@ -415,13 +438,6 @@ fn candidates(state: &AppState, info: &RequestInfo) -> Result<Vec<Candidate>, Ap
             clip(&info.model),
             state.cfg.health_probe_interval,
         ));
-    }
-    if !info.block_hashes().is_empty() {
-        let ids: Vec<u32> = cands.iter().map(|c| c.engine.id).collect();
-        let blocks = state.prefix.match_blocks(info.block_hashes(), &ids);
-        for (c, b) in cands.iter_mut().zip(blocks) {
-            c.prefix_match_tokens = b * state.cfg.block_size;
-        }
     }
     Ok(cands)
 }

@@ -84,7 +84,16 @@ pub fn strip_router_headers(h: &mut HeaderMap) {
     }
 }
 
-pub fn add_decision_headers(h: &mut HeaderMap, policy: &str, tier: &str, engine: &str) {
+/// The decision headers (`--decision-headers`): `x-switchyard-policy`, `-tier`, `-engine`,
+/// and `x-switchyard-kv` (`exact` or `approximate`: the source of the chosen engine's prefix
+/// match) when a tier of the decision computed prefix matches; absent when none did.
+pub fn add_decision_headers(
+    h: &mut HeaderMap,
+    policy: &str,
+    tier: &str,
+    engine: &str,
+    kv: Option<&'static str>,
+) {
     for (name, v) in [
         ("x-switchyard-policy", policy),
         ("x-switchyard-tier", tier),
@@ -93,6 +102,12 @@ pub fn add_decision_headers(h: &mut HeaderMap, policy: &str, tier: &str, engine:
         if let Ok(v) = HeaderValue::from_str(v) {
             h.insert(HeaderName::from_static(name), v);
         }
+    }
+    if let Some(kv) = kv {
+        h.insert(
+            HeaderName::from_static("x-switchyard-kv"),
+            HeaderValue::from_static(kv),
+        );
     }
 }
 

@@ -6,6 +6,7 @@ pub mod conn;
 pub mod errors;
 pub mod forward;
 pub mod headers;
+pub mod kv;
 pub mod routes;
 pub mod telemetry;
 
@@ -57,6 +58,9 @@ pub struct AppState {
     pub connections: conn::ConnLimit,
     /// Set when shutdown starts: `/health` answers 503 from then on.
     pub draining: AtomicBool,
+    /// The engines' tokenizer (`--tokenizer`), loaded at start (a hot reload does not re-read
+    /// it: restart to change it); `None`: the stand-in estimate.
+    pub tokenizer: Option<Arc<crate::tokens::Tokenizer>>,
 }
 
 /// Why the router could not start.
@@ -73,6 +77,8 @@ pub enum StartError {
     Policy(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     Discovery(#[from] crate::engines::discovery::DiscoveryError),
+    #[error("--tokenizer: {0}")]
+    Tokenizer(#[from] crate::tokens::TokenizerError),
 }
 
 /// A running router.
@@ -146,6 +152,14 @@ pub async fn start(
     if cfg.backends.is_empty() && !cfg.discovery.is_dynamic() {
         return Err(StartError::NoBackends);
     }
+    let tokenizer = match &cfg.tokenizer {
+        None => None,
+        Some(path) => {
+            let t = crate::tokens::Tokenizer::load(path)?;
+            tracing::info!(tokenizer = ?t, "tokenizer loaded");
+            Some(Arc::new(t))
+        }
+    };
     let _ = telemetry::prometheus();
     let registry = Arc::new(Registry::new());
     let exact = Arc::new(ExactIndex::new(cfg.kv_events.max_bytes));
@@ -248,6 +262,7 @@ pub async fn start(
         cards: ModelCards::new(),
         connections: conn::ConnLimit::new(max_connections),
         draining: AtomicBool::new(false),
+        tokenizer,
     });
     let (tx, rx) = oneshot::channel();
     let server = tokio::spawn(accept_loop(listener, Arc::clone(&state), rx));

@@ -3,7 +3,9 @@
 //! Metrics: `switchyard_requests_total{model,engine,status}`,
 //! `switchyard_request_duration_seconds{model}` and `switchyard_time_to_first_byte_seconds{model}`
 //! (histograms), `switchyard_engine_in_flight{engine}`, `switchyard_engine_healthy{engine}`,
-//! `switchyard_retries_total{model}`, plus the policy metrics (`switchyard_routing_decisions_total`,
+//! `switchyard_retries_total{model}`, `switchyard_tokenize_total{result}` (requests tokenized
+//! for exact prefix matching), plus the policy metrics
+//! (`switchyard_routing_decisions_total{policy,tier,engine,kv}`,
 //! `switchyard_policy_reloads_total`, `switchyard_policy_script_errors_total`).
 //!
 //! [`register_families`] registers every family at zero when the router starts, so that
@@ -15,7 +17,7 @@ use std::time::Instant;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::engines::{Engine, ModelMetrics, Registry};
-use crate::policy::{DEFAULT_TIER, PolicyStore};
+use crate::policy::{DEFAULT_TIER, KvSource, PolicyStore};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -65,6 +67,10 @@ fn describe() {
     metrics::describe_counter!(
         "switchyard_retries_total",
         "Requests retried on another engine"
+    );
+    metrics::describe_counter!(
+        "switchyard_tokenize_total",
+        "Requests tokenized for exact prefix matching (--tokenizer), by result"
     );
 }
 
@@ -184,6 +190,9 @@ pub fn register_families(registry: &Registry, policies: &PolicyStore) {
             .increment(0);
         }
     }
+    for result in ["ok", "error"] {
+        metrics::counter!("switchyard_tokenize_total", "result" => result).increment(0);
+    }
     for reason in CONNECTION_CLOSE_REASONS {
         metrics::counter!("switchyard_client_connections_closed_total", "reason" => *reason)
             .increment(0);
@@ -212,13 +221,16 @@ fn register_engine_series(engine: &Engine, tiers: &[(String, Vec<String>)]) {
     }
     for (policy, tier_names) in tiers {
         for tier in tier_names.iter().map(String::as_str).chain([DEFAULT_TIER]) {
-            metrics::counter!(
-                "switchyard_routing_decisions_total",
-                "policy" => policy.clone(),
-                "tier" => tier.to_string(),
-                "engine" => name.clone()
-            )
-            .increment(0);
+            for kv in KvSource::LABELS {
+                metrics::counter!(
+                    "switchyard_routing_decisions_total",
+                    "policy" => policy.clone(),
+                    "tier" => tier.to_string(),
+                    "engine" => name.clone(),
+                    "kv" => kv
+                )
+                .increment(0);
+            }
         }
     }
 }

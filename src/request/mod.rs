@@ -143,6 +143,24 @@ pub fn parse_body(
     session_field: Option<&str>,
     block_size: usize,
 ) -> Result<Parsed, ParseError> {
+    parse_into(body, session_field, PromptSink::new(block_size)).map(|(p, _)| p)
+}
+
+/// [`parse_body`], also returning the canonical prompt text its digest describes (see
+/// [`PromptDigest`]): what the stand-in tokenizer tokenizes.
+pub fn parse_body_with_text(
+    body: &[u8],
+    session_field: Option<&str>,
+    block_size: usize,
+) -> Result<(Parsed, String), ParseError> {
+    parse_into(body, session_field, PromptSink::keeping_text(block_size))
+}
+
+fn parse_into(
+    body: &[u8],
+    session_field: Option<&str>,
+    mut sink: PromptSink,
+) -> Result<(Parsed, String), ParseError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let raw = RoutingSeed { session_field }
         .deserialize(&mut de)
@@ -154,7 +172,6 @@ pub fn parse_body(
     };
     let model: String =
         serde_json::from_str::<String>(model.get()).map_err(|_| ParseError::ModelNotString)?;
-    let mut sink = PromptSink::new(block_size);
     if let Some(msgs) = raw.messages {
         prompt::messages_into(msgs, &mut sink)
             .map_err(|e| ParseError::Json(format!("messages: {e}")))?;
@@ -162,12 +179,14 @@ pub fn parse_body(
         prompt::completion_prompt_into(p, &mut sink);
     }
     let session_value = raw.session.and_then(scalar_text);
-    Ok(Parsed {
+    let (prompt, text) = sink.finish_with_text();
+    let parsed = Parsed {
         model,
         stream: raw.stream.unwrap_or(false),
-        prompt: sink.finish(),
+        prompt,
         session_value,
-    })
+    };
+    Ok((parsed, text))
 }
 
 fn classify(e: &serde_json::Error) -> ParseError {
@@ -272,6 +291,23 @@ mod tests {
 
     fn digest(text: &str) -> PromptDigest {
         PromptDigest::of_text(text, 16)
+    }
+
+    #[test]
+    fn the_kept_text_is_the_text_the_digest_describes() {
+        let chat = br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"content":[{"type":"text","text":"hi"}],"role":"user"}]}"#;
+        let (p, text) = parse_body_with_text(chat, None, 16).unwrap();
+        assert_eq!(text, "system\nbe brief\nuser\nhi\n");
+        assert_eq!(p, parse(chat).unwrap());
+        assert_eq!(p.prompt, digest(&text));
+        for body in [
+            &br#"{"model":"m","prompt":["a","b"]}"#[..],
+            br#"{"model":"m","prompt":[1,2,300000]}"#,
+        ] {
+            let (p, text) = parse_body_with_text(body, None, 1).unwrap();
+            assert_eq!(p, parse_body(body, None, 1).unwrap());
+            assert_eq!(p.prompt, PromptDigest::of_text(&text, 1));
+        }
     }
 
     #[test]

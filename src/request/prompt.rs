@@ -47,6 +47,8 @@ impl PromptDigest {
 pub(super) struct PromptSink {
     chars: usize,
     hasher: BlockHasher,
+    /// The canonical prompt text itself, when asked for.
+    text: Option<String>,
 }
 
 impl PromptSink {
@@ -54,12 +56,24 @@ impl PromptSink {
         PromptSink {
             chars: 0,
             hasher: BlockHasher::new(block_size),
+            text: None,
+        }
+    }
+
+    /// A sink that also keeps the canonical prompt text.
+    pub(super) fn keeping_text(block_size: usize) -> PromptSink {
+        PromptSink {
+            text: Some(String::new()),
+            ..PromptSink::new(block_size)
         }
     }
 
     fn push(&mut self, s: &str) {
         self.chars += s.chars().count();
         self.hasher.push(s.as_bytes());
+        if let Some(t) = &mut self.text {
+            t.push_str(s);
+        }
     }
 
     /// One token id: four ASCII characters derived from it, one stand-in token hashed like text.
@@ -70,14 +84,23 @@ impl PromptSink {
         }
         self.chars += 4;
         self.hasher.push(&b);
+        if let Some(t) = &mut self.text {
+            t.extend(b.iter().map(|&c| char::from(c)));
+        }
     }
 
     pub(super) fn finish(self) -> PromptDigest {
-        PromptDigest {
+        self.finish_with_text().0
+    }
+
+    /// The digest and the canonical prompt text (empty unless kept).
+    pub(super) fn finish_with_text(self) -> (PromptDigest, String) {
+        let digest = PromptDigest {
             bytes: self.hasher.len(),
             chars: self.chars,
             block_hashes: self.hasher.finish(),
-        }
+        };
+        (digest, self.text.unwrap_or_default())
     }
 }
 

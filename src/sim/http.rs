@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::Engine;
 use super::faults::Fault;
 use super::metrics::{self, inc};
+use super::prompt::{EnginePrompt, engine_prompt};
 use super::scheduler::Job;
 use crate::{request, tokens};
 
@@ -245,12 +246,10 @@ async fn inference(
         Ok(r) => r,
         Err(invalid) => return Ok(invalid.response()),
     };
-    let prompt_tokens = req.prompt.tokens();
-    let hashes = req.prompt.block_hashes;
     let job = Job::new(
         Arc::clone(&engine.sched),
-        prompt_tokens,
-        hashes,
+        req.prompt.token_ids,
+        req.prompt.block_hashes,
         req.max_tokens,
     );
     let n = engine.next_id.fetch_add(1, Ordering::Relaxed);
@@ -276,7 +275,7 @@ async fn inference(
 }
 
 struct Validated {
-    prompt: request::PromptDigest,
+    prompt: EnginePrompt,
     stream: bool,
     max_tokens: usize,
     include_usage: bool,
@@ -303,8 +302,8 @@ impl Invalid {
 
 fn validate(engine: &Engine, kind: Kind, body: &[u8]) -> Result<Validated, Invalid> {
     let bad = |m: &str| Invalid::BadRequest(m.to_owned());
-    let parsed =
-        request::parse_body(body, None, engine.block_size).map_err(|e| bad(&e.to_string()))?;
+    let (parsed, canonical_text) = request::parse_body_with_text(body, None, engine.block_size)
+        .map_err(|e| bad(&e.to_string()))?;
     if parsed.model != engine.model {
         return Err(Invalid::UnknownModel(parsed.model));
     }
@@ -332,7 +331,19 @@ fn validate(engine: &Engine, kind: Kind, body: &[u8]) -> Result<Validated, Inval
             "Stream options can only be defined when `stream=True`.",
         ));
     }
-    let prompt_tokens = parsed.prompt.tokens();
+    let path = match kind {
+        Kind::Chat => "/v1/chat/completions",
+        Kind::Completion => "/v1/completions",
+    };
+    let prompt = engine_prompt(
+        engine.tokenizer.as_deref(),
+        path,
+        body,
+        &canonical_text,
+        engine.block_size,
+    )
+    .map_err(|e| bad(&e.to_string()))?;
+    let prompt_tokens = prompt.token_ids.len();
     if prompt_tokens.saturating_add(max_tokens) > MAX_MODEL_LEN {
         return Err(bad(&format!(
             "This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you \
@@ -342,7 +353,7 @@ fn validate(engine: &Engine, kind: Kind, body: &[u8]) -> Result<Validated, Inval
         )));
     }
     Ok(Validated {
-        prompt: parsed.prompt,
+        prompt,
         stream: parsed.stream,
         max_tokens,
         include_usage: params

@@ -20,6 +20,7 @@ mod faults;
 mod http;
 pub mod kv_publisher;
 mod metrics;
+mod prompt;
 mod scheduler;
 mod text;
 
@@ -38,6 +39,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use faults::Faults;
+pub use prompt::{ENGINE_SEED, SimHooks, engine_block_hashes};
 
 /// Defaults: an 8B model (Llama-3.1-8B, BF16) on one A100 under vLLM; see `docs/sim.md`.
 pub mod defaults {
@@ -96,6 +98,10 @@ pub struct SimConfig {
     pub kv_events_endpoint: Option<String>,
     /// The ZMQ ROUTER endpoint answering replay requests (needs `kv_events_endpoint`).
     pub kv_events_replay_endpoint: Option<String>,
+    /// The model's tokenizer (`tokenizer.json` or a model directory), loaded at start: the
+    /// prefix cache then keys blocks by the model's token ids of each request (chat template
+    /// included). `None`: the stand-in's 4 bytes per token.
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -118,6 +124,7 @@ impl Default for SimConfig {
             seed: 0,
             kv_events_endpoint: None,
             kv_events_replay_endpoint: None,
+            tokenizer: None,
         }
     }
 }
@@ -209,6 +216,7 @@ pub(crate) struct Engine {
     pub(crate) created: u64,
     pub(crate) sched: Arc<scheduler::Scheduler>,
     pub(crate) faults: Faults,
+    pub(crate) tokenizer: Option<Arc<crate::tokens::Tokenizer>>,
     pub(crate) words: text::Words,
     pub(crate) next_id: AtomicU64,
     /// Where the prefix cache reports its changes (the KV-event publisher), if anywhere; the
@@ -282,8 +290,24 @@ impl SimHandle {
 
 /// Starts a simulated engine listening on `addr` (port 0 picks a free port).
 pub async fn start(cfg: SimConfig, addr: SocketAddr) -> io::Result<SimHandle> {
+    start_with(cfg, addr, SimHooks::default()).await
+}
+
+/// [`start`] with a shared tokenizer and/or a receiver of the prefix cache's changes.
+pub async fn start_with(
+    cfg: SimConfig,
+    addr: SocketAddr,
+    hooks: SimHooks,
+) -> io::Result<SimHandle> {
     cfg.validate()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let tokenizer = match (hooks.tokenizer, &cfg.tokenizer) {
+        (Some(t), _) => Some(t),
+        (None, None) => None,
+        (None, Some(path)) => Some(Arc::new(crate::tokens::Tokenizer::load(path).map_err(
+            |e| io::Error::new(io::ErrorKind::InvalidInput, format!("--tokenizer: {e}")),
+        )?)),
+    };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -311,8 +335,16 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> io::Result<SimHandle> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        sched: Arc::new(scheduler::Scheduler::new(&cfg)),
+        sched: Arc::new(scheduler::Scheduler::new(
+            &cfg,
+            hooks.cache_events.or_else(|| {
+                kv_events
+                    .clone()
+                    .map(|p| p as Arc<dyn cache_events::CacheEvents>)
+            }),
+        )),
         faults: Faults::new(cfg.fail_rate, cfg.drop_rate, cfg.hang, cfg.seed),
+        tokenizer,
         words: text::Words::new(cfg.seed),
         next_id: AtomicU64::new(0),
         cache_events: kv_events
@@ -467,6 +499,10 @@ pub struct SimArgs {
     /// Answer KV-event replay requests (ZMQ ROUTER) here, e.g. tcp://127.0.0.1:5558.
     #[arg(long, requires = "kv_events_endpoint")]
     pub kv_events_replay_endpoint: Option<String>,
+    /// The model's tokenizer.json or model directory: cache by its token ids (chat template
+    /// included) instead of the stand-in's 4 bytes per token.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 impl SimArgs {
@@ -490,6 +526,7 @@ impl SimArgs {
             seed: self.seed,
             kv_events_endpoint: self.kv_events_endpoint.clone(),
             kv_events_replay_endpoint: self.kv_events_replay_endpoint.clone(),
+            tokenizer: self.tokenizer.clone(),
         };
         if self.instant {
             cfg.prefill_overhead_ms = 0.0;
@@ -589,6 +626,8 @@ mod tests {
             "--seed",
             "7",
             "--instant",
+            "--tokenizer",
+            "tok.json",
         ])
         .unwrap();
         let c = cli.sim.to_config();
@@ -611,6 +650,7 @@ mod tests {
                 drop_rate: 0.5,
                 hang: true,
                 seed: 7,
+                tokenizer: Some("tok.json".into()),
                 ..SimConfig::default()
             }
         );

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::SimConfig;
 use super::cache::PrefixCache;
+use super::cache_events::CacheEvents;
 use super::metrics::{CacheInfo, Gauges, Stats, inc};
 
 /// The engine stopped admitting requests.
@@ -53,14 +54,15 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
-    /// A scheduler for `cfg`, which must have been validated.
-    pub(crate) fn new(cfg: &SimConfig) -> Scheduler {
+    /// A scheduler for `cfg`, which must have been validated; its prefix cache reports its
+    /// changes to `events`.
+    pub(crate) fn new(cfg: &SimConfig, events: Option<Arc<dyn CacheEvents>>) -> Scheduler {
         Scheduler {
             slots: Arc::new(Semaphore::new(cfg.max_num_seqs)),
             waiting: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             held_blocks: AtomicUsize::new(0),
-            cache: Mutex::new(PrefixCache::new(cfg.num_blocks)),
+            cache: Mutex::new(PrefixCache::new(cfg.num_blocks, cfg.block_size, events)),
             block_size: cfg.block_size,
             num_blocks: cfg.num_blocks,
             max_num_seqs: cfg.max_num_seqs,
@@ -143,6 +145,9 @@ pub(crate) struct Job {
     sched: Arc<Scheduler>,
     arrival: Instant,
     prompt_tokens: usize,
+    /// The prompt's token ids, reported with the blocks it stores.
+    token_ids: Vec<u32>,
+    /// The engine's chained hashes of the prompt's full blocks.
     hashes: Vec<u64>,
     max_tokens: usize,
     generated: usize,
@@ -156,18 +161,19 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    /// A request with `prompt_tokens` tokens whose full blocks hash to `hashes`, asking for
+    /// A request whose prompt is `token_ids`, whose full blocks hash to `hashes`, asking for
     /// `max_tokens` (≥ 1) tokens.
     pub(crate) fn new(
         sched: Arc<Scheduler>,
-        prompt_tokens: usize,
+        token_ids: Vec<u32>,
         hashes: Vec<u64>,
         max_tokens: usize,
     ) -> Job {
         Job {
             sched,
             arrival: Instant::now(),
-            prompt_tokens,
+            prompt_tokens: token_ids.len(),
+            token_ids,
             hashes,
             max_tokens: max_tokens.max(1),
             generated: 0,
@@ -209,7 +215,7 @@ impl Job {
         self.state = State::Running;
         self.permit = Some(permit);
 
-        let hit_blocks = s.lock_cache().admit(&self.hashes);
+        let hit_blocks = s.lock_cache().admit(&self.hashes, &self.token_ids);
         let hit_tokens = (hit_blocks * s.block_size).min(self.prompt_tokens);
         inc(&s.stats.prefix_queries, self.prompt_tokens as u64);
         inc(&s.stats.prefix_hits, hit_tokens as u64);
@@ -325,7 +331,7 @@ mod tests {
     use std::future::Future;
 
     fn sched(cfg: SimConfig) -> Arc<Scheduler> {
-        Arc::new(Scheduler::new(&cfg))
+        Arc::new(Scheduler::new(&cfg, None))
     }
 
     fn instant() -> SimConfig {
@@ -355,12 +361,9 @@ mod tests {
     async fn instant_job_emits_everything_in_one_batch_and_completes() {
         let s = sched(instant());
         let prompt = "p".repeat(4 * 40);
-        let mut job = Job::new(
-            Arc::clone(&s),
-            tokens::estimate_tokens(prompt.len()),
-            tokens::block_hashes(prompt.as_bytes(), 16),
-            7,
-        );
+        let ids = tokens::stand_in_token_ids(prompt.as_bytes());
+        let hashes = tokens::token_block_hashes(&ids, 16, 1);
+        let mut job = Job::new(Arc::clone(&s), ids, hashes, 7);
         job.start().await.unwrap();
         assert_eq!(s.gauges().running, 1);
         assert_eq!(job.next_tokens(usize::MAX).await, 0..7);
@@ -384,7 +387,7 @@ mod tests {
             num_blocks: 10,
             ..instant()
         });
-        let mut job = Job::new(Arc::clone(&s), 32, vec![1, 2], 40);
+        let mut job = Job::new(Arc::clone(&s), vec![0; 32], vec![1, 2], 40);
         job.start().await.unwrap();
         assert_eq!(s.gauges().kv_usage, 0.2);
         assert_eq!(job.next_tokens(16).await, 0..16);
@@ -399,7 +402,7 @@ mod tests {
     async fn repeated_prompt_hits_the_cache() {
         let s = sched(instant());
         for expect_hits in [0, 32] {
-            let mut job = Job::new(Arc::clone(&s), 40, vec![11, 12], 1);
+            let mut job = Job::new(Arc::clone(&s), vec![0; 40], vec![11, 12], 1);
             job.start().await.unwrap();
             job.next_tokens(1).await;
             assert_eq!(
@@ -416,9 +419,9 @@ mod tests {
             max_num_seqs: 1,
             ..instant()
         });
-        let mut a = Job::new(Arc::clone(&s), 1, vec![], 1);
+        let mut a = Job::new(Arc::clone(&s), vec![0], vec![], 1);
         a.start().await.unwrap();
-        let mut b = Job::new(Arc::clone(&s), 1, vec![], 1);
+        let mut b = Job::new(Arc::clone(&s), vec![0], vec![], 1);
         {
             let mut fut = std::pin::pin!(b.start());
             let polled =
@@ -443,7 +446,7 @@ mod tests {
             ..SimConfig::default()
         });
         let t0 = Instant::now();
-        let mut job = Job::new(Arc::clone(&s), 100, vec![], 3);
+        let mut job = Job::new(Arc::clone(&s), vec![0; 100], vec![], 3);
         job.start().await.unwrap();
         assert_eq!(job.next_tokens(8).await, 0..1);
         // (100 + 100 tokens × 1 ms) simulated × 0.1 = 20 ms of wall time at least.

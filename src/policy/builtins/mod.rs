@@ -17,12 +17,13 @@ use std::fmt;
 
 use http::HeaderName;
 
+use super::kv::Kv;
 use crate::engines::Candidate;
 use crate::request::RequestInfo;
 
 pub use native::{
-    PolicyState, kv_lookup, least_loaded, load_balance, power_of_two, random, round_robin,
-    session_hash,
+    PolicyState, kv_lookup, kv_lookup_matches, least_loaded, load_balance, power_of_two, random,
+    round_robin, session_hash,
 };
 
 /// `kv_lookup()`'s default minimum match: half of the prompt's tokens.
@@ -93,8 +94,17 @@ impl Args {
     }
 }
 
+/// What a built-in decides on: the request, the candidates, the policy's state and the
+/// decision's prefix matches (computed when a built-in first reads them).
+pub struct Inputs<'a> {
+    pub req: &'a RequestInfo,
+    pub cands: &'a [Candidate],
+    pub state: &'a PolicyState,
+    pub kv: &'a Kv<'a>,
+}
+
 /// A built-in's native implementation: the chosen candidate's index, or `None` to pass.
-pub type Run = fn(&Args, &RequestInfo, &[Candidate], &PolicyState) -> Option<usize>;
+pub type Run = fn(&Args, &Inputs<'_>) -> Option<usize>;
 
 /// One row of [`BUILTINS`].
 pub struct BuiltinSpec {
@@ -135,7 +145,7 @@ pub static BUILTINS: [BuiltinSpec; 8] = [
             must_be: "a number ≥ 0",
             if_absent: IfAbsent::Required("queue spread, e.g. 8"),
         }],
-        run: |args, _, cands, st| load_balance(cands, args.number(0)?, st),
+        run: |args, i| load_balance(i.cands, args.number(0)?, i.state),
     },
     BuiltinSpec {
         name: "kv_lookup",
@@ -147,7 +157,11 @@ pub static BUILTINS: [BuiltinSpec; 8] = [
             must_be: "a fraction of the prompt's tokens, 0 to 1",
             if_absent: IfAbsent::Number(DEFAULT_KV_MIN_MATCH),
         }],
-        run: |args, req, cands, st| kv_lookup(cands, req.prompt_tokens(), args.number(0)?, st),
+        run: |args, i| {
+            let min_match = args.number(0)?;
+            let m = i.kv.get();
+            kv_lookup_matches(i.cands, &m.tokens, m.prompt_tokens, min_match, i.state)
+        },
     },
     BuiltinSpec {
         name: "session_hash",
@@ -159,43 +173,43 @@ pub static BUILTINS: [BuiltinSpec; 8] = [
             must_be: "a valid header name",
             if_absent: IfAbsent::Nothing("the request's session key"),
         }],
-        run: |args, req, cands, _| {
+        run: |args, i| {
             let key = match args.header(0) {
-                Some(h) => req.headers.get(h).map(|v| v.as_bytes()),
-                None => req.session_key.as_deref().map(str::as_bytes),
+                Some(h) => i.req.headers.get(h).map(|v| v.as_bytes()),
+                None => i.req.session_key.as_deref().map(str::as_bytes),
             };
-            session_hash(cands, key)
+            session_hash(i.cands, key)
         },
     },
     BuiltinSpec {
         name: "fallback",
         doc: "the least loaded engine (as `least_loaded`), named for a pipeline's last tier",
         params: &[],
-        run: |_, _, cands, st| least_loaded(cands, st),
+        run: |_, i| least_loaded(i.cands, i.state),
     },
     BuiltinSpec {
         name: "round_robin",
         doc: "the candidates in URL order, one after the other",
         params: &[],
-        run: |_, _, cands, st| round_robin(cands, st),
+        run: |_, i| round_robin(i.cands, i.state),
     },
     BuiltinSpec {
         name: "least_loaded",
         doc: "the engine with the smallest queue, then the fewest in-flight requests; ties rotate",
         params: &[],
-        run: |_, _, cands, st| least_loaded(cands, st),
+        run: |_, i| least_loaded(i.cands, i.state),
     },
     BuiltinSpec {
         name: "random",
         doc: "a uniformly random candidate",
         params: &[],
-        run: |_, _, cands, _| random(cands),
+        run: |_, i| random(i.cands),
     },
     BuiltinSpec {
         name: "power_of_two",
         doc: "the less loaded of two distinct random candidates",
         params: &[],
-        run: |_, _, cands, _| power_of_two(cands),
+        run: |_, i| power_of_two(i.cands),
     },
 ];
 
@@ -400,9 +414,21 @@ impl Builtin {
         &self.args
     }
 
-    /// Runs the built-in: the chosen candidate index, or `None` to pass.
+    /// Runs the built-in on the candidates' own prefix matches: the chosen candidate index,
+    /// or `None` to pass.
     pub fn run(&self, req: &RequestInfo, cands: &[Candidate], st: &PolicyState) -> Option<usize> {
-        (self.spec().run)(&self.args, req, cands, st)
+        let kv = Kv::new(None, req, cands);
+        self.run_on(&Inputs {
+            req,
+            cands,
+            state: st,
+            kv: &kv,
+        })
+    }
+
+    /// Runs the built-in on a decision's inputs.
+    pub fn run_on(&self, inputs: &Inputs<'_>) -> Option<usize> {
+        (self.spec().run)(&self.args, inputs)
     }
 }
 

@@ -48,13 +48,13 @@ fn cmp_queue(a: &Candidate, b: &Candidate) -> Ordering {
 fn min_rotating(
     cands: &[Candidate],
     st: &PolicyState,
-    keep: impl Fn(&Candidate) -> bool,
+    keep: impl Fn(usize, &Candidate) -> bool,
     cmp: impl Fn(&Candidate, &Candidate) -> Ordering,
 ) -> Option<usize> {
     let mut best: Option<usize> = None;
     let mut ties = 0usize;
     for (i, c) in cands.iter().enumerate() {
-        if !keep(c) {
+        if !keep(i, c) {
             continue;
         }
         match best {
@@ -78,7 +78,7 @@ fn min_rotating(
     }
     let mut k = st.ties.next() % ties;
     for (i, c) in cands.iter().enumerate().skip(b) {
-        if keep(c) && cmp(c, &cands[b]) == Ordering::Equal {
+        if keep(i, c) && cmp(c, &cands[b]) == Ordering::Equal {
             if k == 0 {
                 return Some(i);
             }
@@ -99,22 +99,37 @@ pub fn load_balance(cands: &[Candidate], threshold: f64, st: &PolicyState) -> Op
     if cands.is_empty() || max - min < threshold {
         return None;
     }
-    min_rotating(cands, st, |_| true, cmp_queue)
+    min_rotating(cands, st, |_, _| true, cmp_queue)
 }
 
 /// `kv_lookup(min_match)`: the engine with the longest prefix match, if that match is non-zero
 /// and at least `min_match` × the prompt's tokens; ties go to the less loaded (then rotate).
+/// The match of each candidate is its `prefix_match_tokens`.
 pub fn kv_lookup(
     cands: &[Candidate],
     prompt_tokens: usize,
     min_match: f64,
     st: &PolicyState,
 ) -> Option<usize> {
-    let best = cands.iter().map(|c| c.prefix_match_tokens).max()?;
+    let matched: Vec<usize> = cands.iter().map(|c| c.prefix_match_tokens).collect();
+    kv_lookup_matches(cands, &matched, prompt_tokens, min_match, st)
+}
+
+/// [`kv_lookup`] with the candidates' matches given apart: `matched[i]` is candidate `i`'s
+/// (a missing figure is no match).
+pub fn kv_lookup_matches(
+    cands: &[Candidate],
+    matched: &[usize],
+    prompt_tokens: usize,
+    min_match: f64,
+    st: &PolicyState,
+) -> Option<usize> {
+    let tokens = |i: usize| matched.get(i).copied().unwrap_or(0);
+    let best = (0..cands.len()).map(tokens).max()?;
     if best == 0 || (best as f64) < min_match * prompt_tokens as f64 {
         return None;
     }
-    min_rotating(cands, st, |c| c.prefix_match_tokens == best, cmp_load)
+    min_rotating(cands, st, |i, _| tokens(i) == best, cmp_load)
 }
 
 /// The rendezvous-hash weight of `engine` for a key hashed to `key_hash`.
@@ -145,7 +160,7 @@ pub fn session_hash(cands: &[Candidate], key: Option<&[u8]>) -> Option<usize> {
 /// `least_loaded()` / `fallback()`: the engine with the smallest queue, then the fewest
 /// in-flight requests; ties rotate. Passes only if there are no candidates.
 pub fn least_loaded(cands: &[Candidate], st: &PolicyState) -> Option<usize> {
-    min_rotating(cands, st, |_| true, cmp_load)
+    min_rotating(cands, st, |_, _| true, cmp_load)
 }
 
 /// `round_robin()`: the candidates in URL order, one after the other.

@@ -11,7 +11,8 @@ use std::cell::{Cell, OnceCell};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FLOAT, INT, ImmutableString, Map};
 
 use crate::engines::Candidate;
-use crate::policy::builtins::PolicyState;
+use crate::policy::builtins::{Inputs, PolicyState};
+use crate::policy::kv::{Kv, KvMatches, KvSource};
 use crate::request::RequestInfo;
 
 pub(crate) type RhaiResultOf<T> = Result<T, Box<EvalAltResult>>;
@@ -21,17 +22,45 @@ pub(crate) struct Ctx<'a> {
     pub req: &'a RequestInfo,
     pub cands: &'a [Candidate],
     pub state: &'a PolicyState,
+    pub kv: &'a Kv<'a>,
     fields: OnceCell<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(req: &'a RequestInfo, cands: &'a [Candidate], state: &'a PolicyState) -> Self {
+    pub fn new(
+        req: &'a RequestInfo,
+        cands: &'a [Candidate],
+        state: &'a PolicyState,
+        kv: &'a Kv<'a>,
+    ) -> Self {
         Ctx {
             req,
             cands,
             state,
+            kv,
             fields: OnceCell::new(),
         }
+    }
+
+    /// The decision's prefix matches, computed now if nothing needed them before (outside the
+    /// script's time budget).
+    pub fn kv(&self) -> &KvMatches {
+        super::excluding_kv_time(self.kv.is_computed(), || (self.kv.get(), true))
+    }
+
+    /// Runs a built-in on this evaluation's inputs (computing the prefix matches outside the
+    /// script's time budget if the built-in needs them first).
+    pub fn run_builtin(&self, f: impl FnOnce(&Inputs<'_>) -> Option<usize>) -> Option<usize> {
+        let inputs = Inputs {
+            req: self.req,
+            cands: self.cands,
+            state: self.state,
+            kv: self.kv,
+        };
+        super::excluding_kv_time(self.kv.is_computed(), || {
+            let r = f(&inputs);
+            (r, self.kv.is_computed())
+        })
     }
 
     fn fields(&self) -> &serde_json::Map<String, serde_json::Value> {
@@ -119,8 +148,8 @@ pub(crate) fn engines_array(n: usize) -> Dynamic {
     Dynamic::from_array(arr)
 }
 
-fn cand<R>(e: &EngineRef, f: impl FnOnce(&Candidate) -> R) -> RhaiResultOf<R> {
-    with_ctx(|c| c.cands.get(e.idx as usize).map(f))?
+fn cand<R>(e: &EngineRef, f: impl FnOnce(&Ctx<'_>, &Candidate) -> R) -> RhaiResultOf<R> {
+    with_ctx(|c| c.cands.get(e.idx as usize).map(|cand| f(c, cand)))?
         .ok_or_else(|| "engine is not a candidate of this request".into())
 }
 
@@ -165,26 +194,40 @@ fn headers_map(req: &RequestInfo) -> Map {
 }
 
 /// A property of `Engine` values: its name and getter.
-pub(crate) type EngineProperty = (&'static str, fn(&EngineRef, &Candidate) -> Dynamic);
+pub(crate) type EngineProperty = (
+    &'static str,
+    fn(&Ctx<'_>, &EngineRef, &Candidate) -> Dynamic,
+);
 
 /// The properties of `Engine` values (read-only), registered from this table; validation
 /// checks `engines[..].name` against it.
 pub(crate) const ENGINE_PROPERTIES: &[EngineProperty] = &[
-    ("name", |_, c| str_value(&c.engine.name)),
-    ("url", |_, c| str_value(&c.engine.url)),
-    ("running", |_, c| Dynamic::from(c.load.running as FLOAT)),
-    ("waiting", |_, c| Dynamic::from(c.load.waiting as FLOAT)),
-    ("queue", |_, c| Dynamic::from(c.load.queue as FLOAT)),
-    ("in_flight", |_, c| Dynamic::from(c.load.in_flight as INT)),
-    ("kv_usage", |_, c| Dynamic::from(c.load.kv_usage as FLOAT)),
-    ("stats_age", |_, c| {
+    ("name", |_, _, c| str_value(&c.engine.name)),
+    ("url", |_, _, c| str_value(&c.engine.url)),
+    ("running", |_, _, c| Dynamic::from(c.load.running as FLOAT)),
+    ("waiting", |_, _, c| Dynamic::from(c.load.waiting as FLOAT)),
+    ("queue", |_, _, c| Dynamic::from(c.load.queue as FLOAT)),
+    ("in_flight", |_, _, c| {
+        Dynamic::from(c.load.in_flight as INT)
+    }),
+    ("kv_usage", |_, _, c| {
+        Dynamic::from(c.load.kv_usage as FLOAT)
+    }),
+    ("stats_age", |_, _, c| {
         Dynamic::from(c.load.stats_age_secs.unwrap_or(-1.0) as FLOAT)
     }),
-    ("stale", |_, c| Dynamic::from(c.load.stale)),
-    ("prefix_match", |_, c| {
-        Dynamic::from(c.prefix_match_tokens as INT)
+    ("stale", |_, _, c| Dynamic::from(c.load.stale)),
+    ("prefix_match", |ctx, e, _| {
+        let m = ctx.kv();
+        Dynamic::from(m.tokens.get(e.idx as usize).copied().unwrap_or(0) as INT)
     }),
-    ("index", |e, _| Dynamic::from(e.idx as INT)),
+    ("kv_source", |ctx, e, _| {
+        ctx.kv();
+        ctx.kv
+            .source(e.idx as usize)
+            .map_or(Dynamic::UNIT, |s: KvSource| str_value(s.as_str()))
+    }),
+    ("index", |_, e, _| Dynamic::from(e.idx as INT)),
 ];
 
 /// A property of the `request` variable: its name and getter.
@@ -204,7 +247,7 @@ pub(crate) const REQUEST_PROPERTIES: &[RequestProperty] = &[
     }),
     ("prompt_chars", |c| Dynamic::from(c.req.prompt.chars as INT)),
     ("prompt_tokens", |c| {
-        Dynamic::from(c.req.prompt_tokens() as INT)
+        Dynamic::from(c.kv.prompt_tokens() as INT)
     }),
     ("headers", |c| Dynamic::from_map(headers_map(c.req))),
     ("fields", |c| {
@@ -221,16 +264,18 @@ pub(crate) const REQUEST_PROPERTIES: &[RequestProperty] = &[
 pub(crate) fn register_engine_type(engine: &mut Engine) {
     engine.register_type_with_name::<EngineRef>(ENGINE_TYPE);
     for &(name, get) in ENGINE_PROPERTIES {
-        engine.register_get(name, move |e: &mut EngineRef| cand(e, |c| get(e, c)));
+        engine.register_get(name, move |e: &mut EngineRef| {
+            cand(e, |ctx, c| get(ctx, e, c))
+        });
     }
     engine
         .register_fn("==", |a: EngineRef, b: EngineRef| a.idx == b.idx)
         .register_fn("!=", |a: EngineRef, b: EngineRef| a.idx != b.idx)
         .register_fn("to_string", |e: &mut EngineRef| {
-            cand(e, |c| c.engine.name.to_string())
+            cand(e, |_, c| c.engine.name.to_string())
         })
         .register_fn("to_debug", |e: &mut EngineRef| {
-            cand(e, |c| format!("Engine({})", c.engine.name))
+            cand(e, |_, c| format!("Engine({})", c.engine.name))
         });
 }
 

@@ -80,7 +80,7 @@ fn run(spec: &'static BuiltinSpec, args: &[Option<Arg<'_>>]) -> RhaiResultOf<Dyn
     let builtin = spec
         .bind(args)
         .map_err(|e| EvalAltResult::ErrorRuntime(Dynamic::from(e), Position::NONE))?;
-    with_ctx(|c| engine_value(builtin.index(), builtin.run(c.req, c.cands, c.state)))
+    with_ctx(|c| engine_value(builtin.index(), c.run_builtin(|i| builtin.run_on(i))))
 }
 
 #[cfg(test)]
@@ -106,7 +106,8 @@ mod tests {
         )
         .expect("a computed argument is only checked when it runs");
         let (req, state) = (RequestInfo::default(), PolicyState::default());
-        let ctx = Ctx::new(&req, &[], &state);
+        let kv = crate::policy::kv::Kv::new(None, &req, &[]);
+        let ctx = Ctx::new(&req, &[], &state, &kv);
         let err = eval(
             &sandbox.engine,
             &script,

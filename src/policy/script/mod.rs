@@ -60,6 +60,27 @@ impl Drop for TimeBudget {
     }
 }
 
+/// Runs `f`, a native call of the script; if `f` computed the decision's prefix matches
+/// (`computed` tells, after the call, whether it did), the time it took does not count against
+/// the evaluation's budget: the deadline moves by that much. Matching may tokenize a long
+/// prompt, which is the router's work, not the script's.
+pub(crate) fn excluding_kv_time<R>(computed_before: bool, f: impl FnOnce() -> (R, bool)) -> R {
+    if computed_before {
+        return f().0;
+    }
+    let start = Instant::now();
+    let (r, computed) = f();
+    if computed {
+        let spent = start.elapsed();
+        DEADLINE.with(|d| {
+            if let Some(deadline) = d.get() {
+                d.set(Some(deadline.checked_add(spent).unwrap_or(deadline)));
+            }
+        });
+    }
+    r
+}
+
 /// The token an evaluation stopped by its time budget terminates with.
 #[derive(Debug, Clone, Copy)]
 struct OutOfTime;

@@ -11,8 +11,55 @@
 //!
 //! Real token ids (from a model's tokenizer, or an engine's KV events) are keyed the same way,
 //! by [`token_block_hashes`]: the router's own chained hash of each full block of ids.
+//!
+//! A model's real tokenizer and chat template (`--tokenizer`) are [`Tokenizer`] ([`hf`], with
+//! the chat template in `chat`): the token ids an engine sees for a request body. Where real ids
+//! are wanted without one, [`stand_in_token_ids`] gives the stand-in's: each 4 bytes of the
+//! prompt text as one id.
+
+mod chat;
+pub mod hf;
+
+pub use hf::Tokenizer;
+
+use std::path::PathBuf;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// Why a tokenizer could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a directory holding tokenizer.json, nor a tokenizer.json file")]
+    NotFound { path: PathBuf },
+    #[error("{path}: not a valid Hugging Face tokenizer.json: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{path}: the chat template does not compile: {message}")]
+    Template { path: PathBuf, message: String },
+}
+
+/// Why a request body could not be tokenized.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    #[error("request body is not valid JSON: {0}")]
+    Json(String),
+    #[error("request body has no prompt (\"prompt\" or \"input\")")]
+    NoPrompt,
+    #[error("the tokenizer has no chat template (tokenizer_config.json's chat_template)")]
+    NoChatTemplate,
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("tokenizing: {0}")]
+    Encode(String),
+}
 
 /// Bytes of prompt text that count as one token.
 pub const BYTES_PER_TOKEN: usize = 4;
@@ -148,6 +195,20 @@ pub fn token_block_hashes(ids: &[u32], block_size: usize, seed: u64) -> Vec<u64>
     out
 }
 
+/// The stand-in tokenizer's token ids of `text`: each [`BYTES_PER_TOKEN`]-byte chunk read as a
+/// little-endian `u32` (a trailing partial chunk padded with zero bytes). Equal ids mean equal
+/// bytes, so blocks of these ids are equal exactly when the stand-in's text blocks are; there
+/// are [`estimate_tokens`]`(text.len())` of them.
+pub fn stand_in_token_ids(text: &[u8]) -> Vec<u32> {
+    text.chunks(BYTES_PER_TOKEN)
+        .map(|c| {
+            let mut b = [0u8; 4];
+            b[..c.len()].copy_from_slice(c);
+            u32::from_le_bytes(b)
+        })
+        .collect()
+}
+
 /// The chained hashes of every full block of `text`.
 pub fn block_hashes(text: &[u8], block_size_tokens: usize) -> Vec<u64> {
     let mut out = Vec::with_capacity(text.len() / (block_size_tokens.max(1) * BYTES_PER_TOKEN));
@@ -210,6 +271,23 @@ mod tests {
             bytes.extend_from_slice(&id.to_le_bytes());
         }
         assert_eq!(token_block_hash(1, &long), xxh3_64_with_seed(&bytes, 1));
+    }
+
+    #[test]
+    fn stand_in_ids_are_four_byte_chunks() {
+        assert_eq!(stand_in_token_ids(b""), Vec::<u32>::new());
+        assert_eq!(
+            stand_in_token_ids(b"abcdef"),
+            vec![
+                u32::from_le_bytes(*b"abcd"),
+                u32::from_le_bytes([b'e', b'f', 0, 0])
+            ]
+        );
+        let text = "x".repeat(4 * 33 + 1);
+        assert_eq!(
+            stand_in_token_ids(text.as_bytes()).len(),
+            estimate_tokens(text.len())
+        );
     }
 
     #[test]

@@ -1,0 +1,113 @@
+//! The cost of tokenizing a 2,000-token chat request as the engine does (`--tokenizer`): the
+//! chat template rendered, then the text encoded, against the stand-in digest of the same body.
+//!
+//! Run: `cargo bench --bench tokenize -- --warm-up-time 1 --measurement-time 3`
+//!
+//! The committed test tokenizer has a 1,500-token vocabulary. For a realistic vocabulary, train
+//! one offline (`python3 tests/fixtures/tokenizer/gen_tokenizer.py --vocab 128000 --out DIR`)
+//! and set `SWITCHYARD_BENCH_TOKENIZER=DIR`: it is measured too.
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use switchyard::request::parse_body;
+use switchyard::tokens::Tokenizer;
+
+const WORDS: &[&str] = &[
+    "the",
+    "router",
+    "engine",
+    "cache",
+    "prefix",
+    "block",
+    "token",
+    "request",
+    "prompt",
+    "model",
+    "answer",
+    "question",
+    "because",
+    "several",
+    "replicas",
+    "share",
+    "load",
+    "latency",
+    "while",
+    "queue",
+    "evicted",
+    "hash",
+    "template",
+    "système",
+    "café",
+    "東京",
+    "2024",
+    "42",
+    "it's",
+    "they're",
+    "route()",
+    "{json}",
+    "p90",
+    "throughput",
+];
+
+/// A chat of alternating turns that the tokenizer makes at least `tokens` tokens long.
+fn chat_body(tok: &Tokenizer, tokens: usize) -> (Vec<u8>, usize) {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut messages = vec![serde_json::json!({
+        "role": "system",
+        "content": "You are a careful assistant that answers questions about LLM routing.",
+    })];
+    loop {
+        let role = if messages.len() % 2 == 1 {
+            "user"
+        } else {
+            "assistant"
+        };
+        let n = rng.usize(20..60);
+        let text: Vec<&str> = (0..n).map(|_| WORDS[rng.usize(..WORDS.len())]).collect();
+        messages.push(serde_json::json!({"role": role, "content": text.join(" ") + "."}));
+        let body = serde_json::json!({"model": "m", "messages": messages}).to_string();
+        let ids = tok
+            .request_token_ids("/v1/chat/completions", body.as_bytes())
+            .expect("tokenizes");
+        if ids.len() >= tokens && role == "user" {
+            return (body.into_bytes(), ids.len());
+        }
+    }
+}
+
+fn bench_one(c: &mut Criterion, name: &str, dir: &Path) {
+    let tok = Tokenizer::load(dir).expect("tokenizer loads");
+    let (body, n) = chat_body(&tok, 2000);
+    eprintln!("{name}: {tok:?}: chat of {n} tokens, {} bytes", body.len());
+    let mut g = c.benchmark_group(format!("tokenize_chat_2000/{name}"));
+    g.bench_function("template_and_encode", |b| {
+        b.iter(|| {
+            tok.request_token_ids("/v1/chat/completions", black_box(&body))
+                .expect("tokenizes")
+        })
+    });
+    g.bench_function("template_only", |b| {
+        b.iter(|| tok.render_chat(black_box(&body)).expect("renders"))
+    });
+    let text = tok.render_chat(&body).expect("renders");
+    g.bench_function("encode_only", |b| {
+        b.iter(|| tok.encode(black_box(&text), false).expect("encodes"))
+    });
+    g.bench_function("stand_in_digest", |b| {
+        b.iter(|| parse_body(black_box(&body), None, 16).expect("parses"))
+    });
+    g.finish();
+}
+
+fn bench(c: &mut Criterion) {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/llama3");
+    bench_one(c, "test_vocab_1500", &fixture);
+    if let Some(dir) = std::env::var_os("SWITCHYARD_BENCH_TOKENIZER") {
+        bench_one(c, "env_tokenizer", Path::new(&dir));
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,226 @@
+//! `switchyard bench --kv-compare`: exact against approximate against load-only routing, on
+//! workloads where they differ. Every run uses the same chat workload (chat prompts rendered
+//! through the tokenizer's chat template by the engines) and the same engines, which cache by
+//! real token ids (`--tokenizer`) and publish their KV events; the runs differ in:
+//!
+//! - the engines' cache: `small` (fewer blocks than the working set: evictions the router's
+//!   approximate index never sees) or `ample` (the sim's default);
+//! - the number of router replicas sharing the load (`--router-replicas`, e.g. `1,3`): the
+//!   driver spreads requests over them, so each approximate index sees 1/N of the traffic;
+//! - the routing: `exact` (the default policy, `load_balanced_kvaware`, with `--tokenizer`
+//!   and the engines' KV events), `approximate` (the same policy on the router's own index)
+//!   and `load-only` (`least_loaded`).
+
+use serde::Serialize;
+
+use super::plan::RunPlan;
+use super::stats::{RequestRecord, RunStats};
+use super::workload::Workload;
+use crate::tokens::{DEFAULT_BLOCK_SIZE, Tokenizer, estimate_tokens};
+
+/// How a run's routers know what the engines cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvMode {
+    /// The engines' KV events over the request's real token ids.
+    Exact,
+    /// The router's own index of the prompts it sent.
+    Approximate,
+    /// No prefix matching: the least loaded engine.
+    LoadOnly,
+}
+
+/// The policy of the kv-aware modes.
+pub const KV_POLICY: &str = "load_balanced_kvaware";
+/// The policy of `load-only`.
+pub const LOAD_POLICY: &str = "least_loaded";
+
+impl KvMode {
+    pub const ALL: [KvMode; 3] = [KvMode::Exact, KvMode::Approximate, KvMode::LoadOnly];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvMode::Exact => "exact",
+            KvMode::Approximate => "approximate",
+            KvMode::LoadOnly => "load-only",
+        }
+    }
+
+    pub fn policy(self) -> &'static str {
+        match self {
+            KvMode::LoadOnly => LOAD_POLICY,
+            _ => KV_POLICY,
+        }
+    }
+}
+
+/// One run of the comparison: its cluster and routing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KvRun {
+    /// `small` or `ample`.
+    pub cache: &'static str,
+    /// The engines' prefix-cache blocks; `None`: the sim's default.
+    pub num_blocks: Option<usize>,
+    pub replicas: usize,
+    pub mode: KvMode,
+}
+
+impl KvRun {
+    /// The row name, e.g. `small/3x/exact`.
+    pub fn name(&self) -> String {
+        format!("{}/{}x/{}", self.cache, self.replicas, self.mode.name())
+    }
+}
+
+/// The runs: for each cache size (small, then ample) and replica count, the three modes.
+pub fn plan(replicas: &[usize], small_blocks: usize) -> Vec<RunPlan> {
+    let mut out = Vec::new();
+    for (cache, num_blocks) in [("small", Some(small_blocks)), ("ample", None)] {
+        for &n in replicas {
+            for mode in KvMode::ALL {
+                let kv = KvRun {
+                    cache,
+                    num_blocks,
+                    replicas: n,
+                    mode,
+                };
+                out.push(RunPlan {
+                    name: kv.name(),
+                    policy: mode.policy().to_owned(),
+                    kv: Some(kv),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Real tokens per stand-in token of the workload's chat prompts under `tokenizer` (its chat
+/// template included): the first chain's first request, tokenized as the engines will.
+pub fn tokens_per_stand_in_token(workload: &Workload, tokenizer: &Tokenizer) -> Option<f64> {
+    let chain = workload.chains.first()?;
+    let turn = chain.turns.first()?;
+    let mut messages: Vec<serde_json::Value> = chain
+        .preamble
+        .iter()
+        .map(|m| serde_json::json!({ "role": m.role, "content": &*m.content }))
+        .collect();
+    messages.push(serde_json::json!({ "role": "user", "content": turn.question }));
+    let stand_in: usize = messages
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .map(|c| estimate_tokens(c.len()))
+        .sum();
+    let body = serde_json::json!({ "model": "m", "messages": messages }).to_string();
+    let real = tokenizer
+        .request_token_ids("/v1/chat/completions", body.as_bytes())
+        .ok()?
+        .len();
+    (stand_in > 0).then(|| real as f64 / stand_in as f64)
+}
+
+/// The default `small` cache per engine: half of an even share of the workload's working set
+/// (every chain's longest prompt and answer, in blocks, stand-in tokens scaled by
+/// `tokens_per_stand_in`), at least 64 blocks.
+pub fn small_cache_blocks(workload: &Workload, engines: usize, tokens_per_stand_in: f64) -> usize {
+    let tokens: usize = workload
+        .chains
+        .iter()
+        .map(|c| {
+            let preamble: usize = c
+                .preamble
+                .iter()
+                .map(|m| estimate_tokens(m.content.len()))
+                .sum();
+            let turns: usize = c
+                .turns
+                .iter()
+                .map(|t| estimate_tokens(t.question.len()) + t.max_tokens)
+                .sum();
+            preamble + turns
+        })
+        .sum();
+    let tokens = (tokens as f64 * tokens_per_stand_in.max(0.01)) as usize;
+    (tokens / DEFAULT_BLOCK_SIZE / engines.max(1) / 2).max(64)
+}
+
+/// One row of the comparison table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KvRow {
+    pub run: String,
+    #[serde(flatten)]
+    pub kv: KvRun,
+    /// Share of the successful requests whose chosen engine's match was exact
+    /// (`x-switchyard-kv: exact`).
+    pub exact_share: f64,
+}
+
+impl KvRow {
+    pub fn new(kv: &KvRun, records: &[RequestRecord]) -> KvRow {
+        let ok: Vec<&RequestRecord> = records.iter().filter(|r| r.is_ok()).collect();
+        let exact = ok
+            .iter()
+            .filter(|r| r.kv.as_deref() == Some("exact"))
+            .count();
+        KvRow {
+            run: kv.name(),
+            kv: kv.clone(),
+            exact_share: if ok.is_empty() {
+                0.0
+            } else {
+                exact as f64 / ok.len() as f64
+            },
+        }
+    }
+}
+
+/// The table's columns, shaped like llm-d's precise-prefix-cache comparison.
+pub const HEADERS: &[&str] = &[
+    "cache",
+    "replicas",
+    "routing",
+    "TTFT p50",
+    "TTFT p90",
+    "out tok/s",
+    "cache hit",
+    "exact matches",
+    "ok/sent",
+];
+
+/// The table's rows (`runs` in the order of `rows`).
+pub fn table_rows(rows: &[KvRow], runs: &[RunStats]) -> Vec<Vec<String>> {
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |s| format!("{:.0} ms", s * 1000.0));
+    rows.iter()
+        .zip(runs)
+        .map(|(row, r)| {
+            vec![
+                row.kv.cache.to_owned(),
+                row.kv.replicas.to_string(),
+                row.kv.mode.name().to_owned(),
+                ms(r.ttft.map(|t| t.p50)),
+                ms(r.ttft.map(|t| t.p90)),
+                format!("{:.1}", r.output_tokens_per_s),
+                r.cache_hit_rate
+                    .map_or_else(|| "-".into(), |h| format!("{:.1}%", h * 100.0)),
+                format!("{:.0}%", row.exact_share * 100.0),
+                format!("{}/{}", r.requests.ok, r.requests.sent),
+            ]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_every_cache_replica_and_mode() {
+        let p = plan(&[1, 3], 100);
+        assert_eq!(p.len(), 12);
+        assert_eq!(p[0].name, "small/1x/exact");
+        assert_eq!(p[2].policy, LOAD_POLICY);
+        assert_eq!(p[5].name, "small/3x/load-only");
+        assert_eq!(p[6].kv.as_ref().map(|k| k.num_blocks), Some(None));
+        assert_eq!(p[11].name, "ample/3x/load-only");
+    }
+}

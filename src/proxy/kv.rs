@@ -1,0 +1,356 @@
+//! The prefix matches of one request, from two sources, computed only when a policy tier
+//! needs them (see [`crate::policy::kv`]):
+//!
+//! - **exact**: for an engine whose KV-event stream is live (its exact view), the tokens of
+//!   the request's real token ids it holds, from the engine's own events. Needs `--tokenizer`;
+//!   the request is tokenized at most once, and only when some candidate has a live view.
+//! - **approximate**: otherwise, the router's own index of the prompts it sent
+//!   ([`crate::prefix::PrefixIndex`], stand-in tokenizer).
+//!
+//! When the prompt was tokenized, every figure is in real tokens: the prompt's length is its
+//! real token count, and an approximate match (in stand-in tokens) is scaled by real /
+//! estimated prompt length, so that `kv_lookup` compares like with like and its `min_match`
+//! is a fraction of the real prompt. A tokenization error never fails the request: it is
+//! logged, counted (`switchyard_tokenize_total{result="error"}`) and the request falls back
+//! to approximate matches.
+//!
+//! Matches are kept per engine for the request: a retry's decision (over the candidates left)
+//! reuses them instead of computing them again.
+
+use std::cell::{OnceCell, RefCell};
+
+use crate::engines::Candidate;
+use crate::policy::{KvMatches, KvSource, PrefixMatcher, off_the_workers};
+use crate::prefix::PrefixIndex;
+use crate::prefix::exact::ExactIndex;
+use crate::request::RequestInfo;
+use crate::tokens::Tokenizer;
+
+/// Bodies at least this large are tokenized off the runtime's workers.
+const OFF_THE_WORKERS_BYTES: usize = 64 * 1024;
+
+/// The exact source: the engines' own KV-cache views.
+pub trait ExactLookup: Sync {
+    /// Per engine id in `engines`: `Some(tokens of token_ids it holds)` while its exact view
+    /// is live, `None` otherwise.
+    fn match_tokens(
+        &self,
+        token_ids: &[u32],
+        lora_name: Option<&str>,
+        engines: &[u32],
+    ) -> Vec<Option<usize>>;
+
+    /// Whether `engine`'s exact view is live.
+    fn is_live(&self, engine: u32) -> bool;
+}
+
+/// Tokenizes requests as the engines do.
+pub trait RequestTokenizer: Sync {
+    /// The token ids the engine would compute for the request to `path` with `body`.
+    fn token_ids(&self, path: &str, body: &[u8]) -> Result<Vec<u32>, String>;
+}
+
+impl ExactLookup for ExactIndex {
+    fn match_tokens(
+        &self,
+        token_ids: &[u32],
+        lora_name: Option<&str>,
+        engines: &[u32],
+    ) -> Vec<Option<usize>> {
+        ExactIndex::match_tokens(self, token_ids, lora_name, engines)
+    }
+
+    fn is_live(&self, engine: u32) -> bool {
+        ExactIndex::is_live(self, engine)
+    }
+}
+
+impl RequestTokenizer for Tokenizer {
+    fn token_ids(&self, path: &str, body: &[u8]) -> Result<Vec<u32>, String> {
+        self.request_token_ids(path, body)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Where one request's prefix matches come from.
+pub struct Sources<'a> {
+    pub approximate: &'a PrefixIndex,
+    /// The approximate index's block size, in stand-in tokens.
+    pub block_size: usize,
+    /// Both or neither: exact matching needs the engines' views and the request's token ids.
+    pub exact: Option<(&'a dyn ExactLookup, &'a dyn RequestTokenizer)>,
+    /// The LoRA adapter the request's model names, if it is one (its blocks are keyed apart).
+    pub lora_name: Option<&'a str>,
+}
+
+/// One request's prefix matches, computed on demand and kept per engine across its attempts.
+pub struct RequestKv<'a> {
+    sources: Sources<'a>,
+    /// The request's token ids: `Some` once tokenized, `None` if tokenization failed.
+    token_ids: OnceCell<Option<Vec<u32>>>,
+    known: RefCell<Known>,
+}
+
+/// The engines matched so far: (engine id, matched tokens, source) each, and the prompt's
+/// length in the unit of the figures.
+type Known = (Vec<(u32, usize, KvSource)>, usize);
+
+impl<'a> RequestKv<'a> {
+    pub fn new(sources: Sources<'a>) -> RequestKv<'a> {
+        RequestKv {
+            sources,
+            token_ids: OnceCell::new(),
+            known: RefCell::new((Vec::new(), 0)),
+        }
+    }
+
+    /// The request's token ids, tokenizing it now if not yet done; `None` on error. A large
+    /// body is tokenized off the runtime's workers (it may take milliseconds).
+    fn token_ids(&self, tokenizer: &dyn RequestTokenizer, req: &RequestInfo) -> Option<&[u32]> {
+        let tokenize = || tokenizer.token_ids(&req.path, &req.body);
+        self.token_ids
+            .get_or_init(|| {
+                let result = if req.body.len() >= OFF_THE_WORKERS_BYTES {
+                    off_the_workers(tokenize)
+                } else {
+                    tokenize()
+                };
+                match result {
+                Ok(ids) => {
+                    metrics::counter!("switchyard_tokenize_total", "result" => "ok").increment(1);
+                    Some(ids)
+                }
+                Err(e) => {
+                    metrics::counter!("switchyard_tokenize_total", "result" => "error")
+                        .increment(1);
+                    tracing::warn!(model = %req.model, path = %req.path, error = %e, "cannot tokenize the request; its prefix matches are approximate");
+                    None
+                }
+            }})
+            .as_deref()
+    }
+
+    /// Computes the matches of `engines` (none known yet) and the prompt's length.
+    fn compute(&self, req: &RequestInfo, engines: &[u32]) -> (Vec<(usize, KvSource)>, usize) {
+        let s = &self.sources;
+        let estimate = req.prompt_tokens();
+        let mut exact: Vec<Option<usize>> = vec![None; engines.len()];
+        if let Some((views, tokenizer)) = s.exact
+            && engines.iter().any(|&e| views.is_live(e))
+            && let Some(ids) = self.token_ids(tokenizer, req)
+        {
+            exact = views.match_tokens(ids, s.lora_name, engines);
+            exact.resize(engines.len(), None);
+        }
+        let real_tokens = self.token_ids.get().and_then(Option::as_ref).map(Vec::len);
+        let approx_needed: Vec<u32> = engines
+            .iter()
+            .zip(&exact)
+            .filter(|(_, x)| x.is_none())
+            .map(|(&e, _)| e)
+            .collect();
+        let approx = if approx_needed.is_empty() || req.block_hashes().is_empty() {
+            vec![0; approx_needed.len()]
+        } else {
+            s.approximate
+                .match_blocks(req.block_hashes(), &approx_needed)
+                .into_iter()
+                .map(|b| b * s.block_size)
+                .collect()
+        };
+        // Approximate figures are in stand-in tokens: scaled to real ones once tokenized.
+        let scale = |t: usize| match real_tokens {
+            Some(real) if estimate > 0 => {
+                ((t as u128 * real as u128 / estimate as u128) as usize).min(real)
+            }
+            _ => t,
+        };
+        let mut approx = approx.into_iter();
+        let out = exact
+            .into_iter()
+            .map(|x| match x {
+                Some(t) => (t, KvSource::Exact),
+                None => (scale(approx.next().unwrap_or(0)), KvSource::Approximate),
+            })
+            .collect();
+        (out, real_tokens.unwrap_or(estimate))
+    }
+}
+
+impl PrefixMatcher for RequestKv<'_> {
+    fn matches(&self, req: &RequestInfo, cands: &[Candidate]) -> KvMatches {
+        let mut known = self.known.borrow_mut();
+        let missing: Vec<u32> = cands
+            .iter()
+            .map(|c| c.engine.id)
+            .filter(|id| !known.0.iter().any(|k| k.0 == *id))
+            .collect();
+        if !missing.is_empty() {
+            let (figures, prompt_tokens) = self.compute(req, &missing);
+            known
+                .0
+                .extend(missing.iter().zip(figures).map(|(&e, (t, s))| (e, t, s)));
+            known.1 = prompt_tokens;
+        }
+        let (tokens, sources) = cands
+            .iter()
+            .map(|c| {
+                known
+                    .0
+                    .iter()
+                    .find(|k| k.0 == c.engine.id)
+                    .map_or((0, KvSource::Approximate), |k| (k.1, k.2))
+            })
+            .unzip();
+        KvMatches {
+            tokens,
+            sources,
+            prompt_tokens: known.1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::engines::Engine;
+    use crate::request::PromptDigest;
+
+    struct Views {
+        live: Vec<u32>,
+        held: usize,
+    }
+
+    impl ExactLookup for Views {
+        fn match_tokens(
+            &self,
+            ids: &[u32],
+            _: Option<&str>,
+            engines: &[u32],
+        ) -> Vec<Option<usize>> {
+            engines
+                .iter()
+                .map(|e| self.is_live(*e).then_some(self.held.min(ids.len())))
+                .collect()
+        }
+        fn is_live(&self, engine: u32) -> bool {
+            self.live.contains(&engine)
+        }
+    }
+
+    struct Counting {
+        calls: AtomicUsize,
+        fail: bool,
+    }
+
+    impl RequestTokenizer for Counting {
+        fn token_ids(&self, _: &str, _: &[u8]) -> Result<Vec<u32>, String> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            if self.fail {
+                Err("no template".into())
+            } else {
+                Ok((0..200).collect())
+            }
+        }
+    }
+
+    fn cands(ids: &[u32]) -> Vec<Candidate> {
+        ids.iter()
+            .map(|&i| Candidate {
+                engine: Arc::new(Engine::new(i, &format!("http://e{i}:1"), vec!["m".into()])),
+                load: Default::default(),
+                prefix_match_tokens: 0,
+            })
+            .collect()
+    }
+
+    /// A request of 400 stand-in tokens, routed to engine 2 before (all 25 blocks known).
+    fn setup() -> (PrefixIndex, RequestInfo) {
+        let text = "y".repeat(1600);
+        let req = RequestInfo {
+            prompt: PromptDigest::of_text(&text, 16),
+            ..Default::default()
+        };
+        let index = PrefixIndex::new(1 << 20);
+        index.insert(2, req.block_hashes());
+        (index, req)
+    }
+
+    #[test]
+    fn exact_where_live_approximate_elsewhere_scaled_to_real_tokens_and_kept_for_retries() {
+        let (index, req) = setup();
+        let views = Views {
+            live: vec![1],
+            held: 64,
+        };
+        let tok = Counting {
+            calls: AtomicUsize::new(0),
+            fail: false,
+        };
+        let kv = RequestKv::new(Sources {
+            approximate: &index,
+            block_size: 16,
+            exact: Some((&views, &tok)),
+            lora_name: None,
+        });
+        let c = cands(&[1, 2, 3]);
+        let m = kv.matches(&req, &c);
+        // 200 real tokens; engine 2's 400 stand-in tokens scale to 200.
+        assert_eq!(m.prompt_tokens, 200);
+        assert_eq!(m.tokens, vec![64, 200, 0]);
+        use KvSource::*;
+        assert_eq!(m.sources, vec![Exact, Approximate, Approximate]);
+        // A retry over fewer candidates computes nothing again.
+        let again = kv.matches(&req, &c[1..]);
+        assert_eq!((again.tokens, again.prompt_tokens), (vec![200, 0], 200));
+        assert_eq!(tok.calls.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn no_tokenizing_without_a_live_view_and_errors_fall_back_to_approximate() {
+        let (index, req) = setup();
+        let none_live = Views {
+            live: vec![],
+            held: 64,
+        };
+        let tok = Counting {
+            calls: AtomicUsize::new(0),
+            fail: false,
+        };
+        let kv = RequestKv::new(Sources {
+            approximate: &index,
+            block_size: 16,
+            exact: Some((&none_live, &tok)),
+            lora_name: None,
+        });
+        let m = kv.matches(&req, &cands(&[1, 2]));
+        assert_eq!((m.tokens, m.prompt_tokens), (vec![0, 400], 400));
+        assert_eq!(
+            tok.calls.load(Ordering::Relaxed),
+            0,
+            "nothing to look up exactly: not tokenized"
+        );
+
+        let live = Views {
+            live: vec![1, 2],
+            held: 64,
+        };
+        let failing = Counting {
+            calls: AtomicUsize::new(0),
+            fail: true,
+        };
+        let kv = RequestKv::new(Sources {
+            approximate: &index,
+            block_size: 16,
+            exact: Some((&live, &failing)),
+            lora_name: None,
+        });
+        let m = kv.matches(&req, &cands(&[1, 2]));
+        assert_eq!((m.tokens, m.prompt_tokens), (vec![0, 400], 400));
+        assert_eq!(m.sources, vec![KvSource::Approximate; 2]);
+        assert_eq!(failing.calls.load(Ordering::Relaxed), 1);
+    }
+}
