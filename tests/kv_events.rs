@@ -317,3 +317,34 @@ async fn switchyard_sim_flags_start_the_publisher() {
         .is_err()
     );
 }
+
+/// An engine that stored blocks before the router subscribed, and then went idle: the
+/// subscriber catches up from the replay socket as soon as it connects, without waiting for a
+/// batch the engine may never send.
+#[tokio::test]
+async fn a_subscriber_joining_an_idle_engine_catches_up_from_the_replay_socket() {
+    let p = publisher(true).await;
+    let ids = tokens(2, 5);
+    p.stored(stored(None, &[21, 22], &ids));
+    // Nobody is subscribed: the live copy is lost, only the replay buffer holds the batch.
+    let replay = p.replay_endpoint().expect("replay socket").to_owned();
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    loop {
+        let buffered = switchyard::engines::kv_events::subscriber::fetch_replay(&replay, 0, SAFETY)
+            .await
+            .is_ok_and(|b| b.len() == 1);
+        if buffered {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the batch never reached the replay buffer"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (index, _subs) = subscribe(&p, SubscriberOptions::default());
+    eventually("the idle engine's view is live with its blocks", || {
+        index.is_live(ENGINE) && held(&index, &ids) == Some(2 * BS)
+    })
+    .await;
+}

@@ -22,6 +22,12 @@
 //! **Live** = connected, in sequence, and complete or rebuilt. While not live, `kv_lookup` uses
 //! the approximate index for this engine.
 //!
+//! **Catch-up on connect.** With a replay socket, the subscriber asks it for everything from
+//! sequence 0 as soon as it (re)connects: an engine that stored blocks before the router
+//! subscribed and then went idle (or whose first batches went out before the subscription
+//! reached it) is complete at once, and an empty buffer means the engine has published nothing.
+//! Without a replay socket, the view waits for the engine's next batch.
+//!
 //! Malformed messages are counted and skipped (their sequence number still counts as
 //! received: replaying them would give the same bytes). Nothing here can stop routing: the
 //! task only writes the engine's view.
@@ -159,7 +165,12 @@ impl Stream {
         };
         let reconnected = std::mem::take(&mut self.reconnected);
         match self.expected {
-            Some(e) if seq == e => self.apply(seq, &payload),
+            Some(e) if seq == e => {
+                // The live stream is in order: once it reaches `expected`, nothing older can
+                // be a copy of a replayed batch any more.
+                self.dup_floor = None;
+                self.apply(seq, &payload);
+            }
             None => self.resync(seq, payload).await,
             Some(_) if reconnected => {
                 // The engine may have restarted while the connection was down.
@@ -179,6 +190,45 @@ impl Stream {
                 self.drop_view();
                 self.resync(seq, payload).await;
             }
+        }
+        self.set_live();
+    }
+
+    /// On (re)connecting, with a replay socket: catches up at once instead of waiting for the
+    /// next live batch, which an idle engine may not publish for a long time (and the first
+    /// batches of a fresh engine can be published before the subscription reaches it). A
+    /// buffer that starts at sequence 0 is the engine's whole history, so the view is complete;
+    /// an empty one means the engine has published nothing yet (its cache holds no blocks).
+    /// A buffer that no longer reaches back to 0 leaves the view as it is: the next live batch
+    /// resynchronises it.
+    async fn catch_up(&mut self) {
+        let Some(replay) = self.endpoints.replay.clone() else {
+            return;
+        };
+        if self.expected.is_some() && !self.reconnected {
+            return;
+        }
+        let batches = match fetch_replay(&replay, 0, self.opts.replay_timeout).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.m.replays_failed.increment(1);
+                tracing::debug!(engine = self.engine, error = %e, "KV-event catch-up replay failed; waiting for the stream");
+                return;
+            }
+        };
+        self.m.replays_ok.increment(1);
+        let whole = batches.first().is_none_or(|b| b.0 == 0) && is_contiguous(&batches);
+        if !whole {
+            return;
+        }
+        self.reconnected = false;
+        self.index.update(self.engine, |v| v.clear());
+        self.rebuilding = None;
+        self.expected = Some(0);
+        // Live copies of the replayed batches may still be queued on the subscription.
+        self.dup_floor = Some(0);
+        for (s, p) in &batches {
+            self.apply(*s, p);
         }
         self.set_live();
     }
@@ -345,6 +395,7 @@ pub(super) async fn run(
         }
         backoff = stream.opts.reconnect_min;
         stream.connected();
+        stream.catch_up().await;
         let mut monitor_open = true;
         loop {
             tokio::select! {
