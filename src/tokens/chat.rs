@@ -126,13 +126,17 @@ impl ChatTemplate {
                 }
             }
         }
-        for (name, raw) in [("tools", req.tools), ("documents", req.documents)] {
-            if let Some(raw) = raw {
-                let v: Value = serde_json::from_str(raw.get())
-                    .map_err(|e| TokenizeError::Invalid(format!("{name}: {e}")))?;
-                if !v.is_none() {
-                    ctx.push((name.to_owned(), v));
-                }
+        if let Some(raw) = req.tools {
+            let tools = tools_value(raw)?;
+            if !tools.is_none() {
+                ctx.push(("tools".into(), tools));
+            }
+        }
+        if let Some(raw) = req.documents {
+            let v: Value = serde_json::from_str(raw.get())
+                .map_err(|e| TokenizeError::Invalid(format!("documents: {e}")))?;
+            if !v.is_none() {
+                ctx.push(("documents".into(), v));
             }
         }
         let final_text = continue_final
@@ -195,6 +199,57 @@ impl ChatTemplate {
         }
         Ok(Value::from_pairs(out))
     }
+}
+
+/// One tool of a request, as vLLM's `ChatCompletionToolsParam` reads it.
+#[derive(Deserialize)]
+struct Tool<'a> {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(borrow)]
+    function: Function<'a>,
+}
+
+#[derive(Deserialize)]
+struct Function<'a> {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default, borrow)]
+    parameters: Option<&'a RawValue>,
+}
+
+/// The request's `tools` as vLLM passes them to the template (`tool.model_dump()`): each
+/// `{"type", "function": {"name", "description", "parameters"}}`, absent fields as `null`,
+/// other fields dropped. Tools of another shape are passed as given.
+fn tools_value(raw: &RawValue) -> Result<Value, TokenizeError> {
+    let invalid = |e: serde_json::Error| TokenizeError::Invalid(format!("tools: {e}"));
+    let Ok(tools) = serde_json::from_str::<Option<Vec<Tool>>>(raw.get()) else {
+        return serde_json::from_str(raw.get()).map_err(invalid);
+    };
+    let Some(tools) = tools else {
+        return Ok(Value::from(()));
+    };
+    let mut out = Vec::with_capacity(tools.len());
+    for t in tools {
+        let parameters = match t.function.parameters {
+            Some(p) => serde_json::from_str::<Value>(p.get()).map_err(invalid)?,
+            None => Value::from(()),
+        };
+        let function = Value::from_pairs([
+            ("name", Value::from(t.function.name)),
+            ("description", Value::from(t.function.description)),
+            ("parameters", parameters),
+        ]);
+        out.push(Value::from_pairs([
+            (
+                "type",
+                Value::from(t.kind.unwrap_or_else(|| "function".into())),
+            ),
+            ("function", function),
+        ]));
+    }
+    Ok(Value::from(out))
 }
 
 enum Part {
