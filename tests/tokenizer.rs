@@ -397,3 +397,33 @@ async fn a_bad_sim_tokenizer_stops_its_start() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn serve_with_a_tokenizer_runs_demo_engines_that_count_its_tokens_and_a_bad_one_fails() {
+    let dir = fixtures().join("llama3");
+    let dir_s = dir.to_str().unwrap();
+    let router = common::RouterProcess::spawn(&["--tokenizer", dir_s, "--demo-engines", "1"]);
+    let body = chat_body("How many tokens is this, exactly?");
+    let tok = Tokenizer::load(&dir).unwrap();
+    let want = tok
+        .request_token_ids("/v1/chat/completions", body.to_string().as_bytes())
+        .unwrap();
+    let r = post_json(&client(), &router.url, "/v1/chat/completions", body).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.json()["usage"]["prompt_tokens"],
+        want.len(),
+        "the demo engine counts the model's tokens"
+    );
+    drop(router);
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(bad.path().join("tokenizer.json"), "[]").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--port", "0", "--tokenizer"])
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tokenizer"), "{err}");
+}
