@@ -131,8 +131,10 @@ async fn serve_inner(args: ServeArgs) -> Result<ExitCode, BoxError> {
     if cfg.backends.is_empty() && !cfg.discovery.is_dynamic() {
         let model = crate::sim::SimConfig::default().model;
         for i in 0..cfg.demo_engines.max(1) {
+            // The demo engines tokenize as the router does (`--tokenizer`), else the stand-in.
             let sim_cfg = crate::sim::SimConfig {
                 seed: i as u64 + 1,
+                tokenizer: cfg.tokenizer.clone(),
                 ..Default::default()
             };
             let sim =

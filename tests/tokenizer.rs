@@ -195,6 +195,7 @@ async fn the_router_loads_its_tokenizer_at_start_and_a_bad_one_stops_the_start()
 struct Recorder {
     stored: Mutex<Vec<StoredBlocks>>,
     removed: Mutex<Vec<u64>>,
+    cleared: std::sync::atomic::AtomicUsize,
 }
 
 impl CacheEvents for Recorder {
@@ -204,7 +205,10 @@ impl CacheEvents for Recorder {
     fn removed(&self, block_hashes: &[u64]) {
         self.removed.lock().unwrap().extend_from_slice(block_hashes);
     }
-    fn cleared(&self) {}
+    fn cleared(&self) {
+        self.cleared
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 async fn sim_with(
@@ -346,6 +350,22 @@ async fn without_a_tokenizer_the_engine_reports_stand_in_ids_and_evictions_in_lr
     .await;
     assert_eq!(r.status, 200);
     assert_eq!(*rec.removed.lock().unwrap(), vec![first[1], first[0]]);
+    // vLLM's prefix-cache reset is reported as everything cleared; the next prompt stores again.
+    let r = common::send(&c, common::post(&engine.url(), "/reset_prefix_cache", "")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(rec.cleared.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let r = post_json(
+        &c,
+        &engine.url(),
+        "/v1/completions",
+        common::completion("aaaabbbbccccdddd", 1, false),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        rec.stored.lock().unwrap().last().unwrap().block_hashes,
+        first
+    );
     engine.shutdown().await;
 }
 
@@ -376,4 +396,34 @@ async fn a_bad_sim_tokenizer_stops_its_start() {
         "token ids are used as given"
     );
     h.shutdown().await;
+}
+
+#[tokio::test]
+async fn serve_with_a_tokenizer_runs_demo_engines_that_count_its_tokens_and_a_bad_one_fails() {
+    let dir = fixtures().join("llama3");
+    let dir_s = dir.to_str().unwrap();
+    let router = common::RouterProcess::spawn(&["--tokenizer", dir_s, "--demo-engines", "1"]);
+    let body = chat_body("How many tokens is this, exactly?");
+    let tok = Tokenizer::load(&dir).unwrap();
+    let want = tok
+        .request_token_ids("/v1/chat/completions", body.to_string().as_bytes())
+        .unwrap();
+    let r = post_json(&client(), &router.url, "/v1/chat/completions", body).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.json()["usage"]["prompt_tokens"],
+        want.len(),
+        "the demo engine counts the model's tokens"
+    );
+    drop(router);
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(bad.path().join("tokenizer.json"), "[]").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--port", "0", "--tokenizer"])
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tokenizer"), "{err}");
 }

@@ -146,6 +146,18 @@ impl PrefixCache {
         hits
     }
 
+    /// Drops every block (vLLM's prefix-cache reset), reported as `cleared`.
+    pub(crate) fn clear(&mut self) {
+        self.index.clear();
+        self.nodes.clear();
+        self.free.clear();
+        self.head = NIL;
+        self.tail = NIL;
+        if let Some(events) = &self.events {
+            events.cleared();
+        }
+    }
+
     /// Makes `hash` the most recently used block, inserting it if missing; returns whether it
     /// was inserted.
     fn touch_or_insert(&mut self, hash: u64) -> bool {
@@ -357,7 +369,35 @@ mod tests {
         );
         assert_eq!(ev.len(), 2);
         assert!(c.contains(1) && !c.contains(2));
-        let _ = Event::Cleared;
+    }
+
+    #[test]
+    fn a_reset_drops_everything_and_is_reported_cleared() {
+        let (mut c, rec) = recorded(4, 1);
+        c.admit(&[1, 2], &[11, 12]);
+        rec.take();
+        c.clear();
+        assert_eq!(rec.take(), vec![Event::Cleared]);
+        assert_eq!(c.len(), 0);
+        assert_eq!(
+            c.admit(&[1, 2], &[11, 12]),
+            0,
+            "nothing cached after a reset"
+        );
+        assert_eq!(rec.take(), vec![stored_1(&[1, 2], &[11, 12])]);
+        // The LRU list was rebuilt from scratch: evictions still go oldest first.
+        c.admit(&[5, 6, 7], &[15, 16, 17]);
+        assert_eq!(rec.take()[0], Event::Removed(vec![2]));
+    }
+
+    fn stored_1(hashes: &[u64], ids: &[u32]) -> Event {
+        Event::Stored(StoredBlocks {
+            parent: None,
+            block_hashes: hashes.to_vec(),
+            token_ids: ids.to_vec(),
+            block_size: 1,
+            lora_name: None,
+        })
     }
 
     #[test]

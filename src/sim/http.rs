@@ -161,6 +161,15 @@ pub(crate) async fn handle(
             inference(engine, kind, req).await
         }
         "/v1/models" if method == Method::GET => Ok(models(&engine)),
+        // vLLM serves it in dev mode (VLLM_SERVER_DEV_MODE=1); reported as AllBlocksCleared.
+        "/reset_prefix_cache" if method == Method::POST => {
+            engine.sched.reset_prefix_cache();
+            Ok(response(
+                StatusCode::OK,
+                "application/json",
+                SimBody::empty(),
+            ))
+        }
         "/health" if method == Method::GET => Ok(response(
             StatusCode::OK,
             "application/json",
@@ -175,9 +184,12 @@ pub(crate) async fn handle(
                 SimBody::full(text),
             ))
         }
-        "/v1/completions" | "/v1/chat/completions" | "/v1/models" | "/health" | "/metrics" => {
-            Ok(error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"))
-        }
+        "/v1/completions"
+        | "/v1/chat/completions"
+        | "/v1/models"
+        | "/health"
+        | "/metrics"
+        | "/reset_prefix_cache" => Ok(error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")),
         _ => Ok(error(StatusCode::NOT_FOUND, "Not Found")),
     }
 }

@@ -560,6 +560,7 @@ pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Se
         max_num_seqs = cfg.max_num_seqs,
         time_scale = cfg.time_scale,
         speed_factor = cfg.speed_factor,
+        tokenizer = ?cfg.tokenizer,
         "simulated vLLM engine listening on {}",
         handle.url()
     );

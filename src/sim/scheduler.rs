@@ -123,6 +123,11 @@ impl Scheduler {
         }
     }
 
+    /// Drops every block of the prefix cache (vLLM's `POST /reset_prefix_cache`).
+    pub(crate) fn reset_prefix_cache(&self) {
+        self.lock_cache().clear();
+    }
+
     /// Number of blocks in the prefix cache.
     #[cfg(test)]
     pub(crate) fn cached_blocks(&self) -> usize {

@@ -13,12 +13,13 @@
 //! by [`token_block_hashes`]: the router's own chained hash of each full block of ids.
 //!
 //! A model's real tokenizer and chat template (`--tokenizer`) are [`Tokenizer`] ([`hf`], with
-//! the chat template in `chat`): the token ids an engine sees for a request body. Where real ids
-//! are wanted without one, [`stand_in_token_ids`] gives the stand-in's: each 4 bytes of the
-//! prompt text as one id.
+//! the chat template in `chat` and transformers' Jinja helpers in `jinja`): the token ids an
+//! engine sees for a request body. Where real ids are wanted without one,
+//! [`stand_in_token_ids`] gives the stand-in's: each 4 bytes of the prompt text as one id.
 
 mod chat;
 pub mod hf;
+mod jinja;
 
 pub use hf::Tokenizer;
 
