@@ -13,7 +13,6 @@
 
 use serde::Serialize;
 
-use super::plan::RunPlan;
 use super::stats::{RequestRecord, RunStats};
 use super::workload::Workload;
 use crate::tokens::{DEFAULT_BLOCK_SIZE, Tokenizer, estimate_tokens};
@@ -70,29 +69,6 @@ impl KvRun {
     pub fn name(&self) -> String {
         format!("{}/{}x/{}", self.cache, self.replicas, self.mode.name())
     }
-}
-
-/// The runs: for each cache size (small, then ample) and replica count, the three modes.
-pub fn plan(replicas: &[usize], small_blocks: usize) -> Vec<RunPlan> {
-    let mut out = Vec::new();
-    for (cache, num_blocks) in [("small", Some(small_blocks)), ("ample", None)] {
-        for &n in replicas {
-            for mode in KvMode::ALL {
-                let kv = KvRun {
-                    cache,
-                    num_blocks,
-                    replicas: n,
-                    mode,
-                };
-                out.push(RunPlan {
-                    name: kv.name(),
-                    policy: mode.policy().to_owned(),
-                    kv: Some(kv),
-                });
-            }
-        }
-    }
-    out
 }
 
 /// Real tokens per stand-in token of the workload's chat prompts under `tokenizer` (its chat
@@ -207,20 +183,4 @@ pub fn table_rows(rows: &[KvRow], runs: &[RunStats]) -> Vec<Vec<String>> {
             ]
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plans_every_cache_replica_and_mode() {
-        let p = plan(&[1, 3], 100);
-        assert_eq!(p.len(), 12);
-        assert_eq!(p[0].name, "small/1x/exact");
-        assert_eq!(p[2].policy, LOAD_POLICY);
-        assert_eq!(p[5].name, "small/3x/load-only");
-        assert_eq!(p[6].kv.as_ref().map(|k| k.num_blocks), Some(None));
-        assert_eq!(p[11].name, "ample/3x/load-only");
-    }
 }

@@ -7,7 +7,8 @@
 //!
 //! Files: `workload.rs` (knobs, presets, seeded generation), `text.rs` (filler text sized in
 //! tokens), `driver.rs` (the load generator, TTFT from SSE streams), `sse.rs` (SSE reader),
-//! `cluster.rs` (sims + router per run), `plan.rs` (runs, sweep, policies directory),
+//! `cluster.rs` (sims + router replicas per run), `plan.rs` (runs, sweep, kv comparison,
+//! policies directory), `kvcompare.rs` (`--kv-compare`: its routings and table),
 //! `stats.rs` (percentiles, per-run figures), `report.rs` (tables, JSON, CSV, winners),
 //! `svg.rs` (charts).
 
@@ -386,7 +387,7 @@ fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
                 kvcompare::small_cache_blocks(&w, args.engines, ratio)
             }
         };
-        let runs = kvcompare::plan(&replicas, small);
+        let runs = plan::kv_compare_runs(&replicas, small);
         let dir = PoliciesDir::prepare(&policies_source(&args.policies_dir)?, &[])?;
         dir.check(&runs)?;
         (runs, Some(dir))
