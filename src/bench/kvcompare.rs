@@ -14,7 +14,8 @@
 use serde::Serialize;
 
 use super::stats::{RequestRecord, RunStats};
-use super::workload::Workload;
+use super::workload::{Workload, WorkloadSpec};
+use super::{BenchArgs, BenchError};
 use crate::tokens::{DEFAULT_BLOCK_SIZE, Tokenizer, estimate_tokens};
 
 /// How a run's routers know what the engines cache.
@@ -69,6 +70,48 @@ impl KvRun {
     pub fn name(&self) -> String {
         format!("{}/{}x/{}", self.cache, self.replicas, self.mode.name())
     }
+}
+
+/// `--kv-compare`'s settings, validated: the replica counts (default 1 and 3) and the small
+/// cache's blocks per engine (`--num-blocks`, else [`small_cache_blocks`] in the tokenizer's
+/// tokens). `sweep`: whether `--sweep` was given.
+pub fn settings(
+    args: &BenchArgs,
+    spec: &WorkloadSpec,
+    sweep: bool,
+) -> Result<(Vec<usize>, usize), BenchError> {
+    let bad = |m: String| Err(BenchError::Args(m));
+    if args.target.is_some() || sweep || args.policies.is_some() {
+        return bad(
+            "--kv-compare chooses its own runs: it cannot be used with --target, --sweep or \
+             --policies"
+                .into(),
+        );
+    }
+    let Some(tokenizer) = &args.tokenizer else {
+        return bad(
+            "--kv-compare needs --tokenizer PATH (e.g. tests/fixtures/tokenizer/llama3 in a \
+             checkout)"
+                .into(),
+        );
+    };
+    let replicas = args.router_replicas.clone().unwrap_or_else(|| vec![1, 3]);
+    if replicas.is_empty() || replicas.iter().any(|&n| !(1..=8).contains(&n)) {
+        return bad(format!(
+            "--router-replicas must be counts between 1 and 8, got {replicas:?}"
+        ));
+    }
+    let t = Tokenizer::load(tokenizer)
+        .map_err(|e| BenchError::Args(format!("--tokenizer {}: {e}", tokenizer.display())))?;
+    let small = match args.num_blocks {
+        Some(n) => n,
+        None => {
+            let w = Workload::generate(spec);
+            let ratio = tokens_per_stand_in_token(&w, &t).unwrap_or(1.0);
+            small_cache_blocks(&w, args.engines, ratio)
+        }
+    };
+    Ok((replicas, small))
 }
 
 /// Real tokens per stand-in token of the workload's chat prompts under `tokenizer` (its chat
