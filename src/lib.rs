@@ -7,8 +7,10 @@
 //!
 //! - [`config`]: the settings (flags over the config file over defaults) and their validation.
 //! - [`proxy`]: the HTTP server: connections and their limits ([`proxy::conn`]), dispatch of
-//!   routes ([`proxy::routes`]), forwarding with retries ([`proxy::forward`]), headers,
-//!   response bodies, OpenAI-shaped errors and the router's own metrics.
+//!   routes ([`proxy::routes`]), forwarding with retries ([`proxy::forward`]), a request's
+//!   prefix matches from two sources, computed when a policy tier needs them
+//!   ([`proxy::kv`]), headers, response bodies, OpenAI-shaped errors and the router's own
+//!   metrics.
 //! - [`request`]: the routing view of a request body (model, stream, session key, a digest of
 //!   the prompt), parsed in one pass without materialising the rest.
 //! - [`tokens`]: the stand-in tokenizer and the chained block hashes of a prompt; a model's

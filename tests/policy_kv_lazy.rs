@@ -111,3 +111,35 @@ kv_lookup(0.9) ?? best
     assert_eq!((d.engine, d.kv), (2, None));
     assert_eq!(m.0.load(Ordering::Relaxed), 1);
 }
+
+/// A matcher as slow as tokenizing a very long prompt.
+struct Slow;
+
+impl PrefixMatcher for Slow {
+    fn matches(&self, _: &RequestInfo, cands: &[Candidate]) -> KvMatches {
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        KvMatches {
+            tokens: vec![0; cands.len()],
+            sources: vec![KvSource::Approximate; cands.len()],
+            prompt_tokens: 100,
+        }
+    }
+}
+
+#[test]
+fn computing_matches_does_not_count_against_the_script_time_budget() {
+    let dir = temp_dir();
+    dir.write(
+        "slow.rhai",
+        "let m = 0;\nfor e in engines { m += e.prefix_match; }\nfor i in 0..50 { m += i; }\nengines[2]\n",
+    );
+    let mut s = settings(dir.path(), "slow");
+    s.script_time_budget = std::time::Duration::from_millis(20);
+    let store = switchyard::policy::PolicyStore::new(s, 16).expect("store");
+    let d = store.decide_with(&request(100), &queues(&[0.0, 0.0, 0.0]), &Slow);
+    assert_eq!(
+        (d.engine, &*d.tier, d.kv),
+        (2, "slow", Some(KvSource::Approximate)),
+        "the script ran to its end although matching took longer than its budget"
+    );
+}

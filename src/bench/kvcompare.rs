@@ -13,9 +13,9 @@
 
 use serde::Serialize;
 
-use super::plan::RunPlan;
 use super::stats::{RequestRecord, RunStats};
-use super::workload::Workload;
+use super::workload::{Workload, WorkloadSpec};
+use super::{BenchArgs, BenchError};
 use crate::tokens::{DEFAULT_BLOCK_SIZE, Tokenizer, estimate_tokens};
 
 /// How a run's routers know what the engines cache.
@@ -72,27 +72,46 @@ impl KvRun {
     }
 }
 
-/// The runs: for each cache size (small, then ample) and replica count, the three modes.
-pub fn plan(replicas: &[usize], small_blocks: usize) -> Vec<RunPlan> {
-    let mut out = Vec::new();
-    for (cache, num_blocks) in [("small", Some(small_blocks)), ("ample", None)] {
-        for &n in replicas {
-            for mode in KvMode::ALL {
-                let kv = KvRun {
-                    cache,
-                    num_blocks,
-                    replicas: n,
-                    mode,
-                };
-                out.push(RunPlan {
-                    name: kv.name(),
-                    policy: mode.policy().to_owned(),
-                    kv: Some(kv),
-                });
-            }
-        }
+/// `--kv-compare`'s settings, validated: the replica counts (default 1 and 3) and the small
+/// cache's blocks per engine (`--num-blocks`, else [`small_cache_blocks`] in the tokenizer's
+/// tokens). `sweep`: whether `--sweep` was given.
+pub fn settings(
+    args: &BenchArgs,
+    spec: &WorkloadSpec,
+    sweep: bool,
+) -> Result<(Vec<usize>, usize), BenchError> {
+    let bad = |m: String| Err(BenchError::Args(m));
+    if args.target.is_some() || sweep || args.policies.is_some() {
+        return bad(
+            "--kv-compare chooses its own runs: it cannot be used with --target, --sweep or \
+             --policies"
+                .into(),
+        );
     }
-    out
+    let Some(tokenizer) = &args.tokenizer else {
+        return bad(
+            "--kv-compare needs --tokenizer PATH (e.g. tests/fixtures/tokenizer/llama3 in a \
+             checkout)"
+                .into(),
+        );
+    };
+    let replicas = args.router_replicas.clone().unwrap_or_else(|| vec![1, 3]);
+    if replicas.is_empty() || replicas.iter().any(|&n| !(1..=8).contains(&n)) {
+        return bad(format!(
+            "--router-replicas must be counts between 1 and 8, got {replicas:?}"
+        ));
+    }
+    let t = Tokenizer::load(tokenizer)
+        .map_err(|e| BenchError::Args(format!("--tokenizer {}: {e}", tokenizer.display())))?;
+    let small = match args.num_blocks {
+        Some(n) => n,
+        None => {
+            let w = Workload::generate(spec);
+            let ratio = tokens_per_stand_in_token(&w, &t).unwrap_or(1.0);
+            small_cache_blocks(&w, args.engines, ratio)
+        }
+    };
+    Ok((replicas, small))
 }
 
 /// Real tokens per stand-in token of the workload's chat prompts under `tokenizer` (its chat
@@ -207,20 +226,4 @@ pub fn table_rows(rows: &[KvRow], runs: &[RunStats]) -> Vec<Vec<String>> {
             ]
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plans_every_cache_replica_and_mode() {
-        let p = plan(&[1, 3], 100);
-        assert_eq!(p.len(), 12);
-        assert_eq!(p[0].name, "small/1x/exact");
-        assert_eq!(p[2].policy, LOAD_POLICY);
-        assert_eq!(p[5].name, "small/3x/load-only");
-        assert_eq!(p[6].kv.as_ref().map(|k| k.num_blocks), Some(None));
-        assert_eq!(p[11].name, "ample/3x/load-only");
-    }
 }

@@ -7,7 +7,8 @@
 //!
 //! Files: `workload.rs` (knobs, presets, seeded generation), `text.rs` (filler text sized in
 //! tokens), `driver.rs` (the load generator, TTFT from SSE streams), `sse.rs` (SSE reader),
-//! `cluster.rs` (sims + router per run), `plan.rs` (runs, sweep, policies directory),
+//! `cluster.rs` (sims + router replicas per run), `plan.rs` (runs, sweep, kv comparison,
+//! policies directory), `kvcompare.rs` (`--kv-compare`: its routings and table),
 //! `stats.rs` (percentiles, per-run figures), `report.rs` (tables, JSON, CSV, winners),
 //! `svg.rs` (charts).
 
@@ -351,42 +352,8 @@ fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
         return bad("--router-replicas and --tokenizer are settings of --kv-compare".into());
     }
     let (runs, dir) = if args.kv_compare {
-        if args.target.is_some() || !sweep.is_empty() || args.policies.is_some() {
-            return bad(
-                "--kv-compare chooses its own runs: it cannot be used with --target, --sweep                  or --policies"
-                    .into(),
-            );
-        }
-        let Some(tokenizer) = &args.tokenizer else {
-            return bad(
-                "--kv-compare needs --tokenizer PATH (e.g. tests/fixtures/tokenizer in a checkout)"
-                    .into(),
-            );
-        };
-        if !tokenizer.exists() {
-            return bad(format!(
-                "--tokenizer {}: no such file or directory",
-                tokenizer.display()
-            ));
-        }
-        let replicas = args.router_replicas.clone().unwrap_or_else(|| vec![1, 3]);
-        if replicas.is_empty() || replicas.iter().any(|&n| !(1..=8).contains(&n)) {
-            return bad(format!(
-                "--router-replicas must be counts between 1 and 8, got {replicas:?}"
-            ));
-        }
-        let small = match args.num_blocks {
-            Some(n) => n,
-            None => {
-                let t = crate::tokens::Tokenizer::load(tokenizer).map_err(|e| {
-                    BenchError::Args(format!("--tokenizer {}: {e}", tokenizer.display()))
-                })?;
-                let w = Workload::generate(&spec);
-                let ratio = kvcompare::tokens_per_stand_in_token(&w, &t).unwrap_or(1.0);
-                kvcompare::small_cache_blocks(&w, args.engines, ratio)
-            }
-        };
-        let runs = kvcompare::plan(&replicas, small);
+        let (replicas, small) = kvcompare::settings(args, &spec, !sweep.is_empty())?;
+        let runs = plan::kv_compare_runs(&replicas, small);
         let dir = PoliciesDir::prepare(&policies_source(&args.policies_dir)?, &[])?;
         dir.check(&runs)?;
         (runs, Some(dir))
@@ -709,6 +676,16 @@ mod tests {
                 "--slow-engine",
             ),
             (vec!["--rounds", "2", "--workload", "hot-prefix"], "rounds"),
+            (vec!["--kv-compare"], "--tokenizer"),
+            (vec!["--router-replicas", "2"], "--kv-compare"),
+            (
+                vec!["--kv-compare", "--tokenizer", d, "--policies", "a"],
+                "chooses its own runs",
+            ),
+            (
+                vec!["--kv-compare", "--tokenizer", d, "--router-replicas", "0"],
+                "--router-replicas",
+            ),
             (
                 vec!["--policies-dir", d, "--policies", "no_such_policy"],
                 "unknown policy",

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::BenchError;
+use super::kvcompare::{KvMode, KvRun};
 
 /// Policies compared when `--policies` is not given.
 pub const DEFAULT_POLICIES: &[&str] =
@@ -19,7 +20,31 @@ pub struct RunPlan {
     /// Policy name given to the router.
     pub policy: String,
     /// With `--kv-compare`: the run's cluster and routing.
-    pub kv: Option<super::kvcompare::KvRun>,
+    pub kv: Option<KvRun>,
+}
+
+/// `--kv-compare`'s runs: for each cache size (small, then ample) and replica count, the
+/// three routings.
+pub fn kv_compare_runs(replicas: &[usize], small_blocks: usize) -> Vec<RunPlan> {
+    let mut out = Vec::new();
+    for (cache, num_blocks) in [("small", Some(small_blocks)), ("ample", None)] {
+        for &n in replicas {
+            for mode in KvMode::ALL {
+                let kv = KvRun {
+                    cache,
+                    num_blocks,
+                    replicas: n,
+                    mode,
+                };
+                out.push(RunPlan {
+                    name: kv.name(),
+                    policy: mode.policy().to_owned(),
+                    kv: Some(kv),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// A `load_balance` threshold of the sweep; `Inf` drops the `load_balance` tier.
@@ -281,5 +306,16 @@ mod tests {
         drop(d);
         assert!(user.is_dir(), "the user's directory is never removed");
         assert!(PoliciesDir::prepare(&user.join("missing"), &[]).is_err());
+    }
+
+    #[test]
+    fn kv_compare_plans_every_cache_replica_and_mode() {
+        let p = kv_compare_runs(&[1, 3], 100);
+        assert_eq!(p.len(), 12);
+        assert_eq!(p[0].name, "small/1x/exact");
+        assert_eq!(p[2].policy, super::super::kvcompare::LOAD_POLICY);
+        assert_eq!(p[5].name, "small/3x/load-only");
+        assert_eq!(p[6].kv.as_ref().map(|k| k.num_blocks), Some(None));
+        assert_eq!(p[11].name, "ample/3x/load-only");
     }
 }

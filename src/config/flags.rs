@@ -53,7 +53,9 @@ pub struct ServeArgs {
     /// Seconds one script tier may run for one request; past it the tier passes [default: 0.005].
     #[arg(long)]
     pub script_time_budget: Option<f64>,
-    /// Add x-switchyard-policy/-tier/-engine response headers.
+    /// Add x-switchyard-policy/-tier/-engine response headers, and x-switchyard-kv
+    /// (exact|approximate: the chosen engine's prefix-match source) when a tier computed
+    /// prefix matches.
     #[arg(long)]
     pub decision_headers: bool,
     /// Bearer token required on /admin/* (unset: /admin/* is open; keep the router on loopback then).
