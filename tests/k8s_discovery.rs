@@ -613,3 +613,84 @@ async fn the_binary_discovers_pods_through_a_kubeconfig() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Simulated pods that also publish KV events, all on common ports (HTTP, events, replay) at
+/// 127.0.0.2, 127.0.0.3, … as pods of one Deployment do.
+async fn kv_pods(n: usize) -> (Vec<switchyard::sim::SimHandle>, u16, u16, u16) {
+    'attempt: for _ in 0..50 {
+        let (mut http, mut events, mut replay) = (0u16, 0u16, 0u16);
+        let mut sims: Vec<switchyard::sim::SimHandle> = Vec::new();
+        for i in 0..n {
+            let ip = format!("127.0.0.{}", 2 + i);
+            let cfg = SimConfig {
+                seed: i as u64 + 1,
+                kv_events_endpoint: Some(format!("tcp://{ip}:{events}")),
+                kv_events_replay_endpoint: Some(format!("tcp://{ip}:{replay}")),
+                ..SimConfig::default()
+            };
+            let addr = std::net::SocketAddr::new(ip.parse().expect("ip"), http);
+            let Ok(s) = switchyard::sim::start(cfg, addr).await else {
+                for s in sims {
+                    s.shutdown().await;
+                }
+                continue 'attempt;
+            };
+            let port_of = |e: &str| e.rsplit(':').next().and_then(|p| p.parse().ok());
+            let p = s.kv_events().expect("the sim publishes KV events");
+            http = s.addr().port();
+            events = port_of(p.endpoint()).expect("events port");
+            replay = p.replay_endpoint().and_then(port_of).expect("replay port");
+            sims.push(s);
+        }
+        return (sims, http, events, replay);
+    }
+    panic!("no common free ports on 127.0.0.2..{}", 1 + n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_pods_kv_events_are_followed_at_the_pod_ip_and_port() {
+    let (sims, http_port, events, replay) = kv_pods(2).await;
+    let stub = ApiStub::start(NS).await;
+    for (i, name) in ["vllm-0", "vllm-1"].into_iter().enumerate() {
+        stub.apply(
+            StubPod::new(name)
+                .ip(&format!("127.0.0.{}", 2 + i))
+                .ready(true)
+                .label("model", MODEL),
+        );
+    }
+    let mut cfg = RouterConfig {
+        port: 0,
+        discovery: ServiceDiscovery::K8s(Box::new(discovery(&stub, http_port))),
+        ..RouterConfig::default()
+    };
+    cfg.policy.dir = shipped_policies();
+    cfg.kv_events.k8s_ports = Some(switchyard::engines::kv_events::KvEventsPorts {
+        events,
+        replay: Some(replay),
+    });
+    let router = switchyard::proxy::start(cfg, None)
+        .await
+        .expect("router starts");
+    let exact = std::sync::Arc::clone(&router.state.exact);
+    eventually("both pods' KV views are live", || exact.live_engines() == 2).await;
+
+    // A prompt served by pod 0 (straight to it): the blocks it stores reach the router's view.
+    let before = exact.blocks();
+    let c = client();
+    let body = completion(&"a prompt of some length ".repeat(20), 1, false);
+    let reply = post_json(&c, &sims[0].url(), "/v1/completions", body).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    eventually("the stored blocks reach the exact view", || {
+        exact.blocks() > before
+    })
+    .await;
+
+    // The pod is deleted: its subscriber stops and its view goes.
+    stub.delete("vllm-1");
+    eventually("only pod 0's view is left", || exact.live_engines() == 1).await;
+    router.shutdown(Duration::from_secs(5)).await;
+    for s in sims {
+        s.shutdown().await;
+    }
+}
