@@ -10,8 +10,8 @@
 //! (filler text sized in tokens), `driver.rs` (the load generator, TTFT from SSE streams),
 //! `sse.rs` (SSE reader), `cluster.rs` (sims + router replicas per run), `plan.rs` (runs,
 //! sweep, kv comparison, policies directory), `kvcompare.rs` (`--kv-compare`: its routings and
-//! table), `stats.rs` (percentiles, per-run figures), `report.rs` (tables, JSON, CSV, winners),
-//! `svg.rs` (charts).
+//! table), `stats.rs` (percentiles, per-run figures), `report.rs` (tables, JSON, CSV),
+//! `winners.rs` (the best run per figure), `svg.rs` (charts).
 
 mod args;
 pub mod cluster;
@@ -24,6 +24,7 @@ pub mod sse;
 pub mod stats;
 pub mod svg;
 pub mod text;
+pub mod winners;
 pub mod workload;
 
 use std::sync::Arc;
