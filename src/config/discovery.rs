@@ -118,3 +118,95 @@ pub(super) fn is_label_key(s: &str) -> bool {
         prefix.is_none_or(|p| (1..=253).contains(&p.len()) && p.split('.').all(is_dns_label));
     name_ok && prefix_ok
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::RouterConfig;
+    use super::super::tests::args;
+    use super::*;
+
+    #[test]
+    fn kubernetes_discovery_settings() {
+        let c = RouterConfig::resolve(&args(&[
+            "--service-discovery",
+            "k8s",
+            "--k8s-label-selector",
+            "app=vllm",
+        ]))
+        .unwrap();
+        let ServiceDiscovery::K8s(k) = &c.discovery else {
+            panic!("k8s discovery expected, got {:?}", c.discovery)
+        };
+        assert!(c.backends.is_empty());
+        assert_eq!(k.label_selector.as_deref(), Some("app=vllm"));
+        assert_eq!(k.port, 8000);
+        assert_eq!(k.namespace, None);
+        assert_eq!(k.model_label.as_deref(), Some("model"));
+        let c = RouterConfig::resolve(&args(&[
+            "--service-discovery=k8s",
+            "--k8s-namespace=llm",
+            "--k8s-port=8080",
+            "--k8s-model-label=",
+        ]))
+        .unwrap();
+        let ServiceDiscovery::K8s(k) = &c.discovery else {
+            panic!("k8s discovery expected")
+        };
+        assert_eq!((k.namespace.as_deref(), k.port), (Some("llm"), 8080));
+        assert_eq!(k.model_label, None, "\"\" turns the model label off");
+        assert!(matches!(
+            RouterConfig::resolve(&args(&[])).unwrap().discovery,
+            ServiceDiscovery::Static
+        ));
+
+        for (flags, setting) in [
+            (&["--k8s-port", "8000"][..], "k8s_port:"),
+            (
+                &["--k8s-label-selector", "app=vllm"][..],
+                "k8s_label_selector:",
+            ),
+            (&["--service-discovery", "consul"][..], "service_discovery:"),
+            (
+                &[
+                    "--service-discovery",
+                    "k8s",
+                    "--static-backends",
+                    "http://a:1",
+                    "--static-models",
+                    "m",
+                ][..],
+                "static_backends:",
+            ),
+            (
+                &["--service-discovery", "k8s", "--demo-engines", "2"][..],
+                "demo_engines:",
+            ),
+            (
+                &[
+                    "--service-discovery",
+                    "k8s",
+                    "--k8s-namespace",
+                    "Not_A_Namespace",
+                ][..],
+                "k8s_namespace:",
+            ),
+            (
+                &["--service-discovery", "k8s", "--k8s-port", "0"][..],
+                "k8s_port:",
+            ),
+            (
+                &["--service-discovery", "k8s", "--k8s-label-selector", " "][..],
+                "k8s_label_selector:",
+            ),
+            (
+                &["--service-discovery", "k8s", "--k8s-model-label", "a b"][..],
+                "k8s_model_label:",
+            ),
+        ] {
+            let e = RouterConfig::resolve(&args(flags)).unwrap_err();
+            assert!(e.to_string().starts_with(setting), "{flags:?}: {e}");
+        }
+        assert!(is_label_key("model") && is_label_key("example.com/model-name"));
+        assert!(!is_label_key("-x") && !is_label_key("a/b/c") && !is_label_key(""));
+    }
+}

@@ -9,12 +9,17 @@ use std::time::Duration;
 use crate::engines::discovery::ServiceDiscovery;
 use crate::policy::PolicySettings;
 
+mod backends;
 mod discovery;
 mod flags;
 mod kv_events;
+mod policies;
 
+pub use backends::Backend;
+use backends::backends_from;
 pub use flags::{FileConfig, ServeArgs};
 pub use kv_events::KvEventsSettings;
+pub use policies::{policy_settings, resolve_policies_dir};
 
 /// A configuration error; the message names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +43,6 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
         setting,
         message: message.into(),
     }
-}
-
-/// One backend engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Backend {
-    pub url: String,
-    pub models: Vec<String>,
 }
 
 /// The resolved router configuration.
@@ -358,158 +356,6 @@ fn secs(
     }
 }
 
-/// The policies directory: `explicit` (`policies_dir`), which must exist; else `./policies` if
-/// it exists; else the built-in policies, written once per process into a private read-only
-/// directory (with `imbalanced_threshold` applied; see [`crate::policy::shipped`]).
-pub fn resolve_policies_dir(
-    explicit: Option<&Path>,
-    imbalanced_threshold: Option<u32>,
-) -> Result<PathBuf, ConfigError> {
-    use crate::policy::shipped;
-    let dir = match explicit {
-        Some(dir) => {
-            if !dir.exists() {
-                return Err(invalid(
-                    "policies_dir",
-                    format!("directory {} does not exist", dir.display()),
-                ));
-            }
-            if !dir.is_dir() {
-                return Err(invalid(
-                    "policies_dir",
-                    format!("{} is not a directory", dir.display()),
-                ));
-            }
-            dir.to_owned()
-        }
-        None if Path::new(shipped::DEFAULT_DIR).is_dir() => PathBuf::from(shipped::DEFAULT_DIR),
-        None => {
-            return shipped::builtin_dir(imbalanced_threshold)
-                .map_err(|e| invalid("policies_dir", format!("built-in policies: {e}")));
-        }
-    };
-    if let Some(n) = imbalanced_threshold {
-        return Err(invalid(
-            "imbalanced_threshold",
-            format!(
-                "sets the threshold of the built-in load_balanced_kvaware policy, but the policies \
-                 come from the directory {}: write load_balance({n}) in its \
-                 load_balanced_kvaware.rhai instead (hot-reloaded), or give no policies directory",
-                dir.display()
-            ),
-        ));
-    }
-    Ok(dir)
-}
-
-/// The policy settings from flags over the file, validated (used at start and when the file
-/// changes).
-pub fn policy_settings(args: &ServeArgs, file: &FileConfig) -> Result<PolicySettings, ConfigError> {
-    let d = PolicySettings::default();
-    let default_policy = args
-        .routing_logic
-        .clone()
-        .or(file.routing_logic.clone())
-        .unwrap_or(d.default_policy);
-    let imbalanced_threshold = args.imbalanced_threshold.or(file.imbalanced_threshold);
-    if let Some(n) = imbalanced_threshold {
-        if !matches!(
-            default_policy.as_str(),
-            "load_balanced_kvaware" | "load_balanced_kvaware.rhai" | "load_balanced_kvaware.toml"
-        ) {
-            return Err(invalid(
-                "imbalanced_threshold",
-                format!(
-                    "applies only with routing_logic = load_balanced_kvaware, not {default_policy:?}"
-                ),
-            ));
-        }
-        if n == 0 {
-            return Err(invalid("imbalanced_threshold", "must be at least 1"));
-        }
-    }
-    let explicit_dir = args.policies_dir.clone().or(file.policies_dir.clone());
-    let settings = PolicySettings {
-        dir: resolve_policies_dir(explicit_dir.as_deref(), imbalanced_threshold)?,
-        default_policy,
-        per_model: file.policies.clone(),
-        script_time_budget: secs(
-            "script_time_budget",
-            args.script_time_budget,
-            file.script_time_budget,
-            d.script_time_budget,
-        )?,
-    };
-    if settings.default_policy.is_empty() {
-        return Err(invalid("routing_logic", "must name a policy"));
-    }
-    Ok(settings)
-}
-
-fn backends_from(urls: &[String], models: Option<&[String]>) -> Result<Vec<Backend>, ConfigError> {
-    let urls: Vec<String> = urls
-        .iter()
-        .map(|u| u.trim().to_owned())
-        .filter(|u| !u.is_empty())
-        .collect();
-    for u in &urls {
-        let uri: http::Uri = u
-            .parse()
-            .map_err(|e| invalid("static_backends", format!("{u:?} is not a URL: {e}")))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-            return Err(invalid(
-                "static_backends",
-                format!("{u:?} must be an http:// URL with a host"),
-            ));
-        }
-        if uri.path() != "/" && !uri.path().is_empty() {
-            return Err(invalid(
-                "static_backends",
-                format!("{u:?} must not have a path"),
-            ));
-        }
-    }
-    let models: Vec<String> = models
-        .unwrap_or_default()
-        .iter()
-        .map(|m| m.trim().to_owned())
-        .filter(|m| !m.is_empty())
-        .collect();
-    if urls.is_empty() {
-        if !models.is_empty() {
-            return Err(invalid("static_models", "given without static_backends"));
-        }
-        return Ok(Vec::new());
-    }
-    let per_backend: Vec<String> = match models.len() {
-        0 => {
-            return Err(invalid(
-                "static_models",
-                "required with static_backends (one model per backend, or one for all)",
-            ));
-        }
-        1 => vec![models[0].clone(); urls.len()],
-        n if n == urls.len() => models,
-        n => {
-            return Err(invalid(
-                "static_models",
-                format!(
-                    "{n} models for {} backends: give one per backend, or one for all",
-                    urls.len()
-                ),
-            ));
-        }
-    };
-    Ok(urls
-        .into_iter()
-        .zip(per_backend)
-        .map(|(url, m)| Backend {
-            url,
-            models: vec![m],
-        })
-        .collect())
-}
-
 /// Maps tracing's level names and production-stack's (`warning`, `critical`) to a filter.
 pub fn normalize_log_level(level: &str) -> Result<String, ConfigError> {
     let l = level.to_ascii_lowercase();
@@ -531,7 +377,6 @@ pub fn normalize_log_level(level: &str) -> Result<String, ConfigError> {
 
 #[cfg(test)]
 mod tests {
-    use super::discovery::is_label_key;
     use super::*;
 
     #[derive(clap::Parser)]
@@ -540,7 +385,7 @@ mod tests {
         serve: ServeArgs,
     }
 
-    fn args(v: &[&str]) -> ServeArgs {
+    pub(super) fn args(v: &[&str]) -> ServeArgs {
         parse(v).unwrap()
     }
 
@@ -616,109 +461,6 @@ mod tests {
         let e = RouterConfig::resolve(&args(&["--connect-timeout=-1"])).unwrap_err();
         assert!(e.to_string().starts_with("connect_timeout:"), "{e}");
         assert!(parse(&["--no-such-flag"]).is_err());
-    }
-
-    #[test]
-    fn script_time_budget_in_seconds() {
-        let c = RouterConfig::resolve(&args(&[])).unwrap();
-        assert_eq!(c.policy.script_time_budget, Duration::from_millis(5));
-        let c = RouterConfig::resolve(&args(&["--script-time-budget", "0.02"])).unwrap();
-        assert_eq!(c.policy.script_time_budget, Duration::from_millis(20));
-        for bad in ["0", "-1", "inf"] {
-            let e = RouterConfig::resolve(&args(&[&format!("--script-time-budget={bad}")]))
-                .unwrap_err();
-            assert!(e.to_string().starts_with("script_time_budget:"), "{e}");
-        }
-        let file: FileConfig = toml::from_str("script_time_budget = 0.001").unwrap();
-        let p = policy_settings(&args(&[]), &file).unwrap();
-        assert_eq!(p.script_time_budget, Duration::from_millis(1));
-        let p = policy_settings(&args(&["--script-time-budget", "0.002"]), &file).unwrap();
-        assert_eq!(p.script_time_budget, Duration::from_millis(2));
-    }
-
-    #[test]
-    fn kubernetes_discovery_settings() {
-        let c = RouterConfig::resolve(&args(&[
-            "--service-discovery",
-            "k8s",
-            "--k8s-label-selector",
-            "app=vllm",
-        ]))
-        .unwrap();
-        let ServiceDiscovery::K8s(k) = &c.discovery else {
-            panic!("k8s discovery expected, got {:?}", c.discovery)
-        };
-        assert!(c.backends.is_empty());
-        assert_eq!(k.label_selector.as_deref(), Some("app=vllm"));
-        assert_eq!(k.port, 8000);
-        assert_eq!(k.namespace, None);
-        assert_eq!(k.model_label.as_deref(), Some("model"));
-        let c = RouterConfig::resolve(&args(&[
-            "--service-discovery=k8s",
-            "--k8s-namespace=llm",
-            "--k8s-port=8080",
-            "--k8s-model-label=",
-        ]))
-        .unwrap();
-        let ServiceDiscovery::K8s(k) = &c.discovery else {
-            panic!("k8s discovery expected")
-        };
-        assert_eq!((k.namespace.as_deref(), k.port), (Some("llm"), 8080));
-        assert_eq!(k.model_label, None, "\"\" turns the model label off");
-        assert!(matches!(
-            RouterConfig::resolve(&args(&[])).unwrap().discovery,
-            ServiceDiscovery::Static
-        ));
-
-        for (flags, setting) in [
-            (&["--k8s-port", "8000"][..], "k8s_port:"),
-            (
-                &["--k8s-label-selector", "app=vllm"][..],
-                "k8s_label_selector:",
-            ),
-            (&["--service-discovery", "consul"][..], "service_discovery:"),
-            (
-                &[
-                    "--service-discovery",
-                    "k8s",
-                    "--static-backends",
-                    "http://a:1",
-                    "--static-models",
-                    "m",
-                ][..],
-                "static_backends:",
-            ),
-            (
-                &["--service-discovery", "k8s", "--demo-engines", "2"][..],
-                "demo_engines:",
-            ),
-            (
-                &[
-                    "--service-discovery",
-                    "k8s",
-                    "--k8s-namespace",
-                    "Not_A_Namespace",
-                ][..],
-                "k8s_namespace:",
-            ),
-            (
-                &["--service-discovery", "k8s", "--k8s-port", "0"][..],
-                "k8s_port:",
-            ),
-            (
-                &["--service-discovery", "k8s", "--k8s-label-selector", " "][..],
-                "k8s_label_selector:",
-            ),
-            (
-                &["--service-discovery", "k8s", "--k8s-model-label", "a b"][..],
-                "k8s_model_label:",
-            ),
-        ] {
-            let e = RouterConfig::resolve(&args(flags)).unwrap_err();
-            assert!(e.to_string().starts_with(setting), "{flags:?}: {e}");
-        }
-        assert!(is_label_key("model") && is_label_key("example.com/model-name"));
-        assert!(!is_label_key("-x") && !is_label_key("a/b/c") && !is_label_key(""));
     }
 
     #[test]

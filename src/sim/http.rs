@@ -1,4 +1,6 @@
-//! HTTP routes of the simulated engine: OpenAI-compatible bodies and SSE shaped like vLLM's.
+//! HTTP routes of the simulated engine: dispatch, request validation, failure injection, the
+//! model list and OpenAI-shaped errors. The answers themselves (OpenAI bodies and SSE shaped
+//! like vLLM's) are in [`output`].
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -9,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::stream::Stream;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -21,7 +23,11 @@ use super::faults::Fault;
 use super::metrics::{self, inc};
 use super::prompt::{EnginePrompt, engine_prompt};
 use super::scheduler::Job;
-use crate::{request, tokens};
+use crate::request;
+
+mod output;
+
+use output::{Output, complete, stream_response};
 
 /// Largest accepted request body.
 const MAX_BODY_BYTES: usize = 64 << 20;
@@ -380,252 +386,6 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-#[derive(Serialize, Clone, Copy)]
-struct Usage {
-    prompt_tokens: usize,
-    total_tokens: usize,
-    completion_tokens: usize,
-}
-
-#[derive(Serialize)]
-struct Envelope<'a, C> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: C,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Usage>,
-}
-
-#[derive(Serialize)]
-struct TextChoice<'a> {
-    index: u32,
-    text: &'a str,
-    logprobs: Option<()>,
-    finish_reason: Option<&'static str>,
-    stop_reason: Option<()>,
-}
-
-#[derive(Serialize)]
-struct DeltaChoice<'a> {
-    index: u32,
-    delta: Delta<'a>,
-    logprobs: Option<()>,
-    finish_reason: Option<&'static str>,
-}
-
-#[derive(Serialize)]
-struct Delta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<&'static str>,
-    content: &'a str,
-}
-
-#[derive(Serialize)]
-struct MessageChoice<'a> {
-    index: u32,
-    message: Message<'a>,
-    logprobs: Option<()>,
-    finish_reason: &'static str,
-    stop_reason: Option<()>,
-}
-
-#[derive(Serialize)]
-struct Message<'a> {
-    role: &'static str,
-    content: &'a str,
-}
-
-/// One request's output, streamed or not.
-struct Output {
-    kind: Kind,
-    id: String,
-    created: u64,
-    include_usage: bool,
-    engine: Arc<Engine>,
-    job: Job,
-    started: bool,
-    finished: bool,
-}
-
-impl Output {
-    fn usage(&self) -> Usage {
-        let (p, c) = (self.job.prompt_tokens(), self.job.max_tokens());
-        Usage {
-            prompt_tokens: p,
-            total_tokens: p + c,
-            completion_tokens: c,
-        }
-    }
-
-    fn envelope<C>(
-        &self,
-        object: &'static str,
-        choices: C,
-        usage: Option<Usage>,
-    ) -> Envelope<'_, C> {
-        Envelope {
-            id: &self.id,
-            object,
-            created: self.created,
-            model: &self.engine.model,
-            choices,
-            usage,
-        }
-    }
-
-    fn push_event<T: Serialize>(buf: &mut Vec<u8>, v: &T) {
-        buf.extend_from_slice(b"data: ");
-        if let Err(e) = serde_json::to_writer(&mut *buf, v) {
-            tracing::error!("serialising an SSE event: {e}");
-        }
-        buf.extend_from_slice(b"\n\n");
-    }
-
-    fn push_role(&self, buf: &mut Vec<u8>) {
-        let choice = DeltaChoice {
-            index: 0,
-            delta: Delta {
-                role: Some("assistant"),
-                content: "",
-            },
-            logprobs: None,
-            finish_reason: None,
-        };
-        Self::push_event(buf, &self.envelope("chat.completion.chunk", [choice], None));
-    }
-
-    fn push_tokens(&self, range: std::ops::Range<usize>, last_is_final: bool, buf: &mut Vec<u8>) {
-        let end = range.end;
-        for i in range {
-            let text = self.engine.words.word(i);
-            let finish_reason = (last_is_final && i + 1 == end).then_some("length");
-            match self.kind {
-                Kind::Completion => {
-                    let choice = TextChoice {
-                        index: 0,
-                        text,
-                        logprobs: None,
-                        finish_reason,
-                        stop_reason: None,
-                    };
-                    Self::push_event(buf, &self.envelope("text_completion", [choice], None));
-                }
-                Kind::Chat => {
-                    let choice = DeltaChoice {
-                        index: 0,
-                        delta: Delta {
-                            role: None,
-                            content: text,
-                        },
-                        logprobs: None,
-                        finish_reason,
-                    };
-                    Self::push_event(buf, &self.envelope("chat.completion.chunk", [choice], None));
-                }
-            }
-        }
-    }
-
-    fn push_usage(&self, buf: &mut Vec<u8>) {
-        let object = match self.kind {
-            Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion.chunk",
-        };
-        let none: [(); 0] = [];
-        Self::push_event(buf, &self.envelope(object, none, Some(self.usage())));
-    }
-
-    /// The next SSE frame: every event due now. `None` once the stream is over.
-    async fn next_frame(&mut self) -> Option<Bytes> {
-        if self.finished {
-            return None;
-        }
-        let mut buf = Vec::with_capacity(512);
-        if !self.started {
-            self.started = true;
-            if self.job.start().await.is_err() {
-                self.finished = true;
-                return None;
-            }
-            if self.kind == Kind::Chat {
-                self.push_role(&mut buf);
-            }
-        }
-        let range = self.job.next_tokens(FRAME_TOKENS).await;
-        let done = self.job.is_done();
-        self.push_tokens(range, done, &mut buf);
-        if done {
-            if self.include_usage {
-                self.push_usage(&mut buf);
-            }
-            buf.extend_from_slice(b"data: [DONE]\n\n");
-            self.finished = true;
-        }
-        Some(Bytes::from(buf))
-    }
-}
-
-fn stream_response(out: Output) -> Response<SimBody> {
-    let stream = futures_util::stream::unfold(out, |mut out| async move {
-        let frame = out.next_frame().await?;
-        Some((frame, out))
-    });
-    let mut r = response(
-        StatusCode::OK,
-        "text/event-stream; charset=utf-8",
-        SimBody(Inner::Stream(Box::pin(stream))),
-    );
-    r.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    r
-}
-
-async fn complete(mut out: Output) -> Response<SimBody> {
-    if out.job.start().await.is_err() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the simulated engine is shutting down",
-        );
-    }
-    while !out.job.is_done() {
-        out.job.next_tokens(usize::MAX).await;
-    }
-    let mut text = String::with_capacity(out.job.max_tokens() * tokens::BYTES_PER_TOKEN);
-    out.engine.words.push(0, out.job.max_tokens(), &mut text);
-    let usage = Some(out.usage());
-    let body = match out.kind {
-        Kind::Completion => {
-            let choice = TextChoice {
-                index: 0,
-                text: &text,
-                logprobs: None,
-                finish_reason: Some("length"),
-                stop_reason: None,
-            };
-            serde_json::to_vec(&out.envelope("text_completion", [choice], usage))
-        }
-        Kind::Chat => {
-            let choice = MessageChoice {
-                index: 0,
-                message: Message {
-                    role: "assistant",
-                    content: &text,
-                },
-                logprobs: None,
-                finish_reason: "length",
-                stop_reason: None,
-            };
-            serde_json::to_vec(&out.envelope("chat.completion", [choice], usage))
-        }
-    };
-    match body {
-        Ok(b) => json_response(StatusCode::OK, b),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-    }
 }
 
 #[derive(Serialize)]

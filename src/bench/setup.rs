@@ -1,0 +1,211 @@
+//! Everything resolved from `switchyard bench`'s flags before any run starts: the flags
+//! validated (each error names its flag), the workload, the runs and the policies directory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::cluster::ClusterSpec;
+use super::plan::{self, PoliciesDir, RunPlan};
+use super::workload::{WorkloadKnobs, WorkloadSpec};
+use super::{BenchArgs, BenchError, DEFAULT_MAX_NUM_SEQS, kvcompare};
+
+/// Everything resolved from the arguments before any run starts.
+pub(super) struct Setup {
+    pub(super) spec: WorkloadSpec,
+    pub(super) time_scale: f64,
+    pub(super) runs: Vec<RunPlan>,
+    pub(super) dir: Option<PoliciesDir>,
+    pub(super) cluster: ClusterSpec,
+    pub(super) request_timeout: Duration,
+}
+
+pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
+    let file = match &args.workload_file {
+        Some(p) => Some(WorkloadKnobs::from_file(p)?),
+        None => None,
+    };
+    let spec = WorkloadSpec::resolve(args.workload, args.quick, file.as_ref(), &args.knobs)?;
+    let bad = |m: String| Err(BenchError::Args(m));
+    let time_scale = args
+        .time_scale
+        .unwrap_or(if args.target.is_some() { 1.0 } else { 0.1 });
+    if !(time_scale.is_finite() && time_scale > 0.0 && time_scale <= 100.0) {
+        return bad(format!(
+            "--time-scale must be in (0, 100], got {time_scale}"
+        ));
+    }
+    if !(args.request_timeout.is_finite() && args.request_timeout > 0.0) {
+        return bad(format!(
+            "--request-timeout must be a positive number of seconds, got {}",
+            args.request_timeout
+        ));
+    }
+    if !(1..=64).contains(&args.engines) {
+        return bad(format!(
+            "--engines must be between 1 and 64, got {}",
+            args.engines
+        ));
+    }
+    if let Some(f) = args.slow_engine
+        && !(f.is_finite() && f > 0.0)
+    {
+        return bad(format!("--slow-engine must be a positive factor, got {f}"));
+    }
+    if !(args.engine_stats_interval.is_finite() && args.engine_stats_interval > 0.0) {
+        return bad(format!(
+            "--engine-stats-interval must be positive, got {}",
+            args.engine_stats_interval
+        ));
+    }
+    if args.max_num_seqs == Some(0) {
+        return bad("--max-num-seqs must be at least 1".into());
+    }
+    let sweep = match &args.sweep {
+        Some(s) => plan::parse_sweep(s).map_err(BenchError::Args)?,
+        None => Vec::new(),
+    };
+    if !args.kv_compare && (args.router_replicas.is_some() || args.tokenizer.is_some()) {
+        return bad("--router-replicas and --tokenizer are settings of --kv-compare".into());
+    }
+    let (runs, dir) = if args.kv_compare {
+        let (replicas, small) = kvcompare::settings(args, &spec, !sweep.is_empty())?;
+        let runs = plan::kv_compare_runs(&replicas, small);
+        let dir = PoliciesDir::prepare(&policies_source(&args.policies_dir)?, &[])?;
+        dir.check(&runs)?;
+        (runs, Some(dir))
+    } else if let Some(target) = &args.target {
+        if !(target.starts_with("http://") && target.len() > 7) {
+            return bad(format!("--target must be an http:// URL, got {target:?}"));
+        }
+        if !sweep.is_empty() {
+            return bad("--sweep needs simulated engines; it cannot be used with --target".into());
+        }
+        if args.slow_engine.is_some() || args.max_num_seqs.is_some() || args.num_blocks.is_some() {
+            return bad(
+                "--slow-engine, --max-num-seqs and --num-blocks configure simulated engines; \
+                 they cannot be used with --target"
+                    .into(),
+            );
+        }
+        let name = match args.policies.as_deref() {
+            None => "target".to_owned(),
+            Some([one]) => one.clone(),
+            Some(_) => {
+                return bad(
+                    "--target benchmarks the router as it runs: give at most one policy \
+                     (the one it is running) to label the row"
+                        .into(),
+                );
+            }
+        };
+        (
+            vec![RunPlan {
+                policy: name.clone(),
+                name,
+                kv: None,
+            }],
+            None,
+        )
+    } else {
+        let runs = plan::plan_runs(args.policies.as_deref(), &sweep).map_err(BenchError::Args)?;
+        let dir = PoliciesDir::prepare(&policies_source(&args.policies_dir)?, &sweep)?;
+        dir.check(&runs)?;
+        (runs, Some(dir))
+    };
+    Ok(Setup {
+        cluster: ClusterSpec {
+            engines: args.engines,
+            model: args.model.clone(),
+            time_scale,
+            slow_engine: args.slow_engine,
+            max_num_seqs: Some(args.max_num_seqs.unwrap_or(DEFAULT_MAX_NUM_SEQS)),
+            num_blocks: args.num_blocks,
+            engine_stats_interval: args.engine_stats_interval,
+            seed: spec.seed,
+            router_replicas: 1,
+            tokenizer: args.tokenizer.clone(),
+            exact_kv: false,
+        },
+        spec,
+        time_scale,
+        runs,
+        dir,
+        request_timeout: Duration::from_secs_f64(args.request_timeout),
+    })
+}
+
+/// The directory the benchmark reads policies from: the one given, or, for the default
+/// `policies` when there is none here (outside a checkout), the router's built-in set.
+fn policies_source(dir: &std::path::Path) -> Result<PathBuf, BenchError> {
+    if dir != std::path::Path::new("policies") || dir.is_dir() {
+        return Ok(dir.to_owned());
+    }
+    crate::policy::shipped::builtin_dir(None).map_err(|e| BenchError::PolicyDir {
+        path: "built-in policies".into(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> BenchArgs {
+        let mut v = vec!["bench"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap().bench
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let dir = std::env::temp_dir();
+        let d = dir.to_str().unwrap();
+        for (args, needle) in [
+            (vec!["--time-scale", "0"], "--time-scale"),
+            (vec!["--engines", "0"], "--engines"),
+            (vec!["--slow-engine=-1"], "--slow-engine"),
+            (vec!["--sweep", "x=1"], "--sweep"),
+            (
+                vec!["--target", "http://x:1", "--sweep", "threshold=1"],
+                "--sweep",
+            ),
+            (
+                vec!["--target", "http://x:1", "--policies", "a,b"],
+                "at most one policy",
+            ),
+            (vec!["--target", "x:1"], "--target"),
+            (
+                vec!["--target", "http://x:1", "--slow-engine", "2"],
+                "--slow-engine",
+            ),
+            (vec!["--rounds", "2", "--workload", "hot-prefix"], "rounds"),
+            (vec!["--kv-compare"], "--tokenizer"),
+            (vec!["--router-replicas", "2"], "--kv-compare"),
+            (
+                vec!["--kv-compare", "--tokenizer", d, "--policies", "a"],
+                "chooses its own runs",
+            ),
+            (
+                vec!["--kv-compare", "--tokenizer", d, "--router-replicas", "0"],
+                "--router-replicas",
+            ),
+            (
+                vec!["--policies-dir", d, "--policies", "no_such_policy"],
+                "unknown policy",
+            ),
+        ] {
+            let e = setup(&parse(&args))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The `switchyard sim` subcommand: its flags ([`SimArgs`]), their conversion to a
+//! [`SimConfig`] and listen address, and [`run_cli`], which serves until Ctrl-C.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use super::{SimConfig, defaults, start};
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not within [0, 1]"))
+    }
+}
+
+fn parse_non_negative(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a finite number >= 0"))
+    }
+}
+
+/// Command-line flags of `switchyard sim`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Served model name.
+    #[arg(long, default_value = defaults::MODEL)]
+    pub model: String,
+    /// Running slots; further requests wait in a FIFO queue.
+    #[arg(long, default_value_t = defaults::MAX_NUM_SEQS)]
+    pub max_num_seqs: usize,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = defaults::BLOCK_SIZE)]
+    pub block_size: usize,
+    /// Prefix-cache capacity in blocks (0 disables prefix caching).
+    #[arg(long, default_value_t = defaults::NUM_BLOCKS)]
+    pub num_blocks: usize,
+    /// Fixed prefill cost per request, in simulated ms.
+    #[arg(long, default_value_t = defaults::PREFILL_OVERHEAD_MS, value_parser = parse_non_negative)]
+    pub prefill_overhead_ms: f64,
+    /// Prefill cost per uncached prompt token, in simulated ms.
+    #[arg(long, default_value_t = defaults::PREFILL_MS_PER_TOKEN, value_parser = parse_non_negative)]
+    pub prefill_ms_per_token: f64,
+    /// Inter-token interval with one running request, in simulated ms.
+    #[arg(long, default_value_t = defaults::ITL_MS, value_parser = parse_non_negative)]
+    pub itl_ms: f64,
+    /// ITL multiplier growth: itl × (1 + batch_slowdown × (running − 1) / max_num_seqs).
+    #[arg(long, default_value_t = defaults::BATCH_SLOWDOWN, value_parser = parse_non_negative)]
+    pub batch_slowdown: f64,
+    /// Tokens generated when a request omits max_tokens.
+    #[arg(long, default_value_t = defaults::DEFAULT_MAX_TOKENS)]
+    pub default_max_tokens: usize,
+    /// Wall seconds per simulated second (0.1 runs 10x faster).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_non_negative)]
+    pub time_scale: f64,
+    /// Multiplies every simulated duration (2.0 = a 2x slower engine).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_non_negative)]
+    pub speed_factor: f64,
+    /// Fraction of inference requests answered HTTP 500.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub fail_rate: f64,
+    /// Fraction of inference requests whose connection is closed without a response.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub drop_rate: f64,
+    /// Read inference requests but never answer them.
+    #[arg(long)]
+    pub hang: bool,
+    /// Seed of the generated words, request ids and failure injection.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Zero every delay (prefill and inter-token): measure router overhead.
+    #[arg(long)]
+    pub instant: bool,
+    /// Publish vLLM-format KV events (ZMQ PUB) here, e.g. tcp://127.0.0.1:5557.
+    #[arg(long)]
+    pub kv_events_endpoint: Option<String>,
+    /// Answer KV-event replay requests (ZMQ ROUTER) here, e.g. tcp://127.0.0.1:5558.
+    #[arg(long, requires = "kv_events_endpoint")]
+    pub kv_events_replay_endpoint: Option<String>,
+    /// The model's tokenizer.json or model directory: cache by its token ids (chat template
+    /// included) instead of the stand-in's 4 bytes per token.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+}
+
+impl SimArgs {
+    /// The engine configuration these flags describe.
+    pub fn to_config(&self) -> SimConfig {
+        let mut cfg = SimConfig {
+            model: self.model.clone(),
+            max_num_seqs: self.max_num_seqs,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            prefill_overhead_ms: self.prefill_overhead_ms,
+            prefill_ms_per_token: self.prefill_ms_per_token,
+            itl_ms: self.itl_ms,
+            batch_slowdown: self.batch_slowdown,
+            default_max_tokens: self.default_max_tokens,
+            time_scale: self.time_scale,
+            speed_factor: self.speed_factor,
+            fail_rate: self.fail_rate,
+            drop_rate: self.drop_rate,
+            hang: self.hang,
+            seed: self.seed,
+            kv_events_endpoint: self.kv_events_endpoint.clone(),
+            kv_events_replay_endpoint: self.kv_events_replay_endpoint.clone(),
+            tokenizer: self.tokenizer.clone(),
+        };
+        if self.instant {
+            cfg.prefill_overhead_ms = 0.0;
+            cfg.prefill_ms_per_token = 0.0;
+            cfg.itl_ms = 0.0;
+        }
+        cfg
+    }
+
+    /// The address to listen on (`--host` may be an IP address or `localhost`).
+    pub fn addr(&self) -> Result<SocketAddr, String> {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        let ip = if host.eq_ignore_ascii_case("localhost") {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            host.parse::<IpAddr>()
+                .map_err(|e| format!("--host {:?}: {e}", self.host))?
+        };
+        Ok(SocketAddr::new(ip, self.port))
+    }
+}
+
+/// Runs `switchyard sim`: starts an engine, logs its URL and serves until Ctrl-C.
+pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let addr = args.addr()?;
+    let cfg = args.to_config();
+    let handle = start(cfg.clone(), addr).await?;
+    tracing::info!(
+        url = %handle.url(),
+        model = %cfg.model,
+        max_num_seqs = cfg.max_num_seqs,
+        time_scale = cfg.time_scale,
+        speed_factor = cfg.speed_factor,
+        tokenizer = ?cfg.tokenizer,
+        "simulated vLLM engine listening on {}",
+        handle.url()
+    );
+    if let Some(p) = handle.kv_events() {
+        tracing::info!(endpoint = p.endpoint(), replay = ?p.replay_endpoint(), "publishing KV events");
+    }
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("simulated engine shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::SimConfigError;
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    #[test]
+    fn default_flags_match_default_config() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(cli.sim.to_config(), SimConfig::default());
+        assert_eq!(
+            cli.sim.addr().unwrap(),
+            "127.0.0.1:8000".parse::<SocketAddr>().unwrap()
+        );
+        SimConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn flags_map_to_config_and_instant_zeroes_delays() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--port",
+            "0",
+            "--host",
+            "::1",
+            "--model",
+            "m",
+            "--max-num-seqs",
+            "3",
+            "--block-size",
+            "8",
+            "--num-blocks",
+            "5",
+            "--batch-slowdown",
+            "0.5",
+            "--default-max-tokens",
+            "9",
+            "--time-scale",
+            "0.1",
+            "--speed-factor",
+            "2",
+            "--fail-rate",
+            "0.25",
+            "--drop-rate",
+            "0.5",
+            "--hang",
+            "--seed",
+            "7",
+            "--instant",
+            "--tokenizer",
+            "tok.json",
+        ])
+        .unwrap();
+        let c = cli.sim.to_config();
+        assert_eq!(cli.sim.addr().unwrap(), "[::1]:0".parse().unwrap());
+        assert_eq!(
+            c,
+            SimConfig {
+                model: "m".into(),
+                max_num_seqs: 3,
+                block_size: 8,
+                num_blocks: 5,
+                prefill_overhead_ms: 0.0,
+                prefill_ms_per_token: 0.0,
+                itl_ms: 0.0,
+                batch_slowdown: 0.5,
+                default_max_tokens: 9,
+                time_scale: 0.1,
+                speed_factor: 2.0,
+                fail_rate: 0.25,
+                drop_rate: 0.5,
+                hang: true,
+                seed: 7,
+                tokenizer: Some("tok.json".into()),
+                ..SimConfig::default()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_flags_and_configs_are_rejected() {
+        assert!(Cli::try_parse_from(["x", "--fail-rate", "1.5"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--itl-ms", "-1"]).is_err());
+        let cli = Cli::try_parse_from(["x", "--host", "nowhere"]).unwrap();
+        assert!(cli.sim.addr().is_err());
+        let bad = SimConfig {
+            max_num_seqs: 0,
+            ..SimConfig::default()
+        };
+        assert_eq!(bad.validate(), Err(SimConfigError::Zero("max_num_seqs")));
+        let bad = SimConfig {
+            time_scale: f64::NAN,
+            ..SimConfig::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = SimConfig {
+            drop_rate: 2.0,
+            ..SimConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}
