@@ -4,10 +4,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// mimalloc: the router allocates many small, short-lived buffers per request; glibc's malloc
-/// spent ~5% of the router's CPU on them under load (perf, benches/proxy.sh).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The system allocator (glibc), not mimalloc (issue 12, measured in one run of
+// benches/proxy.sh, docs/results/proxy-streaming-issue12.txt): mimalloc took the router's RSS
+// from 12.6 to 22.4 MiB after start and from 59 to 88 MiB with 1,000 open streams, for ~6%
+// fewer user-space instructions per request (callgrind: 84.5k vs 90.2k) that did not show in
+// the router's CPU per request (kernel time is most of it).
 
 fn main() -> ExitCode {
     let cli = switchyard::cli::Cli::parse();

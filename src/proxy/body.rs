@@ -1,7 +1,8 @@
 //! Response bodies: either a small body the router made, or an engine's body streamed through
-//! frame by frame as the engine produces it. Nothing is buffered: the engine's body is polled
-//! only when the client connection can take more, so a slow reader slows the engine's
-//! connection (TCP backpressure) instead of growing a buffer.
+//! as the engine produces it, frames that are ready together relayed in one write
+//! ([`Coalesced`], at most [`super::coalesce::COALESCE_MAX_BYTES`] joined). Nothing else is
+//! buffered: the engine's body is polled only when the client connection can take more, so a
+//! slow reader slows the engine's connection (TCP backpressure) instead of growing a buffer.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::coalesce::Coalesced;
 use super::conn::BusyGuard;
 use super::telemetry::RequestRecord;
 use crate::engines::InFlightGuard;
@@ -153,6 +155,9 @@ pub struct RouterBody {
     kind: Kind,
     /// Keeps the client connection counted busy until the body ends (see `conn`).
     busy: Option<BusyGuard>,
+    /// The body is polled by the connection's own task (HTTP/1): its poll epoch lets the
+    /// relay yield to gather a burst of engine frames (see `coalesce`).
+    polled_by_conn_task: bool,
 }
 
 enum Kind {
@@ -165,6 +170,7 @@ impl RouterBody {
         RouterBody {
             kind: Kind::Full(Some(b.into())),
             busy: None,
+            polled_by_conn_task: false,
         }
     }
 
@@ -172,17 +178,24 @@ impl RouterBody {
         RouterBody {
             kind: Kind::Upstream(Box::new(u)),
             busy: None,
+            polled_by_conn_task: false,
         }
     }
 
     pub fn set_busy_guard(&mut self, g: BusyGuard) {
         self.busy = Some(g);
     }
+
+    /// Marks the body as polled by the task that polls its connection (HTTP/1; on h2 hyper
+    /// polls each response body in a task of its own).
+    pub fn set_polled_by_conn_task(&mut self) {
+        self.polled_by_conn_task = true;
+    }
 }
 
 /// An engine's response body in flight to the client.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: Coalesced<Incoming>,
     /// Keeps the request counted in the engine's in-flight figure until the body ends or the
     /// client goes away (drop).
     guard: Option<InFlightGuard>,
@@ -201,7 +214,7 @@ impl UpstreamBody {
         sse: bool,
     ) -> UpstreamBody {
         UpstreamBody {
-            inner,
+            inner: Coalesced::new(inner),
             guard: Some(guard),
             record,
             sse,
@@ -238,7 +251,13 @@ impl Body for RouterBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(u) => u.poll_frame(cx),
+            Kind::Upstream(u) => {
+                let epoch = match &this.busy {
+                    Some(b) if this.polled_by_conn_task => Some(b.poll_epoch()),
+                    _ => None,
+                };
+                u.poll_frame(cx, epoch)
+            }
         };
         if matches!(polled, Poll::Ready(None)) {
             this.busy = None;
@@ -264,11 +283,15 @@ impl Body for RouterBody {
 }
 
 impl UpstreamBody {
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        epoch: Option<u64>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.finished {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        match self.inner.poll_next(cx, epoch) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
                 if !self.first_frame_seen {

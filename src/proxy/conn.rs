@@ -52,6 +52,8 @@ pub struct ConnActivity {
     /// PING or WINDOW_UPDATE frames as a request, so after the first request only the idle
     /// timeout applies (hyper hands over a stream only once its headers are complete).
     http2: std::sync::atomic::AtomicBool,
+    /// Polls of the connection's task so far (see [`PollCounted`]).
+    polls: AtomicU64,
 }
 
 impl ConnActivity {
@@ -78,6 +80,12 @@ impl ConnActivity {
         BusyGuard {
             activity: Arc::clone(self),
         }
+    }
+
+    /// How many times the connection's task has polled the connection: lets a response body
+    /// tell a new poll of its task from hyper polling it again within the same one.
+    pub fn poll_epoch(&self) -> u64 {
+        self.polls.load(Ordering::Relaxed)
     }
 
     fn saw_bytes(&self) {
@@ -128,6 +136,40 @@ impl ConnActivity {
 #[derive(Debug)]
 pub struct BusyGuard {
     activity: Arc<ConnActivity>,
+}
+
+impl BusyGuard {
+    /// The connection's [`ConnActivity::poll_epoch`].
+    pub fn poll_epoch(&self) -> u64 {
+        self.activity.poll_epoch()
+    }
+}
+
+/// A connection future that counts its polls in its [`ConnActivity`].
+pub struct PollCounted<F> {
+    inner: Pin<Box<F>>,
+    activity: Arc<ConnActivity>,
+}
+
+impl<F> PollCounted<F> {
+    pub fn new(inner: F, activity: Arc<ConnActivity>) -> PollCounted<F> {
+        PollCounted {
+            inner: Box::pin(inner),
+            activity,
+        }
+    }
+
+    pub fn inner(&mut self) -> Pin<&mut F> {
+        self.inner.as_mut()
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for PollCounted<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.activity.polls.fetch_add(1, Ordering::Relaxed);
+        self.inner.as_mut().poll(cx)
+    }
 }
 
 impl Drop for BusyGuard {

@@ -1,6 +1,7 @@
 //! The HTTP proxy: a hyper 1.x server (HTTP/1.1 and h2c) in front of the engines.
 
 pub mod body;
+pub mod coalesce;
 pub mod conn;
 pub mod errors;
 pub mod forward;
@@ -400,15 +401,22 @@ async fn serve_connection(
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(headers::ClientAddr(peer));
         let busy = act.begin();
+        let http1 = req.version() < hyper::Version::HTTP_2;
         let st = Arc::clone(&st);
         async move {
             let mut resp = routes::handle(st, req).await;
             resp.body_mut().set_busy_guard(busy);
+            if http1 {
+                resp.body_mut().set_polled_by_conn_task();
+            }
             Ok::<_, Infallible>(resp)
         }
     });
     let io = TokioIo::new(conn::WatchedIo::new(stream, Arc::clone(&activity)));
-    let conn = builder.serve_connection_with_upgrades(io, svc);
+    let conn = conn::PollCounted::new(
+        builder.serve_connection_with_upgrades(io, svc),
+        Arc::clone(&activity),
+    );
     tokio::pin!(conn);
     let (header_timeout, idle_timeout) = (state.cfg.header_read_timeout, state.cfg.idle_timeout);
     // The watchdog: looks at the connection at its next deadline, and at once when its state
@@ -425,7 +433,7 @@ async fn serve_connection(
                 return;
             }
             _ = stop.changed() => {
-                conn.as_mut().graceful_shutdown();
+                conn.as_mut().inner().graceful_shutdown();
                 let _ = conn.as_mut().await;
                 return;
             }
