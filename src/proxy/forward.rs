@@ -65,7 +65,7 @@ async fn forward(
 ) -> Result<Response<RouterBody>, ApiError> {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
-    let client_ip = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
+    let client_addr = parts.extensions.get::<ClientAddr>().cloned();
     let uri = parts.uri.clone();
     let info = read_request(state, parts, body).await?;
     let model: Arc<str> = Arc::from(info.model.as_str());
@@ -74,7 +74,7 @@ async fn forward(
     if !matches!(cands, Err(ApiError::ModelNotFound(_))) {
         *model_out = Some(Arc::clone(&model));
     }
-    let headers = upstream_headers(&info.headers, request_id, client_ip);
+    let headers = upstream_headers(&info.headers, request_id, client_addr.as_ref());
     match attempt_engines(state, &info, &uri, &headers, cands?, &model).await {
         Attempts::Answered(a) => Ok(relay(state, &info, a, &model, start)),
         Attempts::EngineError(resp, engine) => {

@@ -398,8 +398,9 @@ async fn serve_connection(
     let activity = conn::ConnActivity::new();
     let act = Arc::clone(&activity);
     let st = Arc::clone(&state);
+    let client_addr = headers::ClientAddr::new(peer);
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(headers::ClientAddr(peer));
+        req.extensions_mut().insert(client_addr.clone());
         let busy = act.begin();
         let http1 = req.version() < hyper::Version::HTTP_2;
         let st = Arc::clone(&st);
