@@ -223,6 +223,9 @@ async fn try_engine(
     let mut up = Request::post(engine_uri(engine, uri));
     if let Some(h) = up.headers_mut() {
         *h = headers.clone();
+        if let Some(host) = &engine.host_header {
+            h.insert(header::HOST, host.clone()); // else the client formats it per request
+        }
     }
     let up = match up.body(Full::new(body.clone())) {
         Ok(r) => r,
