@@ -109,7 +109,8 @@ impl PromptSink {
 /// `None` if the value is not a string.
 pub(super) fn json_str(raw: &str) -> Option<Cow<'_, str>> {
     let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
-    if !inner.as_bytes().contains(&b'\\') {
+    // memchr's vectorised search: core's byte search costs ~1.2 instructions per byte.
+    if memchr::memchr(b'\\', inner.as_bytes()).is_none() {
         return Some(Cow::Borrowed(inner));
     }
     serde_json::from_str::<String>(raw).ok().map(Cow::Owned)
