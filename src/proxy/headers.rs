@@ -44,8 +44,8 @@ fn connection_named(h: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// The client's address, put in each request's extensions by the connection that read it,
-/// with its IP already formatted for `X-Forwarded-For` (once per connection, not per request).
+/// The client's address, handed to each request by the connection that read it, with its IP
+/// already formatted for `X-Forwarded-For` (once per connection, not per request).
 #[derive(Debug, Clone)]
 pub struct ClientAddr {
     pub addr: std::net::SocketAddr,
