@@ -1117,3 +1117,46 @@ async fn first_byte_timeout_on_the_last_attempt_is_504() {
     );
     router.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A non-streamed answer (a body of known length) read in full by the client counts as
+/// completed, not as `switchyard_responses_interrupted_total{reason="client_disconnected"}`:
+/// hyper stops polling such a body after its last frame and drops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_non_streamed_answer_is_not_counted_as_interrupted() {
+    let engine = canned_engine(|method, _| {
+        if method == "POST" {
+            canned_completion()
+        } else {
+            empty_200()
+        }
+    })
+    .await;
+    let router = RouterProcess::start(&[
+        "--static-backends",
+        &engine.url,
+        "--static-models",
+        MODEL,
+        "--log-level",
+        "error",
+    ]);
+    let url = router.url();
+    for _ in 0..3 {
+        let r = send(&client(), completion_req(&url, "x", 1, false)).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.json()["choices"][0]["text"], " canned");
+    }
+    eventually_async("three answered requests recorded", SAFETY, || async {
+        router_metric(&url, "switchyard_requests_total")
+            .await
+            .unwrap_or(0.0)
+            >= 3.0
+    })
+    .await;
+    assert_eq!(
+        router_metric(&url, "switchyard_responses_interrupted_total")
+            .await
+            .unwrap_or(0.0),
+        0.0,
+        "complete answers counted as interrupted"
+    );
+}

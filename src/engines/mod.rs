@@ -32,6 +32,10 @@ pub struct Engine {
     pub models: Vec<String>,
     /// The URL's scheme and authority, parsed once, to build request URIs without parsing.
     pub origin: Option<(http::uri::Scheme, http::uri::Authority)>,
+    /// The `Host` header of requests to [`Self::origin`], made once: the value the HTTP
+    /// client would otherwise format per request (host, and the port unless the scheme's
+    /// default).
+    pub host_header: Option<http::HeaderValue>,
     in_flight: AtomicU64,
     healthy: AtomicBool,
     consecutive_failures: AtomicU32,
@@ -102,6 +106,20 @@ impl EngineMetrics {
     }
 }
 
+/// What hyper-util's client sets as `Host` for a request to `scheme://authority/...`: the
+/// host, with `:port` unless the port is the scheme's default (80 for http, 443 for https/wss).
+fn host_header(
+    scheme: &http::uri::Scheme,
+    authority: &http::uri::Authority,
+) -> Option<http::HeaderValue> {
+    let secure = matches!(scheme.as_str(), "https" | "wss");
+    let value = match (authority.port_u16(), secure) {
+        (Some(443), true) | (Some(80), false) | (None, _) => authority.host().to_owned(),
+        (Some(port), _) => format!("{}:{port}", authority.host()),
+    };
+    http::HeaderValue::from_str(&value).ok()
+}
+
 impl Engine {
     /// An engine whose metric series (`switchyard_engine_*{engine=...}` and per model) are
     /// registered with the metrics recorder.
@@ -127,14 +145,16 @@ impl Engine {
     fn with_metrics(id: u32, url: &str, models: Vec<String>, metrics: EngineMetrics) -> Engine {
         let url = url.trim_end_matches('/');
         let name = Self::name_of(url);
+        let origin = url.parse::<http::Uri>().ok().and_then(|u| {
+            let p = u.into_parts();
+            Some((p.scheme?, p.authority?))
+        });
         Engine {
             id,
             name: Arc::from(name),
             url: Arc::from(url),
-            origin: url.parse::<http::Uri>().ok().and_then(|u| {
-                let p = u.into_parts();
-                Some((p.scheme?, p.authority?))
-            }),
+            host_header: origin.as_ref().and_then(|(s, a)| host_header(s, a)),
+            origin,
             in_flight: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
@@ -384,6 +404,17 @@ impl Registry {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn host_header_is_what_the_client_would_set() {
+        let host = |url: &str| Engine::unregistered(0, url, vec![]).host_header;
+        assert_eq!(host("http://127.0.0.1:8000/").unwrap(), "127.0.0.1:8000");
+        assert_eq!(host("http://engine:80").unwrap(), "engine");
+        assert_eq!(host("http://engine").unwrap(), "engine");
+        assert_eq!(host("https://engine:443").unwrap(), "engine");
+        assert_eq!(host("https://engine:80").unwrap(), "engine:80");
+        assert_eq!(host("http://[::1]:9000").unwrap(), "[::1]:9000");
+    }
 
     #[test]
     fn queue_is_scraped_figures_corrected_by_in_flight_change() {

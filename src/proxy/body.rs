@@ -223,6 +223,11 @@ impl UpstreamBody {
         }
     }
 
+    /// The engine's body has nothing more to give (its declared length all relayed).
+    fn engine_body_done(&self) -> bool {
+        self.inner.is_end_stream() || self.inner.size_hint().exact() == Some(0)
+    }
+
     fn finish(&mut self, outcome: &'static str) {
         if !self.finished {
             self.finished = true;
@@ -235,8 +240,14 @@ impl UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // The client went away before the end: the engine's connection is dropped with us,
-        // which cancels the request on the engine.
-        self.finish("client_disconnected");
+        // which cancels the request on the engine. (A body whose declared length was all
+        // relayed is dropped by hyper without a last poll: that one completed.)
+        let outcome = if self.engine_body_done() {
+            "completed"
+        } else {
+            "client_disconnected"
+        };
+        self.finish(outcome);
     }
 }
 
@@ -297,6 +308,12 @@ impl UpstreamBody {
                 if !self.first_frame_seen {
                     self.first_frame_seen = true;
                     self.record.first_byte(Instant::now());
+                }
+                // A body of known length ends with its last frame: hyper then stops polling
+                // (no `Ready(None)` follows) and drops the body, which must not count as a
+                // client that went away.
+                if self.engine_body_done() {
+                    self.finish("completed");
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

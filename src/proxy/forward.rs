@@ -31,10 +31,11 @@ pub async fn route_and_forward(
     state: &AppState,
     req: Request<Incoming>,
     request_id: &HeaderValue,
+    client: &ClientAddr,
 ) -> Response<RouterBody> {
     let mut model = None;
     let http1 = req.version() < http::Version::HTTP_2;
-    match forward(state, req, request_id, &mut model).await {
+    match forward(state, req, request_id, client, &mut model).await {
         Ok(r) => r,
         Err(e) => {
             let status = e.status().as_u16();
@@ -61,11 +62,11 @@ async fn forward(
     state: &AppState,
     req: Request<Incoming>,
     request_id: &HeaderValue,
+    client: &ClientAddr,
     model_out: &mut Option<Arc<str>>,
 ) -> Result<Response<RouterBody>, ApiError> {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
-    let client_ip = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
     let uri = parts.uri.clone();
     let info = read_request(state, parts, body).await?;
     let model: Arc<str> = Arc::from(info.model.as_str());
@@ -74,7 +75,7 @@ async fn forward(
     if !matches!(cands, Err(ApiError::ModelNotFound(_))) {
         *model_out = Some(Arc::clone(&model));
     }
-    let headers = upstream_headers(&info.headers, request_id, client_ip);
+    let headers = upstream_headers(&info.headers, request_id, Some(client));
     match attempt_engines(state, &info, &uri, &headers, cands?, &model).await {
         Attempts::Answered(a) => Ok(relay(state, &info, a, &model, start)),
         Attempts::EngineError(resp, engine) => {
@@ -223,6 +224,9 @@ async fn try_engine(
     let mut up = Request::post(engine_uri(engine, uri));
     if let Some(h) = up.headers_mut() {
         *h = headers.clone();
+        if let Some(host) = &engine.host_header {
+            h.insert(header::HOST, host.clone()); // else the client formats it per request
+        }
     }
     let up = match up.body(Full::new(body.clone())) {
         Ok(r) => r,

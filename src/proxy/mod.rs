@@ -398,13 +398,14 @@ async fn serve_connection(
     let activity = conn::ConnActivity::new();
     let act = Arc::clone(&activity);
     let st = Arc::clone(&state);
-    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(headers::ClientAddr(peer));
+    let client_addr = headers::ClientAddr::new(peer);
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let client = client_addr.clone();
         let busy = act.begin();
         let http1 = req.version() < hyper::Version::HTTP_2;
         let st = Arc::clone(&st);
         async move {
-            let mut resp = routes::handle(st, req).await;
+            let mut resp = routes::handle(st, req, &client).await;
             resp.body_mut().set_busy_guard(busy);
             if http1 {
                 resp.body_mut().set_polled_by_conn_task();

@@ -12,10 +12,15 @@ use percent_encoding::percent_decode_str;
 
 use super::errors::{ApiError, clip};
 use super::forward::{json_response, route_and_forward};
+use super::headers::ClientAddr;
 use super::{AppState, X_REQUEST_ID};
 
 /// Handles one client request; never fails (errors become OpenAI-shaped JSON).
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<RouterBody> {
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    client: &ClientAddr,
+) -> Response<RouterBody> {
     let request_id = req
         .headers()
         .get(&X_REQUEST_ID)
@@ -38,7 +43,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Ro
         }
     } else if is_routed(path) {
         if method == Method::POST {
-            route_and_forward(&state, req, &request_id).await
+            route_and_forward(&state, req, &request_id, client).await
         } else {
             ApiError::MethodNotAllowed(method.to_string(), clip(path)).into_response()
         }

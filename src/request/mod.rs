@@ -170,8 +170,9 @@ fn parse_into(
         None => return Err(ParseError::MissingModel),
         Some(m) => m,
     };
-    let model: String =
-        serde_json::from_str::<String>(model.get()).map_err(|_| ParseError::ModelNotString)?;
+    let model = prompt::json_str(model.get())
+        .ok_or(ParseError::ModelNotString)?
+        .into_owned();
     if let Some(msgs) = raw.messages {
         prompt::messages_into(msgs, &mut sink)
             .map_err(|e| ParseError::Json(format!("messages: {e}")))?;
@@ -273,7 +274,7 @@ impl<'de> Deserialize<'de> for Key<'de> {
 fn scalar_text(v: &RawValue) -> Option<String> {
     let s = v.get();
     if s.starts_with('"') {
-        serde_json::from_str::<String>(s).ok()
+        prompt::json_str(s).map(Cow::into_owned)
     } else if s == "null" {
         None
     } else {

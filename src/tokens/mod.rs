@@ -84,6 +84,7 @@ pub fn block_hashes_into(text: &[u8], block_size_tokens: usize, out: &mut Vec<u6
 
 /// Hashes every full block of `text` chained from `prev`; returns the last hash.
 fn chain_into(mut prev: u64, text: &[u8], block_bytes: usize, out: &mut Vec<u64>) -> u64 {
+    out.reserve(text.len() / block_bytes);
     for block in text.chunks_exact(block_bytes) {
         prev = xxh3_64_with_seed(block, prev);
         out.push(prev);
