@@ -199,9 +199,9 @@ impl BenchArgs {
     }
 }
 
+/// `switchyard bench ARGS` parsed as the command line parses it (for tests).
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(super) fn parse_for_test(args: &[&str]) -> BenchArgs {
     use clap::Parser;
 
     #[derive(Parser)]
@@ -210,10 +210,17 @@ mod tests {
         bench: BenchArgs,
     }
 
+    let mut v = vec!["bench"];
+    v.extend_from_slice(args);
+    Cli::try_parse_from(v).unwrap().bench
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
     fn parse(args: &[&str]) -> BenchArgs {
-        let mut v = vec!["bench"];
-        v.extend_from_slice(args);
-        Cli::try_parse_from(v).unwrap().bench
+        parse_for_test(args)
     }
 
     #[test]

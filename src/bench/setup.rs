@@ -149,19 +149,7 @@ fn policies_source(dir: &std::path::Path) -> Result<PathBuf, BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        bench: BenchArgs,
-    }
-
-    fn parse(args: &[&str]) -> BenchArgs {
-        let mut v = vec!["bench"];
-        v.extend_from_slice(args);
-        Cli::try_parse_from(v).unwrap().bench
-    }
+    use crate::bench::args::parse_for_test as parse;
 
     #[test]
     fn bad_settings_are_named() {
