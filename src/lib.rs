@@ -31,8 +31,10 @@
 //! them; `tests/architecture.rs` checks that the import graph has no circles):
 //!
 //! - [`cli`]: the `switchyard` command line (`serve`, `sim`, `check`, `bench`).
-//! - [`sim`]: a simulated vLLM engine (scheduler, prefix cache, metrics, failure injection).
-//! - [`bench`]: the routing benchmark: workloads, a load driver, statistics, reports.
+//! - [`sim`]: a simulated vLLM engine (scheduler, prefix cache by token ids, vLLM's KV events
+//!   over ZMQ, metrics, failure injection).
+//! - [`bench`]: the routing benchmark: workloads, a load driver, statistics, reports, and the
+//!   exact-against-approximate `kv_lookup` comparison over router replicas.
 
 pub mod config;
 pub mod engines;
