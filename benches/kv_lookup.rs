@@ -22,41 +22,16 @@ use switchyard::proxy::kv::{RequestKv, Sources};
 use switchyard::request::{RequestInfo, parse_body};
 use switchyard::tokens::Tokenizer;
 
+mod support;
+
 const ENGINES: u32 = 8;
 const BS: usize = 16;
 const CHAT: &str = "/v1/chat/completions";
-
-/// A multi-turn chat the tokenizer makes at least `tokens` tokens long.
-fn chat_body(tok: &Tokenizer, tokens: usize) -> Vec<u8> {
-    let words = [
-        "the", "router", "engine", "cache", "prefix", "block", "token", "request", "prompt",
-        "model", "answer", "question", "replicas", "latency", "queue", "evicted", "template",
-    ];
-    let mut rng = fastrand::Rng::with_seed(7);
-    let mut messages = vec![serde_json::json!({
-        "role": "system",
-        "content": "You are a careful assistant that answers questions about LLM routing.",
-    })];
-    loop {
-        let role = if messages.len() % 2 == 1 {
-            "user"
-        } else {
-            "assistant"
-        };
-        let text: Vec<&str> = (0..rng.usize(20..60))
-            .map(|_| words[rng.usize(..words.len())])
-            .collect();
-        messages.push(serde_json::json!({ "role": role, "content": text.join(" ") + "." }));
-        let body = serde_json::json!({ "model": "m", "messages": messages }).to_string();
-        let n = tok
-            .request_token_ids(CHAT, body.as_bytes())
-            .expect("tokenizes")
-            .len();
-        if n >= tokens && role == "user" {
-            return body.into_bytes();
-        }
-    }
-}
+/// The words of the benchmarked chat.
+const WORDS: &[&str] = &[
+    "the", "router", "engine", "cache", "prefix", "block", "token", "request", "prompt", "model",
+    "answer", "question", "replicas", "latency", "queue", "evicted", "template",
+];
 
 /// Stores the first `blocks` blocks of `ids` in `engine`'s view (engine hashes: `salt` + i).
 fn store(index: &ExactIndex, engine: u32, ids: &[u32], blocks: usize, salt: u64) {
@@ -77,7 +52,7 @@ fn store(index: &ExactIndex, engine: u32, ids: &[u32], blocks: usize, salt: u64)
 fn bench(c: &mut Criterion) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/llama3");
     let tok = Tokenizer::load(&dir).expect("the test tokenizer loads");
-    let body = chat_body(&tok, 2000);
+    let (body, _) = support::chat_body(&tok, 2000, WORDS);
     let ids = tok.request_token_ids(CHAT, &body).expect("tokenizes");
     let blocks = ids.len() / BS;
     let index = ExactIndex::new(256 << 20);

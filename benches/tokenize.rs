@@ -14,6 +14,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use switchyard::request::parse_body;
 use switchyard::tokens::Tokenizer;
 
+mod support;
+
 // The `switchyard` binary uses the system allocator (issue 12: mimalloc's RSS missed the memory
 // targets), and so does this bench. Tokenizing allocates much: with glibc's malloc it spends a
 // third of its time there, and mimalloc measured about 2.5× faster on the 111k-token vocabulary.
@@ -55,35 +57,9 @@ const WORDS: &[&str] = &[
     "throughput",
 ];
 
-/// A chat of alternating turns that the tokenizer makes at least `tokens` tokens long.
-fn chat_body(tok: &Tokenizer, tokens: usize) -> (Vec<u8>, usize) {
-    let mut rng = fastrand::Rng::with_seed(7);
-    let mut messages = vec![serde_json::json!({
-        "role": "system",
-        "content": "You are a careful assistant that answers questions about LLM routing.",
-    })];
-    loop {
-        let role = if messages.len() % 2 == 1 {
-            "user"
-        } else {
-            "assistant"
-        };
-        let n = rng.usize(20..60);
-        let text: Vec<&str> = (0..n).map(|_| WORDS[rng.usize(..WORDS.len())]).collect();
-        messages.push(serde_json::json!({"role": role, "content": text.join(" ") + "."}));
-        let body = serde_json::json!({"model": "m", "messages": messages}).to_string();
-        let ids = tok
-            .request_token_ids("/v1/chat/completions", body.as_bytes())
-            .expect("tokenizes");
-        if ids.len() >= tokens && role == "user" {
-            return (body.into_bytes(), ids.len());
-        }
-    }
-}
-
 fn bench_one(c: &mut Criterion, name: &str, dir: &Path) {
     let tok = Tokenizer::load(dir).expect("tokenizer loads");
-    let (body, n) = chat_body(&tok, 2000);
+    let (body, n) = support::chat_body(&tok, 2000, WORDS);
     eprintln!("{name}: {tok:?}: chat of {n} tokens, {} bytes", body.len());
     let mut g = c.benchmark_group(format!("tokenize_chat_2000/{name}"));
     g.bench_function("template_and_encode", |b| {
