@@ -78,11 +78,11 @@ impl Fleet {
         self
     }
 
-    fn start_kv_events(&self, engine: &Engine) {
+    fn start_kv_events(&self, engine: &Arc<Engine>) {
         if let Some((subs, ports)) = &self.kv_events
             && let Some(endpoints) = ports.endpoints_for(&engine.url)
         {
-            subs.start(engine.id, &engine.name, endpoints);
+            subs.start_for(engine, endpoints);
         }
     }
 

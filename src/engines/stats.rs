@@ -19,6 +19,9 @@ pub struct ScrapedStats {
     pub kv_usage: f64,
     pub prefix_queries: f64,
     pub prefix_hits: f64,
+    /// The engine's KV-cache capacity in blocks (`vllm:cache_config_info{num_gpu_blocks}`),
+    /// if its page says.
+    pub kv_capacity_blocks: Option<u64>,
     /// When the figures were scraped; `None` if never.
     pub scraped_at: Option<Instant>,
     /// The router's in-flight count for the engine at scrape time.
@@ -36,16 +39,21 @@ pub struct VllmFigures {
     pub kv_usage: f64,
     pub prefix_queries: f64,
     pub prefix_hits: f64,
+    /// `num_gpu_blocks` of `vllm:cache_config_info` (the largest over its label sets: one per
+    /// data-parallel rank, each its own cache); `None` when absent or not a positive integer
+    /// (`"None"` before vLLM has profiled its memory).
+    pub kv_capacity_blocks: Option<u64>,
 }
 
 /// Parses vLLM figures from Prometheus text. `vllm:kv_cache_usage_perc` is preferred; the older
-/// `vllm:gpu_cache_usage_perc` is used when it is absent. Counters may carry a `_total` suffix or
+/// `vllm:gpu_cache_usage_perc` is used when it is absent. The cache capacity is the
+/// `num_gpu_blocks` label of the info gauge `vllm:cache_config_info`. Counters may carry a `_total` suffix or
 /// not, so both spellings are accepted; `_created` samples (prometheus_client's counter
 /// timestamps) are not counters and are ignored.
 ///
 /// A reader of just these samples, not a general Prometheus parser: each sample line is
 /// `name[{labels}] value [timestamp]`, labels are skipped (quoted values may hold `}`, `,`, and
-/// escaped quotes), every label set of a name is summed. Malformed lines are skipped; a
+/// escaped quotes; only the info gauge's are read), every label set of a name is summed. Malformed lines are skipped; a
 /// non-empty page with no readable sample at all is an error.
 pub fn parse_vllm_metrics(text: &str) -> Result<VllmFigures, String> {
     let mut f = VllmFigures::default();
@@ -56,7 +64,7 @@ pub fn parse_vllm_metrics(text: &str) -> Result<VllmFigures, String> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let Some((name, value)) = sample(line) else {
+        let Some((name, labels, value)) = sample(line) else {
             malformed += 1;
             continue;
         };
@@ -72,6 +80,12 @@ pub fn parse_vllm_metrics(text: &str) -> Result<VllmFigures, String> {
             "vllm:gpu_cache_usage_perc" => *kv_old.get_or_insert(0.0) += value,
             "vllm:prefix_cache_queries" => f.prefix_queries += value,
             "vllm:prefix_cache_hits" => f.prefix_hits += value,
+            "vllm:cache_config_info" => {
+                let blocks = label_value(labels, "num_gpu_blocks")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .filter(|&b| b > 0);
+                f.kv_capacity_blocks = f.kv_capacity_blocks.max(blocks);
+            }
             _ => {}
         }
     }
@@ -84,8 +98,9 @@ pub fn parse_vllm_metrics(text: &str) -> Result<VllmFigures, String> {
     Ok(f)
 }
 
-/// The name and value of one sample line, or `None` if it is not one.
-fn sample(line: &str) -> Option<(&str, f64)> {
+/// The name, label set (`{...}` or empty) and value of one sample line, or `None` if it is not
+/// one.
+fn sample(line: &str) -> Option<(&str, &str, f64)> {
     let name_end = line.find(|c: char| c == '{' || c.is_ascii_whitespace())?;
     let name = &line[..name_end];
     let valid_name = name.chars().enumerate().all(|(i, c)| {
@@ -95,8 +110,10 @@ fn sample(line: &str) -> Option<(&str, f64)> {
         return None;
     }
     let mut rest = &line[name_end..];
+    let mut labels = "";
     if rest.starts_with('{') {
-        rest = &rest[labels_end(rest)?..];
+        let end = labels_end(rest)?;
+        (labels, rest) = rest.split_at(end);
     }
     let value = rest.split_ascii_whitespace().next()?;
     let value = match value {
@@ -105,7 +122,38 @@ fn sample(line: &str) -> Option<(&str, f64)> {
         "NaN" => f64::NAN,
         v => v.parse().ok()?,
     };
-    Some((name, value))
+    Some((name, labels, value))
+}
+
+/// The value of label `key` in a label set `{k="v",...}`, if it is there and needs no
+/// unescaping (the numbers read here never do).
+fn label_value<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    let mut rest = labels.strip_prefix('{')?;
+    loop {
+        rest = rest.trim_start_matches([',', ' ']);
+        let (k, after) = rest.split_once('=')?;
+        let after = after.strip_prefix('"')?;
+        // The closing quote: the first one not escaped.
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in after.char_indices() {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => {
+                    end = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let end = end?;
+        if k.trim() == key {
+            let v = &after[..end];
+            return (!v.contains('\\')).then_some(v);
+        }
+        rest = &after[end + 1..];
+    }
 }
 
 /// The byte offset just past the `}` closing the label set that `s` starts with.
@@ -178,6 +226,7 @@ pub async fn scrape_engine(
                     kv_usage: f.kv_usage,
                     prefix_queries: f.prefix_queries,
                     prefix_hits: f.prefix_hits,
+                    kv_capacity_blocks: f.kv_capacity_blocks,
                     scraped_at: Some(Instant::now()),
                     in_flight_at_scrape: engine.in_flight(),
                     stale: false,
@@ -232,7 +281,8 @@ vllm:prefix_cache_hits_total{model_name="m"} 250.0
                 waiting: 2.0,
                 kv_usage: 0.25,
                 prefix_queries: 1000.0,
-                prefix_hits: 250.0
+                prefix_hits: 250.0,
+                kv_capacity_blocks: None,
             }
         );
     }
@@ -250,7 +300,8 @@ vllm:prefix_cache_hits_total{model_name="m"} 250.0
                 waiting: 5.0,
                 kv_usage: 1.0,
                 prefix_queries: 4000.0,
-                prefix_hits: 1000.0
+                prefix_hits: 1000.0,
+                kv_capacity_blocks: Some(27413),
             }
         );
         // Without the new KV name, the old one is used.
@@ -271,6 +322,24 @@ vllm:prefix_cache_hits_total{model_name="m"} 250.0
         assert_eq!(f.running, 5.0);
         assert_eq!(f.waiting, 0.0, "NaN is skipped");
         assert!(parse_vllm_metrics("<html>not metrics</html>\n").is_err());
+    }
+
+    #[test]
+    fn the_cache_capacity_is_the_largest_positive_num_gpu_blocks_label() {
+        let info = |labels: &str| format!("vllm:cache_config_info{{{labels}}} 1.0\n");
+        let capacity = |text: &str| parse_vllm_metrics(text).unwrap().kv_capacity_blocks;
+        assert_eq!(
+            capacity(&info(r#"a="x\",num_gpu_blocks=\"1\"",num_gpu_blocks="640",z="}""#)),
+            Some(640),
+            "a quoted look-alike is no label"
+        );
+        let two_ranks = info(r#"engine="0",num_gpu_blocks="500""#)
+            + info(r#"engine="1", num_gpu_blocks="700""#).as_str();
+        assert_eq!(capacity(&two_ranks), Some(700));
+        assert_eq!(capacity(&info(r#"num_gpu_blocks="None""#)), None);
+        assert_eq!(capacity(&info(r#"num_gpu_blocks="0""#)), None);
+        assert_eq!(capacity(&info(r#"block_size="16""#)), None);
+        assert_eq!(capacity("vllm:cache_config_info 1.0\n"), None);
     }
 
     #[test]

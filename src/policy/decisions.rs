@@ -83,6 +83,7 @@ pub(crate) fn record(
             None => 0,
             Some(KvSource::Exact) => 1,
             Some(KvSource::Approximate) => 2,
+            Some(KvSource::Partial) => 3,
         };
         let key = (policy.uid, label, engine.id, source_key);
         if let Some((name, c)) = cache.get(&key)

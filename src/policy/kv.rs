@@ -16,24 +16,31 @@ use crate::request::RequestInfo;
 /// Where an engine's prefix match came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KvSource {
-    /// The engine's own KV-cache events, over the request's real token ids.
+    /// The engine's own KV-cache events, over the request's real token ids: a complete view
+    /// (followed since the engine's cache state was known).
     Exact,
-    /// The router's approximate index of the prompts it sent (stand-in tokenizer).
+    /// The engine's own KV-cache events through a partial view (it started mid-stream: the
+    /// engine holds at least this, maybe more), which matched at least as much as the
+    /// approximate index.
+    Partial,
+    /// The router's approximate index of the prompts it sent (stand-in tokenizer); also when
+    /// it matched more than a partial view.
     Approximate,
 }
 
 impl KvSource {
-    /// `exact` or `approximate`: the `x-switchyard-kv` header's value and the `kv` label of
-    /// `switchyard_routing_decisions_total`.
+    /// `exact`, `partial` or `approximate`: the `x-switchyard-kv` header's value and the `kv`
+    /// label of `switchyard_routing_decisions_total`.
     pub fn as_str(self) -> &'static str {
         match self {
             KvSource::Exact => "exact",
+            KvSource::Partial => "partial",
             KvSource::Approximate => "approximate",
         }
     }
 
     /// Every value of the decision counter's `kv` label.
-    pub const LABELS: [&'static str; 3] = ["none", "exact", "approximate"];
+    pub const LABELS: [&'static str; 4] = ["none", "exact", "partial", "approximate"];
 
     /// The decision counter's `kv` label for a decision: the chosen engine's source, or
     /// `none` when no tier needed prefix matches.

@@ -29,6 +29,13 @@
 //! best over its live ranks (the engine's API server may hand the request to any rank), and it
 //! is live while one of its ranks is.
 //!
+//! **Complete and partial** ([`ViewState`]). A view that has followed the engine since its
+//! cache state was known is complete: the engine holds exactly what it holds. A view that
+//! started mid-stream is partial: what it holds is held for certain (stored since the view
+//! started, and not removed since), but the engine may hold more, stored before; the caller
+//! weighs it against another source ([`ExactMatch::complete`]). The subscriber decides which
+//! (`engines::kv_events::subscriber`).
+//!
 //! **Lookup** hashes the prompt once per distinct block size and walks each view until its
 //! first missing block: O(blocks in the prompt) per view.
 
@@ -38,7 +45,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-pub use view::{EngineView, Medium, StoreOutcome, StoredRun};
+pub use view::{EngineView, Medium, StoreOutcome, StoredRun, ViewState};
 
 use crate::tokens::{token_block_hashes, token_chain_seed};
 
@@ -46,6 +53,16 @@ use crate::tokens::{token_block_hashes, token_chain_seed};
 /// caches of ~100 engines serving an 8B model on 80 GB (~30,000 16-token blocks each), or ~25
 /// engines of a 1B model (whose smaller KV per token fits ~4× the blocks).
 pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
+
+/// An engine's exact match of a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExactMatch {
+    /// Prompt tokens held (leading blocks × block size), the best over the engine's ranks.
+    pub tokens: usize,
+    /// Every rank's view is complete: the engine holds no more of the prompt than `tokens`.
+    /// When false, it holds at least `tokens`, maybe more.
+    pub complete: bool,
+}
 
 /// Every engine's exact views, one per (engine, data-parallel rank): each rank of a vLLM
 /// engine has its own KV cache and event stream. An engine's figures are the best over its
@@ -92,13 +109,28 @@ impl ExactIndex {
 
     /// Per engine id in `engines`: Some(tokens of `token_ids` the engine holds: the best over
     /// its live ranks of their leading held blocks × block size) while one of its views is
-    /// live; None when none is.
+    /// live (partial or complete); None when none is. See [`ExactIndex::matches`].
     pub fn match_tokens(
         &self,
         token_ids: &[u32],
         lora_name: Option<&str>,
         engines: &[u32],
     ) -> Vec<Option<usize>> {
+        self.matches(token_ids, lora_name, engines)
+            .into_iter()
+            .map(|m| m.map(|m| m.tokens))
+            .collect()
+    }
+
+    /// Per engine id in `engines`: its match while one of its views is live, None when none
+    /// is. The match is complete when every rank's view is: the engine holds no more of the
+    /// prompt than that. Otherwise it is partial: the engine holds at least that much.
+    pub fn matches(
+        &self,
+        token_ids: &[u32],
+        lora_name: Option<&str>,
+        engines: &[u32],
+    ) -> Vec<Option<ExactMatch>> {
         // (position in `engines`, view) for every rank of every engine asked.
         let views: Vec<(usize, ViewRef)> = {
             let map = read(&self.engines);
@@ -112,10 +144,13 @@ impl ExactIndex {
         let seed = token_chain_seed(lora_name);
         // The prompt's hashes per block size (engines almost always share one).
         let mut chains: Vec<(usize, Vec<u64>)> = Vec::with_capacity(1);
-        let mut out: Vec<Option<usize>> = vec![None; engines.len()];
+        // Per engine: (best tokens over live ranks, every rank complete so far).
+        let mut best: Vec<(Option<usize>, bool)> = vec![(None, true); engines.len()];
         for (i, v) in &views {
             let view = read(v);
-            if !view.live {
+            let b = &mut best[*i];
+            b.1 &= view.state == ViewState::Complete;
+            if view.state == ViewState::Off {
                 continue;
             }
             let held = match view.block_size() {
@@ -131,16 +166,36 @@ impl ExactIndex {
                     chains[at].1.iter().take_while(|h| view.holds(**h)).count() * bs
                 }
             };
-            out[*i] = Some(out[*i].map_or(held, |best| best.max(held)));
+            b.0 = Some(b.0.map_or(held, |t| t.max(held)));
         }
-        out
+        best.into_iter()
+            .map(|(tokens, complete)| tokens.map(|tokens| ExactMatch { tokens, complete }))
+            .collect()
     }
 
-    /// Whether one of `engine`'s views is live.
+    /// Whether one of `engine`'s views is live (partial or complete).
     pub fn is_live(&self, engine: u32) -> bool {
-        read(&self.engines)
-            .get(&engine)
-            .is_some_and(|ranks| ranks.iter().any(|(_, v)| read(v).live))
+        self.state(engine) != ViewState::Off
+    }
+
+    /// How routing uses `engine`'s views: complete when every rank's is, off when none is
+    /// live (or it has none), else partial.
+    pub fn state(&self, engine: u32) -> ViewState {
+        let map = read(&self.engines);
+        let Some(ranks) = map.get(&engine) else {
+            return ViewState::Off;
+        };
+        let states = ranks.iter().map(|(_, v)| read(v).state);
+        let (mut live, mut complete) = (false, true);
+        for s in states {
+            live |= s != ViewState::Off;
+            complete &= s == ViewState::Complete;
+        }
+        match (live, complete) {
+            (false, _) => ViewState::Off,
+            (true, true) => ViewState::Complete,
+            (true, false) => ViewState::Partial,
+        }
     }
 
     /// Starts an empty, not live view for `engine`'s rank 0 (kept if it exists).
@@ -169,7 +224,7 @@ impl ExactIndex {
             self.bytes.fetch_sub(v.bytes(), Ordering::Relaxed);
             self.blocks.fetch_sub(v.len(), Ordering::Relaxed);
             v.clear();
-            v.live = false;
+            v.state = ViewState::Off;
         }
     }
 
@@ -275,7 +330,7 @@ impl ExactIndex {
     pub fn live_engines(&self) -> usize {
         read(&self.engines)
             .values()
-            .filter(|ranks| ranks.iter().any(|(_, v)| read(v).live))
+            .filter(|ranks| ranks.iter().any(|(_, v)| read(v).is_live()))
             .count()
     }
 }

@@ -7,6 +7,11 @@
 //! - **approximate**: otherwise, the router's own index of the prompts it sent
 //!   ([`crate::prefix::PrefixIndex`], stand-in tokenizer).
 //!
+//! A complete view is the engine's figure alone ([`KvSource::Exact`]). A partial view (it
+//! started mid-stream: the engine holds at least what it says, maybe more stored before) is
+//! weighed against the approximate index: the better of the two is the engine's figure, the
+//! view's on a tie ([`KvSource::Partial`], else [`KvSource::Approximate`]).
+//!
 //! When the prompt was tokenized, every figure is in real tokens: the prompt's length is its
 //! real token count, and an approximate match (in stand-in tokens) is scaled by real /
 //! estimated prompt length, so that `kv_lookup` compares like with like and its `min_match`
@@ -22,7 +27,7 @@ use std::cell::{OnceCell, RefCell};
 use crate::engines::Candidate;
 use crate::policy::{KvMatches, KvSource, PrefixMatcher, off_the_workers};
 use crate::prefix::PrefixIndex;
-use crate::prefix::exact::ExactIndex;
+use crate::prefix::exact::{ExactIndex, ExactMatch};
 use crate::request::RequestInfo;
 use crate::tokens::Tokenizer;
 
@@ -31,14 +36,14 @@ const OFF_THE_WORKERS_BYTES: usize = 64 * 1024;
 
 /// The exact source: the engines' own KV-cache views.
 pub trait ExactLookup: Sync {
-    /// Per engine id in `engines`: `Some(tokens of token_ids it holds)` while its exact view
-    /// is live, `None` otherwise.
-    fn match_tokens(
+    /// Per engine id in `engines`: `Some(its match of token_ids)` while its exact view is live
+    /// (complete or partial), `None` otherwise.
+    fn matches(
         &self,
         token_ids: &[u32],
         lora_name: Option<&str>,
         engines: &[u32],
-    ) -> Vec<Option<usize>>;
+    ) -> Vec<Option<ExactMatch>>;
 
     /// Whether `engine`'s exact view is live.
     fn is_live(&self, engine: u32) -> bool;
@@ -51,13 +56,13 @@ pub trait RequestTokenizer: Sync {
 }
 
 impl ExactLookup for ExactIndex {
-    fn match_tokens(
+    fn matches(
         &self,
         token_ids: &[u32],
         lora_name: Option<&str>,
         engines: &[u32],
-    ) -> Vec<Option<usize>> {
-        ExactIndex::match_tokens(self, token_ids, lora_name, engines)
+    ) -> Vec<Option<ExactMatch>> {
+        ExactIndex::matches(self, token_ids, lora_name, engines)
     }
 
     fn is_live(&self, engine: u32) -> bool {
@@ -134,19 +139,20 @@ impl<'a> RequestKv<'a> {
     fn compute(&self, req: &RequestInfo, engines: &[u32]) -> (Vec<(usize, KvSource)>, usize) {
         let s = &self.sources;
         let estimate = req.prompt_tokens();
-        let mut exact: Vec<Option<usize>> = vec![None; engines.len()];
+        let mut exact: Vec<Option<ExactMatch>> = vec![None; engines.len()];
         if let Some((views, tokenizer)) = s.exact
             && engines.iter().any(|&e| views.is_live(e))
             && let Some(ids) = self.token_ids(tokenizer, req)
         {
-            exact = views.match_tokens(ids, s.lora_name, engines);
+            exact = views.matches(ids, s.lora_name, engines);
             exact.resize(engines.len(), None);
         }
         let real_tokens = self.token_ids.get().and_then(Option::as_ref).map(Vec::len);
+        // Every engine but those with a complete view.
         let approx_needed: Vec<u32> = engines
             .iter()
             .zip(&exact)
-            .filter(|(_, x)| x.is_none())
+            .filter(|(_, x)| !x.is_some_and(|m| m.complete))
             .map(|(&e, _)| e)
             .collect();
         let approx = if approx_needed.is_empty() || req.block_hashes().is_empty() {
@@ -169,8 +175,14 @@ impl<'a> RequestKv<'a> {
         let out = exact
             .into_iter()
             .map(|x| match x {
-                Some(t) => (t, KvSource::Exact),
-                None => (scale(approx.next().unwrap_or(0)), KvSource::Approximate),
+                Some(m) if m.complete => (m.tokens, KvSource::Exact),
+                partial => {
+                    let approx = scale(approx.next().unwrap_or(0));
+                    match partial {
+                        Some(m) if m.tokens >= approx => (m.tokens, KvSource::Partial),
+                        _ => (approx, KvSource::Approximate),
+                    }
+                }
             })
             .collect();
         (out, real_tokens.unwrap_or(estimate))
@@ -219,25 +231,32 @@ mod tests {
     use crate::engines::Engine;
     use crate::request::PromptDigest;
 
+    /// Complete views of `live` engines, partial ones of `partial`, each holding `held` tokens.
     struct Views {
         live: Vec<u32>,
+        partial: Vec<u32>,
         held: usize,
     }
 
     impl ExactLookup for Views {
-        fn match_tokens(
+        fn matches(
             &self,
             ids: &[u32],
             _: Option<&str>,
             engines: &[u32],
-        ) -> Vec<Option<usize>> {
+        ) -> Vec<Option<ExactMatch>> {
             engines
                 .iter()
-                .map(|e| self.is_live(*e).then_some(self.held.min(ids.len())))
+                .map(|e| {
+                    self.is_live(*e).then_some(ExactMatch {
+                        tokens: self.held.min(ids.len()),
+                        complete: self.live.contains(e),
+                    })
+                })
                 .collect()
         }
         fn is_live(&self, engine: u32) -> bool {
-            self.live.contains(&engine)
+            self.live.contains(&engine) || self.partial.contains(&engine)
         }
     }
 
@@ -284,6 +303,7 @@ mod tests {
         let (index, req) = setup();
         let views = Views {
             live: vec![1],
+            partial: vec![],
             held: 64,
         };
         let tok = Counting {
@@ -314,6 +334,7 @@ mod tests {
         let (index, req) = setup();
         let none_live = Views {
             live: vec![],
+            partial: vec![],
             held: 64,
         };
         let tok = Counting {
@@ -336,6 +357,7 @@ mod tests {
 
         let live = Views {
             live: vec![1, 2],
+            partial: vec![],
             held: 64,
         };
         let failing = Counting {
@@ -352,5 +374,67 @@ mod tests {
         assert_eq!((m.tokens, m.prompt_tokens), (vec![0, 400], 400));
         assert_eq!(m.sources, vec![KvSource::Approximate; 2]);
         assert_eq!(failing.calls.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_partial_view_counts_when_it_matches_at_least_the_approximate_index() {
+        // Engine 2 was sent the whole prompt before (approximate: 400 stand-in tokens, 200
+        // real); every view holds 64 real tokens of it.
+        let (index, req) = setup();
+        let views = Views {
+            live: vec![3],
+            partial: vec![1, 2, 4],
+            held: 64,
+        };
+        let tok = Counting {
+            calls: AtomicUsize::new(0),
+            fail: false,
+        };
+        let kv = RequestKv::new(Sources {
+            approximate: &index,
+            block_size: 16,
+            exact: Some((&views, &tok)),
+            lora_name: None,
+        });
+        let m = kv.matches(&req, &cands(&[1, 2, 3, 4, 5]));
+        use KvSource::*;
+        // 1: partial 64 beats approximate 0. 2: approximate 200 beats partial 64. 3: complete
+        // 64, alone. 4: partial 64 beats approximate 0. 5: no view: approximate.
+        assert_eq!(m.tokens, vec![64, 200, 64, 64, 0]);
+        assert_eq!(
+            m.sources,
+            vec![Partial, Approximate, Exact, Partial, Approximate]
+        );
+
+        // A partial view matching nothing ties with an approximate index matching nothing:
+        // the view's (certain) figure is used; against a real approximate match, the latter.
+        let empty = Views {
+            live: vec![],
+            partial: vec![1, 2],
+            held: 0,
+        };
+        let kv = RequestKv::new(Sources {
+            approximate: &index,
+            block_size: 16,
+            exact: Some((&empty, &tok)),
+            lora_name: None,
+        });
+        let m = kv.matches(&req, &cands(&[1, 2]));
+        assert_eq!((m.tokens, m.sources), (vec![0, 200], vec![Partial, Approximate]));
+
+        // A complete view is the engine's figure alone, even below the approximate index's.
+        let complete = Views {
+            live: vec![2],
+            partial: vec![],
+            held: 64,
+        };
+        let kv = RequestKv::new(Sources {
+            approximate: &index,
+            block_size: 16,
+            exact: Some((&complete, &tok)),
+            lora_name: None,
+        });
+        let m = kv.matches(&req, &cands(&[2]));
+        assert_eq!((m.tokens, m.sources), (vec![64], vec![Exact]));
     }
 }

@@ -170,7 +170,7 @@ pub async fn start(
     for (i, b) in cfg.backends.iter().enumerate() {
         let engine = registry.add(&b.url, b.models.clone());
         if let Some(Some(endpoints)) = cfg.kv_events.static_endpoints.get(i) {
-            kv_events.start(engine.id, &engine.name, endpoints.clone());
+            kv_events.start_for(&engine, endpoints.clone());
         }
     }
     let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));

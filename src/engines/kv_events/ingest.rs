@@ -13,6 +13,9 @@ pub struct Applied {
     pub removed: u64,
     pub cleared: u64,
     pub unknown: u64,
+    /// Blocks of group 0 stored on the GPU (anchored in the view or not): new blocks in the
+    /// engine's GPU cache, what a partial view's completeness counts.
+    pub stored_gpu_blocks: u64,
     /// Stored blocks skipped: their parent is unknown to the view.
     pub unanchored_blocks: u64,
     /// Removed blocks the view did not hold.
@@ -53,13 +56,17 @@ pub fn apply_batch(
                         }
                         (None, None) => None,
                     };
+                    let medium = Medium::from_wire(s.medium.as_deref());
+                    if medium == Medium::Gpu {
+                        a.stored_gpu_blocks += keys.len() as u64;
+                    }
                     let run = StoredRun {
                         parent: s.parent_block_hash.as_ref().map(BlockHash::key),
                         block_hashes: keys,
                         token_ids: &s.token_ids,
                         block_size: s.block_size,
                         lora_name,
-                        medium: Medium::from_wire(s.medium.as_deref()),
+                        medium,
                     };
                     match v.store(&run) {
                         StoreOutcome::Stored(_) => {}

@@ -3,6 +3,8 @@
 
 use metrics::{Counter, Gauge};
 
+use crate::prefix::exact::ViewState;
+
 /// Describes the metric families (for `/metrics` HELP lines).
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge};
@@ -44,7 +46,11 @@ pub fn describe() {
     );
     describe_gauge!(
         "switchyard_kv_events_live",
-        "1 while an engine's exact KV view is live (connected, in sequence, complete)"
+        "1 while an engine's exact KV view is used for routing (connected, in sequence; complete or partial)"
+    );
+    describe_gauge!(
+        "switchyard_kv_events_complete",
+        "1 while an engine's exact KV view is live and complete (followed since the engine's cache state was known); live and 0 is partial (started mid-stream)"
     );
     describe_gauge!(
         "switchyard_kv_events_index_bytes",
@@ -73,6 +79,7 @@ pub(super) struct StreamMetrics {
     pub unknown_removals: Counter,
     pub other_groups: Counter,
     pub live: Gauge,
+    pub complete: Gauge,
     pub index_bytes: Gauge,
     pub index_blocks: Gauge,
 }
@@ -97,6 +104,7 @@ impl StreamMetrics {
             unknown_removals: metrics::counter!("switchyard_kv_events_unknown_removals_total", "engine" => e()),
             other_groups: metrics::counter!("switchyard_kv_events_other_groups_total", "engine" => e()),
             live: metrics::gauge!("switchyard_kv_events_live", "engine" => e()),
+            complete: metrics::gauge!("switchyard_kv_events_complete", "engine" => e()),
             index_bytes: metrics::gauge!("switchyard_kv_events_index_bytes"),
             index_blocks: metrics::gauge!("switchyard_kv_events_index_blocks"),
         };
@@ -119,5 +127,12 @@ impl StreamMetrics {
             c.increment(0);
         }
         m
+    }
+
+    /// The view's state: `live` and `complete`.
+    pub fn set_state(&self, state: ViewState) {
+        let bit = |on: bool| if on { 1.0 } else { 0.0 };
+        self.live.set(bit(state != ViewState::Off));
+        self.complete.set(bit(state == ViewState::Complete));
     }
 }

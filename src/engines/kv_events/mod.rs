@@ -3,6 +3,7 @@
 //! index ([`crate::prefix::exact`]). [`KvSubscribers`] starts and stops them with the engine
 //! set.
 
+pub mod completeness;
 pub mod encode;
 pub mod ingest;
 mod metrics;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+use super::Engine;
 use crate::prefix::exact::ExactIndex;
 
 pub use metrics::describe as describe_metrics;
@@ -54,8 +56,8 @@ impl KvEventsPorts {
 /// How subscribers follow their streams.
 #[derive(Debug, Clone)]
 pub struct SubscriberOptions {
-    /// Batches followed in sequence before a view that started mid-stream counts as rebuilt
-    /// (live) [default: 1000].
+    /// Batches followed in sequence before a view that started mid-stream counts as complete,
+    /// when the engine's cache capacity is unknown (see [`completeness`]) [default: 1000].
     pub rebuild_after_batches: u64,
     /// How long one replay may take [default: 5 s].
     pub replay_timeout: Duration,
@@ -72,6 +74,29 @@ impl Default for SubscriberOptions {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
         }
+    }
+}
+
+/// Where a subscriber reads its engine's KV-cache capacity in blocks: the figure last scraped
+/// from the engine's `/metrics` ([`super::stats`]), which the scrape loop keeps up to date. The
+/// scraper writes it on the [`Engine`], the subscriber reads it there: neither calls the other.
+#[derive(Debug, Clone, Default)]
+pub struct CacheCapacity(Option<Arc<Engine>>);
+
+impl CacheCapacity {
+    /// `engine`'s scraped capacity.
+    pub fn of(engine: &Arc<Engine>) -> CacheCapacity {
+        CacheCapacity(Some(Arc::clone(engine)))
+    }
+
+    /// Always unknown.
+    pub fn unknown() -> CacheCapacity {
+        CacheCapacity(None)
+    }
+
+    /// The capacity in blocks, if known.
+    pub fn blocks(&self) -> Option<u64> {
+        self.0.as_ref()?.stats().kv_capacity_blocks
     }
 }
 
@@ -100,9 +125,26 @@ impl KvSubscribers {
         &self.index
     }
 
+    /// Starts following `endpoints` for `engine`, replacing any subscriber it had; a view
+    /// that starts mid-stream is complete once the engine stored its cache capacity, read from
+    /// the engine's scraped figures. Must be called within a Tokio runtime.
+    pub fn start_for(&self, engine: &Arc<Engine>, endpoints: KvEndpoints) {
+        self.spawn(
+            engine.id,
+            &engine.name,
+            endpoints,
+            CacheCapacity::of(engine),
+        );
+    }
+
     /// Starts following `endpoints` for engine `engine` (named `name` in metrics), replacing
-    /// any subscriber it had. Must be called within a Tokio runtime.
+    /// any subscriber it had, its cache capacity unknown. Must be called within a Tokio
+    /// runtime.
     pub fn start(&self, engine: u32, name: &str, endpoints: KvEndpoints) {
+        self.spawn(engine, name, endpoints, CacheCapacity::unknown());
+    }
+
+    fn spawn(&self, engine: u32, name: &str, endpoints: KvEndpoints, capacity: CacheCapacity) {
         self.index.add_engine(engine);
         let name: Arc<str> = Arc::from(name);
         let task = tokio::spawn(subscriber::run(
@@ -111,6 +153,7 @@ impl KvSubscribers {
             endpoints,
             Arc::clone(&self.index),
             self.opts.clone(),
+            capacity,
         ));
         let old = self
             .tasks
@@ -132,6 +175,8 @@ impl KvSubscribers {
         if let Some((task, name)) = task {
             task.abort();
             ::metrics::gauge!("switchyard_kv_events_live", "engine" => name.to_string()).set(0.0);
+            ::metrics::gauge!("switchyard_kv_events_complete", "engine" => name.to_string())
+                .set(0.0);
         }
         self.index.remove_engine(engine);
     }

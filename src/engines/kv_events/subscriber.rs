@@ -11,16 +11,17 @@
 //! After the connection was lost, the first batch must be the expected one; anything else
 //! means the engine may have restarted meanwhile, and the view is dropped too.
 //!
-//! **Complete and rebuilt.** A view is complete when it has followed the engine since a point
-//! where the engine's cache state was known: its first batch (sequence 0, received live or by
-//! replay), or an `AllBlocksCleared`. A view that starts mid-stream (the router started after
-//! the engine and no replay reaches back to 0, or after a dropped view) lacks the blocks stored
-//! before; it counts as **rebuilt** once it has followed the stream in sequence for
-//! [`SubscriberOptions::rebuild_after_batches`] batches (by then the engine's busy prefixes have
-//! been stored or touched again), or at an `AllBlocksCleared`.
+//! **Complete and partial** ([`super::completeness`]). A view is complete when it has
+//! followed the engine since a point where the engine's cache state was known: its first batch
+//! (sequence 0, received live or by replay), or an `AllBlocksCleared`. A view that starts
+//! mid-stream (the router started after the engine and no replay reaches back to 0, or after
+//! a dropped view) is partial: it knows for certain the blocks stored since it started, and is
+//! used at once; it becomes complete once the engine has stored its cache capacity in blocks
+//! since then (or, capacity unknown, after [`SubscriberOptions::rebuild_after_batches`]
+//! batches).
 //!
-//! **Live** = connected, in sequence, and complete or rebuilt. While not live, `kv_lookup` uses
-//! the approximate index for this engine.
+//! **Live** = connected and in sequence; then the view is used as partial or complete
+//! ([`ViewState`]). While not live, `kv_lookup` uses the approximate index for this engine.
 //!
 //! **Catch-up on connect.** With a replay socket, the subscriber asks it for everything from
 //! sequence 0 as soon as it (re)connects: an engine that stored blocks before the router
@@ -40,11 +41,12 @@ use futures_util::StreamExt;
 use zeromq::prelude::*;
 use zeromq::{DealerSocket, SocketEvent, SubSocket, ZmqMessage};
 
+use super::completeness::{BatchEffect, Completeness};
 use super::ingest;
 use super::metrics::StreamMetrics;
 use super::wire::{self, END_SEQ, EventBatch};
-use super::{KvEndpoints, SubscriberOptions};
-use crate::prefix::exact::ExactIndex;
+use super::{CacheCapacity, KvEndpoints, SubscriberOptions};
+use crate::prefix::exact::{ExactIndex, ViewState};
 
 /// Most batches accepted from one replay (vLLM buffers 10,000 by default).
 const MAX_REPLAY_BATCHES: usize = 200_000;
@@ -112,8 +114,10 @@ struct Stream {
     /// Batches below `expected` and at least this were replayed ahead of the live stream:
     /// their live copies are duplicates.
     dup_floor: Option<u64>,
-    /// `None` when the view is complete; else batches followed in sequence since it started.
-    rebuilding: Option<u64>,
+    /// Whether the view is complete, or how far from it.
+    completeness: Completeness,
+    /// The engine's cache capacity in blocks, when its `/metrics` says.
+    capacity: CacheCapacity,
     connected: bool,
     /// The connection was lost since the last batch.
     reconnected: bool,
@@ -123,11 +127,14 @@ struct Stream {
 
 impl Stream {
     fn set_live(&self) {
-        let live = self.connected && !self.reconnected && self.expected.is_some() && {
-            self.rebuilding.is_none()
+        let live = self.connected && !self.reconnected && self.expected.is_some();
+        let state = match (live, self.completeness.is_complete()) {
+            (false, _) => ViewState::Off,
+            (true, true) => ViewState::Complete,
+            (true, false) => ViewState::Partial,
         };
-        self.index.update(self.engine, |v| v.set_live(live));
-        self.m.live.set(if live { 1.0 } else { 0.0 });
+        self.index.update(self.engine, |v| v.set_state(state));
+        self.m.set_state(state);
     }
 
     fn disconnected(&mut self) {
@@ -150,8 +157,8 @@ impl Stream {
         });
         self.expected = None;
         self.dup_floor = None;
-        self.rebuilding = Some(0);
-        self.m.live.set(0.0);
+        self.completeness = Completeness::partial();
+        self.m.set_state(ViewState::Off);
     }
 
     async fn on_frames(&mut self, frames: &[Bytes]) {
@@ -223,7 +230,7 @@ impl Stream {
         }
         self.reconnected = false;
         self.index.update(self.engine, |v| v.clear());
-        self.rebuilding = None;
+        self.completeness = Completeness::Complete;
         self.expected = Some(0);
         // Live copies of the replayed batches may still be queued on the subscription.
         self.dup_floor = Some(0);
@@ -300,7 +307,7 @@ impl Stream {
             .unwrap_or(0);
         let first = run[start].0;
         self.index.update(self.engine, |v| v.clear());
-        self.rebuilding = if first == 0 { None } else { Some(0) };
+        self.completeness = Completeness::starting_at(first);
         self.expected = Some(first);
         for (s, p) in &run[start..] {
             self.apply(*s, p);
@@ -311,32 +318,31 @@ impl Stream {
     fn apply(&mut self, seq: u64, payload: &[u8]) {
         self.expected = Some(seq + 1);
         self.m.batches.increment(1);
-        match wire::decode_batch(payload) {
-            Ok(batch) => {
-                if self.apply_batch(&batch) {
-                    // The engine's cache was cleared: the view is complete from here.
-                    self.rebuilding = None;
-                }
-            }
+        let effect = match wire::decode_batch(payload) {
+            Ok(batch) => self.apply_batch(&batch),
             Err(e) => {
                 self.m.malformed.increment(1);
                 tracing::debug!(engine = self.engine, seq, error = %e, "malformed KV-event batch skipped");
+                BatchEffect::default()
             }
-        }
-        if let Some(n) = self.rebuilding.as_mut() {
-            *n += 1;
-            if *n >= self.opts.rebuild_after_batches {
-                self.rebuilding = None;
-            }
+        };
+        let was_complete = self.completeness.is_complete();
+        self.completeness.after_batch(
+            effect,
+            self.capacity.blocks(),
+            self.opts.rebuild_after_batches,
+        );
+        if !was_complete && self.completeness.is_complete() {
+            tracing::info!(engine = self.engine, seq, "KV-event view complete");
         }
         self.m.index_bytes.set(self.index.accounted_bytes() as f64);
         self.m.index_blocks.set(self.index.blocks() as f64);
     }
 
-    /// Applies the events; true when one of them cleared the cache.
-    fn apply_batch(&mut self, batch: &EventBatch) -> bool {
+    /// Applies the events; what they did, for completeness.
+    fn apply_batch(&mut self, batch: &EventBatch) -> BatchEffect {
         let Some(a) = ingest::apply_batch(&self.index, self.engine, batch, &mut self.keys) else {
-            return false;
+            return BatchEffect::default();
         };
         let m = &self.m;
         m.stored.increment(a.stored);
@@ -347,7 +353,10 @@ impl Stream {
         m.unknown_removals.increment(a.unknown_removals);
         m.other_groups.increment(a.other_groups);
         m.malformed.increment(a.bad_events);
-        a.cleared > 0
+        BatchEffect {
+            stored_blocks: a.stored_gpu_blocks,
+            cleared: a.cleared > 0,
+        }
     }
 }
 
@@ -363,6 +372,7 @@ pub(super) async fn run(
     endpoints: KvEndpoints,
     index: Arc<ExactIndex>,
     opts: SubscriberOptions,
+    capacity: CacheCapacity,
 ) {
     index.add_engine(engine);
     let mut stream = Stream {
@@ -373,12 +383,13 @@ pub(super) async fn run(
         opts,
         expected: None,
         dup_floor: None,
-        rebuilding: Some(0),
+        completeness: Completeness::partial(),
+        capacity,
         connected: false,
         reconnected: false,
         keys: Vec::new(),
     };
-    stream.m.live.set(0.0);
+    stream.m.set_state(ViewState::Off);
     let mut backoff = stream.opts.reconnect_min;
     loop {
         let mut sub = SubSocket::new();

@@ -262,3 +262,31 @@ fn the_byte_budget_counts_every_rank() {
     idx.remove_engine(1);
     assert_eq!((idx.blocks(), idx.accounted_bytes()), (0, 0));
 }
+
+#[test]
+fn an_engine_is_complete_only_when_every_rank_is_and_partial_while_one_is_live() {
+    let idx = ExactIndex::new(1 << 30);
+    idx.add_rank(1, 0);
+    idx.add_rank(1, 1);
+    let t = ids(2 * BS, 0);
+    idx.update_rank(1, 0, |v| {
+        v.store(&run(None, &[1, 2], &t, None, Medium::Gpu))
+    });
+    let m = |tokens, complete| Some(ExactMatch { tokens, complete });
+    assert_eq!(idx.state(1), ViewState::Off);
+    assert_eq!(idx.state(9), ViewState::Off, "no view");
+    idx.update_rank(1, 0, |v| v.set_state(ViewState::Partial));
+    assert_eq!(idx.state(1), ViewState::Partial);
+    assert_eq!(idx.matches(&t, None, &[1]), vec![m(2 * BS, false)]);
+    // Rank 0 complete, rank 1 not followed: the engine may hold more than rank 0 says.
+    idx.update_rank(1, 0, |v| v.set_state(ViewState::Complete));
+    assert_eq!(idx.state(1), ViewState::Partial);
+    assert_eq!(idx.matches(&t, None, &[1]), vec![m(2 * BS, false)]);
+    idx.update_rank(1, 1, |v| v.set_state(ViewState::Partial));
+    assert_eq!(idx.matches(&t, None, &[1]), vec![m(2 * BS, false)]);
+    idx.update_rank(1, 1, |v| v.set_state(ViewState::Complete));
+    assert_eq!(idx.state(1), ViewState::Complete);
+    assert_eq!(idx.matches(&t, None, &[1]), vec![m(2 * BS, true)]);
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(2 * BS)]);
+    assert!(idx.is_live(1));
+}

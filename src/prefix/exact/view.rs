@@ -95,6 +95,31 @@ struct Block {
     media: u8,
 }
 
+/// Whether, and how, routing uses a view.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ViewState {
+    /// Not used: not following the stream (not connected, or out of sequence).
+    #[default]
+    Off,
+    /// Following the stream since a point where the engine's cache state was unknown (it
+    /// started mid-stream): every block it holds is held, but the engine may hold more.
+    Partial,
+    /// Following the stream since a point where the engine's cache state was known: the
+    /// engine holds what the view holds.
+    Complete,
+}
+
+impl ViewState {
+    /// `off`, `partial` or `complete`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ViewState::Off => "off",
+            ViewState::Partial => "partial",
+            ViewState::Complete => "complete",
+        }
+    }
+}
+
 /// Accounted bytes per engine block (hash-table slot with its control byte and spare capacity
 /// at hashbrown's 7/8 load), per distinct router hash, and per entry of the store order.
 const BLOCK_BYTES: usize = 40;
@@ -104,7 +129,7 @@ const ORDER_BYTES: usize = 16;
 /// One engine's blocks. Changed only through [`super::ExactIndex::update`].
 #[derive(Debug, Default)]
 pub struct EngineView {
-    pub(super) live: bool,
+    pub(super) state: ViewState,
     pub(super) removed: bool,
     block_size: Option<usize>,
     data_parallel_rank: Option<i64>,
@@ -118,13 +143,27 @@ pub struct EngineView {
 }
 
 impl EngineView {
-    /// Whether the view follows the engine's stream (see the subscriber for when it is).
-    pub fn set_live(&mut self, live: bool) {
-        self.live = live;
+    /// Whether and how routing uses the view (see the subscriber for when it is which).
+    pub fn set_state(&mut self, state: ViewState) {
+        self.state = state;
     }
 
+    pub fn state(&self) -> ViewState {
+        self.state
+    }
+
+    /// [`ViewState::Complete`] when `live`, else [`ViewState::Off`].
+    pub fn set_live(&mut self, live: bool) {
+        self.state = if live {
+            ViewState::Complete
+        } else {
+            ViewState::Off
+        };
+    }
+
+    /// Whether routing uses the view (partial or complete).
     pub fn is_live(&self) -> bool {
-        self.live
+        self.state != ViewState::Off
     }
 
     /// Tokens per block, learned from the engine's events.
