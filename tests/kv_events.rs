@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{SAFETY, eventually};
 use switchyard::engines::kv_events::{KvEndpoints, KvSubscribers, SubscriberOptions};
-use switchyard::prefix::exact::ExactIndex;
+use switchyard::prefix::exact::{ExactIndex, ViewState};
 use switchyard::sim::cache_events::{CacheEvents, StoredBlocks};
 use switchyard::sim::kv_publisher::KvPublisher;
 
@@ -110,7 +110,7 @@ async fn a_sequence_gap_is_recovered_from_the_replay_socket() {
 }
 
 #[tokio::test]
-async fn a_gap_without_replay_drops_the_view_until_it_is_rebuilt() {
+async fn a_gap_without_replay_drops_the_view_which_is_used_partial_until_complete() {
     let p = publisher(false).await;
     let opts = SubscriberOptions {
         rebuild_after_batches: 5,
@@ -118,6 +118,12 @@ async fn a_gap_without_replay_drops_the_view_until_it_is_rebuilt() {
     };
     let (index, _subs) = subscribe(&p, opts);
     until_live(&p, &index).await;
+    // Complete from an AllBlocksCleared, whatever batches the subscription missed.
+    p.cleared();
+    eventually("complete at the clear", || {
+        index.state(ENGINE) == ViewState::Complete
+    })
+    .await;
     let ids = tokens(1, 3);
     p.stored(stored(None, &[31], &ids));
     eventually("block held", || held(&index, &ids) == Some(BS)).await;
@@ -125,17 +131,29 @@ async fn a_gap_without_replay_drops_the_view_until_it_is_rebuilt() {
     p.removed(&[31]);
     p.end_batch();
     p.removed(&[u64::MAX]);
-    eventually("the view is dropped at the gap", || !index.is_live(ENGINE)).await;
-    assert_eq!(held(&index, &ids), None, "no exact answer while not live");
-    // Rebuilt after following the stream in sequence for 5 batches.
-    until_live(&p, &index).await;
-    assert_eq!(held(&index, &ids), Some(0), "the dropped view starts empty");
+    eventually("the view is dropped at the gap and followed anew", || {
+        index.state(ENGINE) == ViewState::Partial
+    })
+    .await;
+    assert_eq!(
+        held(&index, &ids),
+        Some(0),
+        "the dropped view starts empty, and is used at once"
+    );
     let again = tokens(1, 4);
     p.stored(stored(None, &[32], &again));
     eventually("new blocks are followed", || {
         held(&index, &again) == Some(BS)
     })
     .await;
+    // Complete after following the stream in sequence for 5 batches (capacity unknown).
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while index.state(ENGINE) != ViewState::Complete {
+        assert!(tokio::time::Instant::now() < deadline, "never complete");
+        p.removed(&[u64::MAX]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(held(&index, &again), Some(BS));
 }
 
 #[tokio::test]

@@ -17,7 +17,14 @@ use switchyard::sim::{SimConfig, SimHandle};
 /// The engines' prefix cache: 64 blocks of 16 tokens (their `num_gpu_blocks`).
 const NUM_BLOCKS: usize = 64;
 
-const COMPLETIONS: &str = "/v1/completions";
+/// The endpoint of a request body: chat completions if it has messages, else completions.
+fn path_of(body: &serde_json::Value) -> &'static str {
+    if body.get("messages").is_some() {
+        "/v1/chat/completions"
+    } else {
+        "/v1/completions"
+    }
+}
 
 fn tokenizer_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/llama3")
@@ -38,7 +45,7 @@ fn engine_config() -> SimConfig {
 /// A completion request whose prompt is `words` words unique to `tag` from its first token.
 /// (Not a chat: every chat prompt begins with the template's first block, which the engine
 /// cached before the router joined, so each chat's blocks are stored under a parent the view
-/// does not know: see `partial_views_do_not_key_what_hangs_off_a_block_stored_before_the_join`.)
+/// does not know: see [`partial_views_do_not_key_what_hangs_off_a_block_stored_before_the_join`].)
 fn prompt(tag: &str, words: usize) -> serde_json::Value {
     let text: Vec<String> = (0..words)
         .map(|i| format!("{tag}{}", i * 7919 % 1000))
@@ -48,13 +55,13 @@ fn prompt(tag: &str, words: usize) -> serde_json::Value {
 
 /// Sends directly to an engine (no router sees it), expecting 200.
 async fn to_engine(c: &TestClient, s: &SimHandle, body: &serde_json::Value) {
-    let r = post_json(c, &s.url(), COMPLETIONS, body.clone()).await;
+    let r = post_json(c, &s.url(), path_of(body), body.clone()).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
 }
 
 /// Sends through the router, expecting 200: (engine, tier, kv source) of its decision headers.
 async fn routed(c: &TestClient, url: &str, body: &serde_json::Value) -> (String, String, String) {
-    let reply = post_json(c, url, COMPLETIONS, body.clone()).await;
+    let reply = post_json(c, url, path_of(body), body.clone()).await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     let h = |name: &str| reply.header(name).unwrap_or("(none)").to_owned();
     (
@@ -75,7 +82,6 @@ async fn sample(c: &TestClient, url: &str, name: &str, labels: &[&str]) -> Optio
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-
 /// Polls until the router has applied more `BlockStored` events than `before` (safety net:
 /// [`SAFETY`]).
 async fn until_stored_past<F, Fut>(stored_events: &F, before: f64)
@@ -93,16 +99,16 @@ where
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_router_started_after_its_engines_goes_exact_on_what_they_store_next() {
-    let sims = start_sims(2, engine_config()).await;
-    let c = client();
-    // The engine stores P before any router runs (its batches from sequence 0 go unheard).
-    let p = prompt("before", 50);
-    to_engine(&c, &sims[0], &p).await;
-
+/// The real router binary in front of `sims` (their KV events, no replay socket) running
+/// `kv_lookup() ?? fallback()` with decision headers, once it follows the first engine's
+/// stream. The policies directory lives as long as the router.
+async fn router_after(sims: &[SimHandle]) -> (RouterProcess, tempfile::TempDir) {
     let policies = tempfile::tempdir().expect("temp dir");
-    std::fs::write(policies.path().join("kv.rhai"), "kv_lookup() ?? fallback()\n").expect("policy");
+    std::fs::write(
+        policies.path().join("kv.rhai"),
+        "kv_lookup() ?? fallback()\n",
+    )
+    .expect("policy");
     let events: Vec<String> = sims
         .iter()
         .map(|s| {
@@ -114,7 +120,7 @@ async fn a_router_started_after_its_engines_goes_exact_on_what_they_store_next()
         .collect();
     let router = RouterProcess::spawn(&[
         "--static-backends",
-        &urls(&sims).join(","),
+        &urls(sims).join(","),
         "--static-models",
         MODEL,
         "--static-kv-events",
@@ -129,15 +135,13 @@ async fn a_router_started_after_its_engines_goes_exact_on_what_they_store_next()
         "--engine-stats-interval",
         "0.1",
     ]);
-    let url = router.url.clone();
-    let engine = format!("engine=\"{}\"", sims[0].addr());
-    let labels = [engine.as_str()];
-
     // The subscription reaches the engine some time after the router starts: harmless
     // batches (a removal of a block nobody holds) until the router follows the stream.
+    let c = client();
+    let engine = format!("engine=\"{}\"", sims[0].addr());
     let publisher = sims[0].kv_events().expect("publisher");
     let deadline = tokio::time::Instant::now() + SAFETY;
-    while sample(&c, &url, "switchyard_kv_events_live", &labels).await != Some(1.0) {
+    while sample(&c, &router.url, "switchyard_kv_events_live", &[&engine]).await != Some(1.0) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the view never became live"
@@ -145,6 +149,21 @@ async fn a_router_started_after_its_engines_goes_exact_on_what_they_store_next()
         publisher.removed(&[u64::MAX]);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (router, policies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_started_after_its_engines_goes_exact_on_what_they_store_next() {
+    let sims = start_sims(2, engine_config()).await;
+    let c = client();
+    // The engine stores P before any router runs (its batches from sequence 0 go unheard).
+    let p = prompt("before", 50);
+    to_engine(&c, &sims[0], &p).await;
+
+    let (router, _policies) = router_after(&sims).await;
+    let url = router.url.clone();
+    let engine = format!("engine=\"{}\"", sims[0].addr());
+    let labels = [engine.as_str()];
     assert_eq!(
         sample(&c, &url, "switchyard_kv_events_complete", &labels).await,
         Some(0.0),
@@ -190,6 +209,60 @@ async fn a_router_started_after_its_engines_goes_exact_on_what_they_store_next()
         (chosen.as_str(), tier.as_str(), kv.as_str()),
         (holder.as_str(), "kv_lookup", "exact")
     );
+    drop(router);
+    for s in sims {
+        s.shutdown().await;
+    }
+}
+
+/// A chat request whose prompt is `words` words unique to `tag`, after the template's
+/// opening (the same first block for every chat).
+fn chat(tag: &str, words: usize) -> serde_json::Value {
+    let text: Vec<String> = (0..words)
+        .map(|i| format!("{tag}{}", i * 7919 % 1000))
+        .collect();
+    serde_json::json!({
+        "model": MODEL,
+        "messages": [{ "role": "user", "content": text.join(" ") }],
+        "max_tokens": 1,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_views_do_not_key_what_hangs_off_a_block_stored_before_the_join() {
+    let sims = start_sims(2, engine_config()).await;
+    let c = client();
+    // A chat before the router runs: the engine caches the template's first block.
+    to_engine(&c, &sims[0], &chat("before", 50)).await;
+    let (router, _policies) = router_after(&sims).await;
+    let url = router.url.clone();
+    let engine = format!("engine=\"{}\"", sims[0].addr());
+    let stored = [engine.as_str(), "type=\"BlockStored\""];
+    let stored_events = || sample(&c, &url, "switchyard_kv_events_events_total", &stored);
+    // Chats after the join, more blocks than the engine's capacity: each hangs off the
+    // template's first block, which stays cached (every chat hits it) and unknown.
+    for i in 0..8 {
+        let before = stored_events().await.unwrap_or(0.0);
+        to_engine(&c, &sims[0], &chat(&format!("after{i}x"), 50)).await;
+        until_stored_past(&stored_events, before).await;
+    }
+    let labels = [engine.as_str()];
+    let engine_sample = |name: &'static str| sample(&c, &url, name, &labels);
+    assert!(
+        engine_sample("switchyard_kv_events_unkeyed_blocks")
+            .await
+            .is_some_and(|n| n >= 1.0)
+    );
+    assert_eq!(
+        engine_sample("switchyard_kv_events_complete").await,
+        Some(0.0),
+        "the view knows it misses a block the engine holds: still partial"
+    );
+    // The last chat is not known to the view (nor to the router's own index): kv_lookup
+    // passes, and the partial view is weighed against the approximate index.
+    let (_, tier, kv) = routed(&c, &url, &chat("after7x", 50)).await;
+    assert_eq!(tier, "fallback");
+    assert!(kv == "partial" || kv == "approximate", "{kv}");
     drop(router);
     for s in sims {
         s.shutdown().await;

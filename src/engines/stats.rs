@@ -329,7 +329,9 @@ vllm:prefix_cache_hits_total{model_name="m"} 250.0
         let info = |labels: &str| format!("vllm:cache_config_info{{{labels}}} 1.0\n");
         let capacity = |text: &str| parse_vllm_metrics(text).unwrap().kv_capacity_blocks;
         assert_eq!(
-            capacity(&info(r#"a="x\",num_gpu_blocks=\"1\"",num_gpu_blocks="640",z="}""#)),
+            capacity(&info(
+                r#"a="x\",num_gpu_blocks=\"1\"",num_gpu_blocks="640",z="}""#
+            )),
             Some(640),
             "a quoted look-alike is no label"
         );

@@ -420,7 +420,10 @@ mod tests {
             lora_name: None,
         });
         let m = kv.matches(&req, &cands(&[1, 2]));
-        assert_eq!((m.tokens, m.sources), (vec![0, 200], vec![Partial, Approximate]));
+        assert_eq!(
+            (m.tokens, m.sources),
+            (vec![0, 200], vec![Partial, Approximate])
+        );
 
         // A complete view is the engine's figure alone, even below the approximate index's.
         let complete = Views {

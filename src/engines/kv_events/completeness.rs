@@ -6,15 +6,24 @@
 //!
 //! A view that starts anywhere else (the router started after the engine, or its view was
 //! dropped at an unrecoverable gap) is **partial**: it knows for certain the blocks stored
-//! since it started, but not those stored before. It becomes complete once the engine has
-//! stored, since then, at least its whole KV-cache capacity in blocks (vLLM's
-//! `vllm:cache_config_info{num_gpu_blocks}`, scraped from its `/metrics`): by then the cache
-//! has been filled over with blocks the view saw stored, except what was kept hot by prefix
-//! hits without being stored again, which the view under-reports (it never over-reports).
-//! Only GPU stores of KV-cache group 0 count (the indexed group; CPU-offload copies are no new
-//! GPU blocks). While the capacity is unknown (no `/metrics` scrape yet, an engine that does
-//! not publish it), the fallback is a count of batches: complete after
-//! [`super::SubscriberOptions::rebuild_after_batches`] batches followed in sequence.
+//! since it started, but not those stored before. It becomes complete once both:
+//!
+//! - the engine has stored, since then, at least its whole KV-cache capacity in blocks (vLLM's
+//!   `vllm:cache_config_info{num_gpu_blocks}`, scraped from its `/metrics`): by then the cache
+//!   has been filled over with blocks the view saw stored. Only GPU stores of KV-cache group 0
+//!   count (the indexed group; CPU-offload copies are no new GPU blocks). While the capacity
+//!   is unknown (no `/metrics` scrape yet, an engine that does not publish it), the fallback
+//!   is a count of batches: [`super::SubscriberOptions::rebuild_after_batches`] batches
+//!   followed in sequence;
+//! - and the view knows of no block the engine holds that it cannot key
+//!   ([`crate::prefix::exact::EngineView::unkeyed`]): a block stored before the join and kept
+//!   hot by prefix hits is never stored again, so filling the capacity does not flush it; but
+//!   once the engine stores a prompt hanging off it (every chat off the template's first
+//!   block), the view knows it is missing it, and stays partial (weighed against the
+//!   approximate index) until the engine removes it.
+//!
+//! A block kept hot since before the join of which no later prompt hangs off stays unknown to
+//! a view made complete: it under-reports that prefix (it never over-reports).
 
 /// How far a view is from complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +46,8 @@ pub struct BatchEffect {
     pub stored_blocks: u64,
     /// The batch cleared the engine's cache (`AllBlocksCleared`).
     pub cleared: bool,
+    /// After the batch: blocks the engine holds that the view cannot key.
+    pub unkeyed: u64,
 }
 
 impl Completeness {
@@ -63,7 +74,12 @@ impl Completeness {
 
     /// Counts one batch followed in sequence. `capacity` is the engine's KV-cache capacity in
     /// blocks if known; without it, `fallback_batches` batches complete the view.
-    pub fn after_batch(&mut self, batch: BatchEffect, capacity: Option<u64>, fallback_batches: u64) {
+    pub fn after_batch(
+        &mut self,
+        batch: BatchEffect,
+        capacity: Option<u64>,
+        fallback_batches: u64,
+    ) {
         let Completeness::Partial {
             batches,
             stored_blocks,
@@ -73,11 +89,11 @@ impl Completeness {
         };
         *batches += 1;
         *stored_blocks = stored_blocks.saturating_add(batch.stored_blocks);
-        let complete = batch.cleared
-            || match capacity {
-                Some(c) => *stored_blocks >= c,
-                None => *batches >= fallback_batches,
-            };
+        let filled = match capacity {
+            Some(c) => *stored_blocks >= c,
+            None => *batches >= fallback_batches,
+        };
+        let complete = batch.cleared || (filled && batch.unkeyed == 0);
         if complete {
             *self = Completeness::Complete;
         }
@@ -91,7 +107,7 @@ mod tests {
     fn stored(n: u64) -> BatchEffect {
         BatchEffect {
             stored_blocks: n,
-            cleared: false,
+            ..BatchEffect::default()
         }
     }
 
@@ -110,7 +126,10 @@ mod tests {
         let mut c = Completeness::partial();
         for _ in 0..3 {
             c.after_batch(stored(30), Some(100), 2);
-            assert!(!c.is_complete(), "the batch count is no rule with a capacity");
+            assert!(
+                !c.is_complete(),
+                "the batch count is no rule with a capacity"
+            );
         }
         c.after_batch(stored(9), Some(100), 2);
         assert_eq!(
@@ -129,8 +148,9 @@ mod tests {
         let mut c = Completeness::partial();
         c.after_batch(
             BatchEffect {
-                stored_blocks: 0,
                 cleared: true,
+                unkeyed: 0,
+                ..stored(0)
             },
             Some(1_000_000),
             1000,
@@ -142,6 +162,36 @@ mod tests {
         c.after_batch(stored(0), None, 3);
         assert!(!c.is_complete());
         c.after_batch(stored(0), None, 3);
+        assert!(c.is_complete());
+    }
+
+    #[test]
+    fn blocks_the_engine_holds_but_the_view_cannot_key_keep_it_partial() {
+        let unkeyed = |n: u64, k: u64| BatchEffect {
+            stored_blocks: n,
+            cleared: false,
+            unkeyed: k,
+        };
+        let mut c = Completeness::partial();
+        c.after_batch(unkeyed(150, 3), Some(100), 2);
+        assert!(
+            !c.is_complete(),
+            "capacity stored, but 3 blocks known to be missing"
+        );
+        c.after_batch(unkeyed(0, 1), None, 2);
+        assert!(!c.is_complete());
+        c.after_batch(unkeyed(0, 0), Some(100), 2);
+        assert!(c.is_complete(), "the engine removed them");
+        // A clear empties the cache: complete whatever came before.
+        let mut c = Completeness::partial();
+        c.after_batch(
+            BatchEffect {
+                cleared: true,
+                ..unkeyed(0, 0)
+            },
+            Some(100),
+            2,
+        );
         assert!(c.is_complete());
     }
 }

@@ -20,6 +20,9 @@ pub struct Applied {
     pub unanchored_blocks: u64,
     /// Removed blocks the view did not hold.
     pub unknown_removals: u64,
+    /// After the batch: blocks the engine holds that the view cannot key
+    /// ([`crate::prefix::exact::EngineView::unkeyed`]).
+    pub unkeyed_blocks: u64,
     /// Events of KV-cache groups other than 0, not indexed.
     pub other_groups: u64,
     /// `BlockStored` events whose token ids do not fill their blocks.
@@ -92,6 +95,7 @@ pub fn apply_batch(
                 KvEvent::Unknown(_) => a.unknown += 1,
             }
         }
+        a.unkeyed_blocks = v.unkeyed() as u64;
         a
     })
 }

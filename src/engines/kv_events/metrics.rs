@@ -53,6 +53,10 @@ pub fn describe() {
         "1 while an engine's exact KV view is live and complete (followed since the engine's cache state was known); live and 0 is partial (started mid-stream)"
     );
     describe_gauge!(
+        "switchyard_kv_events_unkeyed_blocks",
+        "Blocks an engine holds that its view cannot key (stored under a parent block the view never saw stored, not removed since); a partial view stays partial while there are any"
+    );
+    describe_gauge!(
         "switchyard_kv_events_index_bytes",
         "Bytes accounted to the exact KV index"
     );
@@ -80,6 +84,7 @@ pub(super) struct StreamMetrics {
     pub other_groups: Counter,
     pub live: Gauge,
     pub complete: Gauge,
+    pub unkeyed: Gauge,
     pub index_bytes: Gauge,
     pub index_blocks: Gauge,
 }
@@ -105,6 +110,7 @@ impl StreamMetrics {
             other_groups: metrics::counter!("switchyard_kv_events_other_groups_total", "engine" => e()),
             live: metrics::gauge!("switchyard_kv_events_live", "engine" => e()),
             complete: metrics::gauge!("switchyard_kv_events_complete", "engine" => e()),
+            unkeyed: metrics::gauge!("switchyard_kv_events_unkeyed_blocks", "engine" => e()),
             index_bytes: metrics::gauge!("switchyard_kv_events_index_bytes"),
             index_blocks: metrics::gauge!("switchyard_kv_events_index_blocks"),
         };

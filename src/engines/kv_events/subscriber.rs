@@ -159,6 +159,7 @@ impl Stream {
         self.dup_floor = None;
         self.completeness = Completeness::partial();
         self.m.set_state(ViewState::Off);
+        self.m.unkeyed.set(0.0);
     }
 
     async fn on_frames(&mut self, frames: &[Bytes]) {
@@ -353,9 +354,11 @@ impl Stream {
         m.unknown_removals.increment(a.unknown_removals);
         m.other_groups.increment(a.other_groups);
         m.malformed.increment(a.bad_events);
+        m.unkeyed.set(a.unkeyed_blocks as f64);
         BatchEffect {
             stored_blocks: a.stored_gpu_blocks,
             cleared: a.cleared > 0,
+            unkeyed: a.unkeyed_blocks,
         }
     }
 }

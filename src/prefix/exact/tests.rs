@@ -290,3 +290,29 @@ fn an_engine_is_complete_only_when_every_rank_is_and_partial_while_one_is_live()
     assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(2 * BS)]);
     assert!(idx.is_live(1));
 }
+
+#[test]
+fn runs_under_an_unknown_parent_are_remembered_as_unkeyed_until_removed() {
+    let idx = live_index(&[1]);
+    let t = ids(3 * BS, 0);
+    // Block 10 was stored before the view started; 11 and 12 hang off it.
+    let out = idx.update(1, |v| {
+        let o = v.store(&run(Some(10), &[11, 12], &t[BS..], None, Medium::Gpu));
+        (o, v.unkeyed())
+    });
+    assert_eq!(out, Some((StoreOutcome::Unanchored, 3)));
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(0)]);
+    // Removing one of them: neither unknown nor held any more.
+    assert_eq!(idx.update(1, |v| v.remove(&[12, 99], Medium::Gpu)), Some(1));
+    // Stored again from the root, with its content: keyed.
+    idx.update(1, |v| {
+        v.store(&run(None, &[10, 11], &t[..2 * BS], None, Medium::Gpu))
+    });
+    assert_eq!(idx.update(1, |v| v.unkeyed()), Some(0));
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(2 * BS)]);
+    idx.update(1, |v| {
+        v.store(&run(Some(77), &[78], &t[..BS], None, Medium::Gpu));
+        v.clear()
+    });
+    assert_eq!(idx.update(1, |v| v.unkeyed()), Some(0), "cleared");
+}

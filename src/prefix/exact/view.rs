@@ -1,7 +1,7 @@
 //! One engine's exact view: the blocks its KV events say it holds, keyed by the router's own
 //! chained hash of their token ids, with the engine's block hashes mapped to them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::tokens::{token_block_hash, token_chain_seed};
@@ -27,6 +27,7 @@ impl Hasher for MixHasher {
 }
 
 type Map<V> = HashMap<u64, V, BuildHasherDefault<MixHasher>>;
+type Set = HashSet<u64, BuildHasherDefault<MixHasher>>;
 
 /// Where a block is held. A block counts as held while it is on any medium: vLLM's CPU
 /// offloading reports blocks it can load back, which beats recomputing them.
@@ -79,7 +80,8 @@ pub enum StoreOutcome {
     /// The blocks are in the view.
     Stored(usize),
     /// The parent block is unknown (stored before the view started, or evicted from it): the
-    /// blocks cannot be keyed by content and are skipped.
+    /// blocks cannot be keyed by content and are skipped. The view remembers the parent and
+    /// the blocks as held but unkeyed ([`EngineView::unkeyed`]) until the engine removes them.
     Unanchored,
     /// `token_ids` is not `block_hashes × block_size` long: skipped.
     BadLength,
@@ -125,6 +127,8 @@ impl ViewState {
 const BLOCK_BYTES: usize = 40;
 const HELD_BYTES: usize = 20;
 const ORDER_BYTES: usize = 16;
+/// Per unkeyed engine hash (set slot at 7/8 load).
+const UNKEYED_BYTES: usize = 10;
 
 /// One engine's blocks. Changed only through [`super::ExactIndex::update`].
 #[derive(Debug, Default)]
@@ -139,6 +143,9 @@ pub struct EngineView {
     held: Map<u32>,
     /// (engine hash, stamp) oldest first; entries whose stamp no longer matches are stale.
     order: VecDeque<(u64, u64)>,
+    /// Engine hashes of blocks the engine holds whose content the view does not know: the
+    /// parents and the blocks of unanchored runs, until removed.
+    unkeyed: Set,
     next_stamp: u64,
 }
 
@@ -196,6 +203,16 @@ impl EngineView {
         self.blocks.len() * BLOCK_BYTES
             + self.held.len() * HELD_BYTES
             + self.order.len() * ORDER_BYTES
+            + self.unkeyed.len() * UNKEYED_BYTES
+    }
+
+    /// Blocks the engine is known to hold (the parent, or one of the blocks, of a run stored
+    /// under an unknown parent, not removed since) whose content the view does not know: while
+    /// there are any, the view is certainly missing part of the engine's cache. A view that
+    /// started mid-stream learns them when the engine stores a prompt that hangs off a block
+    /// it cached before: every chat after the template's first block, typically.
+    pub fn unkeyed(&self) -> usize {
+        self.unkeyed.len()
     }
 
     /// Whether the block with this router hash is held.
@@ -209,6 +226,7 @@ impl EngineView {
         self.blocks = Map::default();
         self.held = Map::default();
         self.order = VecDeque::new();
+        self.unkeyed = Set::default();
     }
 
     /// Adds a run of stored blocks, keyed by content chained from its parent's content.
@@ -229,7 +247,11 @@ impl EngineView {
             None => token_chain_seed(run.lora_name),
             Some(p) => match self.blocks.get(&p) {
                 Some(b) => b.router,
-                None => return StoreOutcome::Unanchored,
+                None => {
+                    self.unkeyed.insert(p);
+                    self.unkeyed.extend(run.block_hashes.iter().copied());
+                    return StoreOutcome::Unanchored;
+                }
             },
         };
         let bit = run.medium.bit();
@@ -241,6 +263,9 @@ impl EngineView {
     }
 
     fn insert(&mut self, engine_hash: u64, router: u64, bit: u8) {
+        if !self.unkeyed.is_empty() {
+            self.unkeyed.remove(&engine_hash);
+        }
         let stamp = self.next_stamp;
         self.next_stamp += 1;
         match self.blocks.get_mut(&engine_hash) {
@@ -280,11 +305,14 @@ impl EngineView {
     }
 
     /// Removes the blocks from `medium` (a block stays held while on another medium); returns
-    /// how many of the hashes were unknown to the view.
+    /// how many of the hashes were unknown to the view (neither held nor unkeyed).
     pub fn remove(&mut self, block_hashes: &[u64], medium: Medium) -> usize {
         let bit = medium.bit();
         let mut unknown = 0;
         for eh in block_hashes {
+            if !self.unkeyed.is_empty() && self.unkeyed.remove(eh) {
+                continue;
+            }
             match self.blocks.get_mut(eh) {
                 Some(b) => {
                     b.media &= !bit;
