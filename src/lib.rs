@@ -17,7 +17,8 @@
 //!   own tokenizer and chat template (`--tokenizer`): the token ids an engine sees.
 //! - [`engines`]: the engines: registry, where they come from (static or Kubernetes
 //!   discovery), health and ejection, scraped load figures, model cards, and their KV-cache
-//!   events ([`engines::kv_events`]: vLLM's wire format and the ZMQ subscribers).
+//!   events ([`engines::kv_events`]: vLLM's wire format, the ZMQ subscribers, and when a view
+//!   is complete or partial).
 //! - [`prefix`]: the router's approximate index of which engine cached which prompt prefix,
 //!   and the exact one ([`prefix::exact`]) built from the engines' own KV events.
 //! - [`policy`]: the routing decision: policy files, the built-in tiers, Rhai scripts, loading,

@@ -54,7 +54,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub script_time_budget: Option<f64>,
     /// Add x-switchyard-policy/-tier/-engine response headers, and x-switchyard-kv
-    /// (exact|approximate: the chosen engine's prefix-match source) when a tier computed
+    /// (exact|partial|approximate: the chosen engine's prefix-match source: a complete KV
+    /// view, one that joined mid-stream, or the router's own index) when a tier computed
     /// prefix matches.
     #[arg(long)]
     pub decision_headers: bool,

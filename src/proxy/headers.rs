@@ -133,8 +133,8 @@ pub fn strip_router_headers(h: &mut HeaderMap) {
 }
 
 /// The decision headers (`--decision-headers`): `x-switchyard-policy`, `-tier`, `-engine`,
-/// and `x-switchyard-kv` (`exact` or `approximate`: the source of the chosen engine's prefix
-/// match) when a tier of the decision computed prefix matches; absent when none did.
+/// and `x-switchyard-kv` (`exact`, `partial` or `approximate`: the source of the chosen
+/// engine's prefix match, [`crate::policy::KvSource`]) when a tier of the decision computed prefix matches; absent when none did.
 pub fn add_decision_headers(
     h: &mut HeaderMap,
     policy: &str,

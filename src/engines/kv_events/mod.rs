@@ -1,7 +1,8 @@
 //! Engines' own KV-cache events (vLLM's `--kv-events-config`): the wire format ([`wire`],
 //! [`encode`]) and the subscribers ([`subscriber`]) that keep each engine's view in the exact
-//! index ([`crate::prefix::exact`]). [`KvSubscribers`] starts and stops them with the engine
-//! set.
+//! index ([`crate::prefix::exact`]), complete or partial by the rules of [`completeness`]
+//! (which read the engine's cache capacity, scraped from its `/metrics`, through
+//! [`CacheCapacity`]). [`KvSubscribers`] starts and stops them with the engine set.
 
 pub mod completeness;
 pub mod encode;
