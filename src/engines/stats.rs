@@ -19,8 +19,8 @@ pub struct ScrapedStats {
     pub kv_usage: f64,
     pub prefix_queries: f64,
     pub prefix_hits: f64,
-    /// The engine's KV-cache capacity in blocks (`vllm:cache_config_info{num_gpu_blocks}`),
-    /// if its page says.
+    /// The KV-cache capacity of one of the engine's data-parallel ranks in blocks (from
+    /// `vllm:cache_config_info{num_gpu_blocks}`, see [`VllmFigures`]), if its page says.
     pub kv_capacity_blocks: Option<u64>,
     /// When the figures were scraped; `None` if never.
     pub scraped_at: Option<Instant>,
@@ -39,9 +39,12 @@ pub struct VllmFigures {
     pub kv_usage: f64,
     pub prefix_queries: f64,
     pub prefix_hits: f64,
-    /// `num_gpu_blocks` of `vllm:cache_config_info` (the largest over its label sets: one per
-    /// data-parallel rank, each its own cache); `None` when absent or not a positive integer
-    /// (`"None"` before vLLM has profiled its memory).
+    /// The KV-cache capacity of one data-parallel rank in blocks, from the `num_gpu_blocks`
+    /// label of `vllm:cache_config_info`. vLLM 0.32 writes one sample per data-parallel engine
+    /// of the API server (label `engine`), each with the API server's total, summed over its
+    /// engines (`vllm/v1/engine/core_client.py`): one rank's is the total over the number of
+    /// samples (older releases write one sample). `None` when absent or not a positive
+    /// integer (`"None"` before vLLM has profiled its memory).
     pub kv_capacity_blocks: Option<u64>,
 }
 
@@ -59,6 +62,7 @@ pub fn parse_vllm_metrics(text: &str) -> Result<VllmFigures, String> {
     let mut f = VllmFigures::default();
     let (mut kv_new, mut kv_old) = (None::<f64>, None::<f64>);
     let (mut samples, mut malformed) = (0usize, 0usize);
+    let (mut total_blocks, mut cache_infos) = (0u64, 0u64);
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -81,10 +85,13 @@ pub fn parse_vllm_metrics(text: &str) -> Result<VllmFigures, String> {
             "vllm:prefix_cache_queries" => f.prefix_queries += value,
             "vllm:prefix_cache_hits" => f.prefix_hits += value,
             "vllm:cache_config_info" => {
-                let blocks = label_value(labels, "num_gpu_blocks")
+                if let Some(blocks) = label_value(labels, "num_gpu_blocks")
                     .and_then(|v| v.parse::<u64>().ok())
-                    .filter(|&b| b > 0);
-                f.kv_capacity_blocks = f.kv_capacity_blocks.max(blocks);
+                    .filter(|&b| b > 0)
+                {
+                    total_blocks = total_blocks.max(blocks);
+                    cache_infos += 1;
+                }
             }
             _ => {}
         }
@@ -95,6 +102,7 @@ pub fn parse_vllm_metrics(text: &str) -> Result<VllmFigures, String> {
         ));
     }
     f.kv_usage = kv_new.or(kv_old).unwrap_or(0.0);
+    f.kv_capacity_blocks = (cache_infos > 0).then(|| (total_blocks / cache_infos).max(1));
     Ok(f)
 }
 
@@ -325,7 +333,7 @@ vllm:prefix_cache_hits_total{model_name="m"} 250.0
     }
 
     #[test]
-    fn the_cache_capacity_is_the_largest_positive_num_gpu_blocks_label() {
+    fn the_cache_capacity_is_num_gpu_blocks_shared_by_the_data_parallel_engines() {
         let info = |labels: &str| format!("vllm:cache_config_info{{{labels}}} 1.0\n");
         let capacity = |text: &str| parse_vllm_metrics(text).unwrap().kv_capacity_blocks;
         assert_eq!(
@@ -335,9 +343,10 @@ vllm:prefix_cache_hits_total{model_name="m"} 250.0
             Some(640),
             "a quoted look-alike is no label"
         );
-        let two_ranks = info(r#"engine="0",num_gpu_blocks="500""#)
-            + info(r#"engine="1", num_gpu_blocks="700""#).as_str();
-        assert_eq!(capacity(&two_ranks), Some(700));
+        // vLLM 0.32 with two data-parallel engines: each sample has the summed figure.
+        let two_ranks = info(r#"engine="0",num_gpu_blocks="1000""#)
+            + info(r#"engine="1", num_gpu_blocks="1000""#).as_str();
+        assert_eq!(capacity(&two_ranks), Some(500), "per rank");
         assert_eq!(capacity(&info(r#"num_gpu_blocks="None""#)), None);
         assert_eq!(capacity(&info(r#"num_gpu_blocks="0""#)), None);
         assert_eq!(capacity(&info(r#"block_size="16""#)), None);
