@@ -176,8 +176,12 @@ impl KvSubscribers {
         if let Some((task, name)) = task {
             task.abort();
             ::metrics::gauge!("switchyard_kv_events_live", "engine" => name.to_string()).set(0.0);
-            ::metrics::gauge!("switchyard_kv_events_complete", "engine" => name.to_string())
-                .set(0.0);
+            for gauge in [
+                "switchyard_kv_events_complete",
+                "switchyard_kv_events_unkeyed_blocks",
+            ] {
+                ::metrics::gauge!(gauge, "engine" => name.to_string()).set(0.0);
+            }
         }
         self.index.remove_engine(engine);
     }

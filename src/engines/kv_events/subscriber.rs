@@ -18,7 +18,7 @@
 //! a dropped view) is partial: it knows for certain the blocks stored since it started, and is
 //! used at once; it becomes complete once the engine has stored its cache capacity in blocks
 //! since then (or, capacity unknown, after [`SubscriberOptions::rebuild_after_batches`]
-//! batches).
+//! batches) and the view knows of no block the engine holds that it cannot key.
 //!
 //! **Live** = connected and in sequence; then the view is used as partial or complete
 //! ([`ViewState`]). While not live, `kv_lookup` uses the approximate index for this engine.
