@@ -365,4 +365,9 @@ async fn a_subscriber_joining_an_idle_engine_catches_up_from_the_replay_socket()
         index.is_live(ENGINE) && held(&index, &ids) == Some(2 * BS)
     })
     .await;
+    assert_eq!(
+        index.state(ENGINE),
+        ViewState::Complete,
+        "the replay reached back to the engine's first batch"
+    );
 }
