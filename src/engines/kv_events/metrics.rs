@@ -132,6 +132,8 @@ impl StreamMetrics {
         ] {
             c.increment(0);
         }
+        m.set_state(ViewState::Off);
+        m.unkeyed.set(0.0);
         m
     }
 
