@@ -33,75 +33,19 @@
 //! task only writes the engine's view.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use zeromq::prelude::*;
-use zeromq::{DealerSocket, SocketEvent, SubSocket, ZmqMessage};
 
 use super::ingest;
 use super::metrics::StreamMetrics;
-use super::wire::{self, END_SEQ, EventBatch};
+use super::replay::fetch_replay;
+use super::wire::{self, EventBatch};
+use super::zmtp::{self, Received, SocketType};
 use super::{KvEndpoints, SubscriberOptions};
 use crate::prefix::exact::ExactIndex;
 
-/// Most batches accepted from one replay (vLLM buffers 10,000 by default).
-const MAX_REPLAY_BATCHES: usize = 200_000;
-
-/// Why a replay brought nothing usable.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    #[error("timed out")]
-    Timeout,
-    #[error("zmq: {0}")]
-    Zmq(#[from] zeromq::ZmqError),
-    #[error("malformed reply: {0}")]
-    Malformed(String),
-}
-
-/// Asks the replay socket at `endpoint` for every buffered batch from `from`: (seq, payload)
-/// in the order sent, up to the end-of-sequence marker.
-pub async fn fetch_replay(
-    endpoint: &str,
-    from: u64,
-    timeout: Duration,
-) -> Result<Vec<(u64, Bytes)>, ReplayError> {
-    tokio::time::timeout(timeout, async {
-        let mut dealer = DealerSocket::new();
-        dealer.connect(endpoint).await?;
-        let request = ZmqMessage::try_from(vec![
-            Bytes::new(),
-            Bytes::copy_from_slice(&from.to_be_bytes()),
-        ])
-        .map_err(|e| ReplayError::Malformed(e.to_string()))?;
-        dealer.send(request).await?;
-        let mut out = Vec::new();
-        loop {
-            let frames = dealer.recv().await?.into_vec();
-            let (seq, payload) = match frames.as_slice() {
-                [empty, seq, payload] if empty.is_empty() => (seq, payload),
-                [seq, payload] => (seq, payload),
-                other => {
-                    return Err(ReplayError::Malformed(format!("{} frames", other.len())));
-                }
-            };
-            if seq[..] == END_SEQ {
-                return Ok(out);
-            }
-            let seq = wire::decode_seq(seq).map_err(|e| ReplayError::Malformed(e.to_string()))?;
-            out.push((seq, payload.clone()));
-            if out.len() > MAX_REPLAY_BATCHES {
-                return Err(ReplayError::Malformed("too many batches".into()));
-            }
-        }
-    })
-    .await
-    .map_err(|_| ReplayError::Timeout)?
-}
-
 /// The follower of one engine's stream.
-struct Stream {
+pub(super) struct Stream {
     engine: u32,
     endpoints: KvEndpoints,
     index: Arc<ExactIndex>,
@@ -122,6 +66,43 @@ struct Stream {
 }
 
 impl Stream {
+    /// A follower of `engine`'s stream (named `name` in metrics), not connected yet.
+    pub(super) fn new(
+        engine: u32,
+        name: &str,
+        endpoints: KvEndpoints,
+        index: Arc<ExactIndex>,
+        opts: SubscriberOptions,
+    ) -> Stream {
+        let m = StreamMetrics::new(name);
+        m.live.set(0.0);
+        Stream {
+            engine,
+            endpoints,
+            index,
+            m,
+            opts,
+            expected: None,
+            dup_floor: None,
+            rebuilding: Some(0),
+            connected: false,
+            reconnected: false,
+            keys: Vec::new(),
+        }
+    }
+
+    /// A message over the size cap was dropped (its batch, if it was one, is lost: the next
+    /// batch reveals the gap).
+    pub(super) fn oversized(&self, bytes: u64) {
+        self.m.oversized.increment(1);
+        tracing::warn!(
+            engine = self.engine,
+            bytes,
+            cap = self.opts.limits.max_message_bytes,
+            "KV-event message over the size cap dropped"
+        );
+    }
+
     fn set_live(&self) {
         let live = self.connected && !self.reconnected && self.expected.is_some() && {
             self.rebuilding.is_none()
@@ -130,7 +111,7 @@ impl Stream {
         self.m.live.set(if live { 1.0 } else { 0.0 });
     }
 
-    fn disconnected(&mut self) {
+    pub(super) fn disconnected(&mut self) {
         if self.connected {
             self.connected = false;
             self.reconnected = true;
@@ -138,7 +119,7 @@ impl Stream {
         }
     }
 
-    fn connected(&mut self) {
+    pub(super) fn connected(&mut self) {
         self.connected = true;
     }
 
@@ -154,7 +135,7 @@ impl Stream {
         self.m.live.set(0.0);
     }
 
-    async fn on_frames(&mut self, frames: &[Bytes]) {
+    pub(super) async fn on_frames(&mut self, frames: &[Bytes]) {
         let (seq, payload) = match wire::split_frames(frames) {
             Ok(f) => (f.seq, frames[2].clone()),
             Err(e) => {
@@ -201,14 +182,14 @@ impl Stream {
     /// an empty one means the engine has published nothing yet (its cache holds no blocks).
     /// A buffer that no longer reaches back to 0 leaves the view as it is: the next live batch
     /// resynchronises it.
-    async fn catch_up(&mut self) {
+    pub(super) async fn catch_up(&mut self) {
         let Some(replay) = self.endpoints.replay.clone() else {
             return;
         };
         if self.expected.is_some() && !self.reconnected {
             return;
         }
-        let batches = match fetch_replay(&replay, 0, self.opts.replay_timeout).await {
+        let batches = match fetch_replay(&replay, 0, self.opts.replay_timeout, &self.opts.limits).await {
             Ok(b) => b,
             Err(e) => {
                 self.m.replays_failed.increment(1);
@@ -238,7 +219,7 @@ impl Stream {
         self.m.gaps.increment(1);
         tracing::debug!(engine = self.engine, expected, seq, "KV-event gap");
         if let Some(replay) = self.endpoints.replay.clone() {
-            match fetch_replay(&replay, expected, self.opts.replay_timeout).await {
+            match fetch_replay(&replay, expected, self.opts.replay_timeout, &self.opts.limits).await {
                 Ok(batches) => {
                     let covers = batches.first().map(|b| b.0) == Some(expected)
                         && is_contiguous(&batches)
@@ -277,7 +258,7 @@ impl Stream {
         if seq != 0
             && let Some(replay) = self.endpoints.replay.clone()
         {
-            match fetch_replay(&replay, 0, self.opts.replay_timeout).await {
+            match fetch_replay(&replay, 0, self.opts.replay_timeout, &self.opts.limits).await {
                 Ok(batches) => {
                     self.m.replays_ok.increment(1);
                     run = batches;
@@ -365,53 +346,39 @@ pub(super) async fn run(
     opts: SubscriberOptions,
 ) {
     index.add_engine(engine);
-    let mut stream = Stream {
-        engine,
-        endpoints,
-        index,
-        m: StreamMetrics::new(&name),
-        opts,
-        expected: None,
-        dup_floor: None,
-        rebuilding: Some(0),
-        connected: false,
-        reconnected: false,
-        keys: Vec::new(),
-    };
-    stream.m.live.set(0.0);
+    let mut stream = Stream::new(engine, &name, endpoints, index, opts);
     let mut backoff = stream.opts.reconnect_min;
     loop {
-        let mut sub = SubSocket::new();
-        let mut monitor = sub.monitor();
         let connect = async {
-            sub.subscribe("").await?;
-            sub.connect(&stream.endpoints.events).await
+            let mut sub = zmtp::connect(
+                &stream.endpoints.events,
+                SocketType::Sub,
+                &stream.opts.limits,
+            )
+            .await?;
+            sub.subscribe(b"").await?;
+            Ok::<_, zmtp::ZmtpError>(sub)
         };
-        if let Err(e) = connect.await {
-            tracing::debug!(engine, error = %e, endpoint = %stream.endpoints.events, "KV-event subscriber cannot connect; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(stream.opts.reconnect_max);
-            continue;
-        }
+        let mut sub = match connect.await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::debug!(engine, error = %e, endpoint = %stream.endpoints.events, "KV-event subscriber cannot connect; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(stream.opts.reconnect_max);
+                continue;
+            }
+        };
         backoff = stream.opts.reconnect_min;
         stream.connected();
         stream.catch_up().await;
-        let mut monitor_open = true;
         loop {
-            tokio::select! {
-                msg = sub.recv() => match msg {
-                    Ok(m) => stream.on_frames(&m.into_vec()).await,
-                    Err(e) => {
-                        tracing::debug!(engine, error = %e, "KV-event subscriber socket failed; reconnecting");
-                        break;
-                    }
-                },
-                ev = monitor.next(), if monitor_open => match ev {
-                    Some(SocketEvent::Disconnected(_)) => stream.disconnected(),
-                    Some(SocketEvent::Connected(..)) => stream.connected(),
-                    Some(_) => {}
-                    None => monitor_open = false,
-                },
+            match sub.recv().await {
+                Ok(Received::Message(frames)) => stream.on_frames(&frames).await,
+                Ok(Received::Oversized { bytes, .. }) => stream.oversized(bytes),
+                Err(e) => {
+                    tracing::debug!(engine, error = %e, "KV-event subscription lost; reconnecting");
+                    break;
+                }
             }
         }
         stream.disconnected();
