@@ -311,8 +311,14 @@ mod tests {
             ),
             (with(&["--kv-events-port", "5557"]), "kv_events_port:"),
             (with(&["--kv-index-max-bytes", "0"]), "kv_index_max_bytes:"),
-            (with(&["--kv-events-bind", "127.0.0.1:5557"]), "kv_events_bind:"),
-            (with(&["--kv-events-bind", "tcp://:5557"]), "kv_events_bind:"),
+            (
+                with(&["--kv-events-bind", "127.0.0.1:5557"]),
+                "kv_events_bind:",
+            ),
+            (
+                with(&["--kv-events-bind", "tcp://:5557"]),
+                "kv_events_bind:",
+            ),
             (with(&["--kv-events-bind", "tcp://*:x"]), "kv_events_bind:"),
             (
                 with(&["--kv-events-max-message-bytes", "4095"]),

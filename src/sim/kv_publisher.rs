@@ -121,7 +121,10 @@ impl KvPublisher {
             publisher.connect(endpoint).await?;
             endpoint.to_owned()
         } else {
-            publisher.bind_listener(listen(endpoint)?).await?.to_string()
+            publisher
+                .bind_listener(listen(endpoint)?)
+                .await?
+                .to_string()
         };
         let (replay, replay_bound) = match replay_endpoint {
             Some(ep) => {

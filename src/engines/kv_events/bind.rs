@@ -8,7 +8,9 @@
 //! and dropped. The model part is not checked.
 //!
 //! Each publisher connection is followed on its own (one [`Stream`] per engine it speaks
-//! for): every data-parallel rank of vLLM has its own PUB socket and its own sequence numbers.
+//! for): every data-parallel rank of vLLM has its own PUB socket and its own sequence numbers,
+//! and feeds the view of its rank (the `data_parallel_rank` of the connection's first batch)
+//! in the exact index.
 //! There is no replay socket here: a gap or a reconnection starts the view anew from the
 //! stream. Messages over the size cap are dropped and counted under the engine their topic
 //! names (`unknown` when none).
@@ -23,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::subscriber::Stream;
+use super::wire;
 use super::zmtp::{Connection, Received, SocketType};
 use super::{KvEndpoints, SubscriberOptions};
 use crate::engines::{Engine, Registry};
@@ -201,13 +204,22 @@ async fn follow(stream: TcpStream, peer: SocketAddr, sh: &Shared) {
             continue;
         };
         let stream = streams.entry(engine.id).or_insert_with(|| {
-            sh.index.add_engine(engine.id);
+            // A connection is one rank's PUB socket: its first batch says which.
+            let rank = frames
+                .as_ref()
+                .and_then(|f| f.get(2))
+                .and_then(|p| wire::decode_batch(p).ok())
+                .and_then(|b| b.data_parallel_rank)
+                .and_then(|r| u32::try_from(r).ok())
+                .unwrap_or(0);
+            sh.index.add_rank(engine.id, rank);
             let endpoints = KvEndpoints {
                 events: format!("bound, from {peer}"),
                 replay: None,
             };
             let mut s = Stream::new(
                 engine.id,
+                rank,
                 &engine.name,
                 endpoints,
                 Arc::clone(&sh.index),
@@ -269,13 +281,27 @@ mod tests {
         fn t(s: &str) -> Option<(&str, Option<u16>, &str)> {
             parse_topic(s.as_bytes()).map(|t| (t.host, t.port, t.model))
         }
-        assert_eq!(t("kv@10.0.0.5@meta/llama"), Some(("10.0.0.5", None, "meta/llama")));
-        assert_eq!(t("kv@127.0.0.1:8001@m"), Some(("127.0.0.1", Some(8001), "m")));
+        assert_eq!(
+            t("kv@10.0.0.5@meta/llama"),
+            Some(("10.0.0.5", None, "meta/llama"))
+        );
+        assert_eq!(
+            t("kv@127.0.0.1:8001@m"),
+            Some(("127.0.0.1", Some(8001), "m"))
+        );
         assert_eq!(t("kv@[fd00::5]:8000@m"), Some(("fd00::5", Some(8000), "m")));
         assert_eq!(t("kv@[fd00::5]@m"), Some(("fd00::5", None, "m")));
         assert_eq!(t("kv@fd00::5@m"), Some(("fd00::5", None, "m")));
         assert_eq!(t("kv@host@"), Some(("host", None, "")));
-        for bad in ["", "kv@", "kv@10.0.0.5", "x@10.0.0.5@m", "kv@@m", "kv@h:port@m", "kv@[::1@m"] {
+        for bad in [
+            "",
+            "kv@",
+            "kv@10.0.0.5",
+            "x@10.0.0.5@m",
+            "kv@@m",
+            "kv@h:port@m",
+            "kv@[::1@m",
+        ] {
             assert_eq!(t(bad), None, "{bad}");
         }
         assert_eq!(parse_topic(b"kv@\xff@m"), None);

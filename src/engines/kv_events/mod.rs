@@ -200,7 +200,12 @@ pub enum BindError {
 
 impl Drop for KvSubscribers {
     fn drop(&mut self) {
-        for task in self.bound.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for task in self
+            .bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             task.abort();
         }
         for (_, (task, _)) in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain() {

@@ -47,6 +47,8 @@ use crate::prefix::exact::ExactIndex;
 /// The follower of one engine's stream.
 pub(super) struct Stream {
     engine: u32,
+    /// The engine's data-parallel rank this stream is (each rank publishes its own).
+    rank: u32,
     endpoints: KvEndpoints,
     index: Arc<ExactIndex>,
     opts: SubscriberOptions,
@@ -66,9 +68,11 @@ pub(super) struct Stream {
 }
 
 impl Stream {
-    /// A follower of `engine`'s stream (named `name` in metrics), not connected yet.
+    /// A follower of the stream of `engine`'s data-parallel rank `rank` (the engine named
+    /// `name` in metrics), not connected yet. The rank's view must exist.
     pub(super) fn new(
         engine: u32,
+        rank: u32,
         name: &str,
         endpoints: KvEndpoints,
         index: Arc<ExactIndex>,
@@ -78,6 +82,7 @@ impl Stream {
         m.live.set(0.0);
         Stream {
             engine,
+            rank,
             endpoints,
             index,
             m,
@@ -107,7 +112,8 @@ impl Stream {
         let live = self.connected && !self.reconnected && self.expected.is_some() && {
             self.rebuilding.is_none()
         };
-        self.index.update(self.engine, |v| v.set_live(live));
+        self.index
+            .update_rank(self.engine, self.rank, |v| v.set_live(live));
         self.m.live.set(if live { 1.0 } else { 0.0 });
     }
 
@@ -125,7 +131,7 @@ impl Stream {
 
     /// Drops the view: cleared, not live, following anew.
     fn drop_view(&mut self) {
-        self.index.update(self.engine, |v| {
+        self.index.update_rank(self.engine, self.rank, |v| {
             v.clear();
             v.set_live(false);
         });
@@ -189,7 +195,9 @@ impl Stream {
         if self.expected.is_some() && !self.reconnected {
             return;
         }
-        let batches = match fetch_replay(&replay, 0, self.opts.replay_timeout, &self.opts.limits).await {
+        let batches = match fetch_replay(&replay, 0, self.opts.replay_timeout, &self.opts.limits)
+            .await
+        {
             Ok(b) => b,
             Err(e) => {
                 self.m.replays_failed.increment(1);
@@ -203,7 +211,8 @@ impl Stream {
             return;
         }
         self.reconnected = false;
-        self.index.update(self.engine, |v| v.clear());
+        self.index
+            .update_rank(self.engine, self.rank, |v| v.clear());
         self.rebuilding = None;
         self.expected = Some(0);
         // Live copies of the replayed batches may still be queued on the subscription.
@@ -219,7 +228,14 @@ impl Stream {
         self.m.gaps.increment(1);
         tracing::debug!(engine = self.engine, expected, seq, "KV-event gap");
         if let Some(replay) = self.endpoints.replay.clone() {
-            match fetch_replay(&replay, expected, self.opts.replay_timeout, &self.opts.limits).await {
+            match fetch_replay(
+                &replay,
+                expected,
+                self.opts.replay_timeout,
+                &self.opts.limits,
+            )
+            .await
+            {
                 Ok(batches) => {
                     let covers = batches.first().map(|b| b.0) == Some(expected)
                         && is_contiguous(&batches)
@@ -280,7 +296,8 @@ impl Stream {
             .find(|&i| run[i].0 != run[i - 1].0 + 1)
             .unwrap_or(0);
         let first = run[start].0;
-        self.index.update(self.engine, |v| v.clear());
+        self.index
+            .update_rank(self.engine, self.rank, |v| v.clear());
         self.rebuilding = if first == 0 { None } else { Some(0) };
         self.expected = Some(first);
         for (s, p) in &run[start..] {
@@ -316,7 +333,9 @@ impl Stream {
 
     /// Applies the events; true when one of them cleared the cache.
     fn apply_batch(&mut self, batch: &EventBatch) -> bool {
-        let Some(a) = ingest::apply_batch(&self.index, self.engine, batch, &mut self.keys) else {
+        let Some(a) =
+            ingest::apply_batch_to_rank(&self.index, self.engine, self.rank, batch, &mut self.keys)
+        else {
             return false;
         };
         let m = &self.m;
@@ -346,7 +365,7 @@ pub(super) async fn run(
     opts: SubscriberOptions,
 ) {
     index.add_engine(engine);
-    let mut stream = Stream::new(engine, &name, endpoints, index, opts);
+    let mut stream = Stream::new(engine, 0, &name, endpoints, index, opts);
     let mut backoff = stream.opts.reconnect_min;
     loop {
         let connect = async {

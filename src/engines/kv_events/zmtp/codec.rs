@@ -184,7 +184,10 @@ pub enum Read {
     Message(Vec<Bytes>),
     /// A message dropped whole: over the size cap or [`MAX_FRAMES`]. Its first frame (the
     /// topic, on a PUB socket) if it was within the cap, and the bytes it announced.
-    Dropped { first: Option<Bytes>, bytes: u64 },
+    Dropped {
+        first: Option<Bytes>,
+        bytes: u64,
+    },
     Command(Command),
 }
 
@@ -289,7 +292,13 @@ mod tests {
         // Crossing the cap in an early frame drops the later (small) ones too.
         let wire = encode_message(&[&vec![0u8; 2000][..], b"a", b"b"]);
         let got = read_all(&wire, 1000).await;
-        assert!(matches!(got[0], Read::Dropped { first: None, bytes: 2002 }));
+        assert!(matches!(
+            got[0],
+            Read::Dropped {
+                first: None,
+                bytes: 2002
+            }
+        ));
     }
 
     #[tokio::test]
@@ -321,7 +330,10 @@ mod tests {
         let mut big = vec![0x06];
         big.extend_from_slice(&(MAX_COMMAND_BYTES + 1).to_be_bytes());
         let mut r = &big[..];
-        assert!(matches!(read(&mut r, 10).await, Err(ZmtpError::Protocol(_))));
+        assert!(matches!(
+            read(&mut r, 10).await,
+            Err(ZmtpError::Protocol(_))
+        ));
         let mut bad_flags = &[0x40u8, 0][..];
         assert!(read(&mut bad_flags, 10).await.is_err());
     }

@@ -25,7 +25,10 @@ pub enum Received {
     Message(Vec<Bytes>),
     /// A message over the cap (or of too many frames), read past and dropped: its first frame
     /// if that was within the cap, and its announced size.
-    Oversized { first: Option<Bytes>, bytes: u64 },
+    Oversized {
+        first: Option<Bytes>,
+        bytes: u64,
+    },
 }
 
 /// Connects to `endpoint` (`tcp://HOST:PORT`) as a `kind` socket.
@@ -135,8 +138,7 @@ impl Connection {
                 }
                 Read::Command(cmd) if cmd.name == b"ERROR" => {
                     return Err(ZmtpError::Refused(
-                        String::from_utf8_lossy(cmd.data.get(1..).unwrap_or_default())
-                            .into_owned(),
+                        String::from_utf8_lossy(cmd.data.get(1..).unwrap_or_default()).into_owned(),
                     ));
                 }
                 Read::Command(_) => {}
