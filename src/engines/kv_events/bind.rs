@@ -119,6 +119,8 @@ struct Shared {
     unknown: Counter,
     ambiguous: Counter,
     malformed_topic: Counter,
+    /// Publisher connections past their handshake.
+    connections: metrics::Gauge,
 }
 
 /// Accepts publisher connections on `listener` until aborted.
@@ -140,7 +142,9 @@ pub(super) async fn serve(
         unknown: unknown("unknown"),
         ambiguous: unknown("ambiguous"),
         malformed_topic: unknown("malformed_topic"),
+        connections: metrics::gauge!("switchyard_kv_events_bound_connections"),
     });
+    shared.connections.set(0.0);
     let slots = Arc::new(Semaphore::new(MAX_BOUND_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -178,6 +182,7 @@ async fn follow(stream: TcpStream, peer: SocketAddr, sh: &Shared) {
         return;
     }
     tracing::info!(%peer, "KV-event publisher connected");
+    sh.connections.increment(1.0);
     let mut streams: HashMap<u32, Stream> = HashMap::new();
     // The last topic seen and its engine: a connection speaks for one engine.
     let mut last: Option<(Bytes, u32)> = None;
@@ -235,6 +240,7 @@ async fn follow(stream: TcpStream, peer: SocketAddr, sh: &Shared) {
     for s in streams.values_mut() {
         s.disconnected();
     }
+    sh.connections.decrement(1.0);
 }
 
 impl Shared {

@@ -51,6 +51,10 @@ pub fn describe() {
         "Messages on the bound KV-event socket whose topic names no known engine, by reason (unknown, ambiguous, malformed_topic), dropped"
     );
     describe_gauge!(
+        "switchyard_kv_events_bound_connections",
+        "Publisher connections open on the bound KV-event socket (--kv-events-bind)"
+    );
+    describe_gauge!(
         "switchyard_kv_events_live",
         "1 while an engine's exact KV view is live (connected, in sequence, complete)"
     );
