@@ -107,3 +107,6 @@ pub fn tcp_address(endpoint: &str) -> Result<&str, ZmtpError> {
         })
         .ok_or_else(|| ZmtpError::Endpoint(endpoint.to_owned()))
 }
+
+#[cfg(test)]
+mod tests;
