@@ -164,7 +164,7 @@ async fn serve_inner(args: ServeArgs) -> Result<ExitCode, BoxError> {
     let mut signals = Signals::new()?;
     let mut router = crate::proxy::start(cfg, loader).await?;
     let url = router.url();
-    if let Some(bound) = router.kv_events_bound {
+    for bound in &router.kv_events_bound {
         println!("Switchyard takes KV events on tcp://{bound}");
     }
     println!("Switchyard is routing on {url}");

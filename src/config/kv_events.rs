@@ -17,9 +17,9 @@ pub struct KvEventsSettings {
     pub k8s_ports: Option<KvEventsPorts>,
     /// The exact index's memory budget in bytes.
     pub max_bytes: usize,
-    /// The SUB socket to bind for engines that connect, `tcp://HOST:PORT` (`*` made
+    /// The SUB sockets to bind for engines that connect, `tcp://HOST:PORT` (`*` made
     /// `0.0.0.0`).
-    pub bind: Option<String>,
+    pub bind: Vec<String>,
     /// Largest KV-event message kept, in bytes.
     pub max_message_bytes: usize,
 }
@@ -33,7 +33,7 @@ impl Default for KvEventsSettings {
             static_endpoints: Vec::new(),
             k8s_ports: None,
             max_bytes: exact::DEFAULT_MAX_BYTES,
-            bind: None,
+            bind: Vec::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
@@ -128,8 +128,10 @@ pub(super) fn kv_events_from(
         .kv_events_bind
         .as_deref()
         .or(file.kv_events_bind.as_deref())
-        .map(bind_endpoint)
-        .transpose()?;
+        .unwrap_or_default()
+        .iter()
+        .map(|e| bind_endpoint(e.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
     let max_message_bytes = args
         .kv_events_max_message_bytes
         .or(file.kv_events_max_message_bytes)
@@ -361,10 +363,17 @@ mod tests {
             "4096",
         ]))
         .unwrap();
-        assert_eq!(c.kv_events.bind.as_deref(), Some("tcp://0.0.0.0:5557"));
+        assert_eq!(c.kv_events.bind, ["tcp://0.0.0.0:5557"]);
         assert_eq!(c.kv_events.max_message_bytes, 4096);
-        let c = resolve(&with(&["--kv-events-bind", "tcp://127.0.0.1:0"])).unwrap();
-        assert_eq!(c.kv_events.bind.as_deref(), Some("tcp://127.0.0.1:0"));
+        let c = resolve(&with(&[
+            "--kv-events-bind",
+            "tcp://127.0.0.1:0,tcp://*:5558",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.kv_events.bind,
+            ["tcp://127.0.0.1:0", "tcp://0.0.0.0:5558"]
+        );
         assert_eq!(c.kv_events.max_message_bytes, 16 << 20);
         // With discovery too: discovered pods are matched by their IP.
         let c = resolve(&[
@@ -374,7 +383,27 @@ mod tests {
             "tcp://[::]:5557",
         ])
         .unwrap();
-        assert_eq!(c.kv_events.bind.as_deref(), Some("tcp://[::]:5557"));
+        assert_eq!(c.kv_events.bind, ["tcp://[::]:5557"]);
+        // The config keys; flags win.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "static_backends = [\"http://a:1\"]\nstatic_models = [\"m\"]\nkv_events_bind = [\"tcp://*:5557\", \"tcp://*:5558\"]\nkv_events_max_message_bytes = 65536\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = resolve(&["--config", p]).unwrap();
+        assert_eq!(
+            c.kv_events.bind,
+            ["tcp://0.0.0.0:5557", "tcp://0.0.0.0:5558"]
+        );
+        assert_eq!(c.kv_events.max_message_bytes, 65536);
+        let c = resolve(&["--config", p, "--kv-events-bind", "tcp://127.0.0.1:1"]).unwrap();
+        assert_eq!(c.kv_events.bind, ["tcp://127.0.0.1:1"]);
+        std::fs::write(&path, "kv_events_bind = [\"5557\"]\nstatic_backends = [\"http://a:1\"]\nstatic_models = [\"m\"]\n").unwrap();
+        let e = resolve(&["--config", p]).unwrap_err().to_string();
+        assert!(e.starts_with("kv_events_bind:"), "{e}");
     }
 
     #[test]

@@ -94,8 +94,8 @@ pub struct RunningRouter {
     _policy_watch: Option<WatchHandle>,
     /// Engine discovery (Kubernetes); stops when dropped.
     _discovery: Option<DiscoveryHandle>,
-    /// Where the KV-event SUB socket is bound (`--kv-events-bind`).
-    pub kv_events_bound: Option<SocketAddr>,
+    /// Where the KV-event SUB sockets are bound (`--kv-events-bind`).
+    pub kv_events_bound: Vec<SocketAddr>,
 }
 
 impl RunningRouter {
@@ -181,10 +181,10 @@ pub async fn start(
             kv_events.start(engine.id, &engine.name, endpoints.clone());
         }
     }
-    let kv_events_bound = match &cfg.kv_events.bind {
-        Some(endpoint) => Some(kv_events.bind(endpoint, Arc::clone(&registry)).await?),
-        None => None,
-    };
+    let mut kv_events_bound = Vec::new();
+    for endpoint in &cfg.kv_events.bind {
+        kv_events_bound.push(kv_events.bind(endpoint, Arc::clone(&registry)).await?);
+    }
     let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));
     let policies = PolicyStore::new(cfg.policy.clone(), cfg.block_size)?;
     telemetry::register_families(&registry, &policies);
@@ -208,7 +208,7 @@ pub async fn start(
     );
     monitor.start();
     // With a bound socket too: discovered engines that leave drop their views.
-    let kv_discovered = (cfg.kv_events.k8s_ports.is_some() || kv_events_bound.is_some())
+    let kv_discovered = (cfg.kv_events.k8s_ports.is_some() || !kv_events_bound.is_empty())
         .then(|| (Arc::clone(&kv_events), cfg.kv_events.k8s_ports));
     let discovery = discovery::start(
         &cfg.discovery,
