@@ -56,7 +56,7 @@ pub async fn start(
     monitor: &Arc<Monitor>,
     prefix: &Arc<PrefixIndex>,
     http: &HttpClient,
-    kv_events: Option<(Arc<KvSubscribers>, KvEventsPorts)>,
+    kv_events: Option<(Arc<KvSubscribers>, Option<KvEventsPorts>)>,
 ) -> Result<Option<DiscoveryHandle>, DiscoveryError> {
     match sd {
         ServiceDiscovery::Static => Ok(None),

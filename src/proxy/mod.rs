@@ -79,6 +79,8 @@ pub enum StartError {
     Discovery(#[from] crate::engines::discovery::DiscoveryError),
     #[error("--tokenizer: {0}")]
     Tokenizer(#[from] crate::tokens::TokenizerError),
+    #[error("--kv-events-bind: {0}")]
+    KvEventsBind(#[from] crate::engines::kv_events::BindError),
 }
 
 /// A running router.
@@ -92,6 +94,8 @@ pub struct RunningRouter {
     _policy_watch: Option<WatchHandle>,
     /// Engine discovery (Kubernetes); stops when dropped.
     _discovery: Option<DiscoveryHandle>,
+    /// Where the KV-event SUB sockets are bound (`--kv-events-bind`).
+    pub kv_events_bound: Vec<SocketAddr>,
 }
 
 impl RunningRouter {
@@ -163,15 +167,23 @@ pub async fn start(
     let _ = telemetry::prometheus();
     let registry = Arc::new(Registry::new());
     let exact = Arc::new(ExactIndex::new(cfg.kv_events.max_bytes));
-    let kv_events = Arc::new(KvSubscribers::new(
-        Arc::clone(&exact),
-        SubscriberOptions::default(),
-    ));
+    let kv_options = SubscriberOptions {
+        limits: crate::engines::kv_events::zmtp::Limits {
+            max_message_bytes: cfg.kv_events.max_message_bytes,
+            ..Default::default()
+        },
+        ..SubscriberOptions::default()
+    };
+    let kv_events = Arc::new(KvSubscribers::new(Arc::clone(&exact), kv_options));
     for (i, b) in cfg.backends.iter().enumerate() {
         let engine = registry.add(&b.url, b.models.clone());
         if let Some(Some(endpoints)) = cfg.kv_events.static_endpoints.get(i) {
             kv_events.start_for(&engine, endpoints.clone());
         }
+    }
+    let mut kv_events_bound = Vec::new();
+    for endpoint in &cfg.kv_events.bind {
+        kv_events_bound.push(kv_events.bind(endpoint, Arc::clone(&registry)).await?);
     }
     let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));
     let policies = PolicyStore::new(cfg.policy.clone(), cfg.block_size)?;
@@ -195,10 +207,9 @@ pub async fn start(
         },
     );
     monitor.start();
-    let kv_discovered = cfg
-        .kv_events
-        .k8s_ports
-        .map(|ports| (Arc::clone(&kv_events), ports));
+    // With a bound socket too: discovered engines that leave drop their views.
+    let kv_discovered = (cfg.kv_events.k8s_ports.is_some() || !kv_events_bound.is_empty())
+        .then(|| (Arc::clone(&kv_events), cfg.kv_events.k8s_ports));
     let discovery = discovery::start(
         &cfg.discovery,
         &registry,
@@ -274,6 +285,7 @@ pub async fn start(
         server,
         _policy_watch: policy_watch,
         _discovery: discovery,
+        kv_events_bound,
     })
 }
 

@@ -86,6 +86,13 @@ pub struct SimArgs {
     /// Answer KV-event replay requests (ZMQ ROUTER) here, e.g. tcp://127.0.0.1:5558.
     #[arg(long, requires = "kv_events_endpoint")]
     pub kv_events_replay_endpoint: Option<String>,
+    /// The topic of every KV-event message, e.g. kv@10.0.0.5@my-model (llm-d's form).
+    #[arg(long, default_value = "", requires = "kv_events_endpoint")]
+    pub kv_events_topic: String,
+    /// Connect the KV-event PUB socket to --kv-events-endpoint (a router's --kv-events-bind
+    /// socket) instead of binding it.
+    #[arg(long, requires = "kv_events_endpoint")]
+    pub kv_events_connect: bool,
     /// The model's tokenizer.json or model directory: cache by its token ids (chat template
     /// included) instead of the stand-in's 4 bytes per token.
     #[arg(long)]
@@ -113,6 +120,8 @@ impl SimArgs {
             seed: self.seed,
             kv_events_endpoint: self.kv_events_endpoint.clone(),
             kv_events_replay_endpoint: self.kv_events_replay_endpoint.clone(),
+            kv_events_topic: self.kv_events_topic.clone(),
+            kv_events_connect: self.kv_events_connect,
             tokenizer: self.tokenizer.clone(),
         };
         if self.instant {

@@ -100,6 +100,11 @@ pub struct SimConfig {
     pub kv_events_endpoint: Option<String>,
     /// The ZMQ ROUTER endpoint answering replay requests (needs `kv_events_endpoint`).
     pub kv_events_replay_endpoint: Option<String>,
+    /// The topic of every KV-event message (vLLM's `topic`; llm-d's `kv@<ip>@<model>`).
+    pub kv_events_topic: String,
+    /// Connect the PUB socket to `kv_events_endpoint` (a router's bound SUB socket) instead of
+    /// binding it, as vLLM does when its endpoint names a host.
+    pub kv_events_connect: bool,
     /// The model's tokenizer (`tokenizer.json` or a model directory), loaded at start: the
     /// prefix cache then keys blocks by the model's token ids of each request (chat template
     /// included). `None`: the stand-in's 4 bytes per token.
@@ -126,6 +131,8 @@ impl Default for SimConfig {
             seed: 0,
             kv_events_endpoint: None,
             kv_events_replay_endpoint: None,
+            kv_events_topic: String::new(),
+            kv_events_connect: false,
             tokenizer: None,
         }
     }
@@ -322,9 +329,16 @@ pub async fn start_with(
     let addr = listener.local_addr()?;
     let kv_events = match &cfg.kv_events_endpoint {
         Some(ep) => Some(Arc::new(
-            kv_publisher::KvPublisher::start(ep, cfg.kv_events_replay_endpoint.as_deref())
-                .await
-                .map_err(io::Error::other)?,
+            kv_publisher::KvPublisher::start_with(
+                ep,
+                cfg.kv_events_replay_endpoint.as_deref(),
+                &kv_publisher::PublishOptions {
+                    topic: cfg.kv_events_topic.clone(),
+                    connect: cfg.kv_events_connect,
+                },
+            )
+            .await
+            .map_err(io::Error::other)?,
         )),
         None => None,
     };

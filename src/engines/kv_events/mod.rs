@@ -1,16 +1,21 @@
 //! Engines' own KV-cache events (vLLM's `--kv-events-config`): the wire format ([`wire`],
-//! [`encode`]) and the subscribers ([`subscriber`]) that keep each engine's view in the exact
-//! index ([`crate::prefix::exact`]), complete or partial by the rules of [`completeness`]
-//! (which read the engine's cache capacity, scraped from its `/metrics`, through
-//! [`CacheCapacity`]). [`KvSubscribers`] starts and stops them with the engine set.
+//! [`encode`]), our ZMTP transport ([`zmtp`]: SUB and DEALER with a message-size cap), the
+//! subscribers ([`subscriber`]) that keep each engine's view in the exact index
+//! ([`crate::prefix::exact`]), complete or partial by the rules of [`completeness`] (which read
+//! the engine's cache capacity, scraped from its `/metrics`, through [`CacheCapacity`]), replay
+//! requests ([`replay`]) and the bound socket engines connect to ([`bind`]). [`KvSubscribers`]
+//! starts and stops them with the engine set.
 
+pub mod bind;
 pub mod completeness;
 pub mod encode;
 pub mod ingest;
 mod metrics;
 mod msgpack;
+pub mod replay;
 pub mod subscriber;
 pub mod wire;
+pub mod zmtp;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -65,6 +70,8 @@ pub struct SubscriberOptions {
     /// Reconnection backoff bounds [default: 100 ms to 5 s].
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// The message-size cap and handshake timeout of every connection.
+    pub limits: zmtp::Limits,
 }
 
 impl Default for SubscriberOptions {
@@ -74,6 +81,7 @@ impl Default for SubscriberOptions {
             replay_timeout: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
+            limits: zmtp::Limits::default(),
         }
     }
 }
@@ -107,6 +115,8 @@ pub struct KvSubscribers {
     index: Arc<ExactIndex>,
     opts: SubscriberOptions,
     tasks: Mutex<HashMap<u32, Running>>,
+    /// The bound sockets' accept loops.
+    bound: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// A subscriber task and the engine's name (its metric label).
@@ -119,7 +129,37 @@ impl KvSubscribers {
             index,
             opts,
             tasks: Mutex::new(HashMap::new()),
+            bound: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Binds a SUB socket at `endpoint` (`tcp://HOST:PORT`, port 0 for any) that engines'
+    /// PUB sockets connect to, each message's topic naming its engine among `registry`'s
+    /// ([`bind`]). Returns the bound address. Must be called within a Tokio runtime.
+    pub async fn bind(
+        &self,
+        endpoint: &str,
+        registry: Arc<crate::engines::Registry>,
+    ) -> Result<std::net::SocketAddr, BindError> {
+        let addr = zmtp::tcp_address(endpoint).map_err(|_| BindError::Endpoint(endpoint.into()))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| BindError::Bind(endpoint.into(), e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| BindError::Bind(endpoint.into(), e))?;
+        let task = tokio::spawn(bind::serve(
+            listener,
+            registry,
+            Arc::clone(&self.index),
+            self.opts.clone(),
+        ));
+        self.bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+        tracing::info!(%local, "KV-event SUB socket bound: engines may connect");
+        Ok(local)
     }
 
     pub fn index(&self) -> &Arc<ExactIndex> {
@@ -200,8 +240,25 @@ impl KvSubscribers {
     }
 }
 
+/// Why the KV-event socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{0:?} is not a tcp://HOST:PORT endpoint")]
+    Endpoint(String),
+    #[error("cannot bind the KV-event socket {0}: {1}")]
+    Bind(String, std::io::Error),
+}
+
 impl Drop for KvSubscribers {
     fn drop(&mut self) {
+        for task in self
+            .bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
         for (_, (task, _)) in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain() {
             task.abort();
         }
