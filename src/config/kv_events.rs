@@ -1,6 +1,6 @@
 //! The KV-event settings: `static_kv_events` / `static_kv_events_replay` (one entry per static
 //! backend), `kv_events_port` / `kv_events_replay_port` (Kubernetes discovery) and
-//! `kv_index_max_bytes`.
+//! `kv_index_max_bytes`; `kv_events_discover` (ask each engine, those settings as the fallback).
 
 use super::{ConfigError, FileConfig, ServeArgs, invalid};
 use crate::engines::kv_events::{KvEndpoints, KvEventsPorts};
@@ -15,6 +15,8 @@ pub struct KvEventsSettings {
     pub k8s_ports: Option<KvEventsPorts>,
     /// The exact index's memory budget in bytes.
     pub max_bytes: usize,
+    /// Ask each engine for its `/kv_event_sources` (the settings above are the fallback).
+    pub discover: bool,
 }
 
 impl Default for KvEventsSettings {
@@ -23,6 +25,7 @@ impl Default for KvEventsSettings {
             static_endpoints: Vec::new(),
             k8s_ports: None,
             max_bytes: exact::DEFAULT_MAX_BYTES,
+            discover: false,
         }
     }
 }
@@ -170,6 +173,7 @@ pub(super) fn kv_events_from(
             replay: replay_port,
         }),
         max_bytes,
+        discover: args.kv_events_discover || file.kv_events_discover.unwrap_or(false),
     })
 }
 
@@ -230,6 +234,13 @@ mod tests {
             ]
         );
         assert_eq!(c.kv_events.max_bytes, 1 << 20);
+        assert!(!c.kv_events.discover);
+        assert!(
+            resolve(&with(&["--kv-events-discover"]))
+                .unwrap()
+                .kv_events
+                .discover
+        );
         let d = resolve(&TWO).unwrap().kv_events;
         assert_eq!(d, KvEventsSettings::default());
         assert_eq!(d.max_bytes, 256 << 20);

@@ -45,8 +45,10 @@ pub struct Fleet {
     monitor: Arc<Monitor>,
     prefix: Arc<PrefixIndex>,
     owned: BTreeMap<String, Arc<Engine>>,
-    /// KV-event subscribers, started and stopped with the engines (each engine's host, these ports).
-    kv_events: Option<(Arc<KvSubscribers>, KvEventsPorts)>,
+    /// KV-event subscribers, started and stopped with the engines: each engine's own
+    /// `/kv_event_sources` if the subscribers discover, else (or as its fallback) each
+    /// engine's host at these ports.
+    kv_events: Option<(Arc<KvSubscribers>, Option<KvEventsPorts>)>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -68,21 +70,21 @@ impl Fleet {
         }
     }
 
-    /// Also follows each engine's KV events at its host on `ports`.
+    /// Also follows each engine's KV events: where it says (with discovery, see
+    /// [`KvSubscribers::follow`]), else at its host on `ports`.
     pub fn with_kv_events(
         mut self,
         subscribers: Arc<KvSubscribers>,
-        ports: KvEventsPorts,
+        ports: Option<KvEventsPorts>,
     ) -> Fleet {
         self.kv_events = Some((subscribers, ports));
         self
     }
 
     fn start_kv_events(&self, engine: &Engine) {
-        if let Some((subs, ports)) = &self.kv_events
-            && let Some(endpoints) = ports.endpoints_for(&engine.url)
-        {
-            subs.start(engine.id, &engine.name, endpoints);
+        if let Some((subs, ports)) = &self.kv_events {
+            let fallback = ports.and_then(|p| p.endpoints_for(&engine.url));
+            subs.follow(engine.id, &engine.name, &engine.url, fallback);
         }
     }
 
@@ -255,7 +257,7 @@ mod tests {
             events: 5557,
             replay: Some(5558),
         };
-        let mut f = f.with_kv_events(Arc::clone(&subs), ports);
+        let mut f = f.with_kv_events(Arc::clone(&subs), Some(ports));
         f.apply(&desired(&[
             ("http://127.0.0.1:1", "m"),
             ("http://127.0.0.1:2", "m"),

@@ -28,7 +28,7 @@ use crate::config::RouterConfig;
 use crate::engines::Registry;
 use crate::engines::discovery::{self, DiscoveryHandle};
 use crate::engines::health::{HealthConfig, Monitor};
-use crate::engines::kv_events::{KvSubscribers, SubscriberOptions};
+use crate::engines::kv_events::{DiscoverOptions, KvSubscribers, SubscriberOptions};
 use crate::engines::models::ModelCards;
 use crate::policy::{PolicyStore, SettingsLoader, WatchHandle};
 use crate::prefix::PrefixIndex;
@@ -163,15 +163,16 @@ pub async fn start(
     let _ = telemetry::prometheus();
     let registry = Arc::new(Registry::new());
     let exact = Arc::new(ExactIndex::new(cfg.kv_events.max_bytes));
-    let kv_events = Arc::new(KvSubscribers::new(
-        Arc::clone(&exact),
-        SubscriberOptions::default(),
-    ));
+    let client = upstream::build_client(cfg.connect_timeout);
+    let mut subscribers = KvSubscribers::new(Arc::clone(&exact), SubscriberOptions::default());
+    if cfg.kv_events.discover {
+        subscribers = subscribers.with_discovery(client.clone(), DiscoverOptions::default());
+    }
+    let kv_events = Arc::new(subscribers);
     for (i, b) in cfg.backends.iter().enumerate() {
         let engine = registry.add(&b.url, b.models.clone());
-        if let Some(Some(endpoints)) = cfg.kv_events.static_endpoints.get(i) {
-            kv_events.start(engine.id, &engine.name, endpoints.clone());
-        }
+        let fallback = cfg.kv_events.static_endpoints.get(i).cloned().flatten();
+        kv_events.follow(engine.id, &engine.name, &engine.url, fallback);
     }
     let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));
     let policies = PolicyStore::new(cfg.policy.clone(), cfg.block_size)?;
@@ -183,7 +184,6 @@ pub async fn start(
             None
         }
     };
-    let client = upstream::build_client(cfg.connect_timeout);
     let monitor = Monitor::new(
         Arc::clone(&registry),
         client.clone(),
@@ -195,10 +195,8 @@ pub async fn start(
         },
     );
     monitor.start();
-    let kv_discovered = cfg
-        .kv_events
-        .k8s_ports
-        .map(|ports| (Arc::clone(&kv_events), ports));
+    let kv_discovered = (cfg.kv_events.discover || cfg.kv_events.k8s_ports.is_some())
+        .then(|| (Arc::clone(&kv_events), cfg.kv_events.k8s_ports));
     let discovery = discovery::start(
         &cfg.discovery,
         &registry,

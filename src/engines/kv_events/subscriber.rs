@@ -103,7 +103,11 @@ pub async fn fetch_replay(
 /// The follower of one engine's stream.
 struct Stream {
     engine: u32,
+    /// The engine's data-parallel rank this stream carries.
+    rank: u32,
     endpoints: KvEndpoints,
+    /// The topic subscribed to (a prefix; "" for every message).
+    topic: String,
     index: Arc<ExactIndex>,
     opts: SubscriberOptions,
     m: StreamMetrics,
@@ -159,7 +163,7 @@ impl Stream {
             Ok(f) => (f.seq, frames[2].clone()),
             Err(e) => {
                 self.m.malformed.increment(1);
-                tracing::debug!(engine = self.engine, error = %e, "malformed KV-event message skipped");
+                tracing::debug!(engine = self.engine, rank = self.rank, error = %e, "malformed KV-event message skipped");
                 return;
             }
         };
@@ -184,6 +188,7 @@ impl Stream {
                 self.m.restarts.increment(1);
                 tracing::info!(
                     engine = self.engine,
+                    rank = self.rank,
                     seq,
                     "KV-event sequence went back: the engine restarted"
                 );
@@ -212,7 +217,7 @@ impl Stream {
             Ok(b) => b,
             Err(e) => {
                 self.m.replays_failed.increment(1);
-                tracing::debug!(engine = self.engine, error = %e, "KV-event catch-up replay failed; waiting for the stream");
+                tracing::debug!(engine = self.engine, rank = self.rank, error = %e, "KV-event catch-up replay failed; waiting for the stream");
                 return;
             }
         };
@@ -236,7 +241,13 @@ impl Stream {
     /// Missing `expected..seq`: replays them, or drops the view.
     async fn recover_gap(&mut self, expected: u64, seq: u64, payload: Bytes) {
         self.m.gaps.increment(1);
-        tracing::debug!(engine = self.engine, expected, seq, "KV-event gap");
+        tracing::debug!(
+            engine = self.engine,
+            rank = self.rank,
+            expected,
+            seq,
+            "KV-event gap"
+        );
         if let Some(replay) = self.endpoints.replay.clone() {
             match fetch_replay(&replay, expected, self.opts.replay_timeout).await {
                 Ok(batches) => {
@@ -256,12 +267,13 @@ impl Stream {
                     }
                     tracing::info!(
                         engine = self.engine,
+                        rank = self.rank,
                         expected,
                         "KV-event replay does not reach back to the gap: dropping the view"
                     );
                 }
                 Err(e) => {
-                    tracing::info!(engine = self.engine, error = %e, "KV-event replay failed: dropping the view");
+                    tracing::info!(engine = self.engine, rank = self.rank, error = %e, "KV-event replay failed: dropping the view");
                 }
             }
             self.m.replays_failed.increment(1);
@@ -284,7 +296,7 @@ impl Stream {
                 }
                 Err(e) => {
                     self.m.replays_failed.increment(1);
-                    tracing::info!(engine = self.engine, error = %e, "KV-event replay failed");
+                    tracing::info!(engine = self.engine, rank = self.rank, error = %e, "KV-event replay failed");
                 }
             }
         }
@@ -320,7 +332,7 @@ impl Stream {
             }
             Err(e) => {
                 self.m.malformed.increment(1);
-                tracing::debug!(engine = self.engine, seq, error = %e, "malformed KV-event batch skipped");
+                tracing::debug!(engine = self.engine, rank = self.rank, seq, error = %e, "malformed KV-event batch skipped");
             }
         }
         if let Some(n) = self.rebuilding.as_mut() {
@@ -355,19 +367,34 @@ fn is_contiguous(batches: &[(u64, Bytes)]) -> bool {
     batches.windows(2).all(|w| w[1].0 == w[0].0 + 1)
 }
 
-/// Follows `endpoints` for `engine` until aborted: connects (retrying with backoff), follows
-/// the stream, and reconnects when it breaks.
-pub(super) async fn run(
-    engine: u32,
-    name: Arc<str>,
-    endpoints: KvEndpoints,
-    index: Arc<ExactIndex>,
-    opts: SubscriberOptions,
-) {
+/// What one subscriber follows: one data-parallel rank of an engine.
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    pub engine: u32,
+    pub rank: u32,
+    /// The metric label.
+    pub name: Arc<str>,
+    pub endpoints: KvEndpoints,
+    /// The topic prefix to subscribe to (vLLM's `topic`; "" for all).
+    pub topic: String,
+}
+
+/// Follows `target` until aborted: connects (retrying with backoff), follows the stream, and
+/// reconnects when it breaks.
+pub(super) async fn run(target: Target, index: Arc<ExactIndex>, opts: SubscriberOptions) {
+    let Target {
+        engine,
+        rank,
+        name,
+        endpoints,
+        topic,
+    } = target;
     index.add_engine(engine);
     let mut stream = Stream {
         engine,
+        rank,
         endpoints,
+        topic,
         index,
         m: StreamMetrics::new(&name),
         opts,
@@ -384,11 +411,11 @@ pub(super) async fn run(
         let mut sub = SubSocket::new();
         let mut monitor = sub.monitor();
         let connect = async {
-            sub.subscribe("").await?;
+            sub.subscribe(&stream.topic).await?;
             sub.connect(&stream.endpoints.events).await
         };
         if let Err(e) = connect.await {
-            tracing::debug!(engine, error = %e, endpoint = %stream.endpoints.events, "KV-event subscriber cannot connect; retrying");
+            tracing::debug!(engine, rank, error = %e, endpoint = %stream.endpoints.events, "KV-event subscriber cannot connect; retrying");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(stream.opts.reconnect_max);
             continue;
@@ -402,7 +429,7 @@ pub(super) async fn run(
                 msg = sub.recv() => match msg {
                     Ok(m) => stream.on_frames(&m.into_vec()).await,
                     Err(e) => {
-                        tracing::debug!(engine, error = %e, "KV-event subscriber socket failed; reconnecting");
+                        tracing::debug!(engine, rank, error = %e, "KV-event subscriber socket failed; reconnecting");
                         break;
                     }
                 },
