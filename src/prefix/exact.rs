@@ -24,8 +24,13 @@
 //! store), down to the budget less 1/64 of it. Under pressure a view under-reports (old
 //! prefixes are forgotten first, as the engine's own LRU would), never over-reports.
 //!
-//! **Lookup** hashes the prompt once per distinct block size and walks each engine's view
-//! until its first missing block: O(blocks in the prompt) per engine.
+//! **Ranks.** A vLLM engine run with data parallelism has one KV cache and one event stream per
+//! rank; the index keeps one view per (engine, rank) and answers per engine: its match is the
+//! best over its live ranks (the engine's API server may hand the request to any rank), and it
+//! is live while one of its ranks is.
+//!
+//! **Lookup** hashes the prompt once per distinct block size and walks each view until its
+//! first missing block: O(blocks in the prompt) per view.
 
 mod view;
 
@@ -42,15 +47,22 @@ use crate::tokens::{token_block_hashes, token_chain_seed};
 /// engines of a 1B model (whose smaller KV per token fits ~4× the blocks).
 pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 
-/// Every engine's exact view. All methods take `&self`.
+/// Every engine's exact views, one per (engine, data-parallel rank): each rank of a vLLM
+/// engine has its own KV cache and event stream. An engine's figures are the best over its
+/// ranks (a request sent to the engine may land on any of them). All methods take `&self`.
 #[derive(Debug)]
 pub struct ExactIndex {
     max_bytes: usize,
-    engines: RwLock<HashMap<u32, Arc<RwLock<EngineView>>>>,
+    engines: RwLock<HashMap<u32, Ranks>>,
     /// Sum of the views' accounted bytes, and of their blocks.
     bytes: AtomicUsize,
     blocks: AtomicUsize,
 }
+
+type ViewRef = Arc<RwLock<EngineView>>;
+
+/// One engine's views: (rank, view), sorted by rank.
+type Ranks = Vec<(u32, ViewRef)>;
 
 impl Default for ExactIndex {
     fn default() -> Self {
@@ -78,73 +90,108 @@ impl ExactIndex {
         }
     }
 
-    /// Per engine id in `engines`: Some(tokens of `token_ids` the engine holds: its leading
-    /// held blocks × its block size) while its exact view is live; None when it has none.
+    /// Per engine id in `engines`: Some(tokens of `token_ids` the engine holds: the best over
+    /// its live ranks of their leading held blocks × block size) while one of its views is
+    /// live; None when none is.
     pub fn match_tokens(
         &self,
         token_ids: &[u32],
         lora_name: Option<&str>,
         engines: &[u32],
     ) -> Vec<Option<usize>> {
-        let views: Vec<Option<Arc<RwLock<EngineView>>>> = {
+        // (position in `engines`, view) for every rank of every engine asked.
+        let views: Vec<(usize, ViewRef)> = {
             let map = read(&self.engines);
-            engines.iter().map(|e| map.get(e).cloned()).collect()
+            engines
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| map.get(e).map(|r| (i, r)))
+                .flat_map(|(i, ranks)| ranks.iter().map(move |(_, v)| (i, Arc::clone(v))))
+                .collect()
         };
         let seed = token_chain_seed(lora_name);
         // The prompt's hashes per block size (engines almost always share one).
         let mut chains: Vec<(usize, Vec<u64>)> = Vec::with_capacity(1);
-        views
-            .iter()
-            .map(|v| {
-                let view = read(v.as_ref()?);
-                if !view.live {
-                    return None;
+        let mut out: Vec<Option<usize>> = vec![None; engines.len()];
+        for (i, v) in &views {
+            let view = read(v);
+            if !view.live {
+                continue;
+            }
+            let held = match view.block_size() {
+                None => 0,
+                Some(bs) => {
+                    let at = match chains.iter().position(|(b, _)| *b == bs) {
+                        Some(at) => at,
+                        None => {
+                            chains.push((bs, token_block_hashes(token_ids, bs, seed)));
+                            chains.len() - 1
+                        }
+                    };
+                    chains[at].1.iter().take_while(|h| view.holds(**h)).count() * bs
                 }
-                let Some(bs) = view.block_size() else {
-                    return Some(0);
-                };
-                let at = match chains.iter().position(|(b, _)| *b == bs) {
-                    Some(at) => at,
-                    None => {
-                        chains.push((bs, token_block_hashes(token_ids, bs, seed)));
-                        chains.len() - 1
-                    }
-                };
-                let held = chains[at].1.iter().take_while(|h| view.holds(**h)).count();
-                Some(held * bs)
-            })
-            .collect()
+            };
+            out[*i] = Some(out[*i].map_or(held, |best| best.max(held)));
+        }
+        out
     }
 
-    /// Whether `engine` has a live exact view.
+    /// Whether one of `engine`'s views is live.
     pub fn is_live(&self, engine: u32) -> bool {
         read(&self.engines)
             .get(&engine)
-            .is_some_and(|v| read(v).live)
+            .is_some_and(|ranks| ranks.iter().any(|(_, v)| read(v).live))
     }
 
-    /// Starts an empty, not live view for `engine` (kept if it exists).
+    /// Starts an empty, not live view for `engine`'s rank 0 (kept if it exists).
     pub fn add_engine(&self, engine: u32) {
-        write(&self.engines).entry(engine).or_default();
+        self.add_rank(engine, 0);
     }
 
-    /// Drops `engine`'s view; later updates to it are ignored.
+    /// Starts an empty, not live view for data-parallel rank `rank` of `engine` (kept if it
+    /// exists).
+    pub fn add_rank(&self, engine: u32, rank: u32) {
+        let mut map = write(&self.engines);
+        let ranks = map.entry(engine).or_default();
+        if let Err(at) = ranks.binary_search_by_key(&rank, |(r, _)| *r) {
+            ranks.insert(at, (rank, ViewRef::default()));
+        }
+    }
+
+    /// Drops all of `engine`'s views; later updates to them are ignored.
     pub fn remove_engine(&self, engine: u32) {
-        let Some(view) = write(&self.engines).remove(&engine) else {
+        let Some(ranks) = write(&self.engines).remove(&engine) else {
             return;
         };
-        let mut v = write(&view);
-        v.removed = true;
-        self.bytes.fetch_sub(v.bytes(), Ordering::Relaxed);
-        self.blocks.fetch_sub(v.len(), Ordering::Relaxed);
-        v.clear();
-        v.live = false;
+        for (_, view) in ranks {
+            let mut v = write(&view);
+            v.removed = true;
+            self.bytes.fetch_sub(v.bytes(), Ordering::Relaxed);
+            self.blocks.fetch_sub(v.len(), Ordering::Relaxed);
+            v.clear();
+            v.live = false;
+        }
     }
 
-    /// Changes `engine`'s view under its lock (one batch of events at a time), then enforces
-    /// the memory budget. `None` when the engine has no view.
+    /// [`ExactIndex::update_rank`] of rank 0.
     pub fn update<R>(&self, engine: u32, f: impl FnOnce(&mut EngineView) -> R) -> Option<R> {
-        let view = read(&self.engines).get(&engine).cloned()?;
+        self.update_rank(engine, 0, f)
+    }
+
+    /// Changes the view of `engine`'s rank `rank` under its lock (one batch of events at a
+    /// time), then enforces the memory budget. `None` when there is no such view.
+    pub fn update_rank<R>(
+        &self,
+        engine: u32,
+        rank: u32,
+        f: impl FnOnce(&mut EngineView) -> R,
+    ) -> Option<R> {
+        let view = {
+            let map = read(&self.engines);
+            let ranks = map.get(&engine)?;
+            let at = ranks.binary_search_by_key(&rank, |(r, _)| *r).ok()?;
+            Arc::clone(&ranks[at].1)
+        };
         let r = {
             let mut v = write(&view);
             if v.removed {
@@ -185,8 +232,10 @@ impl ExactIndex {
             if total <= target {
                 return;
             }
-            let views: Vec<Arc<RwLock<EngineView>>> =
-                read(&self.engines).values().cloned().collect();
+            let views: Vec<ViewRef> = read(&self.engines)
+                .values()
+                .flat_map(|ranks| ranks.iter().map(|(_, v)| Arc::clone(v)))
+                .collect();
             let Some(largest) = views.iter().max_by_key(|v| read(v).bytes()) else {
                 return;
             };
@@ -222,11 +271,11 @@ impl ExactIndex {
         self.blocks.load(Ordering::Relaxed)
     }
 
-    /// Engines with a live view.
+    /// Engines with a live view (of any rank).
     pub fn live_engines(&self) -> usize {
         read(&self.engines)
             .values()
-            .filter(|v| read(v).live)
+            .filter(|ranks| ranks.iter().any(|(_, v)| read(v).live))
             .count()
     }
 }

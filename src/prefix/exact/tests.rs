@@ -204,3 +204,61 @@ fn a_new_block_size_restarts_the_view_and_each_engine_uses_its_own() {
     assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(0)]);
     assert_eq!(idx.blocks(), 2);
 }
+
+#[test]
+fn an_engine_answers_the_best_over_its_ranks_and_is_live_while_one_of_them_is() {
+    let idx = ExactIndex::new(1 << 30);
+    idx.add_engine(1);
+    idx.add_rank(1, 1);
+    idx.add_rank(1, 1); // kept as it is
+    idx.add_rank(2, 3);
+    let t = ids(4 * BS, 0);
+    // Rank 0 holds two blocks of the prompt, rank 1 three; neither is live yet.
+    idx.update(1, |v| {
+        v.store(&run(None, &[1, 2], &t[..2 * BS], None, Medium::Gpu))
+    });
+    idx.update_rank(1, 1, |v| {
+        v.store(&run(None, &[5, 6, 7], &t[..3 * BS], None, Medium::Gpu))
+    });
+    assert!(!idx.is_live(1));
+    assert_eq!(idx.match_tokens(&t, None, &[1, 2]), vec![None, None]);
+    // Only rank 0 live: its figure.
+    idx.update_rank(1, 0, |v| v.set_live(true));
+    assert!(idx.is_live(1) && !idx.is_live(2));
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(2 * BS)]);
+    // Both live: the best.
+    idx.update_rank(1, 1, |v| v.set_live(true));
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![Some(3 * BS)]);
+    // A live rank of its own engine only; an unknown rank has no view.
+    idx.update_rank(2, 3, |v| v.set_live(true));
+    assert_eq!(
+        idx.match_tokens(&t, None, &[2, 1, 2]),
+        vec![Some(0), Some(3 * BS), Some(0)]
+    );
+    assert_eq!(idx.update_rank(2, 0, |v| v.set_live(true)), None);
+    assert_eq!(idx.update(2, |_| ()), None, "update is rank 0");
+    assert_eq!((idx.live_engines(), idx.blocks()), (2, 5));
+    // Removing the engine drops all its ranks and their blocks.
+    idx.remove_engine(1);
+    assert_eq!(idx.match_tokens(&t, None, &[1]), vec![None]);
+    assert_eq!(idx.update_rank(1, 1, |v| v.set_live(true)), None);
+    assert_eq!((idx.live_engines(), idx.blocks()), (1, 0));
+}
+
+#[test]
+fn the_byte_budget_counts_every_rank() {
+    let budget = 64 * 1024;
+    let idx = ExactIndex::new(budget);
+    idx.add_rank(1, 0);
+    idx.add_rank(1, 1);
+    for i in 0..4_000u64 {
+        let t = ids(BS, i as u32 * 1000);
+        let rank = (i % 2) as u32;
+        idx.update_rank(1, rank, |v| {
+            v.store(&run(None, &[i], &t, None, Medium::Gpu))
+        });
+        assert!(idx.accounted_bytes() <= budget, "over budget at {i}");
+    }
+    idx.remove_engine(1);
+    assert_eq!((idx.blocks(), idx.accounted_bytes()), (0, 0));
+}
