@@ -208,7 +208,7 @@ impl KvSubscribers {
         endpoints: KvEndpoints,
         topic: String,
     ) {
-        self.index.add_engine(engine);
+        self.index.add_rank(engine, rank);
         let target = subscriber::Target {
             engine,
             rank,

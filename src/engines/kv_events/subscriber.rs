@@ -130,7 +130,8 @@ impl Stream {
         let live = self.connected && !self.reconnected && self.expected.is_some() && {
             self.rebuilding.is_none()
         };
-        self.index.update(self.engine, |v| v.set_live(live));
+        self.index
+            .update_rank(self.engine, self.rank, |v| v.set_live(live));
         self.m.live.set(if live { 1.0 } else { 0.0 });
     }
 
@@ -148,7 +149,7 @@ impl Stream {
 
     /// Drops the view: cleared, not live, following anew.
     fn drop_view(&mut self) {
-        self.index.update(self.engine, |v| {
+        self.index.update_rank(self.engine, self.rank, |v| {
             v.clear();
             v.set_live(false);
         });
@@ -227,7 +228,8 @@ impl Stream {
             return;
         }
         self.reconnected = false;
-        self.index.update(self.engine, |v| v.clear());
+        self.index
+            .update_rank(self.engine, self.rank, |v| v.clear());
         self.rebuilding = None;
         self.expected = Some(0);
         // Live copies of the replayed batches may still be queued on the subscription.
@@ -311,7 +313,8 @@ impl Stream {
             .find(|&i| run[i].0 != run[i - 1].0 + 1)
             .unwrap_or(0);
         let first = run[start].0;
-        self.index.update(self.engine, |v| v.clear());
+        self.index
+            .update_rank(self.engine, self.rank, |v| v.clear());
         self.rebuilding = if first == 0 { None } else { Some(0) };
         self.expected = Some(first);
         for (s, p) in &run[start..] {
@@ -347,7 +350,9 @@ impl Stream {
 
     /// Applies the events; true when one of them cleared the cache.
     fn apply_batch(&mut self, batch: &EventBatch) -> bool {
-        let Some(a) = ingest::apply_batch(&self.index, self.engine, batch, &mut self.keys) else {
+        let Some(a) =
+            ingest::apply_rank_batch(&self.index, self.engine, self.rank, batch, &mut self.keys)
+        else {
             return false;
         };
         let m = &self.m;
@@ -389,7 +394,7 @@ pub(super) async fn run(target: Target, index: Arc<ExactIndex>, opts: Subscriber
         endpoints,
         topic,
     } = target;
-    index.add_engine(engine);
+    index.add_rank(engine, rank);
     let mut stream = Stream {
         engine,
         rank,
