@@ -1,7 +1,7 @@
 //! The simulated engine's KV-event publisher, as vLLM's `ZmqEventPublisher`: a PUB socket
 //! sending `[topic, seq (8 bytes BE), payload]` with sequence numbers from 0, each payload a
 //! msgpack `KVEventBatch` in the recent encoding (maps with a `type` tag, bytes block hashes,
-//! `data_parallel_rank` 0); and an optional ROUTER replay socket answering a start sequence
+//! the publisher's `data_parallel_rank`); and an optional ROUTER replay socket answering a start sequence
 //! number with every buffered batch from it, then the end-of-sequence marker. The replay buffer
 //! keeps the last [`BUFFER_STEPS`] batches, as vLLM's does by default.
 //!
@@ -48,6 +48,8 @@ pub struct KvPublisher {
     tx: mpsc::UnboundedSender<Msg>,
     endpoint: String,
     replay_endpoint: Option<String>,
+    topic: String,
+    rank: u32,
     task: JoinHandle<()>,
 }
 
@@ -95,6 +97,17 @@ impl KvPublisher {
         endpoint: &str,
         replay_endpoint: Option<&str>,
     ) -> Result<KvPublisher, PublisherError> {
+        KvPublisher::start_rank(endpoint, replay_endpoint, "", 0).await
+    }
+
+    /// [`KvPublisher::start`] for data-parallel rank `rank`, sending `topic` as each message's
+    /// first frame (vLLM's `topic`; "" for none).
+    pub async fn start_rank(
+        endpoint: &str,
+        replay_endpoint: Option<&str>,
+        topic: &str,
+        rank: u32,
+    ) -> Result<KvPublisher, PublisherError> {
         let mut publisher = PubSocket::new();
         let bound = publisher.bind_listener(listen(endpoint)?).await?;
         let (replay, replay_bound) = match replay_endpoint {
@@ -106,11 +119,21 @@ impl KvPublisher {
             None => (None, None),
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(publish_loop(publisher, replay, rx));
+        let st = State {
+            publisher,
+            buffer: VecDeque::new(),
+            next_seq: 0,
+            lose: 0,
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            rank,
+        };
+        let task = tokio::spawn(publish_loop(st, replay, rx));
         Ok(KvPublisher {
             tx,
             endpoint: bound.to_string(),
             replay_endpoint: replay_bound,
+            topic: topic.to_owned(),
+            rank,
             task,
         })
     }
@@ -123,6 +146,16 @@ impl KvPublisher {
     /// The bound replay endpoint, if any.
     pub fn replay_endpoint(&self) -> Option<&str> {
         self.replay_endpoint.as_deref()
+    }
+
+    /// The topic each message starts with.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The data-parallel rank its batches carry.
+    pub fn rank(&self) -> u32 {
+        self.rank
     }
 
     /// Fault injection: the next `n` batches are numbered and kept for replay, but never
@@ -196,6 +229,8 @@ struct State {
     buffer: VecDeque<(u64, Bytes)>,
     next_seq: u64,
     lose: usize,
+    topic: Bytes,
+    rank: u32,
 }
 
 impl State {
@@ -208,7 +243,7 @@ impl State {
             &EventBatch {
                 ts,
                 events,
-                data_parallel_rank: Some(0),
+                data_parallel_rank: Some(i64::from(self.rank)),
             },
             Encoding::Map,
         ));
@@ -222,7 +257,7 @@ impl State {
             self.lose -= 1;
         } else {
             self.send(vec![
-                Bytes::new(),
+                self.topic.clone(),
                 Bytes::copy_from_slice(&seq.to_be_bytes()),
                 payload.clone(),
             ])
@@ -282,16 +317,10 @@ async fn serve_replay(
 }
 
 async fn publish_loop(
-    publisher: PubSocket,
+    mut st: State,
     mut replay: Option<RouterSocket>,
     mut rx: mpsc::UnboundedReceiver<Msg>,
 ) {
-    let mut st = State {
-        publisher,
-        buffer: VecDeque::new(),
-        next_seq: 0,
-        lose: 0,
-    };
     loop {
         let request = async {
             match replay.as_mut() {
