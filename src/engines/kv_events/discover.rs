@@ -125,6 +125,7 @@ async fn ask(job: &Job) -> Answer {
         return Answer::Fallback(format!("no host in the engine's URL {}", job.url));
     };
     let mut backoff = job.opts.retry_min;
+    let mut first = true;
     loop {
         match upstream::get(&job.http, &url, job.opts.timeout, job.opts.max_bytes).await {
             Ok(body) => {
@@ -143,10 +144,128 @@ async fn ask(job: &Job) -> Answer {
                 return Answer::Fallback(e.to_string());
             }
             Err(e) => {
-                tracing::debug!(engine = %job.name, error = %e, "the engine does not answer /kv_event_sources yet; asking again");
+                if std::mem::take(&mut first) {
+                    tracing::info!(engine = %job.name, error = %e, "the engine does not answer /kv_event_sources yet; asking again until it does");
+                } else {
+                    tracing::debug!(engine = %job.name, error = %e, "the engine does not answer /kv_event_sources yet; asking again");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(job.opts.retry_max);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engines::kv_events::SubscriberOptions;
+    use crate::prefix::exact::ExactIndex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An HTTP server answering every request with `status` and `body`; its URL.
+    async fn stub(status: &'static str, body: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            }
+        });
+        url
+    }
+
+    fn subscribers() -> Arc<KvSubscribers> {
+        let opts = DiscoverOptions {
+            retry_min: Duration::from_millis(10),
+            retry_max: Duration::from_millis(50),
+            ..DiscoverOptions::default()
+        };
+        Arc::new(
+            KvSubscribers::new(
+                Arc::new(ExactIndex::new(1 << 20)),
+                SubscriberOptions::default(),
+            )
+            .with_discovery(
+                crate::upstream::build_client(Duration::from_millis(200)),
+                opts,
+            ),
+        )
+    }
+
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn fallback() -> Option<KvEndpoints> {
+        Some(KvEndpoints {
+            events: "tcp://127.0.0.1:9".into(),
+            replay: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn each_rank_listed_gets_a_subscriber() {
+        let url = stub(
+            "200 OK",
+            r#"{"0":{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:7","replay_endpoint":null,"buffer_steps":10000,"hwm":100000,"max_queue_size":100000,"topic":""},"1":{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:8","replay_endpoint":null,"buffer_steps":10000,"hwm":100000,"max_queue_size":100000,"topic":""},"2":{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://10.9.9.9:9","replay_endpoint":null,"buffer_steps":10000,"hwm":100000,"max_queue_size":100000,"topic":"kv@x@m"}}"#,
+        )
+        .await;
+        let subs = subscribers();
+        subs.follow(4, "e:1", &url, fallback());
+        until("ranks 0 and 1 followed", || subs.streams().len() == 2).await;
+        let streams: Vec<(u32, u32, String)> = subs
+            .streams()
+            .into_iter()
+            .map(|(e, r, n)| (e, r, n.to_string()))
+            .collect();
+        assert_eq!(
+            streams,
+            [(4, 0, "e:1".to_owned()), (4, 1, "e:1/dp1".to_owned())]
+        );
+        subs.stop(4);
+        assert!(subs.streams().is_empty() && subs.engines().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_404_or_a_bad_answer_falls_back_and_empty_means_nothing() {
+        for (status, body, want) in [
+            ("404 Not Found", r#"{"detail":"Not Found"}"#, 1),
+            ("200 OK", "[1, 2]", 1),
+            ("200 OK", "{}", 0),
+        ] {
+            let url = stub(status, body).await;
+            let subs = subscribers();
+            subs.follow(1, "e:1", &url, fallback());
+            until("the engine answered", || {
+                subs.tasks()
+                    .discovering
+                    .get(&1)
+                    .is_some_and(|t| t.is_finished())
+            })
+            .await;
+            assert_eq!(subs.streams().len(), want, "{status} {body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_leaves_before_answering_is_not_asked_any_more() {
+        // Nothing listens there: refused, asked again and again.
+        let subs = subscribers();
+        subs.follow(2, "e:2", "http://127.0.0.1:9", fallback());
+        assert!(subs.tasks().discovering.contains_key(&2));
+        subs.stop(2);
+        assert!(subs.tasks().discovering.is_empty());
+        assert!(subs.streams().is_empty());
     }
 }
