@@ -265,6 +265,28 @@ mod tests {
             port(ps[1].replay_endpoint().unwrap()),
         );
         assert_eq!(body, expected);
+        // The fields, in order, of what real vLLM 0.32.0 answered (recorded fixture, branch
+        // `vllm`: tests/fixtures/vllm-0.32.0/kv_event_sources.json).
+        let recorded = [
+            "enable_kv_cache_events",
+            "publisher",
+            "endpoint",
+            "replay_endpoint",
+            "buffer_steps",
+            "hwm",
+            "max_queue_size",
+            "topic",
+        ];
+        let ours: Vec<String> = body
+            .split(['{', ','])
+            .filter_map(|f| {
+                f.split_once("\":")
+                    .map(|(k, _)| k.trim_matches('"').to_owned())
+            })
+            .filter(|k| !k.chars().all(|c| c.is_ascii_digit()))
+            .take(recorded.len())
+            .collect();
+        assert_eq!(ours, recorded);
         assert_ne!(ps[0].endpoint(), ps[1].endpoint());
         assert_eq!((ps[0].rank(), ps[1].rank()), (0, 1));
     }

@@ -204,3 +204,33 @@ fn missing_fields_take_vllms_defaults() {
         ]
     );
 }
+
+/// `tests/fixtures/vllm-0.32.0/kv_event_sources.json` as recorded from real vLLM 0.32.0 on CPU
+/// (branch `vllm`; pretty-printed by the recorder), for `--kv-events-config` with
+/// `tcp://*:5600`, `tcp://*:5700` and an llm-d-style topic.
+const RECORDED: &str = r#"{
+ "0": {
+  "enable_kv_cache_events": true,
+  "publisher": "zmq",
+  "endpoint": "tcp://*:5600",
+  "replay_endpoint": "tcp://*:5700",
+  "buffer_steps": 10000,
+  "hwm": 100000,
+  "max_queue_size": 100000,
+  "topic": "kv@127.0.0.1:8100@tiny"
+ }
+}"#;
+
+#[test]
+fn the_recorded_vllm_answer_is_followed_at_the_engines_host() {
+    let s = parse(RECORDED.as_bytes()).unwrap();
+    assert_eq!(
+        plan(&s, "127.0.0.1"),
+        vec![follow(
+            0,
+            "tcp://127.0.0.1:5600",
+            Some("tcp://127.0.0.1:5700"),
+            "kv@127.0.0.1:8100@tiny"
+        )]
+    );
+}
