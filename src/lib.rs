@@ -17,7 +17,9 @@
 //!   own tokenizer and chat template (`--tokenizer`): the token ids an engine sees.
 //! - [`engines`]: the engines: registry, where they come from (static or Kubernetes
 //!   discovery), health and ejection, scraped load figures, model cards, and their KV-cache
-//!   events ([`engines::kv_events`]: vLLM's wire format and the ZMQ subscribers).
+//!   events ([`engines::kv_events`]: vLLM's wire format, the router's own ZMTP transport with a
+//!   message-size cap, the subscribers, replay requests, and the bound socket engines connect
+//!   to).
 //! - [`prefix`]: the router's approximate index of which engine cached which prompt prefix,
 //!   and the exact one ([`prefix::exact`]) built from the engines' own KV events.
 //! - [`policy`]: the routing decision: policy files, the built-in tiers, Rhai scripts, loading,
@@ -32,7 +34,7 @@
 //!
 //! - [`cli`]: the `switchyard` command line (`serve`, `sim`, `check`, `bench`).
 //! - [`sim`]: a simulated vLLM engine (scheduler, prefix cache by token ids, vLLM's KV events
-//!   over ZMQ, metrics, failure injection).
+//!   over ZMQ, bound or connected to a router, metrics, failure injection).
 //! - [`bench`]: the routing benchmark: workloads, a load driver, statistics, reports, and the
 //!   exact-against-approximate `kv_lookup` comparison over router replicas.
 

@@ -155,6 +155,16 @@ pub struct ServeArgs {
     /// it (404) use --static-kv-events / --kv-events-port.
     #[arg(long)]
     pub kv_events_discover: bool,
+    /// Comma-separated ZMQ SUB sockets to bind (tcp://HOST:PORT, * for every address) for
+    /// engines whose vLLM KV-events endpoint names this router (their PUB sockets connect; a
+    /// data-parallel rank N connects to PORT+N); each message's topic names its engine:
+    /// kv@<ip>@<model> or kv@<ip>:<http port>@<model> [default: none].
+    #[arg(long, value_delimiter = ',')]
+    pub kv_events_bind: Option<Vec<String>>,
+    /// Largest KV-event message kept, in bytes; larger ones are read past without being
+    /// buffered, dropped and counted [default: 16777216].
+    #[arg(long)]
+    pub kv_events_max_message_bytes: Option<usize>,
 }
 
 /// The config file. Keys are the flag names with `_`.
@@ -200,6 +210,8 @@ pub struct FileConfig {
     pub kv_events_replay_port: Option<u16>,
     pub kv_index_max_bytes: Option<usize>,
     pub kv_events_discover: Option<bool>,
+    pub kv_events_bind: Option<Vec<String>>,
+    pub kv_events_max_message_bytes: Option<usize>,
     /// Per-model policies: `[policies] "model-name" = "policy"`.
     #[serde(default)]
     pub policies: BTreeMap<String, String>,

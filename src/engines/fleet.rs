@@ -45,9 +45,9 @@ pub struct Fleet {
     monitor: Arc<Monitor>,
     prefix: Arc<PrefixIndex>,
     owned: BTreeMap<String, Arc<Engine>>,
-    /// KV-event subscribers, started and stopped with the engines: each engine's own
-    /// `/kv_event_sources` if the subscribers discover, else (or as its fallback) each
-    /// engine's host at these ports.
+    /// KV-event subscribers, started with the engines (each engine's own `/kv_event_sources`
+    /// if the subscribers discover, else, or as its fallback, each engine's host at these
+    /// ports, if any) and stopped (views dropped, also those fed by the bound socket) with them.
     kv_events: Option<(Arc<KvSubscribers>, Option<KvEventsPorts>)>,
 }
 
@@ -71,7 +71,8 @@ impl Fleet {
     }
 
     /// Also follows each engine's KV events: where it says (with discovery, see
-    /// [`KvSubscribers::follow`]), else at its host on `ports`.
+    /// [`KvSubscribers::follow`]), else at its host on `ports` (if any); drops the views of
+    /// engines that leave.
     pub fn with_kv_events(
         mut self,
         subscribers: Arc<KvSubscribers>,

@@ -79,6 +79,8 @@ pub enum StartError {
     Discovery(#[from] crate::engines::discovery::DiscoveryError),
     #[error("--tokenizer: {0}")]
     Tokenizer(#[from] crate::tokens::TokenizerError),
+    #[error("--kv-events-bind: {0}")]
+    KvEventsBind(#[from] crate::engines::kv_events::BindError),
 }
 
 /// A running router.
@@ -92,6 +94,8 @@ pub struct RunningRouter {
     _policy_watch: Option<WatchHandle>,
     /// Engine discovery (Kubernetes); stops when dropped.
     _discovery: Option<DiscoveryHandle>,
+    /// Where the KV-event SUB sockets are bound (`--kv-events-bind`).
+    pub kv_events_bound: Vec<SocketAddr>,
 }
 
 impl RunningRouter {
@@ -164,7 +168,14 @@ pub async fn start(
     let registry = Arc::new(Registry::new());
     let exact = Arc::new(ExactIndex::new(cfg.kv_events.max_bytes));
     let client = upstream::build_client(cfg.connect_timeout);
-    let mut subscribers = KvSubscribers::new(Arc::clone(&exact), SubscriberOptions::default());
+    let kv_options = SubscriberOptions {
+        limits: crate::engines::kv_events::zmtp::Limits {
+            max_message_bytes: cfg.kv_events.max_message_bytes,
+            ..Default::default()
+        },
+        ..SubscriberOptions::default()
+    };
+    let mut subscribers = KvSubscribers::new(Arc::clone(&exact), kv_options);
     if cfg.kv_events.discover {
         subscribers = subscribers.with_discovery(client.clone(), DiscoverOptions::default());
     }
@@ -173,6 +184,10 @@ pub async fn start(
         let engine = registry.add(&b.url, b.models.clone());
         let fallback = cfg.kv_events.static_endpoints.get(i).cloned().flatten();
         kv_events.follow(engine.id, &engine.name, &engine.url, fallback);
+    }
+    let mut kv_events_bound = Vec::new();
+    for endpoint in &cfg.kv_events.bind {
+        kv_events_bound.push(kv_events.bind(endpoint, Arc::clone(&registry)).await?);
     }
     let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));
     let policies = PolicyStore::new(cfg.policy.clone(), cfg.block_size)?;
@@ -195,8 +210,11 @@ pub async fn start(
         },
     );
     monitor.start();
-    let kv_discovered = (cfg.kv_events.discover || cfg.kv_events.k8s_ports.is_some())
-        .then(|| (Arc::clone(&kv_events), cfg.kv_events.k8s_ports));
+    // With a bound socket too: discovered engines that leave drop their views.
+    let kv_discovered = (cfg.kv_events.discover
+        || cfg.kv_events.k8s_ports.is_some()
+        || !kv_events_bound.is_empty())
+    .then(|| (Arc::clone(&kv_events), cfg.kv_events.k8s_ports));
     let discovery = discovery::start(
         &cfg.discovery,
         &registry,
@@ -272,6 +290,7 @@ pub async fn start(
         server,
         _policy_watch: policy_watch,
         _discovery: discovery,
+        kv_events_bound,
     })
 }
 

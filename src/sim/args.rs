@@ -86,9 +86,13 @@ pub struct SimArgs {
     /// Answer KV-event replay requests (ZMQ ROUTER) here, e.g. tcp://127.0.0.1:5558.
     #[arg(long, requires = "kv_events_endpoint")]
     pub kv_events_replay_endpoint: Option<String>,
-    /// The topic of every KV-event message (vLLM's `--kv-events-config` `topic`).
+    /// The topic of every KV-event message, e.g. kv@10.0.0.5@my-model (llm-d's form).
     #[arg(long, default_value = "", requires = "kv_events_endpoint")]
     pub kv_events_topic: String,
+    /// Connect the KV-event PUB socket to --kv-events-endpoint (a router's --kv-events-bind
+    /// socket) instead of binding it.
+    #[arg(long, requires = "kv_events_endpoint")]
+    pub kv_events_connect: bool,
     /// Data-parallel ranks: each publishes its KV events on the endpoints' port + its rank
     /// (as vLLM's), and /kv_event_sources lists them all.
     #[arg(long, default_value_t = 1)]
@@ -124,6 +128,7 @@ impl SimArgs {
             kv_events_endpoint: self.kv_events_endpoint.clone(),
             kv_events_replay_endpoint: self.kv_events_replay_endpoint.clone(),
             kv_events_topic: self.kv_events_topic.clone(),
+            kv_events_connect: self.kv_events_connect,
             data_parallel_size: self.data_parallel_size,
             serve_kv_event_sources: !self.no_kv_event_sources,
             tokenizer: self.tokenizer.clone(),
@@ -165,7 +170,7 @@ pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Se
         handle.url()
     );
     for p in handle.kv_event_ranks() {
-        tracing::info!(rank = p.rank(), endpoint = p.endpoint(), replay = ?p.replay_endpoint(), topic = p.topic(), "publishing KV events");
+        tracing::info!(rank = p.options().rank, endpoint = p.endpoint(), replay = ?p.replay_endpoint(), topic = %p.options().topic, connected = p.options().connect, "publishing KV events");
     }
     tokio::signal::ctrl_c().await?;
     tracing::info!("simulated engine shutting down");

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use super::cache_events::{CacheEvents, StoredBlocks};
-use super::kv_publisher::{BUFFER_STEPS, KvPublisher, PublisherError};
+use super::kv_publisher::{BUFFER_STEPS, KvPublisher, PublishOptions, PublisherError};
 
 /// vLLM's `hwm` and `max_queue_size` defaults.
 const HWM: usize = 100_000;
@@ -42,19 +42,23 @@ pub fn offset_endpoint_port(endpoint: &str, rank: u32) -> String {
     }
 }
 
-/// Starts one publisher per rank.
+/// Starts one publisher per rank (`opts`' rank is each one's).
 pub async fn start_publishers(
     endpoint: &str,
     replay_endpoint: Option<&str>,
-    topic: &str,
+    opts: &PublishOptions,
     ranks: usize,
 ) -> Result<Vec<Arc<KvPublisher>>, PublisherError> {
     let mut out = Vec::with_capacity(ranks);
     for rank in 0..ranks as u32 {
         let ep = offset_endpoint_port(endpoint, rank);
         let replay = replay_endpoint.map(|r| offset_endpoint_port(r, rank));
+        let opts = PublishOptions {
+            rank,
+            ..opts.clone()
+        };
         out.push(Arc::new(
-            KvPublisher::start_rank(&ep, replay.as_deref(), topic, rank).await?,
+            KvPublisher::start_with(&ep, replay.as_deref(), &opts).await?,
         ));
     }
     Ok(out)
@@ -74,7 +78,7 @@ struct RankSource<'a> {
 }
 
 /// `tcp://*:PORT` for a bound `tcp://HOST:PORT`.
-fn as_configured(bound: &str) -> String {
+fn as_bound(bound: &str) -> String {
     match bound.rsplit_once(':') {
         Some((_, port)) => format!("tcp://*:{port}"),
         None => bound.to_owned(),
@@ -89,15 +93,20 @@ pub fn sources_json(publishers: &[Arc<KvPublisher>]) -> Vec<u8> {
             let source = RankSource {
                 enable_kv_cache_events: true,
                 publisher: "zmq",
-                endpoint: as_configured(p.endpoint()),
-                replay_endpoint: p.replay_endpoint().map(as_configured),
+                // A connecting PUB socket is reported as configured (vLLM's `_socket_setup`).
+                endpoint: if p.options().connect {
+                    p.endpoint().to_owned()
+                } else {
+                    as_bound(p.endpoint())
+                },
+                replay_endpoint: p.replay_endpoint().map(as_bound),
                 buffer_steps: BUFFER_STEPS,
                 hwm: HWM,
                 max_queue_size: MAX_QUEUE_SIZE,
-                topic: p.topic(),
+                topic: &p.options().topic,
             };
             let json = serde_json::to_string(&source).unwrap_or_default();
-            format!("\"{}\":{json}", p.rank())
+            format!("\"{}\":{json}", p.options().rank)
         })
         .collect();
     format!("{{{}}}", entries.join(",")).into_bytes()
@@ -249,7 +258,11 @@ mod tests {
     #[tokio::test]
     async fn sources_are_shaped_as_vllm_0_32s() {
         assert_eq!(sources_json(&[]), b"{}");
-        let ps = start_publishers("tcp://127.0.0.1:0", Some("tcp://127.0.0.1:0"), "kv", 2)
+        let opts = PublishOptions {
+            topic: "kv".into(),
+            ..PublishOptions::default()
+        };
+        let ps = start_publishers("tcp://127.0.0.1:0", Some("tcp://127.0.0.1:0"), &opts, 2)
             .await
             .unwrap();
         let body = String::from_utf8(sources_json(&ps)).unwrap();
@@ -288,6 +301,6 @@ mod tests {
             .collect();
         assert_eq!(ours, recorded);
         assert_ne!(ps[0].endpoint(), ps[1].endpoint());
-        assert_eq!((ps[0].rank(), ps[1].rank()), (0, 1));
+        assert_eq!((ps[0].options().rank, ps[1].options().rank), (0, 1));
     }
 }

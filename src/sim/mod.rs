@@ -101,8 +101,11 @@ pub struct SimConfig {
     pub kv_events_endpoint: Option<String>,
     /// The ZMQ ROUTER endpoint answering replay requests (needs `kv_events_endpoint`).
     pub kv_events_replay_endpoint: Option<String>,
-    /// The topic of every KV-event message (vLLM's `topic`; "" for none).
+    /// The topic of every KV-event message (vLLM's `topic`; llm-d's `kv@<ip>@<model>`).
     pub kv_events_topic: String,
+    /// Connect the PUB socket to `kv_events_endpoint` (a router's bound SUB socket) instead of
+    /// binding it, as vLLM does when its endpoint names a host.
+    pub kv_events_connect: bool,
     /// Data-parallel ranks, each publishing its own KV events on the endpoints' port + its
     /// rank (see [`kv_ranks`]) [default: 1].
     pub data_parallel_size: usize,
@@ -135,6 +138,7 @@ impl Default for SimConfig {
             kv_events_endpoint: None,
             kv_events_replay_endpoint: None,
             kv_events_topic: String::new(),
+            kv_events_connect: false,
             data_parallel_size: 1,
             serve_kv_event_sources: true,
             tokenizer: None,
@@ -348,7 +352,11 @@ pub async fn start_with(
         Some(ep) => kv_ranks::start_publishers(
             ep,
             cfg.kv_events_replay_endpoint.as_deref(),
-            &cfg.kv_events_topic,
+            &kv_publisher::PublishOptions {
+                topic: cfg.kv_events_topic.clone(),
+                connect: cfg.kv_events_connect,
+                rank: 0,
+            },
             cfg.data_parallel_size,
         )
         .await

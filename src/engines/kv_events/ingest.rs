@@ -23,20 +23,19 @@ pub struct Applied {
     pub bad_events: u64,
 }
 
-/// Applies `batch` to `engine`'s view (its rank 0; one lock for the whole batch). `None` when
-/// the engine has no view. `keys` is scratch space.
+/// Applies `batch` to `engine`'s view (one lock for the whole batch). `None` when the engine
+/// has no view. `keys` is scratch space.
 pub fn apply_batch(
     index: &ExactIndex,
     engine: u32,
     batch: &EventBatch,
     keys: &mut Vec<u64>,
 ) -> Option<Applied> {
-    apply_rank_batch(index, engine, 0, batch, keys)
+    apply_batch_to_rank(index, engine, 0, batch, keys)
 }
 
-/// Applies `batch` to the view of data-parallel rank `rank` of `engine`. `None` when it has
-/// no view.
-pub fn apply_rank_batch(
+/// [`apply_batch`] to the view of `engine`'s data-parallel rank `rank`.
+pub fn apply_batch_to_rank(
     index: &ExactIndex,
     engine: u32,
     rank: u32,

@@ -1,17 +1,23 @@
 //! Engines' own KV-cache events (vLLM's `--kv-events-config`): the wire format ([`wire`],
-//! [`encode`]) and the subscribers ([`subscriber`]) that keep each engine's view in the exact
-//! index ([`crate::prefix::exact`]), one per data-parallel rank of an engine. [`KvSubscribers`]
-//! starts and stops them with the engine set, from configured endpoints or from what each
-//! engine says it publishes ([`sources`], asked by [`discover`]).
+//! Engines' own KV-cache events (vLLM's `--kv-events-config`): the wire format ([`wire`],
+//! [`encode`]), our ZMTP transport ([`zmtp`]: SUB and DEALER with a message-size cap), the
+//! subscribers ([`subscriber`]) that keep each engine's view in the exact index
+//! ([`crate::prefix::exact`]), one per data-parallel rank of an engine, replay requests
+//! ([`replay`]) and the bound socket engines connect to ([`bind`]). [`KvSubscribers`] starts
+//! and stops them with the engine set, from configured endpoints or from what each engine
+//! says it publishes ([`sources`], asked by [`discover`]).
 
+pub mod bind;
 pub mod discover;
 pub mod encode;
 pub mod ingest;
 mod metrics;
 mod msgpack;
+pub mod replay;
 pub mod sources;
 pub mod subscriber;
 pub mod wire;
+pub mod zmtp;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -67,6 +73,8 @@ pub struct SubscriberOptions {
     /// Reconnection backoff bounds [default: 100 ms to 5 s].
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// The message-size cap and handshake timeout of every connection.
+    pub limits: zmtp::Limits,
 }
 
 impl Default for SubscriberOptions {
@@ -76,6 +84,7 @@ impl Default for SubscriberOptions {
             replay_timeout: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
+            limits: zmtp::Limits::default(),
         }
     }
 }
@@ -89,6 +98,8 @@ pub struct KvSubscribers {
     /// With `--kv-events-discover`: the client and settings of the engines' discovery.
     discovery: Option<(HttpClient, DiscoverOptions)>,
     tasks: Mutex<Tasks>,
+    /// The bound sockets' accept loops.
+    bound: Mutex<Vec<JoinHandle<()>>>,
 }
 
 #[derive(Debug, Default)]
@@ -111,6 +122,7 @@ impl KvSubscribers {
             opts,
             discovery: None,
             tasks: Mutex::new(Tasks::default()),
+            bound: Mutex::new(Vec::new()),
         }
     }
 
@@ -119,6 +131,35 @@ impl KvSubscribers {
     pub fn with_discovery(mut self, http: HttpClient, opts: DiscoverOptions) -> KvSubscribers {
         self.discovery = Some((http, opts));
         self
+    }
+
+    /// Binds a SUB socket at `endpoint` (`tcp://HOST:PORT`, port 0 for any) that engines'
+    /// PUB sockets connect to, each message's topic naming its engine among `registry`'s
+    /// ([`bind`]). Returns the bound address. Must be called within a Tokio runtime.
+    pub async fn bind(
+        &self,
+        endpoint: &str,
+        registry: Arc<crate::engines::Registry>,
+    ) -> Result<std::net::SocketAddr, BindError> {
+        let addr = zmtp::tcp_address(endpoint).map_err(|_| BindError::Endpoint(endpoint.into()))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| BindError::Bind(endpoint.into(), e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| BindError::Bind(endpoint.into(), e))?;
+        let task = tokio::spawn(bind::serve(
+            listener,
+            registry,
+            Arc::clone(&self.index),
+            self.opts.clone(),
+        ));
+        self.bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+        tracing::info!(%local, "KV-event SUB socket bound: engines may connect");
+        Ok(local)
     }
 
     pub fn index(&self) -> &Arc<ExactIndex> {
@@ -272,8 +313,25 @@ impl KvSubscribers {
     }
 }
 
+/// Why the KV-event socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{0:?} is not a tcp://HOST:PORT endpoint")]
+    Endpoint(String),
+    #[error("cannot bind the KV-event socket {0}: {1}")]
+    Bind(String, std::io::Error),
+}
+
 impl Drop for KvSubscribers {
     fn drop(&mut self) {
+        for task in self
+            .bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
         let mut tasks = self.tasks();
         for (_, (task, _)) in tasks.following.drain() {
             task.abort();
