@@ -436,3 +436,35 @@ async fn the_router_binds_and_engines_connect_with_llm_d_topics() {
         page = metrics().await;
     }
 }
+
+/// `switchyard sim --kv-events-connect --kv-events-topic` (what the bind-mode test sets).
+#[test]
+fn sim_flags_connect_the_publisher_with_a_topic() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: switchyard::sim::SimArgs,
+    }
+    assert!(Cli::try_parse_from(["sim", "--kv-events-connect"]).is_err());
+    assert!(Cli::try_parse_from(["sim", "--kv-events-topic", "kv@a@m"]).is_err());
+    let cfg = Cli::try_parse_from([
+        "sim",
+        "--kv-events-endpoint",
+        "tcp://10.0.0.1:5557",
+        "--kv-events-connect",
+        "--kv-events-topic",
+        "kv@10.0.0.5@m",
+    ])
+    .unwrap()
+    .sim
+    .to_config();
+    assert!(cfg.kv_events_connect);
+    assert_eq!(cfg.kv_events_topic, "kv@10.0.0.5@m");
+    let cfg = Cli::try_parse_from(["sim", "--kv-events-endpoint", "tcp://127.0.0.1:0"])
+        .unwrap()
+        .sim
+        .to_config();
+    assert!(!cfg.kv_events_connect);
+    assert_eq!(cfg.kv_events_topic, "");
+}

@@ -162,10 +162,29 @@ pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<Header, Zmtp
     })
 }
 
-/// Reads `size` bytes into a buffer (the caller bounded `size`).
+/// Frames up to this size are allocated at once; larger ones grow with the bytes that arrive.
+const FIRST_ALLOCATION: usize = 64 << 10;
+
+/// Reads `size` bytes into a buffer (the caller bounded `size`). The buffer grows (doubling)
+/// as bytes arrive, so a peer that announces a large frame and sends little costs little.
 pub async fn read_body<R: AsyncRead + Unpin>(r: &mut R, size: u64) -> Result<Bytes, ZmtpError> {
-    let mut buf = BytesMut::zeroed(size as usize);
-    r.read_exact(&mut buf).await?;
+    let size = size as usize;
+    if size <= FIRST_ALLOCATION {
+        let mut buf = BytesMut::zeroed(size);
+        r.read_exact(&mut buf).await?;
+        return Ok(buf.freeze());
+    }
+    let mut buf = BytesMut::with_capacity(FIRST_ALLOCATION);
+    while buf.len() < size {
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.len().min(size - buf.len()));
+        }
+        let room = (buf.capacity() - buf.len()).min(size - buf.len());
+        let n = (&mut *r).take(room as u64).read_buf(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
     Ok(buf.freeze())
 }
 
@@ -299,6 +318,17 @@ mod tests {
                 bytes: 2002
             }
         ));
+    }
+
+    #[tokio::test]
+    async fn large_frames_within_the_cap_are_read_as_they_arrive() {
+        let big: Vec<u8> = (0..(1 << 20) + 3).map(|i| i as u8).collect();
+        let wire = encode_message(&[&big[..]]);
+        let got = read_all(&wire, 2 << 20).await;
+        assert_eq!(frames(&got[0]), vec![&big[..]]);
+        // Announced, not sent: an error, and only what arrived was held.
+        let mut r = &wire[..wire.len() - 1];
+        assert!(matches!(read(&mut r, 2 << 20).await, Err(ZmtpError::Io(_))));
     }
 
     #[tokio::test]

@@ -15,7 +15,9 @@
 //! read past and dropped: the frame that crosses the cap and every later frame of the message
 //! are discarded in 8 KiB chunks as they arrive (never buffered), the frames already read are
 //! freed, and the connection stays up ([`Received::Oversized`]). So are messages of more than
-//! [`MAX_FRAMES`] frames. Commands are at most [`MAX_COMMAND_BYTES`]. The greeting and the
+//! [`MAX_FRAMES`] frames. A frame within the cap is buffered as its bytes arrive (a peer that
+//! announces 16 MiB and sends nothing costs 64 KiB). Commands are at most
+//! [`MAX_COMMAND_BYTES`]. The greeting and the
 //! `READY` exchange must finish within [`Limits::handshake_timeout`].
 //!
 //! **Version.** We announce ZMTP 3.0, so that peers (libzmq 4.x, the `zeromq` crate) take
