@@ -380,6 +380,7 @@ async fn the_router_binds_and_engines_connect_with_llm_d_topics() {
         &switchyard::sim::kv_publisher::PublishOptions {
             topic: format!("kv@10.9.9.9@{MODEL}"),
             connect: true,
+            ..Default::default()
         },
     )
     .await

@@ -151,6 +151,11 @@ pub struct ServeArgs {
     /// Memory budget of the exact KV index (engines' KV events) in bytes [default: 268435456].
     #[arg(long)]
     pub kv_index_max_bytes: Option<usize>,
+    /// Ask each engine where it publishes its KV events (vLLM 0.32's GET /kv_event_sources)
+    /// when it joins, and follow every data-parallel rank it lists; engines that do not serve
+    /// it (404) use --static-kv-events / --kv-events-port.
+    #[arg(long)]
+    pub kv_events_discover: bool,
     /// Comma-separated ZMQ SUB sockets to bind (tcp://HOST:PORT, * for every address) for
     /// engines whose vLLM KV-events endpoint names this router (their PUB sockets connect; a
     /// data-parallel rank N connects to PORT+N); each message's topic names its engine:
@@ -205,6 +210,7 @@ pub struct FileConfig {
     pub kv_events_port: Option<u16>,
     pub kv_events_replay_port: Option<u16>,
     pub kv_index_max_bytes: Option<usize>,
+    pub kv_events_discover: Option<bool>,
     pub kv_events_bind: Option<Vec<String>>,
     pub kv_events_max_message_bytes: Option<usize>,
     /// Per-model policies: `[policies] "model-name" = "policy"`.

@@ -1,7 +1,8 @@
 //! The KV-event settings: `static_kv_events` / `static_kv_events_replay` (one entry per static
 //! backend), `kv_events_port` / `kv_events_replay_port` (Kubernetes discovery) and
-//! `kv_index_max_bytes`, `kv_events_bind` (a SUB socket engines connect to) and
-//! `kv_events_max_message_bytes`.
+//! `kv_index_max_bytes`, `kv_events_bind` (a SUB socket engines connect to),
+//! `kv_events_max_message_bytes` and `kv_events_discover` (ask each engine, the endpoint
+//! settings as the fallback).
 
 use super::{ConfigError, FileConfig, ServeArgs, invalid};
 use crate::engines::kv_events::zmtp::DEFAULT_MAX_MESSAGE_BYTES;
@@ -17,6 +18,8 @@ pub struct KvEventsSettings {
     pub k8s_ports: Option<KvEventsPorts>,
     /// The exact index's memory budget in bytes.
     pub max_bytes: usize,
+    /// Ask each engine for its `/kv_event_sources` (the settings above are the fallback).
+    pub discover: bool,
     /// The SUB sockets to bind for engines that connect, `tcp://HOST:PORT` (`*` made
     /// `0.0.0.0`).
     pub bind: Vec<String>,
@@ -33,6 +36,7 @@ impl Default for KvEventsSettings {
             static_endpoints: Vec::new(),
             k8s_ports: None,
             max_bytes: exact::DEFAULT_MAX_BYTES,
+            discover: false,
             bind: Vec::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
@@ -216,6 +220,7 @@ pub(super) fn kv_events_from(
             replay: replay_port,
         }),
         max_bytes,
+        discover: args.kv_events_discover || file.kv_events_discover.unwrap_or(false),
         bind,
         max_message_bytes,
     })
@@ -278,6 +283,13 @@ mod tests {
             ]
         );
         assert_eq!(c.kv_events.max_bytes, 1 << 20);
+        assert!(!c.kv_events.discover);
+        assert!(
+            resolve(&with(&["--kv-events-discover"]))
+                .unwrap()
+                .kv_events
+                .discover
+        );
         let d = resolve(&TWO).unwrap().kv_events;
         assert_eq!(d, KvEventsSettings::default());
         assert_eq!(d.max_bytes, 256 << 20);

@@ -48,7 +48,8 @@ pub enum DiscoveryError {
 }
 
 /// Starts the configured discovery source, if it is a dynamic one: it adds engines to the
-/// registry (starting their scrape loops, and their KV-event subscribers with `kv_events`) and
+/// registry (starting their scrape loops, and their KV-event subscribers with `kv_events`:
+/// discovered from each engine, or at `kv_events`' ports) and
 /// removes them as they come and go.
 pub async fn start(
     sd: &ServiceDiscovery,

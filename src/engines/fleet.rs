@@ -45,8 +45,9 @@ pub struct Fleet {
     monitor: Arc<Monitor>,
     prefix: Arc<PrefixIndex>,
     owned: BTreeMap<String, Arc<Engine>>,
-    /// KV-event subscribers, started (each engine's host, these ports, if any) and stopped
-    /// (views dropped, also those fed by the bound socket) with the engines.
+    /// KV-event subscribers, started with the engines (each engine's own `/kv_event_sources`
+    /// if the subscribers discover, else, or as its fallback, each engine's host at these
+    /// ports, if any) and stopped (views dropped, also those fed by the bound socket) with them.
     kv_events: Option<(Arc<KvSubscribers>, Option<KvEventsPorts>)>,
 }
 
@@ -69,8 +70,9 @@ impl Fleet {
         }
     }
 
-    /// Also follows each engine's KV events at its host on `ports` (if any), and drops the
-    /// views of engines that leave.
+    /// Also follows each engine's KV events: where it says (with discovery, see
+    /// [`KvSubscribers::follow`]), else at its host on `ports` (if any); drops the views of
+    /// engines that leave.
     pub fn with_kv_events(
         mut self,
         subscribers: Arc<KvSubscribers>,
@@ -81,10 +83,9 @@ impl Fleet {
     }
 
     fn start_kv_events(&self, engine: &Arc<Engine>) {
-        if let Some((subs, Some(ports))) = &self.kv_events
-            && let Some(endpoints) = ports.endpoints_for(&engine.url)
-        {
-            subs.start_for(engine, endpoints);
+        if let Some((subs, ports)) = &self.kv_events {
+            let fallback = ports.and_then(|p| p.endpoints_for(&engine.url));
+            subs.follow_engine(engine, fallback);
         }
     }
 

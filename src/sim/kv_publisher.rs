@@ -2,7 +2,7 @@
 //! (bound, or connected to a router's bound SUB socket as vLLM does when its endpoint names a
 //! host) sending `[topic, seq (8 bytes BE), payload]` with sequence numbers from 0, each payload
 //! a msgpack `KVEventBatch` in the recent encoding (maps with a `type` tag, bytes block hashes,
-//! `data_parallel_rank` 0); and an optional ROUTER replay socket answering a start sequence
+//! the publisher's `data_parallel_rank`); and an optional ROUTER replay socket answering a start sequence
 //! number with every buffered batch from it as `[identity, "", topic, seq, payload]`, then the
 //! end-of-sequence marker `[identity, "", "", END_SEQ, ""]`. The replay buffer keeps the last
 //! [`BUFFER_STEPS`] batches, as vLLM's does by default.
@@ -50,6 +50,7 @@ pub struct KvPublisher {
     tx: mpsc::UnboundedSender<Msg>,
     endpoint: String,
     replay_endpoint: Option<String>,
+    opts: PublishOptions,
     task: JoinHandle<()>,
 }
 
@@ -98,6 +99,8 @@ pub struct PublishOptions {
     pub topic: String,
     /// Connect the PUB socket to the endpoint instead of binding it.
     pub connect: bool,
+    /// The data-parallel rank its batches carry.
+    pub rank: u32,
 }
 
 impl KvPublisher {
@@ -136,11 +139,12 @@ impl KvPublisher {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let topic = Bytes::from(opts.topic.clone().into_bytes());
-        let task = tokio::spawn(publish_loop(publisher, replay, rx, topic));
+        let task = tokio::spawn(publish_loop(publisher, replay, rx, topic, opts.rank));
         Ok(KvPublisher {
             tx,
             endpoint: bound,
             replay_endpoint: replay_bound,
+            opts: opts.clone(),
             task,
         })
     }
@@ -154,6 +158,11 @@ impl KvPublisher {
     /// The bound replay endpoint, if any.
     pub fn replay_endpoint(&self) -> Option<&str> {
         self.replay_endpoint.as_deref()
+    }
+
+    /// What it was started with (topic, connected, rank).
+    pub fn options(&self) -> &PublishOptions {
+        &self.opts
     }
 
     /// Fault injection: the next `n` batches are numbered and kept for replay, but never
@@ -225,6 +234,7 @@ enum Next {
 struct State {
     publisher: PubSocket,
     topic: Bytes,
+    rank: u32,
     buffer: VecDeque<(u64, Bytes)>,
     next_seq: u64,
     lose: usize,
@@ -240,7 +250,7 @@ impl State {
             &EventBatch {
                 ts,
                 events,
-                data_parallel_rank: Some(0),
+                data_parallel_rank: Some(i64::from(self.rank)),
             },
             Encoding::Map,
         ));
@@ -320,10 +330,12 @@ async fn publish_loop(
     mut replay: Option<RouterSocket>,
     mut rx: mpsc::UnboundedReceiver<Msg>,
     topic: Bytes,
+    rank: u32,
 ) {
     let mut st = State {
         publisher,
         topic,
+        rank,
         buffer: VecDeque::new(),
         next_seq: 0,
         lose: 0,

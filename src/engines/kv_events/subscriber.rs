@@ -369,18 +369,33 @@ fn is_contiguous(batches: &[(u64, Bytes)]) -> bool {
     batches.windows(2).all(|w| w[1].0 == w[0].0 + 1)
 }
 
-/// Follows `endpoints` for `engine` until aborted: connects (retrying with backoff), follows
-/// the stream, and reconnects when it breaks.
-pub(super) async fn run(
-    engine: u32,
-    name: Arc<str>,
-    endpoints: KvEndpoints,
-    index: Arc<ExactIndex>,
-    opts: SubscriberOptions,
-    capacity: CacheCapacity,
-) {
-    index.add_engine(engine);
-    let mut stream = Stream::new(engine, 0, &name, endpoints, index, opts, capacity);
+/// What one subscriber follows: one data-parallel rank of an engine.
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    pub engine: u32,
+    pub rank: u32,
+    /// The metric label.
+    pub name: Arc<str>,
+    pub endpoints: KvEndpoints,
+    /// The topic prefix to subscribe to (vLLM's `topic`; "" for all).
+    pub topic: String,
+    /// Where the engine's cache capacity is read.
+    pub capacity: CacheCapacity,
+}
+
+/// Follows `target` until aborted: connects (retrying with backoff), follows the stream, and
+/// reconnects when it breaks.
+pub(super) async fn run(target: Target, index: Arc<ExactIndex>, opts: SubscriberOptions) {
+    let Target {
+        engine,
+        rank,
+        name,
+        endpoints,
+        topic,
+        capacity,
+    } = target;
+    index.add_rank(engine, rank);
+    let mut stream = Stream::new(engine, rank, &name, endpoints, index, opts, capacity);
     let mut backoff = stream.opts.reconnect_min;
     loop {
         let connect = async {
@@ -390,13 +405,13 @@ pub(super) async fn run(
                 &stream.opts.limits,
             )
             .await?;
-            sub.subscribe(b"").await?;
+            sub.subscribe(topic.as_bytes()).await?;
             Ok::<_, zmtp::ZmtpError>(sub)
         };
         let mut sub = match connect.await {
             Ok(sub) => sub,
             Err(e) => {
-                tracing::debug!(engine, error = %e, endpoint = %stream.endpoints.events, "KV-event subscriber cannot connect; retrying");
+                tracing::debug!(engine, rank, error = %e, endpoint = %stream.endpoints.events, "KV-event subscriber cannot connect; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(stream.opts.reconnect_max);
                 continue;
@@ -410,7 +425,7 @@ pub(super) async fn run(
                 Ok(Received::Message(frames)) => stream.on_frames(&frames).await,
                 Ok(Received::Oversized { bytes, .. }) => stream.oversized(bytes),
                 Err(e) => {
-                    tracing::debug!(engine, error = %e, "KV-event subscription lost; reconnecting");
+                    tracing::debug!(engine, rank, error = %e, "KV-event subscription lost; reconnecting");
                     break;
                 }
             }
