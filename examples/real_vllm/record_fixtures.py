@@ -22,8 +22,10 @@ everything from a sequence number; fetches /metrics, /kv_event_sources, /v1/mode
 """
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -90,6 +92,8 @@ def main():
     ap.add_argument("--replay", default="tcp://127.0.0.1:5700")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--out", default=os.path.join(REPO, "tests/fixtures/vllm-0.32.0"))
+    ap.add_argument("--models", default=os.path.join(os.environ.get(
+        "SWITCHYARD_VLLM_HOME", os.path.expanduser("~/.cache/switchyard/vllm-0.32.0")), "models"))
     ap.add_argument("--start", action="store_true", help="start (and stop) one engine with engines.sh")
     args = ap.parse_args()
     if args.start:
@@ -141,9 +145,15 @@ def record(args):
 
     shared = ("You are a careful assistant for a railway switchyard. Answer in short sentences, "
               "name the track and the signal for every move, and never guess a timetable. ") * 2
-    complete("shared prefix: first", shared + "Which track does the 07:10 freight use?")
-    complete("shared prefix: second", shared + "When is the next shunting window on track 4?")
-    complete("shared prefix: third", shared + "List the signals between the hump and bowl track 9.")
+    shared = shared * 2  # ~130 tokens: four full blocks of 32
+    questions = [
+        "Which track does the 07:10 freight use, and which signal clears it out of the yard?",
+        "When is the next shunting window on track 4, and who has to sign the movement order?",
+        "List the signals between the hump and bowl track 9, in the order a cut passes them.",
+    ]
+    for name, q in zip(("first", "second", "third"), questions):
+        # Each question repeated: its own blocks, chained to the shared prefix's last block.
+        complete(f"shared prefix: {name}", shared + q + " " + q)
 
     system = "You are the yard master's assistant. Keep answers under twenty words."
     history = [{"role": "system", "content": system}]
@@ -163,7 +173,7 @@ def record(args):
     rec.phase = "reset_prefix_cache"
     http(base, "POST", "/reset_prefix_cache")
     rec.settle()
-    complete("after the reset", shared + "Which track does the 07:10 freight use?")
+    complete("after the reset", shared + questions[0])
     rec.settle(quiet=3)
     rec.stop = True
     rec.t.join()
@@ -249,7 +259,25 @@ def record(args):
                       "token_ids": json.loads(http(base, "POST", "/tokenize", {
                           "model": model, "prompt": prompt, "add_special_tokens": False}))["tokens"]})
     write_json(args.out, "chat_token_ids.json", {"vllm_version": VERSION, "cases": cases})
+    copy_tokenizer(args.models, os.path.join(args.out, "tokenizer"))
     print(f"wrote {args.out}")
+
+
+def copy_tokenizer(models, out):
+    """The tokenizer the tests need: tokenizer.json (17 MB, the same in both model dirs)
+    gzipped once, and each template's tokenizer_config.json and chat_template.jinja."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(models, "chatml", "tokenizer.json"), "rb") as src:
+        data = src.read()
+    with open(os.path.join(models, "mistral", "tokenizer.json"), "rb") as other:
+        assert other.read() == data, "the two model dirs share one tokenizer.json"
+    with open(os.path.join(out, "tokenizer.json.gz"), "wb") as fh:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=9, mtime=0) as gz:
+            gz.write(data)
+    for name in ("chatml", "mistral"):
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        for f in ("tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(os.path.join(models, name, f), os.path.join(out, name, f))
 
 
 def write_json(out, name, value):
