@@ -62,7 +62,7 @@ start() {
   for ((i = 0; i < n; i++)); do
     local http=$((HTTP0 + i)) kv=$((KV0 + i)) rp=$((RP0 + i))
     if [ -f "$RUN/engine-$i.pid" ] && kill -0 "$(cat "$RUN/engine-$i.pid")" 2>/dev/null; then
-      log "engine $i already running (pid $(cat "$RUN/engine-$i.pid"))"; continue
+      log "engine $i already running (pid $(cat "$RUN/engine-$i.pid"))"; touch "$RUN/engine-$i.running"; continue
     fi
     local events
     events=$(printf '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:%d","replay_endpoint":"tcp://*:%d","topic":"kv@127.0.0.1:%d@%s"}' "$kv" "$rp" "$http" "$SERVED")
@@ -77,6 +77,7 @@ start() {
       "${extra[@]}" > "$RUN/engine-$i.log" 2>&1 < /dev/null &
     echo $! > "$RUN/engine-$i.pid"
     echo "$http $kv $rp" > "$RUN/engine-$i.ports"
+    rm -f "$RUN/engine-$i.running"
     date +%s > "$RUN/engine-$i.started"
   done
   for ((i = 0; i < n; i++)); do
@@ -87,6 +88,7 @@ start() {
       if (( $(date +%s) - t0 > TIMEOUT )); then log "engine $i not healthy after ${TIMEOUT}s; see $RUN/engine-$i.log"; exit 1; fi
       sleep 2
     done
+    if [ -f "$RUN/engine-$i.running" ]; then rm -f "$RUN/engine-$i.running"; continue; fi
     log "engine $i healthy after $(( $(date +%s) - t0 ))s, RSS $(tree_rss_mb "$pid") MB (with its children)"
   done
 }

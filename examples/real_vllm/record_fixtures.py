@@ -75,12 +75,13 @@ class Recorder:
                     self.messages.append((self.phase, frames))
                     self.last = time.monotonic()
 
-    def settle(self, quiet=1.5, timeout=60):
-        """Waits until no message has arrived for `quiet` seconds."""
+    def settle(self, quiet=3.0, timeout=60):
+        """Waits until no message has arrived for `quiet` seconds since the call (the engine
+        publishes a step's batch after the response may have been sent)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             with self.lock:
-                if time.monotonic() - self.last >= quiet:
+                if time.monotonic() - max(self.last, t0) >= quiet:
                     return
             time.sleep(0.2)
 
