@@ -125,13 +125,16 @@ run() {
         start_router "$name-replica$r" $((PORT + r)) "${args[@]}"
         replicas+="${replicas:+,}http://127.0.0.1:$((PORT + r))"
       done
-      # The front spreads requests over the replicas and adds no headers of its own (the
-      # replicas' decision headers pass through).
+      # The front spreads requests over the replicas (it drops their decision headers:
+      # exact decisions are counted from the replicas' metrics below).
       "$BIN" serve --host 127.0.0.1 --port "$PORT" --static-backends "$replicas" \
         --static-models "$SERVED" --routing-logic roundrobin --engine-stats-interval 3600 \
         >> "$OUT/$name-front.log" 2>&1 &
       ROUTER_PIDS+=($!)
-      until curl -fsS "http://127.0.0.1:$PORT/health" > /dev/null 2>&1; do sleep 0.1; done ;;
+      for _ in $(seq 1 300); do
+        curl -fsS "http://127.0.0.1:$PORT/health" > /dev/null 2>&1 && break
+        sleep 0.1
+      done ;;
     *) log "unknown run $name"; exit 2 ;;
   esac
   sleep 2  # let the routers' SUB sockets connect before the reset's AllBlocksCleared
