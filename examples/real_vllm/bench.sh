@@ -9,6 +9,10 @@
 #   kv-exact               load_balanced_kvaware, --tokenizer + --static-kv-events (+ replay)
 #   kv-exact-restarted     as kv-exact, the router killed halfway through and started again
 #                          against the warm engines
+#   kv-exact-noreplay      as kv-exact without the replay sockets (vLLM's default
+#                          --kv-events-config has none)
+#   kv-exact-noreplay-restarted   both: a router restarted next to warm engines that it
+#                          cannot ask for their history (its views join mid-stream: partial)
 #   kv-approximate-3       three router replicas (approximate), a roundrobin router in front
 #   kv-exact-3             three router replicas (exact), a roundrobin router in front
 #
@@ -33,7 +37,7 @@ VHOME="${SWITCHYARD_VLLM_HOME:-$HOME/.cache/switchyard/vllm-0.32.0}"
 export SWITCHYARD_VLLM_HOME="$VHOME"
 N="${N:-3}"
 OUT="${OUT:-$REPO/bench-real-out}"
-RUNS="${RUNS:-roundrobin session kv-approximate kv-exact kv-exact-restarted kv-approximate-3 kv-exact-3}"
+RUNS="${RUNS:-roundrobin session kv-approximate kv-exact kv-exact-restarted kv-exact-noreplay kv-exact-noreplay-restarted kv-approximate-3 kv-exact-3}"
 PORT="${ROUTER_PORT:-8200}"
 HTTP0="${SWITCHYARD_VLLM_HTTP_PORT:-8100}"
 KV0="${SWITCHYARD_VLLM_KV_PORT:-5600}"
@@ -106,6 +110,7 @@ reset_caches() {
 
 EXACT=(--routing-logic load_balanced_kvaware --tokenizer "$MODEL_DIR" --static-kv-events "$EVENTS"
   --static-kv-events-replay "$REPLAY")
+NOREPLAY=(--routing-logic load_balanced_kvaware --tokenizer "$MODEL_DIR" --static-kv-events "$EVENTS")
 APPROX=(--routing-logic load_balanced_kvaware)
 
 run() {
@@ -118,6 +123,9 @@ run() {
     kv-approximate) start_router "$name" "$PORT" "${APPROX[@]}" ;;
     kv-exact) start_router "$name" "$PORT" "${EXACT[@]}" ;;
     kv-exact-restarted) start_router "$name" "$PORT" "${EXACT[@]}"; restart_args=("${EXACT[@]}") ;;
+    kv-exact-noreplay) start_router "$name" "$PORT" "${NOREPLAY[@]}" ;;
+    kv-exact-noreplay-restarted)
+      start_router "$name" "$PORT" "${NOREPLAY[@]}"; restart_args=("${NOREPLAY[@]}") ;;
     kv-approximate-3|kv-exact-3)
       local args=("${APPROX[@]}"); [ "$name" = kv-exact-3 ] && args=("${EXACT[@]}")
       local replicas=""
@@ -168,15 +176,15 @@ run() {
   case "$name" in
     *-3)
       # The front router drops the replicas' x-switchyard-* headers (only a router sets
-      # them), so count the replicas' decisions from their metrics: "exact total".
-      local ex=0 tot=0
+      # them), so count the replicas' decisions from their metrics: "exact partial total".
+      local ex=0 pa=0 tot=0
       for r in 1 2 3; do
-        read -r e t < <(curl -fsS "http://127.0.0.1:$((PORT + r))/metrics" | awk '
-          /^switchyard_routing_decisions_total[{ ]/ { t += $NF; if ($0 ~ /kv="exact"/) e += $NF }
-          END { printf "%d %d\n", e, t }')
-        ex=$((ex + e)); tot=$((tot + t))
+        read -r e p t < <(curl -fsS "http://127.0.0.1:$((PORT + r))/metrics" | awk '
+          /^switchyard_routing_decisions_total[{ ]/ { t += $NF; if ($0 ~ /kv="exact"/) e += $NF; if ($0 ~ /kv="partial"/) p += $NF }
+          END { printf "%d %d %d\n", e, p, t }')
+        ex=$((ex + e)); pa=$((pa + p)); tot=$((tot + t))
       done
-      echo "$ex $tot" > "$dir/router_decisions.txt" ;;
+      echo "$ex $pa $tot" > "$dir/router_decisions.txt" ;;
   esac
   stop_routers
   echo "$before $after" > "$dir/vllm_counters.txt"
@@ -187,7 +195,7 @@ for r in $RUNS; do run "$r"; done
 "$PY" - "$OUT" $RUNS <<'PY'
 import csv, statistics, sys, os
 out, runs = sys.argv[1], sys.argv[2:]
-rows = ["| run | requests ok/sent | TTFT mean | TTFT p50 | TTFT p90 | exact decisions | exact after the restart | vLLM prefix-cache hits |",
+rows = ["| run | requests ok/sent | TTFT mean | TTFT p50 | TTFT p90 | exact + partial decisions | after the restart | vLLM prefix-cache hits |",
         "|---|--:|--:|--:|--:|--:|--:|--:|"]
 def pct(xs, p):
     xs = sorted(xs)
@@ -203,18 +211,22 @@ for run in runs:
         rows.append(f"| {run} | failed: {e} | | | | | | |"); continue
     ok = [r for r in recs if r["outcome"] == "ok"]
     ttft = [float(r["ttft_s"]) * 1000 for r in ok if r["ttft_s"]]
-    exact = f"{sum(r['kv'] == 'exact' for r in ok)}/{len(ok)}"
+    def kv(rs):
+        e = sum(r['kv'] == 'exact' for r in rs)
+        p = sum(r['kv'] == 'partial' for r in rs)
+        return f"{e} + {p} / {len(rs)}"
+    exact = kv(ok)
     decisions = os.path.join(d, "router_decisions.txt")
     if os.path.exists(decisions):
-        e, t = map(int, open(decisions).read().split())
-        exact = f"{e}/{t} (replicas' metrics)"
+        e, p, t = map(int, open(decisions).read().split())
+        exact = f"{e} + {p} / {t} (replicas' metrics)"
     # Requests sent once the restarted router was up.
     after = ""
     restart = os.path.join(d, "restart_at.txt")
     if os.path.exists(restart):
         at = float(open(restart).read())
         later = [r for r in ok if float(r["start_s"]) >= at]
-        after = f"{sum(r['kv'] == 'exact' for r in later)}/{len(later)}"
+        after = kv(later)
     hit = (h1 - h0) / (q1 - q0) if q1 > q0 else float("nan")
     rows.append(f"| {run} | {len(ok)}/{len(recs)} | {statistics.mean(ttft):.0f} ms | {pct(ttft, 50):.0f} ms | "
                 f"{pct(ttft, 90):.0f} ms | {exact} | {after} | {100 * hit:.1f} % ({h1 - h0}/{q1 - q0}) |")
