@@ -17,10 +17,12 @@
 //! engine sees for a request body. Where real ids are wanted without one,
 //! [`stand_in_token_ids`] gives the stand-in's: each 4 bytes of the prompt text as one id.
 
+pub mod bound;
 mod chat;
 pub mod hf;
 mod jinja;
 
+pub use bound::PromptIds;
 pub use hf::Tokenizer;
 
 use std::path::PathBuf;
