@@ -13,6 +13,9 @@
 //!   then tokenized **without** adding special tokens (vLLM's `add_special_tokens=False`
 //!   default for chat: the template already has them; the request may set it).
 //!
+//! The router asks for [`Tokenizer::prompt_token_ids`]: the first of those ids, at most a cap,
+//! at a cost the cap bounds ([`super::bound`]).
+//!
 //! Nothing is downloaded: the files are read once, at start.
 
 use std::path::{Path, PathBuf};
