@@ -14,7 +14,8 @@
 //! - [`request`]: the routing view of a request body (model, stream, session key, a digest of
 //!   the prompt), parsed in one pass without materialising the rest.
 //! - [`tokens`]: the stand-in tokenizer and the chained block hashes of a prompt; a model's
-//!   own tokenizer and chat template (`--tokenizer`): the token ids an engine sees.
+//!   own tokenizer and chat template (`--tokenizer`): the token ids an engine sees, as many
+//!   as prefix matching can use at a cost bounded for any body ([`tokens::bound`]).
 //! - [`engines`]: the engines: registry, where they come from (static or Kubernetes
 //!   discovery), health and ejection, scraped load figures, model cards, and their KV-cache
 //!   events ([`engines::kv_events`]: vLLM's wire format, the router's own ZMTP transport with a

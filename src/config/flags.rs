@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// Read once at start; nothing is downloaded [default: none: the 4-bytes-per-token estimate].
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// With --tokenizer: the most tokens of a prompt tokenized for exact prefix matching (its
+    /// first ones); lowered to a model's max_model_len when its engines' /v1/models give one.
+    /// A longer prompt costs no more to tokenize [default: 131072].
+    #[arg(long)]
+    pub tokenize_max_tokens: Option<usize>,
     /// Where engines come from: `static` (--static-backends) or `k8s` (Ready pods found through
     /// the Kubernetes API) [default: static].
     #[arg(long)]
@@ -200,6 +205,7 @@ pub struct FileConfig {
     pub block_size: Option<usize>,
     pub demo_engines: Option<usize>,
     pub tokenizer: Option<PathBuf>,
+    pub tokenize_max_tokens: Option<usize>,
     pub service_discovery: Option<String>,
     pub k8s_namespace: Option<String>,
     pub k8s_label_selector: Option<String>,
