@@ -397,6 +397,7 @@ mod tests {
         let (index, req) = setup();
         let views = Views {
             live: vec![1],
+            partial: vec![],
             held: 64,
         };
         let tok = Counting {
@@ -505,6 +506,7 @@ mod tests {
             block_size: 16,
             exact: Some((&views, &tok)),
             lora_name: None,
+            max_prompt_tokens: 1 << 20,
         });
         let m = kv.matches(&req, &cands(&[1, 2, 3, 4, 5]));
         use KvSource::*;
@@ -528,6 +530,7 @@ mod tests {
             block_size: 16,
             exact: Some((&empty, &tok)),
             lora_name: None,
+            max_prompt_tokens: 1 << 20,
         });
         let m = kv.matches(&req, &cands(&[1, 2]));
         assert_eq!(
@@ -546,6 +549,7 @@ mod tests {
             block_size: 16,
             exact: Some((&complete, &tok)),
             lora_name: None,
+            max_prompt_tokens: 1 << 20,
         });
         let m = kv.matches(&req, &cands(&[2]));
         assert_eq!((m.tokens, m.sources), (vec![64], vec![Exact]));
