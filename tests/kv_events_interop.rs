@@ -7,6 +7,8 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,23 +16,6 @@ use switchyard::engines::kv_events::{KvEndpoints, KvSubscribers, SubscriberOptio
 use switchyard::prefix::exact::ExactIndex;
 
 const SAFETY: Duration = Duration::from_secs(20);
-
-fn python_ready() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import zmq, msgspec"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but python3 with pyzmq and msgspec is missing: `pip install pyzmq msgspec`"
-        );
-        eprintln!("skipped: python3 with pyzmq and msgspec is not available");
-    }
-    ok
-}
 
 struct Publisher {
     child: Child,
@@ -90,7 +75,7 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool, mut nudge: impl 
 
 #[tokio::test]
 async fn follows_a_libzmq_publisher_and_replays_from_its_router_socket() {
-    if !python_ready() {
+    if !common::pyzmq_ready() {
         return;
     }
     let (publisher, endpoints) = spawn_publisher();

@@ -151,23 +151,6 @@ async fn replays_vllm_032s_recorded_reply_bytes() {
     }
 }
 
-fn python_ready() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import zmq, msgspec"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but python3 with pyzmq and msgspec is missing: `pip install pyzmq msgspec`"
-        );
-        eprintln!("skipped: python3 with pyzmq and msgspec is not available");
-    }
-    ok
-}
-
 /// The pyzmq script in one of its modes, after its READY line.
 struct Python {
     child: Child,
@@ -218,7 +201,7 @@ impl Drop for Python {
 /// the topic, and `["", "", END_SEQ, ""]` at the end).
 #[tokio::test]
 async fn replays_from_libzmq_running_vllm_032s_service_replay() {
-    if !python_ready() {
+    if !common::pyzmq_ready() {
         return;
     }
     let router = Python::spawn(&["router", "kv@127.0.0.1:8100@tiny", "5"]);
@@ -249,7 +232,7 @@ async fn replays_from_libzmq_running_vllm_032s_service_replay() {
 /// without losing the connection.
 #[tokio::test]
 async fn a_libzmq_publisher_connects_to_the_bound_socket() {
-    if !python_ready() {
+    if !common::pyzmq_ready() {
         return;
     }
     let registry = Arc::new(Registry::new());

@@ -336,3 +336,22 @@ pub async fn answer_empty_200(s: &mut tokio::net::TcpStream) {
         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
         .await;
 }
+
+/// Whether python3 with pyzmq and msgspec is there (the libzmq interop tests' peer). Missing
+/// under `CI=true` is a failure, elsewhere a skip.
+pub fn pyzmq_ready() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import zmq, msgspec"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but python3 with pyzmq and msgspec is missing: `pip install pyzmq msgspec`"
+        );
+        eprintln!("skipped: python3 with pyzmq and msgspec is not available");
+    }
+    ok
+}
