@@ -152,9 +152,7 @@ impl ExactIndex {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, e)| map.get(e).map(|r| (i, r)))
-                .flat_map(|(i, ranks)| {
-                    ranks.views.iter().map(move |(_, v)| (i, Arc::clone(v)))
-                })
+                .flat_map(|(i, ranks)| ranks.views.iter().map(move |(_, v)| (i, Arc::clone(v))))
                 .collect()
         };
         let seed = token_chain_seed(lora_name);

@@ -172,7 +172,11 @@ impl<'a> RequestKv<'a> {
             exact = views.matches(ids, s.lora_name, engines);
             exact.resize(engines.len(), None);
         }
-        let real_tokens = self.token_ids.get().and_then(Option::as_deref).map(<[u32]>::len);
+        let real_tokens = self
+            .token_ids
+            .get()
+            .and_then(Option::as_deref)
+            .map(<[u32]>::len);
         // Every engine but those with a complete view.
         let approx_needed: Vec<u32> = engines
             .iter()
@@ -498,12 +502,22 @@ mod tests {
         });
         // Sent before any tier asked for matches: not tokenized, nothing to note.
         kv.note_sent(1);
-        assert!(views.notes.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+        assert!(
+            views
+                .notes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        );
         kv.matches(&req, &cands(&[1, 2]));
         // Sent to engine 1, then retried on engine 2: both noted, the ids tokenized once.
         kv.note_sent(1);
         kv.note_sent(2);
-        let notes = views.notes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let notes = views
+            .notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let adapter = Some("adapter".to_owned());
         assert_eq!(notes, vec![(1, 200, adapter.clone()), (2, 200, adapter)]);
         assert_eq!(tok.calls.load(Ordering::Relaxed), 1);
@@ -518,6 +532,11 @@ mod tests {
         });
         kv.matches(&req, &cands(&[1]));
         kv.note_sent(1);
-        assert!(none.notes.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+        assert!(
+            none.notes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        );
     }
 }

@@ -112,16 +112,11 @@ impl RecentRequests {
     /// One of the engine's views went from complete to not (or back). When none is left
     /// incomplete, the ring is emptied: nothing will need it.
     pub(super) fn view_changed(&self, was_complete: bool, complete: bool) {
-        match (was_complete, complete) {
-            (true, false) => {
-                self.incomplete.fetch_add(1, Ordering::Relaxed);
-            }
-            (false, true) => {
-                if self.incomplete.fetch_sub(1, Ordering::Relaxed) == 1 {
-                    *self.ring() = Ring::default();
-                }
-            }
-            _ => {}
+        if was_complete && !complete {
+            self.incomplete.fetch_add(1, Ordering::Relaxed);
+        } else if !was_complete && complete && self.incomplete.fetch_sub(1, Ordering::Relaxed) == 1
+        {
+            *self.ring() = Ring::default();
         }
     }
 }
@@ -211,7 +206,10 @@ mod tests {
         );
         // Parent block 0: no ancestors.
         let a = find_anchor(&[sent(&r, None)], &r[BS..2 * BS], BS, None);
-        assert_eq!(a.map(|a| (a.parent, a.ancestors.len())), Some((hashes[0], 0)));
+        assert_eq!(
+            a.map(|a| (a.parent, a.ancestors.len())),
+            Some((hashes[0], 0))
+        );
     }
 
     #[test]

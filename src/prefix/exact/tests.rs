@@ -365,10 +365,7 @@ fn a_run_under_an_unknown_parent_is_anchored_on_a_request_the_router_sent() {
     assert_eq!(idx.match_tokens(&next, None, &[1]), vec![Some(3 * BS)]);
     // The engine evicts 901 (by its own hash): what it implied goes with it.
     assert_eq!(idx.update(1, |v| v.remove(&[901], Medium::Gpu)), Some(0));
-    assert_eq!(
-        idx.update(1, |v| (v.anchors(), v.implied())),
-        Some((0, 0))
-    );
+    assert_eq!(idx.update(1, |v| (v.anchors(), v.implied())), Some((0, 0)));
     assert_eq!(idx.match_tokens(&r, None, &[1]), vec![Some(0)]);
 }
 
@@ -383,8 +380,20 @@ fn implied_blocks_are_counted_by_the_anchors_implying_them_and_dropped_on_a_clea
     sent(&idx, 1, &a, None);
     sent(&idx, 1, &b, None);
     idx.update(1, |v| {
-        v.store(&run(Some(901), &[102, 103], &a[2 * BS..], None, Medium::Gpu));
-        v.store(&run(Some(911), &[112, 113], &b[2 * BS..], None, Medium::Gpu));
+        v.store(&run(
+            Some(901),
+            &[102, 103],
+            &a[2 * BS..],
+            None,
+            Medium::Gpu,
+        ));
+        v.store(&run(
+            Some(911),
+            &[112, 113],
+            &b[2 * BS..],
+            None,
+            Medium::Gpu,
+        ));
     });
     assert_eq!(idx.update(1, |v| (v.anchors(), v.implied())), Some((2, 1)));
     assert_eq!(
@@ -455,7 +464,10 @@ fn only_requests_sent_to_that_engine_while_its_view_is_incomplete_anchor() {
     sent(&idx, 1, &r, None);
     assert_eq!(stored(1, 901, 102), Some(StoreOutcome::Anchored(1)));
     assert_eq!(idx.update(1, |v| v.unkeyed()), Some(0));
-    assert_eq!(idx.match_tokens(&r, None, &[1, 2]), vec![Some(3 * BS), Some(0)]);
+    assert_eq!(
+        idx.match_tokens(&r, None, &[1, 2]),
+        vec![Some(3 * BS), Some(0)]
+    );
     // Once engine 1's view is complete its notes are dropped and no more are taken.
     idx.update(1, |v| v.set_state(ViewState::Complete));
     sent(&idx, 1, &ids(3 * BS, 50), None);
