@@ -20,7 +20,9 @@
 //!   events ([`engines::kv_events`]: vLLM's wire format, the ZMQ subscribers, and when a view
 //!   is complete or partial).
 //! - [`prefix`]: the router's approximate index of which engine cached which prompt prefix,
-//!   and the exact one ([`prefix::exact`]) built from the engines' own KV events.
+//!   and the exact one ([`prefix::exact`]) built from the engines' own KV events (a partial
+//!   view anchoring what it cannot key on the router's own recent requests:
+//!   [`prefix::exact::anchor`]).
 //! - [`policy`]: the routing decision: policy files, the built-in tiers, Rhai scripts, loading,
 //!   validation and hot reload.
 //! - [`upstream`]: the pooled HTTP client to the engines and its bounded GET.

@@ -39,6 +39,12 @@ pub const RECENT_REQUESTS: usize = 128;
 /// is always kept).
 pub const RECENT_TOKENS: usize = 1 << 20;
 
+/// Most token ids one search compares (about a millisecond): a search past it gives up (the
+/// run stays unanchored). Natural prompts need a small part of it; prompts built to match
+/// at every offset but the last could otherwise cost the square of their length, under the
+/// view's write lock.
+pub const MAX_COMPARED_TOKENS: usize = 4 * RECENT_TOKENS;
+
 /// A request the router sent to an engine: its token ids (shared with the request) and the
 /// LoRA adapter its blocks are keyed under.
 #[derive(Debug, Clone)]
@@ -132,7 +138,8 @@ pub struct Anchor {
 /// Finds where the run `tokens` (whole blocks of `block_size`, under adapter `lora_name`) was
 /// stored after a parent block: a noted request whose tokens at some block-aligned offset
 /// `k × block_size` (`k ≥ 1`: the run has a parent) start with all of `tokens`. `None` when
-/// no request matches, or when matches disagree on the parent's content (ambiguous).
+/// no request matches, when matches disagree on the parent's content (ambiguous), or when
+/// the search compares more than [`MAX_COMPARED_TOKENS`].
 pub fn find_anchor(
     requests: &[SentRequest],
     tokens: &[u32],
@@ -143,6 +150,7 @@ pub fn find_anchor(
     let first = *tokens.first()?;
     let seed = token_chain_seed(lora_name);
     let mut found: Option<Anchor> = None;
+    let mut compared = 0usize;
     for r in requests {
         if r.lora_name.as_deref() != lora_name {
             continue;
@@ -150,7 +158,16 @@ pub fn find_anchor(
         let ids = &r.token_ids[..];
         let mut at = bs;
         while at + tokens.len() <= ids.len() {
-            if ids[at] == first && ids[at..at + tokens.len()] == *tokens {
+            compared += 1;
+            if ids[at] == first
+                && ids[at..at + tokens.len()]
+                    .chunks(bs)
+                    .zip(tokens.chunks(bs))
+                    .all(|(a, b)| {
+                        compared += bs;
+                        a == b
+                    })
+            {
                 let mut chain = token_block_hashes(&ids[..at], bs, seed);
                 let parent = chain.pop()?;
                 match &found {
@@ -163,6 +180,9 @@ pub fn find_anchor(
                         })
                     }
                 }
+            }
+            if compared > MAX_COMPARED_TOKENS {
+                return None;
             }
             at += bs;
         }
@@ -259,6 +279,24 @@ mod tests {
         let block = twice[BS..2 * BS].to_vec();
         twice[3 * BS..4 * BS].copy_from_slice(&block);
         assert_eq!(find_anchor(&[sent(&twice, None)], &block, BS, None), None);
+    }
+
+    #[test]
+    fn a_search_that_compares_too_much_gives_up() {
+        // Every offset matches all of the run's blocks but its last: the search would compare
+        // ~(len/2)² / block size tokens.
+        let zeros = vec![0u32; 64 * 1024];
+        let mut run = vec![0u32; 32 * 1024];
+        if let Some(last) = run.last_mut() {
+            *last = 1;
+        }
+        let reqs = [sent(&zeros, None), sent(&zeros, None)];
+        assert_eq!(find_anchor(&reqs, &run, 16, None), None);
+        // Where the run is, it is found within the bound.
+        let mut holder = vec![5u32; 16];
+        holder.extend(&run);
+        let reqs = [sent(&holder, None)];
+        assert!(find_anchor(&reqs, &run, 16, None).is_some());
     }
 
     #[test]
