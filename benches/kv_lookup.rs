@@ -116,6 +116,7 @@ fn bench(c: &mut Criterion) {
                 block_size: BS,
                 exact: Some((&index, &tok)),
                 lora_name: None,
+                max_prompt_tokens: switchyard::tokens::bound::DEFAULT_MAX_TOKENS,
             });
             black_box(kv.matches(black_box(&req), &cands))
         })

@@ -1,5 +1,6 @@
 //! The cost of tokenizing a 2,000-token chat request as the engine does (`--tokenizer`): the
-//! chat template rendered, then the text encoded, against the stand-in digest of the same body.
+//! chat template rendered, then the text encoded, against the stand-in digest of the same body;
+//! and of an 8 MiB chat prompt as the router tokenizes it (capped: `tokens::bound`).
 //!
 //! Run: `cargo bench --bench tokenize -- --warm-up-time 1 --measurement-time 3`
 //!
@@ -77,6 +78,33 @@ fn bench_one(c: &mut Criterion, name: &str, dir: &Path) {
     });
     g.bench_function("stand_in_digest", |b| {
         b.iter(|| parse_body(black_box(&body), None, 16).expect("parses"))
+    });
+    g.finish();
+
+    // A hostile prompt: one 8 MiB user message, tokenized as the router does (its first
+    // 131,072 tokens at most, from the first 1 MiB of text, in 32 KiB chunks).
+    let (one, _) = support::chat_body(&tok, 50, WORDS);
+    let mut huge: serde_json::Value = serde_json::from_slice(&one).expect("json");
+    let text = std::iter::repeat_n(WORDS, 1 << 20)
+        .flatten()
+        .take(1_400_000)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let text = &text[..text.floor_char_boundary(8 << 20)];
+    huge["messages"] = serde_json::json!([{"role": "user", "content": text}]);
+    let huge = serde_json::to_vec(&huge).expect("json");
+    let mut g = c.benchmark_group(format!("tokenize_chat_8mib/{name}"));
+    g.sample_size(10);
+    g.bench_function("capped_131072", |b| {
+        b.iter(|| {
+            tok.prompt_token_ids(
+                "/v1/chat/completions",
+                black_box(&huge),
+                switchyard::tokens::bound::DEFAULT_MAX_TOKENS,
+            )
+            .expect("tokenizes")
+        })
     });
     g.finish();
 }

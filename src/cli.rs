@@ -164,6 +164,9 @@ async fn serve_inner(args: ServeArgs) -> Result<ExitCode, BoxError> {
     let mut signals = Signals::new()?;
     let mut router = crate::proxy::start(cfg, loader).await?;
     let url = router.url();
+    for bound in &router.kv_events_bound {
+        println!("Switchyard takes KV events on tcp://{bound}");
+    }
     println!("Switchyard is routing on {url}");
     if let crate::engines::discovery::ServiceDiscovery::K8s(k) = &router.state.cfg.discovery {
         println!(

@@ -14,11 +14,15 @@
 //! - [`request`]: the routing view of a request body (model, stream, session key, a digest of
 //!   the prompt), parsed in one pass without materialising the rest.
 //! - [`tokens`]: the stand-in tokenizer and the chained block hashes of a prompt; a model's
-//!   own tokenizer and chat template (`--tokenizer`): the token ids an engine sees.
+//!   own tokenizer and chat template (`--tokenizer`): the token ids an engine sees, as many
+//!   as prefix matching can use at a cost bounded for any body ([`tokens::bound`]).
 //! - [`engines`]: the engines: registry, where they come from (static or Kubernetes
 //!   discovery), health and ejection, scraped load figures, model cards, and their KV-cache
-//!   events ([`engines::kv_events`]: vLLM's wire format, the ZMQ subscribers, and when a view
-//!   is complete or partial).
+//!   events ([`engines::kv_events`]: vLLM's wire format, the router's own ZMTP transport with a
+//!   message-size cap, the subscribers (one per engine and data-parallel rank), when a view is
+//!   complete or partial, replay requests, the bound socket engines connect to, and each
+//!   engine's own account of where it publishes: vLLM's `/kv_event_sources`, asked with
+//!   `--kv-events-discover`).
 //! - [`prefix`]: the router's approximate index of which engine cached which prompt prefix,
 //!   and the exact one ([`prefix::exact`]) built from the engines' own KV events (a partial
 //!   view anchoring what it cannot key on the router's own recent requests:
@@ -35,7 +39,8 @@
 //!
 //! - [`cli`]: the `switchyard` command line (`serve`, `sim`, `check`, `bench`).
 //! - [`sim`]: a simulated vLLM engine (scheduler, prefix cache by token ids, vLLM's KV events
-//!   over ZMQ, metrics, failure injection).
+//!   over ZMQ, bound or connected to a router, one publisher per data-parallel rank,
+//!   `/kv_event_sources`, metrics, failure injection).
 //! - [`bench`]: the routing benchmark: workloads, a load driver, statistics, reports, and the
 //!   exact-against-approximate `kv_lookup` comparison over router replicas.
 

@@ -694,3 +694,47 @@ async fn discovered_pods_kv_events_are_followed_at_the_pod_ip_and_port() {
         s.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_pods_say_where_they_publish_with_kv_events_discover() {
+    // The pods publish on ports the router is not told: it asks each pod's
+    // /kv_event_sources (`tcp://*:PORT`) and connects to the pod's IP at that port.
+    let (sims, http_port, _, _) = kv_pods(2).await;
+    let stub = ApiStub::start(NS).await;
+    for (i, name) in ["vllm-0", "vllm-1"].into_iter().enumerate() {
+        stub.apply(
+            StubPod::new(name)
+                .ip(&format!("127.0.0.{}", 2 + i))
+                .ready(true)
+                .label("model", MODEL),
+        );
+    }
+    let mut cfg = RouterConfig {
+        port: 0,
+        discovery: ServiceDiscovery::K8s(Box::new(discovery(&stub, http_port))),
+        ..RouterConfig::default()
+    };
+    cfg.policy.dir = shipped_policies();
+    cfg.kv_events.discover = true;
+    let router = switchyard::proxy::start(cfg, None)
+        .await
+        .expect("router starts");
+    let exact = std::sync::Arc::clone(&router.state.exact);
+    eventually("both pods' KV views are live", || exact.live_engines() == 2).await;
+    let before = exact.blocks();
+    let c = client();
+    let body = completion(&"a prompt of some length ".repeat(20), 1, false);
+    let reply = post_json(&c, &sims[1].url(), "/v1/completions", body).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    eventually("the stored blocks reach the exact view", || {
+        exact.blocks() > before
+    })
+    .await;
+    stub.delete("vllm-1");
+    eventually("only pod 0's view is left", || exact.live_engines() == 1).await;
+    assert_eq!(router.state.kv_events.engines().len(), 1);
+    router.shutdown(Duration::from_secs(5)).await;
+    for s in sims {
+        s.shutdown().await;
+    }
+}

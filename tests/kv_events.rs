@@ -314,10 +314,11 @@ async fn switchyard_sim_flags_start_the_publisher() {
     let p = sim.kv_events().expect("publisher started");
     assert!(p.endpoint().starts_with("tcp://127.0.0.1:") && !p.endpoint().ends_with(":0"));
     // The replay socket answers an empty buffer with the end-of-sequence marker alone.
-    let replayed = switchyard::engines::kv_events::subscriber::fetch_replay(
+    let replayed = switchyard::engines::kv_events::replay::fetch_replay(
         p.replay_endpoint().unwrap(),
         0,
         SAFETY,
+        &Default::default(),
     )
     .await
     .unwrap();
@@ -348,9 +349,14 @@ async fn a_subscriber_joining_an_idle_engine_catches_up_from_the_replay_socket()
     let replay = p.replay_endpoint().expect("replay socket").to_owned();
     let deadline = tokio::time::Instant::now() + SAFETY;
     loop {
-        let buffered = switchyard::engines::kv_events::subscriber::fetch_replay(&replay, 0, SAFETY)
-            .await
-            .is_ok_and(|b| b.len() == 1);
+        let buffered = switchyard::engines::kv_events::replay::fetch_replay(
+            &replay,
+            0,
+            SAFETY,
+            &Default::default(),
+        )
+        .await
+        .is_ok_and(|b| b.len() == 1);
         if buffered {
             break;
         }

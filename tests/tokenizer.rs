@@ -71,6 +71,21 @@ fn check_model(name: &str) {
             );
         }
         assert_eq!(got.unwrap(), ids(&case["ids"]), "{name}: {label}: ids");
+        // Capped as the router caps them: the first ids, all of them when they fit.
+        let want = ids(&case["ids"]);
+        for cap in [1, 7, 64, want.len(), tokens::bound::DEFAULT_MAX_TOKENS] {
+            let p = tok.prompt_token_ids(path, body, cap).unwrap();
+            assert!(
+                want.starts_with(&p.ids),
+                "{name}: {label}: cap {cap}: a prefix"
+            );
+            if cap >= want.len() && body.len() <= tokens::bound::text_budget(cap) {
+                assert!(
+                    p.complete && p.ids == want,
+                    "{name}: {label}: cap {cap}: all"
+                );
+            }
+        }
         checked += 1;
     }
     assert!(checked >= 20, "{name}: only {checked} cases");

@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// Read once at start; nothing is downloaded [default: none: the 4-bytes-per-token estimate].
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// With --tokenizer: the most tokens of a prompt tokenized for exact prefix matching (its
+    /// first ones); lowered to a model's max_model_len when its engines' /v1/models give one.
+    /// A longer prompt costs no more to tokenize [default: 131072].
+    #[arg(long)]
+    pub tokenize_max_tokens: Option<usize>,
     /// Where engines come from: `static` (--static-backends) or `k8s` (Ready pods found through
     /// the Kubernetes API) [default: static].
     #[arg(long)]
@@ -151,6 +156,21 @@ pub struct ServeArgs {
     /// Memory budget of the exact KV index (engines' KV events) in bytes [default: 268435456].
     #[arg(long)]
     pub kv_index_max_bytes: Option<usize>,
+    /// Ask each engine where it publishes its KV events (vLLM 0.32's GET /kv_event_sources)
+    /// when it joins, and follow every data-parallel rank it lists; engines that do not serve
+    /// it (404) use --static-kv-events / --kv-events-port.
+    #[arg(long)]
+    pub kv_events_discover: bool,
+    /// Comma-separated ZMQ SUB sockets to bind (tcp://HOST:PORT, * for every address) for
+    /// engines whose vLLM KV-events endpoint names this router (their PUB sockets connect; a
+    /// data-parallel rank N connects to PORT+N); each message's topic names its engine:
+    /// kv@<ip>@<model> or kv@<ip>:<http port>@<model> [default: none].
+    #[arg(long, value_delimiter = ',')]
+    pub kv_events_bind: Option<Vec<String>>,
+    /// Largest KV-event message kept, in bytes; larger ones are read past without being
+    /// buffered, dropped and counted [default: 16777216].
+    #[arg(long)]
+    pub kv_events_max_message_bytes: Option<usize>,
 }
 
 /// The config file. Keys are the flag names with `_`.
@@ -185,6 +205,7 @@ pub struct FileConfig {
     pub block_size: Option<usize>,
     pub demo_engines: Option<usize>,
     pub tokenizer: Option<PathBuf>,
+    pub tokenize_max_tokens: Option<usize>,
     pub service_discovery: Option<String>,
     pub k8s_namespace: Option<String>,
     pub k8s_label_selector: Option<String>,
@@ -195,6 +216,9 @@ pub struct FileConfig {
     pub kv_events_port: Option<u16>,
     pub kv_events_replay_port: Option<u16>,
     pub kv_index_max_bytes: Option<usize>,
+    pub kv_events_discover: Option<bool>,
+    pub kv_events_bind: Option<Vec<String>>,
+    pub kv_events_max_message_bytes: Option<usize>,
     /// Per-model policies: `[policies] "model-name" = "policy"`.
     #[serde(default)]
     pub policies: BTreeMap<String, String>,

@@ -1,8 +1,11 @@
 //! The KV-event settings: `static_kv_events` / `static_kv_events_replay` (one entry per static
 //! backend), `kv_events_port` / `kv_events_replay_port` (Kubernetes discovery) and
-//! `kv_index_max_bytes`.
+//! `kv_index_max_bytes`, `kv_events_bind` (a SUB socket engines connect to),
+//! `kv_events_max_message_bytes` and `kv_events_discover` (ask each engine, the endpoint
+//! settings as the fallback).
 
 use super::{ConfigError, FileConfig, ServeArgs, invalid};
+use crate::engines::kv_events::zmtp::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::engines::kv_events::{KvEndpoints, KvEventsPorts};
 use crate::prefix::exact;
 
@@ -15,7 +18,17 @@ pub struct KvEventsSettings {
     pub k8s_ports: Option<KvEventsPorts>,
     /// The exact index's memory budget in bytes.
     pub max_bytes: usize,
+    /// Ask each engine for its `/kv_event_sources` (the settings above are the fallback).
+    pub discover: bool,
+    /// The SUB sockets to bind for engines that connect, `tcp://HOST:PORT` (`*` made
+    /// `0.0.0.0`).
+    pub bind: Vec<String>,
+    /// Largest KV-event message kept, in bytes.
+    pub max_message_bytes: usize,
 }
+
+/// The smallest `kv_events_max_message_bytes`: below it, ordinary batches would be dropped.
+pub const MIN_MESSAGE_BYTES: usize = 4096;
 
 impl Default for KvEventsSettings {
     fn default() -> Self {
@@ -23,6 +36,9 @@ impl Default for KvEventsSettings {
             static_endpoints: Vec::new(),
             k8s_ports: None,
             max_bytes: exact::DEFAULT_MAX_BYTES,
+            discover: false,
+            bind: Vec::new(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -72,6 +88,22 @@ fn per_backend(
         .map(Some)
 }
 
+/// Checks `kv_events_bind`: `tcp://HOST:PORT` with `*` for every address, port 0 for any.
+fn bind_endpoint(raw: &str) -> Result<String, ConfigError> {
+    let ok = raw.strip_prefix("tcp://").and_then(|rest| {
+        let (host, port) = rest.rsplit_once(':')?;
+        port.parse::<u16>().ok()?;
+        (!host.is_empty() && !host.contains('/')).then_some(())
+    });
+    match ok {
+        Some(()) => Ok(raw.replacen("tcp://*:", "tcp://0.0.0.0:", 1)),
+        None => Err(invalid(
+            "kv_events_bind",
+            format!("{raw:?} is not a tcp://HOST:PORT endpoint (HOST may be *)"),
+        )),
+    }
+}
+
 pub(super) fn kv_events_from(
     args: &ServeArgs,
     file: &FileConfig,
@@ -95,6 +127,24 @@ pub(super) fn kv_events_from(
         .unwrap_or(d.max_bytes);
     if max_bytes == 0 {
         return Err(invalid("kv_index_max_bytes", "must be at least 1"));
+    }
+    let bind = args
+        .kv_events_bind
+        .as_deref()
+        .or(file.kv_events_bind.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .map(|e| bind_endpoint(e.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let max_message_bytes = args
+        .kv_events_max_message_bytes
+        .or(file.kv_events_max_message_bytes)
+        .unwrap_or(d.max_message_bytes);
+    if max_message_bytes < MIN_MESSAGE_BYTES {
+        return Err(invalid(
+            "kv_events_max_message_bytes",
+            format!("must be at least {MIN_MESSAGE_BYTES}"),
+        ));
     }
     if k8s {
         for (setting, given) in [
@@ -170,6 +220,9 @@ pub(super) fn kv_events_from(
             replay: replay_port,
         }),
         max_bytes,
+        discover: args.kv_events_discover || file.kv_events_discover.unwrap_or(false),
+        bind,
+        max_message_bytes,
     })
 }
 
@@ -230,6 +283,13 @@ mod tests {
             ]
         );
         assert_eq!(c.kv_events.max_bytes, 1 << 20);
+        assert!(!c.kv_events.discover);
+        assert!(
+            resolve(&with(&["--kv-events-discover"]))
+                .unwrap()
+                .kv_events
+                .discover
+        );
         let d = resolve(&TWO).unwrap().kv_events;
         assert_eq!(d, KvEventsSettings::default());
         assert_eq!(d.max_bytes, 256 << 20);
@@ -266,6 +326,19 @@ mod tests {
             (with(&["--kv-events-port", "5557"]), "kv_events_port:"),
             (with(&["--kv-index-max-bytes", "0"]), "kv_index_max_bytes:"),
             (
+                with(&["--kv-events-bind", "127.0.0.1:5557"]),
+                "kv_events_bind:",
+            ),
+            (
+                with(&["--kv-events-bind", "tcp://:5557"]),
+                "kv_events_bind:",
+            ),
+            (with(&["--kv-events-bind", "tcp://*:x"]), "kv_events_bind:"),
+            (
+                with(&["--kv-events-max-message-bytes", "4095"]),
+                "kv_events_max_message_bytes:",
+            ),
+            (
                 vec![
                     "--service-discovery",
                     "k8s",
@@ -291,6 +364,58 @@ mod tests {
             let e = err(&args);
             assert!(e.starts_with(setting), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_bind_socket_and_the_message_cap() {
+        let c = resolve(&with(&[
+            "--kv-events-bind",
+            "tcp://*:5557",
+            "--kv-events-max-message-bytes",
+            "4096",
+        ]))
+        .unwrap();
+        assert_eq!(c.kv_events.bind, ["tcp://0.0.0.0:5557"]);
+        assert_eq!(c.kv_events.max_message_bytes, 4096);
+        let c = resolve(&with(&[
+            "--kv-events-bind",
+            "tcp://127.0.0.1:0,tcp://*:5558",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.kv_events.bind,
+            ["tcp://127.0.0.1:0", "tcp://0.0.0.0:5558"]
+        );
+        assert_eq!(c.kv_events.max_message_bytes, 16 << 20);
+        // With discovery too: discovered pods are matched by their IP.
+        let c = resolve(&[
+            "--service-discovery",
+            "k8s",
+            "--kv-events-bind",
+            "tcp://[::]:5557",
+        ])
+        .unwrap();
+        assert_eq!(c.kv_events.bind, ["tcp://[::]:5557"]);
+        // The config keys; flags win.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "static_backends = [\"http://a:1\"]\nstatic_models = [\"m\"]\nkv_events_bind = [\"tcp://*:5557\", \"tcp://*:5558\"]\nkv_events_max_message_bytes = 65536\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = resolve(&["--config", p]).unwrap();
+        assert_eq!(
+            c.kv_events.bind,
+            ["tcp://0.0.0.0:5557", "tcp://0.0.0.0:5558"]
+        );
+        assert_eq!(c.kv_events.max_message_bytes, 65536);
+        let c = resolve(&["--config", p, "--kv-events-bind", "tcp://127.0.0.1:1"]).unwrap();
+        assert_eq!(c.kv_events.bind, ["tcp://127.0.0.1:1"]);
+        std::fs::write(&path, "kv_events_bind = [\"5557\"]\nstatic_backends = [\"http://a:1\"]\nstatic_models = [\"m\"]\n").unwrap();
+        let e = resolve(&["--config", p]).unwrap_err().to_string();
+        assert!(e.starts_with("kv_events_bind:"), "{e}");
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct RouterConfig {
     /// The engines' tokenizer (`tokenizer.json` or a model directory), loaded when the router
     /// starts (into its `AppState`); `None`: the stand-in estimate.
     pub tokenizer: Option<PathBuf>,
+    /// The most tokens of a prompt tokenized for exact matching
+    /// ([`crate::tokens::bound`]).
+    pub tokenize_max_tokens: usize,
     /// The config file, watched for policy settings.
     pub config_file: Option<PathBuf>,
     /// `--imbalanced-threshold`, applied to the built-in load_balanced_kvaware policy (already
@@ -120,6 +123,7 @@ impl Default for RouterConfig {
             prefix_index_bytes: 64 * 1024 * 1024,
             block_size: crate::tokens::DEFAULT_BLOCK_SIZE,
             tokenizer: None,
+            tokenize_max_tokens: crate::tokens::bound::DEFAULT_MAX_TOKENS,
             config_file: None,
             imbalanced_threshold: None,
             kv_events: KvEventsSettings::default(),
@@ -243,6 +247,13 @@ impl RouterConfig {
                 format!("{} does not exist", p.display()),
             ));
         }
+        let tokenize_max_tokens = args
+            .tokenize_max_tokens
+            .or(file.tokenize_max_tokens)
+            .unwrap_or(d.tokenize_max_tokens);
+        if tokenize_max_tokens == 0 {
+            return Err(invalid("tokenize_max_tokens", "must be at least 1"));
+        }
         Ok(RouterConfig {
             host: args.host.or(file.host).unwrap_or(d.host),
             port: args.port.or(file.port).unwrap_or(d.port),
@@ -320,6 +331,7 @@ impl RouterConfig {
                 .unwrap_or(d.prefix_index_bytes),
             block_size,
             tokenizer,
+            tokenize_max_tokens,
             config_file: args.config.clone(),
             imbalanced_threshold: args.imbalanced_threshold.or(file.imbalanced_threshold),
             kv_events,
@@ -394,6 +406,23 @@ mod tests {
         let mut full = vec!["switchyard"];
         full.extend_from_slice(v);
         Flags::try_parse_from(full).map(|f| f.serve)
+    }
+
+    #[test]
+    fn tokenize_max_tokens_flag_and_file_key_resolve_and_zero_is_refused() {
+        let c = RouterConfig::resolve(&args(&[])).unwrap();
+        assert_eq!(c.tokenize_max_tokens, 131_072);
+        let c = RouterConfig::resolve(&args(&["--tokenize-max-tokens", "4096"])).unwrap();
+        assert_eq!(c.tokenize_max_tokens, 4096);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(&file, "tokenize_max_tokens = 777\n").unwrap();
+        let c = RouterConfig::resolve(&args(&["--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!(c.tokenize_max_tokens, 777);
+        let e = RouterConfig::resolve(&args(&["--tokenize-max-tokens", "0"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("tokenize_max_tokens: "), "{e}");
     }
 
     #[test]

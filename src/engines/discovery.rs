@@ -48,7 +48,8 @@ pub enum DiscoveryError {
 }
 
 /// Starts the configured discovery source, if it is a dynamic one: it adds engines to the
-/// registry (starting their scrape loops, and their KV-event subscribers with `kv_events`) and
+/// registry (starting their scrape loops, and their KV-event subscribers with `kv_events`:
+/// discovered from each engine, or at `kv_events`' ports) and
 /// removes them as they come and go.
 pub async fn start(
     sd: &ServiceDiscovery,
@@ -56,7 +57,7 @@ pub async fn start(
     monitor: &Arc<Monitor>,
     prefix: &Arc<PrefixIndex>,
     http: &HttpClient,
-    kv_events: Option<(Arc<KvSubscribers>, KvEventsPorts)>,
+    kv_events: Option<(Arc<KvSubscribers>, Option<KvEventsPorts>)>,
 ) -> Result<Option<DiscoveryHandle>, DiscoveryError> {
     match sd {
         ServiceDiscovery::Static => Ok(None),

@@ -45,8 +45,10 @@ pub struct Fleet {
     monitor: Arc<Monitor>,
     prefix: Arc<PrefixIndex>,
     owned: BTreeMap<String, Arc<Engine>>,
-    /// KV-event subscribers, started and stopped with the engines (each engine's host, these ports).
-    kv_events: Option<(Arc<KvSubscribers>, KvEventsPorts)>,
+    /// KV-event subscribers, started with the engines (each engine's own `/kv_event_sources`
+    /// if the subscribers discover, else, or as its fallback, each engine's host at these
+    /// ports, if any) and stopped (views dropped, also those fed by the bound socket) with them.
+    kv_events: Option<(Arc<KvSubscribers>, Option<KvEventsPorts>)>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -68,21 +70,22 @@ impl Fleet {
         }
     }
 
-    /// Also follows each engine's KV events at its host on `ports`.
+    /// Also follows each engine's KV events: where it says (with discovery, see
+    /// [`KvSubscribers::follow`]), else at its host on `ports` (if any); drops the views of
+    /// engines that leave.
     pub fn with_kv_events(
         mut self,
         subscribers: Arc<KvSubscribers>,
-        ports: KvEventsPorts,
+        ports: Option<KvEventsPorts>,
     ) -> Fleet {
         self.kv_events = Some((subscribers, ports));
         self
     }
 
     fn start_kv_events(&self, engine: &Arc<Engine>) {
-        if let Some((subs, ports)) = &self.kv_events
-            && let Some(endpoints) = ports.endpoints_for(&engine.url)
-        {
-            subs.start_for(engine, endpoints);
+        if let Some((subs, ports)) = &self.kv_events {
+            let fallback = ports.and_then(|p| p.endpoints_for(&engine.url));
+            subs.follow_engine(engine, fallback);
         }
     }
 
@@ -255,7 +258,7 @@ mod tests {
             events: 5557,
             replay: Some(5558),
         };
-        let mut f = f.with_kv_events(Arc::clone(&subs), ports);
+        let mut f = f.with_kv_events(Arc::clone(&subs), Some(ports));
         f.apply(&desired(&[
             ("http://127.0.0.1:1", "m"),
             ("http://127.0.0.1:2", "m"),

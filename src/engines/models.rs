@@ -58,6 +58,18 @@ impl ModelCards {
             .unwrap_or(false)
     }
 
+    /// The context length of `model` as its card gives it (vLLM's `max_model_len`), if a card
+    /// of it was fetched.
+    pub fn max_model_len(&self, model: &str) -> Option<usize> {
+        let n = self
+            .cards
+            .load()
+            .get(model)?
+            .get("max_model_len")?
+            .as_u64()?;
+        usize::try_from(n).ok().filter(|&n| n > 0)
+    }
+
     /// Fetches the cards again if they are older than [`CARDS_MAX_AGE`].
     pub async fn refresh_if_stale(&self, registry: &Registry, client: &HttpClient) {
         let mut fetched_at = self.fetched_at.lock().await;
@@ -149,5 +161,7 @@ mod tests {
         );
         store.cards.store(Arc::new(cards));
         assert!(store.is_adapter("sql") && !store.is_adapter("m"));
+        assert_eq!(store.max_model_len("m"), Some(4096));
+        assert_eq!(store.max_model_len("sql"), None);
     }
 }

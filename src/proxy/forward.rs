@@ -413,6 +413,13 @@ fn kv_sources<'a>(state: &'a AppState, info: &'a RequestInfo) -> Sources<'a> {
         // An adapter's blocks are keyed under its name (known from the engines' model cards).
         lora_name: (exact.is_some() && state.cards.is_adapter(&info.model))
             .then_some(info.model.as_str()),
+        // No engine caches past the model's context (vLLM refuses a longer prompt).
+        max_prompt_tokens: state
+            .cards
+            .max_model_len(&info.model)
+            .map_or(state.cfg.tokenize_max_tokens, |n| {
+                n.min(state.cfg.tokenize_max_tokens)
+            }),
     }
 }
 

@@ -22,23 +22,69 @@
 //! Matches are kept per engine for the request: a retry's decision (over the candidates left)
 //! reuses them instead of computing them again.
 //!
+//! Tokenizing is bounded ([`crate::tokens::bound`]): at most [`Sources::max_prompt_tokens`]
+//! tokens of a prompt (the model's context length, else `--tokenize-max-tokens`), at a cost
+//! that follows that cap, not the body. A body of [`OFF_THE_WORKERS_BYTES`] or more is
+//! tokenized off the runtime's workers, and at most one such tokenization per CPU runs at a
+//! time (the others wait their turn), so that a few huge prompts leave CPU to `/health` and
+//! to ordinary requests.
+//!
 //! When the request was tokenized, each engine it is sent to is told its token ids
 //! ([`RequestKv::note_sent`]): an engine's partial view anchors on them the blocks the engine
 //! stores for it under a parent block the view does not know
 //! ([`crate::prefix::exact::anchor`]).
 
 use std::cell::{OnceCell, RefCell};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
 
 use crate::engines::Candidate;
 use crate::policy::{KvMatches, KvSource, PrefixMatcher, off_the_workers};
 use crate::prefix::PrefixIndex;
 use crate::prefix::exact::{ExactIndex, ExactMatch};
 use crate::request::RequestInfo;
-use crate::tokens::Tokenizer;
+use crate::tokens::{PromptIds, Tokenizer};
 
-/// Bodies at least this large are tokenized off the runtime's workers.
-const OFF_THE_WORKERS_BYTES: usize = 64 * 1024;
+/// Bodies at least this large are tokenized off the runtime's workers, one per CPU at a time.
+pub const OFF_THE_WORKERS_BYTES: usize = 64 * 1024;
+
+/// Permits for the large tokenizations running at once: one per CPU.
+static LARGE_TOKENIZATIONS: LazyLock<Permits> =
+    LazyLock::new(|| Permits::new(std::thread::available_parallelism().map_or(1, |n| n.get())));
+
+/// A counting semaphore for threads that may block (tokenizing runs off the workers).
+struct Permits {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// A permit of [`Permits`], given back when dropped.
+struct Permit<'a>(&'a Permits);
+
+impl Permits {
+    fn new(n: usize) -> Permits {
+        Permits {
+            free: Mutex::new(n.max(1)),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Waits for a permit.
+    fn acquire(&self) -> Permit<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
+}
 
 /// The exact source: the engines' own KV-cache views.
 pub trait ExactLookup: Sync {
@@ -60,8 +106,9 @@ pub trait ExactLookup: Sync {
 
 /// Tokenizes requests as the engines do.
 pub trait RequestTokenizer: Sync {
-    /// The token ids the engine would compute for the request to `path` with `body`.
-    fn token_ids(&self, path: &str, body: &[u8]) -> Result<Vec<u32>, String>;
+    /// The first token ids (at most `max_tokens`) the engine would compute for the request to
+    /// `path` with `body`.
+    fn token_ids(&self, path: &str, body: &[u8], max_tokens: usize) -> Result<PromptIds, String>;
 }
 
 impl ExactLookup for ExactIndex {
@@ -84,8 +131,8 @@ impl ExactLookup for ExactIndex {
 }
 
 impl RequestTokenizer for Tokenizer {
-    fn token_ids(&self, path: &str, body: &[u8]) -> Result<Vec<u32>, String> {
-        self.request_token_ids(path, body)
+    fn token_ids(&self, path: &str, body: &[u8], max_tokens: usize) -> Result<PromptIds, String> {
+        self.prompt_token_ids(path, body, max_tokens)
             .map_err(|e| e.to_string())
     }
 }
@@ -99,6 +146,9 @@ pub struct Sources<'a> {
     pub exact: Option<(&'a dyn ExactLookup, &'a dyn RequestTokenizer)>,
     /// The LoRA adapter the request's model names, if it is one (its blocks are keyed apart).
     pub lora_name: Option<&'a str>,
+    /// The most tokens of a prompt worth tokenizing: the model's context length if known, else
+    /// `--tokenize-max-tokens`.
+    pub max_prompt_tokens: usize,
 }
 
 /// One request's prefix matches, computed on demand and kept per engine across its attempts.
@@ -126,17 +176,24 @@ impl<'a> RequestKv<'a> {
     /// The request's token ids, tokenizing it now if not yet done; `None` on error. A large
     /// body is tokenized off the runtime's workers (it may take milliseconds).
     fn token_ids(&self, tokenizer: &dyn RequestTokenizer, req: &RequestInfo) -> Option<&[u32]> {
-        let tokenize = || tokenizer.token_ids(&req.path, &req.body);
+        let max_tokens = self.sources.max_prompt_tokens;
+        let tokenize = || tokenizer.token_ids(&req.path, &req.body, max_tokens);
         self.token_ids
             .get_or_init(|| {
                 let result = if req.body.len() >= OFF_THE_WORKERS_BYTES {
-                    off_the_workers(tokenize)
+                    off_the_workers(|| {
+                        let _permit = LARGE_TOKENIZATIONS.acquire();
+                        tokenize()
+                    })
                 } else {
                     tokenize()
                 };
                 match result {
-                Ok(ids) => {
+                Ok(PromptIds { ids, complete }) => {
                     metrics::counter!("switchyard_tokenize_total", "result" => "ok").increment(1);
+                    if !complete {
+                        metrics::counter!("switchyard_tokenize_capped_total").increment(1);
+                    }
                     Some(Arc::from(ids))
                 }
                 Err(e) => {
@@ -302,12 +359,16 @@ mod tests {
     }
 
     impl RequestTokenizer for Counting {
-        fn token_ids(&self, _: &str, _: &[u8]) -> Result<Vec<u32>, String> {
+        fn token_ids(&self, _: &str, _: &[u8], max_tokens: usize) -> Result<PromptIds, String> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             if self.fail {
                 Err("no template".into())
             } else {
-                Ok((0..200).collect())
+                let ids: Vec<u32> = (0..200).collect();
+                Ok(PromptIds {
+                    complete: ids.len() <= max_tokens,
+                    ids: ids.into_iter().take(max_tokens).collect(),
+                })
             }
         }
     }
@@ -352,6 +413,7 @@ mod tests {
             block_size: 16,
             exact: Some((&views, &tok)),
             lora_name: None,
+            max_prompt_tokens: 1 << 20,
         });
         let c = cands(&[1, 2, 3]);
         let m = kv.matches(&req, &c);
@@ -364,6 +426,53 @@ mod tests {
         let again = kv.matches(&req, &c[1..]);
         assert_eq!((again.tokens, again.prompt_tokens), (vec![200, 0], 200));
         assert_eq!(tok.calls.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_cap_reaches_the_tokenizer_and_bounds_the_prompt_length() {
+        let (index, req) = setup();
+        let views = Views {
+            live: vec![1],
+            partial: vec![],
+            held: 64,
+            ..Views::default()
+        };
+        let tok = Counting {
+            calls: AtomicUsize::new(0),
+            fail: false,
+        };
+        let kv = RequestKv::new(Sources {
+            approximate: &index,
+            block_size: 16,
+            exact: Some((&views, &tok)),
+            lora_name: None,
+            max_prompt_tokens: 50,
+        });
+        let m = kv.matches(&req, &cands(&[1, 2]));
+        // 50 of the prompt's 200 tokens; engine 2's 400 stand-in tokens scale to 50.
+        assert_eq!((m.tokens, m.prompt_tokens), (vec![50, 50], 50));
+    }
+
+    #[test]
+    fn large_tokenizations_hold_one_permit_each() {
+        let permits = Permits::new(2);
+        let inside = AtomicUsize::new(0);
+        let most = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        let _p = permits.acquire();
+                        let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(n, Ordering::SeqCst);
+                        std::thread::yield_now();
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        assert!(most.load(Ordering::SeqCst) <= 2);
+        assert_eq!(*permits.free.lock().unwrap(), 2, "every permit given back");
     }
 
     #[test]
@@ -384,6 +493,7 @@ mod tests {
             block_size: 16,
             exact: Some((&none_live, &tok)),
             lora_name: None,
+            max_prompt_tokens: 1 << 20,
         });
         let m = kv.matches(&req, &cands(&[1, 2]));
         assert_eq!((m.tokens, m.prompt_tokens), (vec![0, 400], 400));
@@ -408,6 +518,7 @@ mod tests {
             block_size: 16,
             exact: Some((&live, &failing)),
             lora_name: None,
+            max_prompt_tokens: 1 << 20,
         });
         let m = kv.matches(&req, &cands(&[1, 2]));
         assert_eq!((m.tokens, m.prompt_tokens), (vec![0, 400], 400));
@@ -435,6 +546,7 @@ mod tests {
             block_size: 16,
             exact: Some((&views, &tok)),
             lora_name: None,
+            max_prompt_tokens: 1 << 20,
         });
         let m = kv.matches(&req, &cands(&[1, 2, 3, 4, 5]));
         use KvSource::*;
@@ -459,6 +571,7 @@ mod tests {
             block_size: 16,
             exact: Some((&empty, &tok)),
             lora_name: None,
+            max_prompt_tokens: 1 << 20,
         });
         let m = kv.matches(&req, &cands(&[1, 2]));
         assert_eq!(
@@ -478,6 +591,7 @@ mod tests {
             block_size: 16,
             exact: Some((&complete, &tok)),
             lora_name: None,
+            max_prompt_tokens: 1 << 20,
         });
         let m = kv.matches(&req, &cands(&[2]));
         assert_eq!((m.tokens, m.sources), (vec![64], vec![Exact]));
@@ -499,6 +613,7 @@ mod tests {
             block_size: 16,
             exact: Some((&views, &tok)),
             lora_name: Some("adapter"),
+            max_prompt_tokens: 1 << 20,
         });
         // Sent before any tier asked for matches: not tokenized, nothing to note.
         kv.note_sent(1);
@@ -529,6 +644,7 @@ mod tests {
             block_size: 16,
             exact: Some((&none, &tok)),
             lora_name: None,
+            max_prompt_tokens: 1 << 20,
         });
         kv.matches(&req, &cands(&[1]));
         kv.note_sent(1);

@@ -28,7 +28,7 @@ use crate::config::RouterConfig;
 use crate::engines::Registry;
 use crate::engines::discovery::{self, DiscoveryHandle};
 use crate::engines::health::{HealthConfig, Monitor};
-use crate::engines::kv_events::{KvSubscribers, SubscriberOptions};
+use crate::engines::kv_events::{DiscoverOptions, KvSubscribers, SubscriberOptions};
 use crate::engines::models::ModelCards;
 use crate::policy::{PolicyStore, SettingsLoader, WatchHandle};
 use crate::prefix::PrefixIndex;
@@ -79,6 +79,8 @@ pub enum StartError {
     Discovery(#[from] crate::engines::discovery::DiscoveryError),
     #[error("--tokenizer: {0}")]
     Tokenizer(#[from] crate::tokens::TokenizerError),
+    #[error("--kv-events-bind: {0}")]
+    KvEventsBind(#[from] crate::engines::kv_events::BindError),
 }
 
 /// A running router.
@@ -92,6 +94,8 @@ pub struct RunningRouter {
     _policy_watch: Option<WatchHandle>,
     /// Engine discovery (Kubernetes); stops when dropped.
     _discovery: Option<DiscoveryHandle>,
+    /// Where the KV-event SUB sockets are bound (`--kv-events-bind`).
+    pub kv_events_bound: Vec<SocketAddr>,
 }
 
 impl RunningRouter {
@@ -163,15 +167,27 @@ pub async fn start(
     let _ = telemetry::prometheus();
     let registry = Arc::new(Registry::new());
     let exact = Arc::new(ExactIndex::new(cfg.kv_events.max_bytes));
-    let kv_events = Arc::new(KvSubscribers::new(
-        Arc::clone(&exact),
-        SubscriberOptions::default(),
-    ));
+    let client = upstream::build_client(cfg.connect_timeout);
+    let kv_options = SubscriberOptions {
+        limits: crate::engines::kv_events::zmtp::Limits {
+            max_message_bytes: cfg.kv_events.max_message_bytes,
+            ..Default::default()
+        },
+        ..SubscriberOptions::default()
+    };
+    let mut subscribers = KvSubscribers::new(Arc::clone(&exact), kv_options);
+    if cfg.kv_events.discover {
+        subscribers = subscribers.with_discovery(client.clone(), DiscoverOptions::default());
+    }
+    let kv_events = Arc::new(subscribers);
     for (i, b) in cfg.backends.iter().enumerate() {
         let engine = registry.add(&b.url, b.models.clone());
-        if let Some(Some(endpoints)) = cfg.kv_events.static_endpoints.get(i) {
-            kv_events.start_for(&engine, endpoints.clone());
-        }
+        let fallback = cfg.kv_events.static_endpoints.get(i).cloned().flatten();
+        kv_events.follow_engine(&engine, fallback);
+    }
+    let mut kv_events_bound = Vec::new();
+    for endpoint in &cfg.kv_events.bind {
+        kv_events_bound.push(kv_events.bind(endpoint, Arc::clone(&registry)).await?);
     }
     let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));
     let policies = PolicyStore::new(cfg.policy.clone(), cfg.block_size)?;
@@ -183,7 +199,6 @@ pub async fn start(
             None
         }
     };
-    let client = upstream::build_client(cfg.connect_timeout);
     let monitor = Monitor::new(
         Arc::clone(&registry),
         client.clone(),
@@ -195,10 +210,11 @@ pub async fn start(
         },
     );
     monitor.start();
-    let kv_discovered = cfg
-        .kv_events
-        .k8s_ports
-        .map(|ports| (Arc::clone(&kv_events), ports));
+    // With a bound socket too: discovered engines that leave drop their views.
+    let kv_discovered = (cfg.kv_events.discover
+        || cfg.kv_events.k8s_ports.is_some()
+        || !kv_events_bound.is_empty())
+    .then(|| (Arc::clone(&kv_events), cfg.kv_events.k8s_ports));
     let discovery = discovery::start(
         &cfg.discovery,
         &registry,
@@ -274,6 +290,7 @@ pub async fn start(
         server,
         _policy_watch: policy_watch,
         _discovery: discovery,
+        kv_events_bound,
     })
 }
 

@@ -86,6 +86,20 @@ pub struct SimArgs {
     /// Answer KV-event replay requests (ZMQ ROUTER) here, e.g. tcp://127.0.0.1:5558.
     #[arg(long, requires = "kv_events_endpoint")]
     pub kv_events_replay_endpoint: Option<String>,
+    /// The topic of every KV-event message, e.g. kv@10.0.0.5@my-model (llm-d's form).
+    #[arg(long, default_value = "", requires = "kv_events_endpoint")]
+    pub kv_events_topic: String,
+    /// Connect the KV-event PUB socket to --kv-events-endpoint (a router's --kv-events-bind
+    /// socket) instead of binding it.
+    #[arg(long, requires = "kv_events_endpoint")]
+    pub kv_events_connect: bool,
+    /// Data-parallel ranks: each publishes its KV events on the endpoints' port + its rank
+    /// (as vLLM's), and /kv_event_sources lists them all.
+    #[arg(long, default_value_t = 1)]
+    pub data_parallel_size: usize,
+    /// Answer GET /kv_event_sources with 404, as vLLM before 0.32.
+    #[arg(long)]
+    pub no_kv_event_sources: bool,
     /// The model's tokenizer.json or model directory: cache by its token ids (chat template
     /// included) instead of the stand-in's 4 bytes per token.
     #[arg(long)]
@@ -113,6 +127,10 @@ impl SimArgs {
             seed: self.seed,
             kv_events_endpoint: self.kv_events_endpoint.clone(),
             kv_events_replay_endpoint: self.kv_events_replay_endpoint.clone(),
+            kv_events_topic: self.kv_events_topic.clone(),
+            kv_events_connect: self.kv_events_connect,
+            data_parallel_size: self.data_parallel_size,
+            serve_kv_event_sources: !self.no_kv_event_sources,
             tokenizer: self.tokenizer.clone(),
         };
         if self.instant {
@@ -151,8 +169,8 @@ pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Se
         "simulated vLLM engine listening on {}",
         handle.url()
     );
-    if let Some(p) = handle.kv_events() {
-        tracing::info!(endpoint = p.endpoint(), replay = ?p.replay_endpoint(), "publishing KV events");
+    for p in handle.kv_event_ranks() {
+        tracing::info!(rank = p.options().rank, endpoint = p.endpoint(), replay = ?p.replay_endpoint(), topic = %p.options().topic, connected = p.options().connect, "publishing KV events");
     }
     tokio::signal::ctrl_c().await?;
     tracing::info!("simulated engine shutting down");

@@ -167,6 +167,11 @@ pub(crate) async fn handle(
             inference(engine, kind, req).await
         }
         "/v1/models" if method == Method::GET => Ok(models(&engine)),
+        // vLLM 0.32: each data-parallel rank's KV-event publisher (`{}` without KV events).
+        "/kv_event_sources" if method == Method::GET => Ok(match &engine.kv_event_sources {
+            Some(body) => json_response(StatusCode::OK, body.clone()),
+            None => error(StatusCode::NOT_FOUND, "Not Found"),
+        }),
         // vLLM serves it in dev mode (VLLM_SERVER_DEV_MODE=1); reported as AllBlocksCleared.
         "/reset_prefix_cache" if method == Method::POST => {
             engine.sched.reset_prefix_cache();
@@ -195,6 +200,7 @@ pub(crate) async fn handle(
         | "/v1/models"
         | "/health"
         | "/metrics"
+        | "/kv_event_sources"
         | "/reset_prefix_cache" => Ok(error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")),
         _ => Ok(error(StatusCode::NOT_FOUND, "Not Found")),
     }

@@ -1,9 +1,11 @@
-//! The simulated engine's KV-event publisher, as vLLM's `ZmqEventPublisher`: a PUB socket
-//! sending `[topic, seq (8 bytes BE), payload]` with sequence numbers from 0, each payload a
-//! msgpack `KVEventBatch` in the recent encoding (maps with a `type` tag, bytes block hashes,
-//! `data_parallel_rank` 0); and an optional ROUTER replay socket answering a start sequence
-//! number with every buffered batch from it, then the end-of-sequence marker. The replay buffer
-//! keeps the last [`BUFFER_STEPS`] batches, as vLLM's does by default.
+//! The simulated engine's KV-event publisher, as vLLM 0.32's `ZmqEventPublisher`: a PUB socket
+//! (bound, or connected to a router's bound SUB socket as vLLM does when its endpoint names a
+//! host) sending `[topic, seq (8 bytes BE), payload]` with sequence numbers from 0, each payload
+//! a msgpack `KVEventBatch` in the recent encoding (maps with a `type` tag, bytes block hashes,
+//! the publisher's `data_parallel_rank`); and an optional ROUTER replay socket answering a start sequence
+//! number with every buffered batch from it as `[identity, "", topic, seq, payload]`, then the
+//! end-of-sequence marker `[identity, "", "", END_SEQ, ""]`. The replay buffer keeps the last
+//! [`BUFFER_STEPS`] batches, as vLLM's does by default.
 //!
 //! [`CacheEvents`] calls (made with the cache lock held) only queue the event; a task batches
 //! whatever is queued into one `KVEventBatch`, like vLLM's one batch per scheduler step.
@@ -48,6 +50,7 @@ pub struct KvPublisher {
     tx: mpsc::UnboundedSender<Msg>,
     endpoint: String,
     replay_endpoint: Option<String>,
+    opts: PublishOptions,
     task: JoinHandle<()>,
 }
 
@@ -88,6 +91,18 @@ fn listen(endpoint: &str) -> Result<std::net::TcpListener, PublisherError> {
     bind().map_err(|e| PublisherError::Bind(endpoint.to_owned(), e))
 }
 
+/// How the PUB socket is set up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// The topic frame of every message (vLLM's `topic`, `""` by default; llm-d's
+    /// `kv@<pod-ip>@<model>`).
+    pub topic: String,
+    /// Connect the PUB socket to the endpoint instead of binding it.
+    pub connect: bool,
+    /// The data-parallel rank its batches carry.
+    pub rank: u32,
+}
+
 impl KvPublisher {
     /// Binds the PUB socket at `endpoint` and the replay socket at `replay_endpoint`
     /// (`tcp://HOST:PORT`, port 0 for any) and starts publishing.
@@ -95,8 +110,25 @@ impl KvPublisher {
         endpoint: &str,
         replay_endpoint: Option<&str>,
     ) -> Result<KvPublisher, PublisherError> {
+        Self::start_with(endpoint, replay_endpoint, &PublishOptions::default()).await
+    }
+
+    /// [`KvPublisher::start`] with a topic, and the PUB socket connected if asked.
+    pub async fn start_with(
+        endpoint: &str,
+        replay_endpoint: Option<&str>,
+        opts: &PublishOptions,
+    ) -> Result<KvPublisher, PublisherError> {
         let mut publisher = PubSocket::new();
-        let bound = publisher.bind_listener(listen(endpoint)?).await?;
+        let bound = if opts.connect {
+            publisher.connect(endpoint).await?;
+            endpoint.to_owned()
+        } else {
+            publisher
+                .bind_listener(listen(endpoint)?)
+                .await?
+                .to_string()
+        };
         let (replay, replay_bound) = match replay_endpoint {
             Some(ep) => {
                 let mut router = RouterSocket::new();
@@ -106,16 +138,19 @@ impl KvPublisher {
             None => (None, None),
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(publish_loop(publisher, replay, rx));
+        let topic = Bytes::from(opts.topic.clone().into_bytes());
+        let task = tokio::spawn(publish_loop(publisher, replay, rx, topic, opts.rank));
         Ok(KvPublisher {
             tx,
-            endpoint: bound.to_string(),
+            endpoint: bound,
             replay_endpoint: replay_bound,
+            opts: opts.clone(),
             task,
         })
     }
 
-    /// The bound PUB endpoint, e.g. `tcp://127.0.0.1:40123`.
+    /// The bound PUB endpoint, e.g. `tcp://127.0.0.1:40123` (the one connected to, when
+    /// connected).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
@@ -123,6 +158,11 @@ impl KvPublisher {
     /// The bound replay endpoint, if any.
     pub fn replay_endpoint(&self) -> Option<&str> {
         self.replay_endpoint.as_deref()
+    }
+
+    /// What it was started with (topic, connected, rank).
+    pub fn options(&self) -> &PublishOptions {
+        &self.opts
     }
 
     /// Fault injection: the next `n` batches are numbered and kept for replay, but never
@@ -193,6 +233,8 @@ enum Next {
 
 struct State {
     publisher: PubSocket,
+    topic: Bytes,
+    rank: u32,
     buffer: VecDeque<(u64, Bytes)>,
     next_seq: u64,
     lose: usize,
@@ -208,7 +250,7 @@ impl State {
             &EventBatch {
                 ts,
                 events,
-                data_parallel_rank: Some(0),
+                data_parallel_rank: Some(i64::from(self.rank)),
             },
             Encoding::Map,
         ));
@@ -222,7 +264,7 @@ impl State {
             self.lose -= 1;
         } else {
             self.send(vec![
-                Bytes::new(),
+                self.topic.clone(),
                 Bytes::copy_from_slice(&seq.to_be_bytes()),
                 payload.clone(),
             ])
@@ -256,6 +298,7 @@ impl State {
 async fn serve_replay(
     router: &mut RouterSocket,
     buffer: &VecDeque<(u64, Bytes)>,
+    topic: &Bytes,
     request: ZmqMessage,
 ) {
     let frames = request.into_vec();
@@ -266,17 +309,18 @@ async fn serve_replay(
     let Ok(start) = <[u8; 8]>::try_from(&start[..]).map(u64::from_be_bytes) else {
         return;
     };
-    let reply = |seq: Bytes, payload: Bytes| {
-        ZmqMessage::try_from(vec![identity.clone(), Bytes::new(), seq, payload])
+    let reply = |topic: Bytes, seq: Bytes, payload: Bytes| {
+        ZmqMessage::try_from(vec![identity.clone(), Bytes::new(), topic, seq, payload])
     };
     for (seq, payload) in buffer.iter().filter(|(s, _)| *s >= start) {
-        if let Ok(m) = reply(Bytes::copy_from_slice(&seq.to_be_bytes()), payload.clone())
+        let seq = Bytes::copy_from_slice(&seq.to_be_bytes());
+        if let Ok(m) = reply(topic.clone(), seq, payload.clone())
             && router.send(m).await.is_err()
         {
             return;
         }
     }
-    if let Ok(m) = reply(Bytes::copy_from_slice(&END_SEQ), Bytes::new()) {
+    if let Ok(m) = reply(Bytes::new(), Bytes::copy_from_slice(&END_SEQ), Bytes::new()) {
         let _ = router.send(m).await;
     }
 }
@@ -285,9 +329,13 @@ async fn publish_loop(
     publisher: PubSocket,
     mut replay: Option<RouterSocket>,
     mut rx: mpsc::UnboundedReceiver<Msg>,
+    topic: Bytes,
+    rank: u32,
 ) {
     let mut st = State {
         publisher,
+        topic,
+        rank,
         buffer: VecDeque::new(),
         next_seq: 0,
         lose: 0,
@@ -333,7 +381,7 @@ async fn publish_loop(
             }
             Next::Request(Ok(m)) => {
                 if let Some(router) = replay.as_mut() {
-                    serve_replay(router, &st.buffer, m).await;
+                    serve_replay(router, &st.buffer, &st.topic, m).await;
                 }
             }
             Next::Request(Err(e)) => {

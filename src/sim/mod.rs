@@ -20,6 +20,7 @@ pub mod cache_events;
 mod faults;
 mod http;
 pub mod kv_publisher;
+pub mod kv_ranks;
 mod metrics;
 mod prompt;
 mod scheduler;
@@ -100,6 +101,16 @@ pub struct SimConfig {
     pub kv_events_endpoint: Option<String>,
     /// The ZMQ ROUTER endpoint answering replay requests (needs `kv_events_endpoint`).
     pub kv_events_replay_endpoint: Option<String>,
+    /// The topic of every KV-event message (vLLM's `topic`; llm-d's `kv@<ip>@<model>`).
+    pub kv_events_topic: String,
+    /// Connect the PUB socket to `kv_events_endpoint` (a router's bound SUB socket) instead of
+    /// binding it, as vLLM does when its endpoint names a host.
+    pub kv_events_connect: bool,
+    /// Data-parallel ranks, each publishing its own KV events on the endpoints' port + its
+    /// rank (see [`kv_ranks`]) [default: 1].
+    pub data_parallel_size: usize,
+    /// Serve `GET /kv_event_sources` (vLLM 0.32); false answers 404, as earlier vLLM releases.
+    pub serve_kv_event_sources: bool,
     /// The model's tokenizer (`tokenizer.json` or a model directory), loaded at start: the
     /// prefix cache then keys blocks by the model's token ids of each request (chat template
     /// included). `None`: the stand-in's 4 bytes per token.
@@ -126,6 +137,10 @@ impl Default for SimConfig {
             seed: 0,
             kv_events_endpoint: None,
             kv_events_replay_endpoint: None,
+            kv_events_topic: String::new(),
+            kv_events_connect: false,
+            data_parallel_size: 1,
+            serve_kv_event_sources: true,
             tokenizer: None,
         }
     }
@@ -161,10 +176,14 @@ impl SimConfig {
         for (name, v) in [
             ("max_num_seqs", self.max_num_seqs),
             ("block_size", self.block_size),
+            ("data_parallel_size", self.data_parallel_size),
         ] {
             if v == 0 {
                 return Err(SimConfigError::Zero(name));
             }
+        }
+        if self.data_parallel_size > 1024 {
+            return Err(SimConfigError::TooLarge("data_parallel_size"));
         }
         if self.max_num_seqs > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(SimConfigError::TooLarge("max_num_seqs"));
@@ -225,6 +244,9 @@ pub(crate) struct Engine {
     /// scheduler reads it once its cache is keyed by token ids.
     #[allow(dead_code)]
     pub(crate) cache_events: Option<Arc<dyn cache_events::CacheEvents>>,
+    /// The `GET /kv_event_sources` answer (vLLM 0.32's, for the ranks' publishers); `None`:
+    /// 404, as vLLM before 0.32.
+    pub(crate) kv_event_sources: Option<Vec<u8>>,
 }
 
 /// A running simulated engine. Dropping the handle shuts the engine down (without waiting);
@@ -235,7 +257,8 @@ pub struct SimHandle {
     engine: Arc<Engine>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
-    kv_events: Option<Arc<kv_publisher::KvPublisher>>,
+    /// One publisher per data-parallel rank (none without KV events).
+    kv_events: Vec<Arc<kv_publisher::KvPublisher>>,
 }
 
 impl SimHandle {
@@ -262,9 +285,14 @@ impl SimHandle {
         }
     }
 
-    /// The KV-event publisher (with `kv_events_endpoint`).
+    /// The KV-event publisher (with `kv_events_endpoint`) of rank 0.
     pub fn kv_events(&self) -> Option<&Arc<kv_publisher::KvPublisher>> {
-        self.kv_events.as_ref()
+        self.kv_events.first()
+    }
+
+    /// The KV-event publishers, one per data-parallel rank.
+    pub fn kv_event_ranks(&self) -> &[Arc<kv_publisher::KvPublisher>] {
+        &self.kv_events
     }
 
     /// Failure injection, adjustable while the engine runs.
@@ -321,13 +349,28 @@ pub async fn start_with(
     let listener = socket.listen(1024)?;
     let addr = listener.local_addr()?;
     let kv_events = match &cfg.kv_events_endpoint {
-        Some(ep) => Some(Arc::new(
-            kv_publisher::KvPublisher::start(ep, cfg.kv_events_replay_endpoint.as_deref())
-                .await
-                .map_err(io::Error::other)?,
-        )),
-        None => None,
+        Some(ep) => kv_ranks::start_publishers(
+            ep,
+            cfg.kv_events_replay_endpoint.as_deref(),
+            &kv_publisher::PublishOptions {
+                topic: cfg.kv_events_topic.clone(),
+                connect: cfg.kv_events_connect,
+                rank: 0,
+            },
+            cfg.data_parallel_size,
+        )
+        .await
+        .map_err(io::Error::other)?,
+        None => Vec::new(),
     };
+    let published: Option<Arc<dyn cache_events::CacheEvents>> = match kv_events.as_slice() {
+        [] => None,
+        [one] => Some(Arc::clone(one) as Arc<dyn cache_events::CacheEvents>),
+        many => Some(Arc::new(kv_ranks::RankedEvents::new(many.to_vec()))),
+    };
+    let kv_event_sources = cfg
+        .serve_kv_event_sources
+        .then(|| kv_ranks::sources_json(&kv_events));
     let engine = Arc::new(Engine {
         model: cfg.model.clone(),
         block_size: cfg.block_size,
@@ -339,19 +382,14 @@ pub async fn start_with(
             .unwrap_or(0),
         sched: Arc::new(scheduler::Scheduler::new(
             &cfg,
-            hooks.cache_events.or_else(|| {
-                kv_events
-                    .clone()
-                    .map(|p| p as Arc<dyn cache_events::CacheEvents>)
-            }),
+            hooks.cache_events.or_else(|| published.clone()),
         )),
         faults: Faults::new(cfg.fail_rate, cfg.drop_rate, cfg.hang, cfg.seed),
         tokenizer,
         words: text::Words::new(cfg.seed),
         next_id: AtomicU64::new(0),
-        cache_events: kv_events
-            .clone()
-            .map(|p| p as Arc<dyn cache_events::CacheEvents>),
+        cache_events: published,
+        kv_event_sources,
     });
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(serve(listener, Arc::clone(&engine), stopped));

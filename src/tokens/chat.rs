@@ -20,7 +20,10 @@ use minijinja::{Environment, Error};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use std::borrow::Cow;
+
 use super::TokenizeError;
+use super::bound::cap_text;
 use super::jinja::{raise_exception, strftime_now, tojson};
 
 const TEMPLATE: &str = "chat";
@@ -101,6 +104,17 @@ impl ChatTemplate {
 
     /// The prompt text of a chat request, as vLLM renders it (see the module documentation).
     pub(crate) fn render(&self, req: &ChatRequest<'_>) -> Result<String, TokenizeError> {
+        self.render_within(req, usize::MAX).map(|(text, _)| text)
+    }
+
+    /// The first `budget` bytes (at most) of the prompt text ([`super::bound`]): each
+    /// message's text cut to the budget before rendering, the rendered text cut as it is
+    /// written. The flag says whether the text is whole (nothing was cut).
+    pub(crate) fn render_within(
+        &self,
+        req: &ChatRequest<'_>,
+        budget: usize,
+    ) -> Result<(String, bool), TokenizeError> {
         let continue_final = req.continue_final_message.unwrap_or(false);
         let add_generation_prompt = req.add_generation_prompt.unwrap_or(!continue_final);
         if continue_final && add_generation_prompt {
@@ -109,10 +123,11 @@ impl ChatTemplate {
                     .into(),
             ));
         }
+        let mut whole = true;
         let messages: Vec<Value> = req
             .messages
             .iter()
-            .map(|m| self.shape(m))
+            .map(|m| self.shape(m, budget, &mut whole))
             .collect::<Result<_, _>>()?;
         let mut ctx: Vec<(String, Value)> = self.special.clone();
         if let Some(kw) = req.chat_template_kwargs {
@@ -148,18 +163,34 @@ impl ChatTemplate {
         ));
         let ctx = Value::from_pairs(ctx);
         let tmpl = self.env.get_template(TEMPLATE).map_err(template_error)?;
-        let rendered = tmpl.render(ctx).map_err(template_error)?;
+        let mut out = BoundedText::new(budget);
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => {}
+            // The budget is reached: the text so far is the start of the prompt.
+            Err(_) if out.full => {}
+            Err(e) => return Err(template_error(e)),
+        }
+        let full = out.full;
+        let rendered = out.into_string();
         match final_text {
-            None => Ok(rendered),
-            Some(text) => cut_after_final_message(rendered, &text),
+            // Cut short before the end: the final message's tail is past the budget anyway.
+            _ if full => Ok((rendered, false)),
+            None => Ok((rendered, whole)),
+            Some(text) => cut_after_final_message(rendered, &text).map(|t| (t, whole)),
         }
     }
 
     /// A message as vLLM passes it to the template.
-    fn shape(&self, m: &Message<'_>) -> Result<Value, TokenizeError> {
+    /// Its text is cut to `budget` bytes (`whole` cleared if it was).
+    fn shape(
+        &self,
+        m: &Message<'_>,
+        budget: usize,
+        whole: &mut bool,
+    ) -> Result<Value, TokenizeError> {
         let mut out: Vec<(&str, Value)> = Vec::with_capacity(5);
         let role = m.role.clone().unwrap_or_default();
-        let parts = content_parts(m.content)?;
+        let parts = content_parts(m.content, budget, whole)?;
         let content = if self.parts_content {
             Value::from(
                 parts
@@ -178,7 +209,9 @@ impl ChatTemplate {
                     Part::Other(_) => None,
                 })
                 .collect();
-            Value::from(texts.join("\n"))
+            let (text, cut) = cap_text(Cow::Owned(texts.join("\n")), budget);
+            *whole &= !cut;
+            Value::from(text)
         };
         out.push(("role", Value::from(role.clone())));
         out.push(("content", content));
@@ -256,43 +289,120 @@ enum Part {
     Other(String),
 }
 
-/// A message's content as parts: a string is one text part, `null` none.
-fn content_parts(raw: Option<&RawValue>) -> Result<Vec<Part>, TokenizeError> {
+/// A message's content as parts: a string is one text part, `null` none. Texts are read
+/// borrowed from the body where they have no escapes, and each is cut to `budget` bytes
+/// (`whole` cleared if one was), so no copy of a huge text is kept.
+fn content_parts(
+    raw: Option<&RawValue>,
+    budget: usize,
+    whole: &mut bool,
+) -> Result<Vec<Part>, TokenizeError> {
+    let invalid = |e: serde_json::Error| TokenizeError::Invalid(format!("message content: {e}"));
     let Some(raw) = raw else {
         return Ok(Vec::new());
     };
-    let v: serde_json::Value = serde_json::from_str(raw.get())
-        .map_err(|e| TokenizeError::Invalid(format!("message content: {e}")))?;
-    match v {
-        serde_json::Value::Null => Ok(Vec::new()),
-        serde_json::Value::String(s) => Ok(vec![Part::Text(s)]),
-        serde_json::Value::Array(items) => Ok(items
-            .into_iter()
-            .filter_map(|item| match item {
-                serde_json::Value::String(s) => Some(Part::Text(s)),
-                serde_json::Value::Object(mut o) => {
-                    let kind = o
-                        .get("type")
-                        .and_then(|t| t.as_str())
-                        .unwrap_or("text")
-                        .to_owned();
-                    match (kind.as_str(), o.remove("text")) {
-                        ("text" | "input_text", Some(serde_json::Value::String(t))) => {
-                            Some(Part::Text(t))
-                        }
-                        (k, _) => Some(Part::Other(
-                            k.trim_end_matches("_url")
-                                .trim_start_matches("input_")
-                                .into(),
-                        )),
+    let mut text = |s: Cow<'_, str>| {
+        let (t, cut) = cap_text(s, budget);
+        *whole &= !cut;
+        Part::Text(t)
+    };
+    match raw.get().trim_start().as_bytes().first() {
+        Some(b'n') => {
+            serde_json::from_str::<()>(raw.get()).map_err(invalid)?;
+            Ok(Vec::new())
+        }
+        Some(b'"') => Ok(vec![text(borrowed_str(raw).map_err(invalid)?)]),
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(invalid)?;
+            let mut parts = Vec::with_capacity(items.len());
+            for item in items {
+                match item.get().trim_start().as_bytes().first() {
+                    Some(b'"') => parts.push(text(borrowed_str(item).map_err(invalid)?)),
+                    Some(b'{') => {
+                        let o: PartObject = serde_json::from_str(item.get()).map_err(invalid)?;
+                        let kind = o.kind.and_then(|k| borrowed_str(k).ok());
+                        let kind = kind.as_deref().unwrap_or("text");
+                        let body = o.text.and_then(|t| borrowed_str(t).ok());
+                        parts.push(match (kind, body) {
+                            ("text" | "input_text", Some(t)) => text(t),
+                            (k, _) => Part::Other(
+                                k.trim_end_matches("_url")
+                                    .trim_start_matches("input_")
+                                    .into(),
+                            ),
+                        });
                     }
+                    _ => {}
                 }
-                _ => None,
-            })
-            .collect()),
+            }
+            Ok(parts)
+        }
         _ => Err(TokenizeError::Invalid(
             "message content must be a string or an array of content parts".into(),
         )),
+    }
+}
+
+/// One object of a content array: its `type` and `text`, if strings.
+#[derive(Deserialize)]
+struct PartObject<'a> {
+    #[serde(rename = "type", default, borrow)]
+    kind: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    text: Option<&'a RawValue>,
+}
+
+/// A JSON string, borrowed from the body unless it has escapes.
+pub(super) fn borrowed_str(raw: &RawValue) -> Result<Cow<'_, str>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+    serde_json::from_str::<Text>(raw.get()).map(|t| t.0)
+}
+
+/// Rendered text up to a byte budget: writes past it fail (ending the render) and set `full`.
+struct BoundedText {
+    buf: Vec<u8>,
+    limit: usize,
+    full: bool,
+}
+
+impl BoundedText {
+    fn new(limit: usize) -> BoundedText {
+        BoundedText {
+            buf: Vec::new(),
+            limit,
+            full: false,
+        }
+    }
+
+    /// The text, without a character the budget cut in two.
+    fn into_string(mut self) -> String {
+        match String::from_utf8(self.buf) {
+            Ok(s) => s,
+            Err(e) => {
+                let valid = e.utf8_error().valid_up_to();
+                self.buf = e.into_bytes();
+                self.buf.truncate(valid);
+                String::from_utf8(self.buf).unwrap_or_default()
+            }
+        }
+    }
+}
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let room = self.limit.saturating_sub(self.buf.len());
+        if bytes.len() > room {
+            self.buf.extend_from_slice(&bytes[..room]);
+            self.full = true;
+            return Err(std::io::Error::other("prompt text budget reached"));
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -13,13 +13,21 @@
 //!   then tokenized **without** adding special tokens (vLLM's `add_special_tokens=False`
 //!   default for chat: the template already has them; the request may set it).
 //!
+//! The router asks for [`Tokenizer::prompt_token_ids`]: the first of those ids, at most a cap,
+//! at a cost the cap bounds ([`super::bound`]).
+//!
 //! Nothing is downloaded: the files are read once, at start.
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use std::borrow::Cow;
 
-use super::chat::{ChatRequest, ChatTemplate};
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::bound::{self, PromptIds};
+use super::chat::{ChatRequest, ChatTemplate, borrowed_str};
 use super::{TokenizeError, TokenizerError};
 
 /// A model's tokenizer and chat template. Cheap to share in an `Arc`.
@@ -147,35 +155,45 @@ impl Tokenizer {
     }
 
     /// The token ids the engine will see for this request body; `path` is the request path
-    /// (`/v1/completions` vs `/v1/chat/completions`). See the module documentation.
+    /// (`/v1/completions` vs `/v1/chat/completions`). See the module documentation. All of
+    /// them, however long the prompt: the router uses [`Tokenizer::prompt_token_ids`].
     pub fn request_token_ids(&self, path: &str, body: &[u8]) -> Result<Vec<u32>, TokenizeError> {
-        if path.ends_with("/chat/completions") {
+        self.prompt_token_ids(path, body, usize::MAX).map(|p| p.ids)
+    }
+
+    /// The first token ids the engine will see for this request body, at most `max_tokens`,
+    /// computed at a cost bounded by `max_tokens` rather than by the body ([`super::bound`]):
+    /// equal to the first ids of [`Tokenizer::request_token_ids`], fewer where a cut prompt
+    /// leaves them uncertain.
+    pub fn prompt_token_ids(
+        &self,
+        path: &str,
+        body: &[u8],
+        max_tokens: usize,
+    ) -> Result<PromptIds, TokenizeError> {
+        let budget = bound::text_budget(max_tokens);
+        let (text, add_special, whole) = if path.ends_with("/chat/completions") {
             let req: ChatRequest = parse(body)?;
-            let text = self
+            let (text, whole) = self
                 .chat
                 .as_ref()
                 .ok_or(TokenizeError::NoChatTemplate)?
-                .render(&req)?;
-            return self.encode(&text, req.add_special_tokens.unwrap_or(false));
-        }
-        let req: CompletionRequest = parse(body)?;
-        let add_special = req.add_special_tokens.unwrap_or(true);
-        match req.prompt.or(req.input) {
-            None => Err(TokenizeError::NoPrompt),
-            Some(Prompt::Text(s)) => self.encode(&s, add_special),
-            Some(Prompt::Ids(ids)) => Ok(ids),
-            Some(Prompt::Texts(v)) => match v.first() {
-                Some(s) => self.encode(s, add_special),
-                None => Err(TokenizeError::NoPrompt),
-            },
-            Some(Prompt::IdLists(mut v)) => {
-                if v.is_empty() {
-                    Err(TokenizeError::NoPrompt)
-                } else {
-                    Ok(v.swap_remove(0))
+                .render_within(&req, budget)?;
+            (text, req.add_special_tokens.unwrap_or(false), whole)
+        } else {
+            let req: CompletionRequest = parse(body)?;
+            let add_special = req.add_special_tokens.unwrap_or(true);
+            let raw = req.prompt.or(req.input).ok_or(TokenizeError::NoPrompt)?;
+            match prompt_of(raw, max_tokens)? {
+                Prompt::Ids(ids, complete) => return Ok(PromptIds { ids, complete }),
+                Prompt::Text(s) => {
+                    let (text, cut) = bound::cap_text(s, budget);
+                    (text, add_special, !cut)
                 }
             }
-        }
+        };
+        bound::encode_prefix(&self.inner, &text, add_special, whole, max_tokens)
+            .map_err(|e| TokenizeError::Encode(e.to_string()))
     }
 }
 
@@ -183,23 +201,106 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, TokenizeError> {
     serde_json::from_slice(body).map_err(|e| TokenizeError::Json(e.to_string()))
 }
 
+/// The prompt fields of a completion request, read as they are in the body.
 #[derive(Deserialize)]
-struct CompletionRequest {
-    #[serde(default)]
-    prompt: Option<Prompt>,
-    #[serde(default)]
-    input: Option<Prompt>,
+struct CompletionRequest<'a> {
+    #[serde(default, borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    input: Option<&'a RawValue>,
     #[serde(default)]
     add_special_tokens: Option<bool>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Prompt {
-    Text(String),
-    Ids(Vec<u32>),
-    Texts(Vec<String>),
-    IdLists(Vec<Vec<u32>>),
+/// A completion prompt: text (borrowed from the body where it has no escapes), or token ids
+/// (at most the cap, and whether that is all of them).
+enum Prompt<'a> {
+    Text(Cow<'a, str>),
+    Ids(Vec<u32>, bool),
+}
+
+/// The prompt of `raw`: a string, token ids, or a batch of either (its first prompt counts).
+/// Token ids past `max_tokens` are skipped unread, never stored.
+fn prompt_of(raw: &RawValue, max_tokens: usize) -> Result<Prompt<'_>, TokenizeError> {
+    let json = |e: serde_json::Error| TokenizeError::Json(e.to_string());
+    let first_byte = |r: &RawValue| r.get().trim_start().as_bytes().first().copied();
+    match first_byte(raw) {
+        Some(b'"') => return Ok(Prompt::Text(borrowed_str(raw).map_err(json)?)),
+        Some(b'[') => {}
+        _ => {
+            return Err(TokenizeError::Json(
+                "prompt: expected a string, token ids, or a list of either".into(),
+            ));
+        }
+    }
+    let FirstItem(first) = serde_json::from_str(raw.get()).map_err(json)?;
+    let ids = |r: &RawValue| {
+        let mut de = serde_json::Deserializer::from_str(r.get());
+        let (ids, complete) = CappedIds(max_tokens).deserialize(&mut de).map_err(json)?;
+        Ok(Prompt::Ids(ids, complete))
+    };
+    match first.map(first_byte) {
+        // `[]`: no token ids.
+        None => Ok(Prompt::Ids(Vec::new(), true)),
+        Some(Some(b'"')) => first
+            .map(|f| Ok(Prompt::Text(borrowed_str(f).map_err(json)?)))
+            .unwrap_or(Err(TokenizeError::NoPrompt)),
+        Some(Some(b'[')) => first.map(ids).unwrap_or(Err(TokenizeError::NoPrompt)),
+        Some(_) => ids(raw),
+    }
+}
+
+/// The first item of a JSON array, as it is in the body (the others are checked, not kept).
+struct FirstItem<'a>(Option<&'a RawValue>);
+
+impl<'de> Deserialize<'de> for FirstItem<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = FirstItem<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let first = seq.next_element::<&'de RawValue>()?;
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(FirstItem(first))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// A list of token ids, at most this many kept (the rest checked to be ids, not stored), and
+/// whether that was all of them.
+struct CappedIds(usize);
+
+impl<'de> DeserializeSeed<'de> for CappedIds {
+    type Value = (Vec<u32>, bool);
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CappedIds {
+    type Value = (Vec<u32>, bool);
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of token ids")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut ids = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.0).min(1 << 16));
+        while ids.len() < self.0 {
+            match seq.next_element::<u32>()? {
+                Some(id) => ids.push(id),
+                None => return Ok((ids, true)),
+            }
+        }
+        let mut complete = true;
+        while seq.next_element::<u32>()?.is_some() {
+            complete = false;
+        }
+        Ok((ids, complete))
+    }
 }
 
 fn load_chat_template(dir: &Path) -> Result<Option<ChatTemplate>, TokenizerError> {

@@ -14,13 +14,16 @@
 //!
 //! A model's real tokenizer and chat template (`--tokenizer`) are [`Tokenizer`] ([`hf`], with
 //! the chat template in `chat` and transformers' Jinja helpers in `jinja`): the token ids an
-//! engine sees for a request body. Where real ids are wanted without one,
+//! engine sees for a request body; [`bound`] keeps the router to a prompt's first tokens at a
+//! cost that follows their number, not the body's size. Where real ids are wanted without one,
 //! [`stand_in_token_ids`] gives the stand-in's: each 4 bytes of the prompt text as one id.
 
+pub mod bound;
 mod chat;
 pub mod hf;
 mod jinja;
 
+pub use bound::PromptIds;
 pub use hf::Tokenizer;
 
 use std::path::PathBuf;

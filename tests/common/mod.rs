@@ -225,6 +225,8 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 pub struct RouterProcess {
     pub child: std::process::Child,
     pub url: String,
+    /// The lines it printed before saying where it routes.
+    pub banner: Vec<String>,
 }
 
 impl RouterProcess {
@@ -268,18 +270,21 @@ impl RouterProcess {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
+            let mut banner = Vec::new();
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
                 if !sent && let Some(url) = line.strip_prefix("Switchyard is routing on ") {
-                    let _ = tx.send(url.trim().to_owned());
+                    let _ = tx.send((url.trim().to_owned(), std::mem::take(&mut banner)));
                     sent = true;
+                } else if !sent {
+                    banner.push(line);
                 }
             }
         });
-        let url = rx
+        let (url, banner) = rx
             .recv_timeout(SAFETY)
             .expect("the router binary says where it listens");
-        RouterProcess { child, url }
+        RouterProcess { child, url, banner }
     }
 
     pub fn pid(&self) -> u32 {

@@ -41,7 +41,18 @@ pub fn apply_batch(
     batch: &EventBatch,
     keys: &mut Vec<u64>,
 ) -> Option<Applied> {
-    index.update(engine, |v| {
+    apply_batch_to_rank(index, engine, 0, batch, keys)
+}
+
+/// [`apply_batch`] to the view of `engine`'s data-parallel rank `rank`.
+pub fn apply_batch_to_rank(
+    index: &ExactIndex,
+    engine: u32,
+    rank: u32,
+    batch: &EventBatch,
+    keys: &mut Vec<u64>,
+) -> Option<Applied> {
+    index.update_rank(engine, rank, |v| {
         v.set_data_parallel_rank(batch.data_parallel_rank);
         let mut a = Applied::default();
         for event in &batch.events {

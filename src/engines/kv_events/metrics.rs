@@ -48,6 +48,18 @@ pub fn describe() {
         "switchyard_kv_events_other_groups_total",
         "Events of KV-cache groups other than 0 (hybrid models), not indexed"
     );
+    describe_counter!(
+        "switchyard_kv_events_oversized_total",
+        "KV-event messages over --kv-events-max-message-bytes, read past without buffering and dropped"
+    );
+    describe_counter!(
+        "switchyard_kv_events_unknown_engine_total",
+        "Messages on the bound KV-event socket whose topic names no known engine, by reason (unknown, ambiguous, malformed_topic), dropped"
+    );
+    describe_gauge!(
+        "switchyard_kv_events_bound_connections",
+        "Publisher connections open on the bound KV-event socket (--kv-events-bind)"
+    );
     describe_gauge!(
         "switchyard_kv_events_live",
         "1 while an engine's exact KV view is used for routing (connected, in sequence; complete or partial)"
@@ -79,6 +91,7 @@ pub(super) struct StreamMetrics {
     pub cleared: Counter,
     pub unknown: Counter,
     pub malformed: Counter,
+    pub oversized: Counter,
     pub gaps: Counter,
     pub replays_ok: Counter,
     pub replays_failed: Counter,
@@ -106,6 +119,7 @@ impl StreamMetrics {
             cleared: ev("AllBlocksCleared"),
             unknown: ev("unknown"),
             malformed: metrics::counter!("switchyard_kv_events_malformed_total", "engine" => e()),
+            oversized: metrics::counter!("switchyard_kv_events_oversized_total", "engine" => e()),
             gaps: metrics::counter!("switchyard_kv_events_gaps_total", "engine" => e()),
             replays_ok: replays("ok"),
             replays_failed: replays("failed"),
@@ -128,6 +142,7 @@ impl StreamMetrics {
             &m.cleared,
             &m.unknown,
             &m.malformed,
+            &m.oversized,
             &m.gaps,
             &m.replays_ok,
             &m.replays_failed,

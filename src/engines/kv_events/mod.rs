@@ -1,16 +1,25 @@
 //! Engines' own KV-cache events (vLLM's `--kv-events-config`): the wire format ([`wire`],
-//! [`encode`]) and the subscribers ([`subscriber`]) that keep each engine's view in the exact
-//! index ([`crate::prefix::exact`]), complete or partial by the rules of [`completeness`]
-//! (which read the engine's cache capacity, scraped from its `/metrics`, through
-//! [`CacheCapacity`]). [`KvSubscribers`] starts and stops them with the engine set.
+//! [`encode`]), our ZMTP transport ([`zmtp`]: SUB and DEALER with a message-size cap), the
+//! subscribers ([`subscriber`]) that keep each engine's view in the exact index
+//! ([`crate::prefix::exact`]), one per data-parallel rank of an engine, complete or partial by
+//! the rules of [`completeness`] (which read the engine's cache capacity, scraped from its
+//! `/metrics`, through [`CacheCapacity`]), replay requests ([`replay`]) and the bound socket
+//! engines connect to ([`bind`]). [`KvSubscribers`] starts and stops them with the engine set,
+//! from configured endpoints or from what each engine says it publishes ([`sources`], asked by
+//! [`discover`]).
 
+pub mod bind;
 pub mod completeness;
+pub mod discover;
 pub mod encode;
 pub mod ingest;
 mod metrics;
 mod msgpack;
+pub mod replay;
+pub mod sources;
 pub mod subscriber;
 pub mod wire;
+pub mod zmtp;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +29,9 @@ use tokio::task::JoinHandle;
 
 use super::Engine;
 use crate::prefix::exact::ExactIndex;
+use crate::upstream::HttpClient;
 
+pub use discover::DiscoverOptions;
 pub use metrics::describe as describe_metrics;
 
 /// Where an engine publishes its KV events.
@@ -65,6 +76,8 @@ pub struct SubscriberOptions {
     /// Reconnection backoff bounds [default: 100 ms to 5 s].
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// The message-size cap and handshake timeout of every connection.
+    pub limits: zmtp::Limits,
 }
 
 impl Default for SubscriberOptions {
@@ -74,6 +87,7 @@ impl Default for SubscriberOptions {
             replay_timeout: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
+            limits: zmtp::Limits::default(),
         }
     }
 }
@@ -101,15 +115,29 @@ impl CacheCapacity {
     }
 }
 
-/// The running subscribers, one per engine with an events endpoint. Dropping it stops them.
+/// The running subscribers, one per (engine, data-parallel rank) followed, and the engines'
+/// `/kv_event_sources` discovery tasks (`--kv-events-discover`). Dropping it stops them.
 #[derive(Debug)]
 pub struct KvSubscribers {
     index: Arc<ExactIndex>,
     opts: SubscriberOptions,
-    tasks: Mutex<HashMap<u32, Running>>,
+    /// With `--kv-events-discover`: the client and settings of the engines' discovery.
+    discovery: Option<(HttpClient, DiscoverOptions)>,
+    tasks: Mutex<Tasks>,
+    /// The bound sockets' accept loops.
+    bound: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// A subscriber task and the engine's name (its metric label).
+#[derive(Debug, Default)]
+struct Tasks {
+    /// Per (engine, rank): its subscriber task and its metric label.
+    following: HashMap<(u32, u32), Running>,
+    /// Per engine asked for its `/kv_event_sources`: the task asking (kept, finished, until
+    /// the engine leaves: it marks the engine as still wanted).
+    discovering: HashMap<u32, JoinHandle<()>>,
+}
+
+/// A subscriber task and the metric label of its stream.
 type Running = (JoinHandle<()>, Arc<str>);
 
 impl KvSubscribers {
@@ -118,62 +146,211 @@ impl KvSubscribers {
         KvSubscribers {
             index,
             opts,
-            tasks: Mutex::new(HashMap::new()),
+            discovery: None,
+            tasks: Mutex::new(Tasks::default()),
+            bound: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Finds each engine's sockets by asking it (`GET /kv_event_sources`, see [`discover`])
+    /// in [`Self::follow`].
+    pub fn with_discovery(mut self, http: HttpClient, opts: DiscoverOptions) -> KvSubscribers {
+        self.discovery = Some((http, opts));
+        self
+    }
+
+    /// Binds a SUB socket at `endpoint` (`tcp://HOST:PORT`, port 0 for any) that engines'
+    /// PUB sockets connect to, each message's topic naming its engine among `registry`'s
+    /// ([`bind`]). Returns the bound address. Must be called within a Tokio runtime.
+    pub async fn bind(
+        &self,
+        endpoint: &str,
+        registry: Arc<crate::engines::Registry>,
+    ) -> Result<std::net::SocketAddr, BindError> {
+        let addr = zmtp::tcp_address(endpoint).map_err(|_| BindError::Endpoint(endpoint.into()))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| BindError::Bind(endpoint.into(), e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| BindError::Bind(endpoint.into(), e))?;
+        let task = tokio::spawn(bind::serve(
+            listener,
+            registry,
+            Arc::clone(&self.index),
+            self.opts.clone(),
+        ));
+        self.bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+        tracing::info!(%local, "KV-event SUB socket bound: engines may connect");
+        Ok(local)
     }
 
     pub fn index(&self) -> &Arc<ExactIndex> {
         &self.index
     }
 
-    /// Starts following `endpoints` for `engine`, replacing any subscriber it had; a view
-    /// that starts mid-stream is complete once the engine stored its cache capacity, read from
-    /// the engine's scraped figures. Must be called within a Tokio runtime.
-    pub fn start_for(&self, engine: &Arc<Engine>, endpoints: KvEndpoints) {
-        self.spawn(
+    fn tasks(&self) -> std::sync::MutexGuard<'_, Tasks> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts following the engine `engine` at `url` (named `name`) as it joins: with
+    /// discovery, its `/kv_event_sources` is asked (retried until it answers), each rank is
+    /// followed, and `fallback` is used if the engine does not serve it; without, `fallback`
+    /// (if any) is followed as rank 0. Must be called within a Tokio runtime.
+    pub fn follow(
+        self: &Arc<Self>,
+        engine: u32,
+        name: &str,
+        url: &str,
+        fallback: Option<KvEndpoints>,
+    ) {
+        self.follow_with(engine, name, url, fallback, CacheCapacity::unknown());
+    }
+
+    /// [`Self::follow`] for a registered engine, whose scraped cache capacity tells when a
+    /// view that started mid-stream is complete.
+    pub fn follow_engine(self: &Arc<Self>, engine: &Arc<Engine>, fallback: Option<KvEndpoints>) {
+        self.follow_with(
             engine.id,
             &engine.name,
-            endpoints,
+            &engine.url,
+            fallback,
             CacheCapacity::of(engine),
         );
     }
 
-    /// Starts following `endpoints` for engine `engine` (named `name` in metrics), replacing
-    /// any subscriber it had, its cache capacity unknown. Must be called within a Tokio
-    /// runtime.
-    pub fn start(&self, engine: u32, name: &str, endpoints: KvEndpoints) {
-        self.spawn(engine, name, endpoints, CacheCapacity::unknown());
-    }
-
-    fn spawn(&self, engine: u32, name: &str, endpoints: KvEndpoints, capacity: CacheCapacity) {
-        self.index.add_engine(engine);
-        let name: Arc<str> = Arc::from(name);
-        let task = tokio::spawn(subscriber::run(
+    fn follow_with(
+        self: &Arc<Self>,
+        engine: u32,
+        name: &str,
+        url: &str,
+        fallback: Option<KvEndpoints>,
+        capacity: CacheCapacity,
+    ) {
+        let Some((http, opts)) = &self.discovery else {
+            if let Some(endpoints) = fallback {
+                let mut tasks = self.tasks();
+                let name = Arc::from(name);
+                self.start_locked(
+                    &mut tasks,
+                    engine,
+                    0,
+                    name,
+                    endpoints,
+                    String::new(),
+                    capacity,
+                );
+            }
+            return;
+        };
+        let job = discover::Job {
+            subscribers: Arc::downgrade(self),
+            http: http.clone(),
+            opts: opts.clone(),
             engine,
-            Arc::clone(&name),
-            endpoints,
-            Arc::clone(&self.index),
-            self.opts.clone(),
+            name: Arc::from(name),
+            url: url.to_owned(),
+            fallback,
             capacity,
-        ));
-        let old = self
-            .tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(engine, (task, name));
-        if let Some((old, _)) = old {
+        };
+        // Spawned and recorded under the lock: the task's subscribers can only start once
+        // it is recorded, and not once `stop` removed it.
+        let mut tasks = self.tasks();
+        let old = tasks
+            .discovering
+            .insert(engine, tokio::spawn(discover::run(job)));
+        if let Some(old) = old {
             old.abort();
         }
     }
 
-    /// Stops `engine`'s subscriber and drops its view.
+    /// Starts following `endpoints` for engine `engine` (named `name` in metrics) as its rank
+    /// 0, subscribed to every topic, replacing any subscriber it had. Must be called within a
+    /// Tokio runtime.
+    pub fn start(&self, engine: u32, name: &str, endpoints: KvEndpoints) {
+        let mut tasks = self.tasks();
+        self.start_locked(
+            &mut tasks,
+            engine,
+            0,
+            Arc::from(name),
+            endpoints,
+            String::new(),
+            CacheCapacity::unknown(),
+        );
+    }
+
+    /// A discovered rank: started only while the engine is still wanted (its discovery task
+    /// is recorded). False if it left meanwhile.
+    fn start_discovered(
+        &self,
+        engine: u32,
+        rank: u32,
+        name: Arc<str>,
+        endpoints: KvEndpoints,
+        topic: String,
+        capacity: CacheCapacity,
+    ) -> bool {
+        let mut tasks = self.tasks();
+        if !tasks.discovering.contains_key(&engine) {
+            return false;
+        }
+        self.start_locked(&mut tasks, engine, rank, name, endpoints, topic, capacity);
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_locked(
+        &self,
+        tasks: &mut Tasks,
+        engine: u32,
+        rank: u32,
+        name: Arc<str>,
+        endpoints: KvEndpoints,
+        topic: String,
+        capacity: CacheCapacity,
+    ) {
+        self.index.add_rank(engine, rank);
+        let target = subscriber::Target {
+            engine,
+            rank,
+            name: Arc::clone(&name),
+            endpoints,
+            topic,
+            capacity,
+        };
+        let task = tokio::spawn(subscriber::run(
+            target,
+            Arc::clone(&self.index),
+            self.opts.clone(),
+        ));
+        if let Some((old, _)) = tasks.following.insert((engine, rank), (task, name)) {
+            old.abort();
+        }
+    }
+
+    /// Stops `engine`'s discovery and subscribers and drops its views.
     pub fn stop(&self, engine: u32) {
-        let task = self
-            .tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&engine);
-        if let Some((task, name)) = task {
+        let stopped: Vec<Running> = {
+            let mut tasks = self.tasks();
+            if let Some(d) = tasks.discovering.remove(&engine) {
+                d.abort();
+            }
+            let ranks: Vec<(u32, u32)> = tasks
+                .following
+                .keys()
+                .filter(|k| k.0 == engine)
+                .copied()
+                .collect();
+            ranks
+                .iter()
+                .filter_map(|k| tasks.following.remove(k))
+                .collect()
+        };
+        for (task, name) in stopped {
             task.abort();
             ::metrics::gauge!("switchyard_kv_events_live", "engine" => name.to_string()).set(0.0);
             for gauge in [
@@ -188,21 +365,49 @@ impl KvSubscribers {
 
     /// The engines with a subscriber, sorted.
     pub fn engines(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self
-            .tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
+        let mut v: Vec<u32> = self.tasks().following.keys().map(|k| k.0).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The (engine, rank) pairs followed, with the endpoints' metric label, sorted.
+    pub fn streams(&self) -> Vec<(u32, u32, Arc<str>)> {
+        let mut v: Vec<(u32, u32, Arc<str>)> = self
+            .tasks()
+            .following
+            .iter()
+            .map(|(k, (_, name))| (k.0, k.1, Arc::clone(name)))
             .collect();
         v.sort_unstable();
         v
     }
 }
 
+/// Why the KV-event socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{0:?} is not a tcp://HOST:PORT endpoint")]
+    Endpoint(String),
+    #[error("cannot bind the KV-event socket {0}: {1}")]
+    Bind(String, std::io::Error),
+}
+
 impl Drop for KvSubscribers {
     fn drop(&mut self) {
-        for (_, (task, _)) in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        for task in self
+            .bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+        let mut tasks = self.tasks();
+        for (_, (task, _)) in tasks.following.drain() {
+            task.abort();
+        }
+        for (_, task) in tasks.discovering.drain() {
             task.abort();
         }
     }

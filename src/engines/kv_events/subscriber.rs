@@ -39,77 +39,23 @@
 //! task only writes the engine's view.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use zeromq::prelude::*;
-use zeromq::{DealerSocket, SocketEvent, SubSocket, ZmqMessage};
 
 use super::completeness::{BatchEffect, Completeness};
 use super::ingest;
 use super::metrics::StreamMetrics;
-use super::wire::{self, END_SEQ, EventBatch};
+use super::replay::fetch_replay;
+use super::wire::{self, EventBatch};
+use super::zmtp::{self, Received, SocketType};
 use super::{CacheCapacity, KvEndpoints, SubscriberOptions};
 use crate::prefix::exact::{ExactIndex, ViewState};
 
-/// Most batches accepted from one replay (vLLM buffers 10,000 by default).
-const MAX_REPLAY_BATCHES: usize = 200_000;
-
-/// Why a replay brought nothing usable.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    #[error("timed out")]
-    Timeout,
-    #[error("zmq: {0}")]
-    Zmq(#[from] zeromq::ZmqError),
-    #[error("malformed reply: {0}")]
-    Malformed(String),
-}
-
-/// Asks the replay socket at `endpoint` for every buffered batch from `from`: (seq, payload)
-/// in the order sent, up to the end-of-sequence marker.
-pub async fn fetch_replay(
-    endpoint: &str,
-    from: u64,
-    timeout: Duration,
-) -> Result<Vec<(u64, Bytes)>, ReplayError> {
-    tokio::time::timeout(timeout, async {
-        let mut dealer = DealerSocket::new();
-        dealer.connect(endpoint).await?;
-        let request = ZmqMessage::try_from(vec![
-            Bytes::new(),
-            Bytes::copy_from_slice(&from.to_be_bytes()),
-        ])
-        .map_err(|e| ReplayError::Malformed(e.to_string()))?;
-        dealer.send(request).await?;
-        let mut out = Vec::new();
-        loop {
-            let frames = dealer.recv().await?.into_vec();
-            let (seq, payload) = match frames.as_slice() {
-                [empty, seq, payload] if empty.is_empty() => (seq, payload),
-                [seq, payload] => (seq, payload),
-                other => {
-                    return Err(ReplayError::Malformed(format!("{} frames", other.len())));
-                }
-            };
-            if seq[..] == END_SEQ {
-                return Ok(out);
-            }
-            let seq = wire::decode_seq(seq).map_err(|e| ReplayError::Malformed(e.to_string()))?;
-            out.push((seq, payload.clone()));
-            if out.len() > MAX_REPLAY_BATCHES {
-                return Err(ReplayError::Malformed("too many batches".into()));
-            }
-        }
-    })
-    .await
-    .map_err(|_| ReplayError::Timeout)?
-}
-
 /// The follower of one engine's stream.
-struct Stream {
+pub(super) struct Stream {
     engine: u32,
+    /// The engine's data-parallel rank this stream is (each rank publishes its own).
+    rank: u32,
     endpoints: KvEndpoints,
     index: Arc<ExactIndex>,
     opts: SubscriberOptions,
@@ -131,6 +77,48 @@ struct Stream {
 }
 
 impl Stream {
+    /// A follower of the stream of `engine`'s data-parallel rank `rank` (the engine named
+    /// `name` in metrics), not connected yet. The rank's view must exist.
+    pub(super) fn new(
+        engine: u32,
+        rank: u32,
+        name: &str,
+        endpoints: KvEndpoints,
+        index: Arc<ExactIndex>,
+        opts: SubscriberOptions,
+        capacity: CacheCapacity,
+    ) -> Stream {
+        let m = StreamMetrics::new(name);
+        m.set_state(ViewState::Off);
+        Stream {
+            engine,
+            rank,
+            endpoints,
+            index,
+            m,
+            opts,
+            expected: None,
+            dup_floor: None,
+            completeness: Completeness::partial(),
+            capacity,
+            connected: false,
+            reconnected: false,
+            keys: Vec::new(),
+        }
+    }
+
+    /// A message over the size cap was dropped (its batch, if it was one, is lost: the next
+    /// batch reveals the gap).
+    pub(super) fn oversized(&self, bytes: u64) {
+        self.m.oversized.increment(1);
+        tracing::warn!(
+            engine = self.engine,
+            bytes,
+            cap = self.opts.limits.max_message_bytes,
+            "KV-event message over the size cap dropped"
+        );
+    }
+
     fn set_live(&self) {
         let live = self.connected && !self.reconnected && self.expected.is_some();
         let state = match (live, self.completeness.is_complete()) {
@@ -138,11 +126,12 @@ impl Stream {
             (true, true) => ViewState::Complete,
             (true, false) => ViewState::Partial,
         };
-        self.index.update(self.engine, |v| v.set_state(state));
+        self.index
+            .update_rank(self.engine, self.rank, |v| v.set_state(state));
         self.m.set_state(state);
     }
 
-    fn disconnected(&mut self) {
+    pub(super) fn disconnected(&mut self) {
         if self.connected {
             self.connected = false;
             self.reconnected = true;
@@ -150,13 +139,13 @@ impl Stream {
         }
     }
 
-    fn connected(&mut self) {
+    pub(super) fn connected(&mut self) {
         self.connected = true;
     }
 
     /// Drops the view: cleared, not live, following anew.
     fn drop_view(&mut self) {
-        self.index.update(self.engine, |v| {
+        self.index.update_rank(self.engine, self.rank, |v| {
             v.clear();
             v.set_live(false);
         });
@@ -167,7 +156,7 @@ impl Stream {
         self.m.unkeyed.set(0.0);
     }
 
-    async fn on_frames(&mut self, frames: &[Bytes]) {
+    pub(super) async fn on_frames(&mut self, frames: &[Bytes]) {
         let (seq, payload) = match wire::split_frames(frames) {
             Ok(f) => (f.seq, frames[2].clone()),
             Err(e) => {
@@ -214,14 +203,16 @@ impl Stream {
     /// an empty one means the engine has published nothing yet (its cache holds no blocks).
     /// A buffer that no longer reaches back to 0 leaves the view as it is: the next live batch
     /// resynchronises it.
-    async fn catch_up(&mut self) {
+    pub(super) async fn catch_up(&mut self) {
         let Some(replay) = self.endpoints.replay.clone() else {
             return;
         };
         if self.expected.is_some() && !self.reconnected {
             return;
         }
-        let batches = match fetch_replay(&replay, 0, self.opts.replay_timeout).await {
+        let batches = match fetch_replay(&replay, 0, self.opts.replay_timeout, &self.opts.limits)
+            .await
+        {
             Ok(b) => b,
             Err(e) => {
                 self.m.replays_failed.increment(1);
@@ -235,7 +226,8 @@ impl Stream {
             return;
         }
         self.reconnected = false;
-        self.index.update(self.engine, |v| v.clear());
+        self.index
+            .update_rank(self.engine, self.rank, |v| v.clear());
         self.completeness = Completeness::Complete;
         self.expected = Some(0);
         // Live copies of the replayed batches may still be queued on the subscription.
@@ -251,7 +243,14 @@ impl Stream {
         self.m.gaps.increment(1);
         tracing::debug!(engine = self.engine, expected, seq, "KV-event gap");
         if let Some(replay) = self.endpoints.replay.clone() {
-            match fetch_replay(&replay, expected, self.opts.replay_timeout).await {
+            match fetch_replay(
+                &replay,
+                expected,
+                self.opts.replay_timeout,
+                &self.opts.limits,
+            )
+            .await
+            {
                 Ok(batches) => {
                     let covers = batches.first().map(|b| b.0) == Some(expected)
                         && is_contiguous(&batches)
@@ -290,7 +289,7 @@ impl Stream {
         if seq != 0
             && let Some(replay) = self.endpoints.replay.clone()
         {
-            match fetch_replay(&replay, 0, self.opts.replay_timeout).await {
+            match fetch_replay(&replay, 0, self.opts.replay_timeout, &self.opts.limits).await {
                 Ok(batches) => {
                     self.m.replays_ok.increment(1);
                     run = batches;
@@ -312,7 +311,8 @@ impl Stream {
             .find(|&i| run[i].0 != run[i - 1].0 + 1)
             .unwrap_or(0);
         let first = run[start].0;
-        self.index.update(self.engine, |v| v.clear());
+        self.index
+            .update_rank(self.engine, self.rank, |v| v.clear());
         self.completeness = Completeness::starting_at(first);
         self.expected = Some(first);
         for (s, p) in &run[start..] {
@@ -347,7 +347,9 @@ impl Stream {
 
     /// Applies the events; what they did, for completeness.
     fn apply_batch(&mut self, batch: &EventBatch) -> BatchEffect {
-        let Some(a) = ingest::apply_batch(&self.index, self.engine, batch, &mut self.keys) else {
+        let Some(a) =
+            ingest::apply_batch_to_rank(&self.index, self.engine, self.rank, batch, &mut self.keys)
+        else {
             return BatchEffect::default();
         };
         let m = &self.m;
@@ -373,65 +375,65 @@ fn is_contiguous(batches: &[(u64, Bytes)]) -> bool {
     batches.windows(2).all(|w| w[1].0 == w[0].0 + 1)
 }
 
-/// Follows `endpoints` for `engine` until aborted: connects (retrying with backoff), follows
-/// the stream, and reconnects when it breaks.
-pub(super) async fn run(
-    engine: u32,
-    name: Arc<str>,
-    endpoints: KvEndpoints,
-    index: Arc<ExactIndex>,
-    opts: SubscriberOptions,
-    capacity: CacheCapacity,
-) {
-    index.add_engine(engine);
-    let mut stream = Stream {
+/// What one subscriber follows: one data-parallel rank of an engine.
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    pub engine: u32,
+    pub rank: u32,
+    /// The metric label.
+    pub name: Arc<str>,
+    pub endpoints: KvEndpoints,
+    /// The topic prefix to subscribe to (vLLM's `topic`; "" for all).
+    pub topic: String,
+    /// Where the engine's cache capacity is read.
+    pub capacity: CacheCapacity,
+}
+
+/// Follows `target` until aborted: connects (retrying with backoff), follows the stream, and
+/// reconnects when it breaks.
+pub(super) async fn run(target: Target, index: Arc<ExactIndex>, opts: SubscriberOptions) {
+    let Target {
         engine,
+        rank,
+        name,
         endpoints,
-        index,
-        m: StreamMetrics::new(&name),
-        opts,
-        expected: None,
-        dup_floor: None,
-        completeness: Completeness::partial(),
+        topic,
         capacity,
-        connected: false,
-        reconnected: false,
-        keys: Vec::new(),
-    };
-    stream.m.set_state(ViewState::Off);
+    } = target;
+    index.add_rank(engine, rank);
+    let mut stream = Stream::new(engine, rank, &name, endpoints, index, opts, capacity);
     let mut backoff = stream.opts.reconnect_min;
     loop {
-        let mut sub = SubSocket::new();
-        let mut monitor = sub.monitor();
         let connect = async {
-            sub.subscribe("").await?;
-            sub.connect(&stream.endpoints.events).await
+            let mut sub = zmtp::connect(
+                &stream.endpoints.events,
+                SocketType::Sub,
+                &stream.opts.limits,
+            )
+            .await?;
+            sub.subscribe(topic.as_bytes()).await?;
+            Ok::<_, zmtp::ZmtpError>(sub)
         };
-        if let Err(e) = connect.await {
-            tracing::debug!(engine, error = %e, endpoint = %stream.endpoints.events, "KV-event subscriber cannot connect; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(stream.opts.reconnect_max);
-            continue;
-        }
+        let mut sub = match connect.await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::debug!(engine, rank, error = %e, endpoint = %stream.endpoints.events, "KV-event subscriber cannot connect; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(stream.opts.reconnect_max);
+                continue;
+            }
+        };
         backoff = stream.opts.reconnect_min;
         stream.connected();
         stream.catch_up().await;
-        let mut monitor_open = true;
         loop {
-            tokio::select! {
-                msg = sub.recv() => match msg {
-                    Ok(m) => stream.on_frames(&m.into_vec()).await,
-                    Err(e) => {
-                        tracing::debug!(engine, error = %e, "KV-event subscriber socket failed; reconnecting");
-                        break;
-                    }
-                },
-                ev = monitor.next(), if monitor_open => match ev {
-                    Some(SocketEvent::Disconnected(_)) => stream.disconnected(),
-                    Some(SocketEvent::Connected(..)) => stream.connected(),
-                    Some(_) => {}
-                    None => monitor_open = false,
-                },
+            match sub.recv().await {
+                Ok(Received::Message(frames)) => stream.on_frames(&frames).await,
+                Ok(Received::Oversized { bytes, .. }) => stream.oversized(bytes),
+                Err(e) => {
+                    tracing::debug!(engine, rank, error = %e, "KV-event subscription lost; reconnecting");
+                    break;
+                }
             }
         }
         stream.disconnected();

@@ -22,8 +22,9 @@
 //!
 //! Frames: the PUB socket sends `[topic, seq as 8 bytes big-endian, payload]`. The replay
 //! socket (ROUTER) takes `[identity, "", start seq (8 bytes BE)]` (a DEALER sends `["", start]`)
-//! and answers every buffered batch with `seq >= start` as `["", seq, payload]`, then the
-//! end-of-sequence marker `["", -1 as 8 bytes BE, ""]`.
+//! and answers every buffered batch with `seq >= start`, then the end-of-sequence marker (-1 as
+//! 8 bytes BE): as `["", topic, seq, payload]` and `["", "", -1, ""]` in vLLM 0.32, as
+//! `["", seq, payload]` and `["", -1, ""]` before (both read by the replay client).
 
 use super::msgpack::{ReadError, Reader, Tok};
 
