@@ -6,17 +6,25 @@
 //! of its conversation for 3 runs in 4, and removes the 8 blocks stored 512 batches earlier
 //! (LRU evictions), so the view stays at ~4,000 blocks.
 //!
+//! `anchor/*`: a partial view's anchoring (see `switchyard::prefix::exact::anchor`): the
+//! request path's note of a request sent to an engine, and the subscriber's search of a run
+//! in a full ring (128 chats of 8,192 tokens, 1 Mi token ids), found in the oldest request or
+//! in none.
+//!
 //! Run: `cargo bench --bench kv_events -- --warm-up-time 1 --measurement-time 5`
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use std::sync::Arc;
 use switchyard::engines::kv_events::encode::{Encoding, encode_batch};
 use switchyard::engines::kv_events::ingest::apply_batch;
 use switchyard::engines::kv_events::wire::{
     BlockHash, BlockRemoved, BlockStored, EventBatch, KvEvent, decode_batch,
 };
-use switchyard::prefix::exact::ExactIndex;
+
+use switchyard::prefix::exact::anchor::{RECENT_REQUESTS, SentRequest, find_anchor};
+use switchyard::prefix::exact::{ExactIndex, ViewState};
 
 const BATCHES: usize = 4096;
 const BLOCKS_PER_RUN: usize = 8;
@@ -103,5 +111,46 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// A chat of 8,192 token ids: a shared 64-token opening, then ids unique to `i`.
+fn chat_ids(i: u32) -> Arc<[u32]> {
+    (0..8192u32)
+        .map(|t| {
+            if t < 64 {
+                t
+            } else {
+                (t * 7919 + i * 131) % 128_256
+            }
+        })
+        .collect()
+}
+
+fn bench_anchor(c: &mut Criterion) {
+    let mut g = c.benchmark_group("anchor");
+    let index = ExactIndex::new(256 << 20);
+    index.add_engine(1);
+    index.update(1, |v| v.set_state(ViewState::Partial));
+    let ids = chat_ids(0);
+    g.bench_function("note_sent", |b| {
+        b.iter(|| index.note_sent(1, black_box(&ids), None))
+    });
+    let ring: Vec<SentRequest> = (0..RECENT_REQUESTS as u32)
+        .map(|i| SentRequest {
+            token_ids: chat_ids(i),
+            lora_name: None,
+        })
+        .collect();
+    // A 32-block run after the oldest chat's first 100 blocks.
+    let oldest = &ring[RECENT_REQUESTS - 1].token_ids;
+    let run = oldest[100 * BS..132 * BS].to_vec();
+    g.bench_function("search_found", |b| {
+        b.iter(|| assert!(find_anchor(black_box(&ring), &run, BS, None).is_some()))
+    });
+    let absent: Vec<u32> = run.iter().map(|t| t + 1).collect();
+    g.bench_function("search_absent", |b| {
+        b.iter(|| assert!(find_anchor(black_box(&ring), &absent, BS, None).is_none()))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_anchor);
 criterion_main!(benches);

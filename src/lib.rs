@@ -24,7 +24,9 @@
 //!   engine's own account of where it publishes: vLLM's `/kv_event_sources`, asked with
 //!   `--kv-events-discover`).
 //! - [`prefix`]: the router's approximate index of which engine cached which prompt prefix,
-//!   and the exact one ([`prefix::exact`]) built from the engines' own KV events.
+//!   and the exact one ([`prefix::exact`]) built from the engines' own KV events (a partial
+//!   view anchoring what it cannot key on the router's own recent requests:
+//!   [`prefix::exact::anchor`]).
 //! - [`policy`]: the routing decision: policy files, the built-in tiers, Rhai scripts, loading,
 //!   validation and hot reload.
 //! - [`upstream`]: the pooled HTTP client to the engines and its bounded GET.

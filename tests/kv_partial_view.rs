@@ -3,7 +3,9 @@
 //! default), and stored blocks before the router started. Its views join mid-stream: they
 //! are partial, used at once for what the engines store after the join (`x-switchyard-kv:
 //! partial`), and complete once an engine has stored its whole cache capacity (its
-//! `vllm:cache_config_info{num_gpu_blocks}`, scraped from `/metrics`) since the join.
+//! `vllm:cache_config_info{num_gpu_blocks}`, scraped from `/metrics`) since the join. A chat,
+//! stored under the template's opening block cached before the join, is learned when the
+//! router sent it: its view anchors it on the request's token ids.
 
 mod common;
 
@@ -45,7 +47,7 @@ fn engine_config() -> SimConfig {
 /// A completion request whose prompt is `words` words unique to `tag` from its first token.
 /// (Not a chat: every chat prompt begins with the template's first block, which the engine
 /// cached before the router joined, so each chat's blocks are stored under a parent the view
-/// does not know: see [`partial_views_do_not_key_what_hangs_off_a_block_stored_before_the_join`].)
+/// does not know: see [`a_chat_hanging_off_a_block_cached_before_the_join_is_learned_when_the_router_sent_it`].)
 fn prompt(tag: &str, words: usize) -> serde_json::Value {
     let text: Vec<String> = (0..words)
         .map(|i| format!("{tag}{}", i * 7919 % 1000))
@@ -100,8 +102,8 @@ where
 }
 
 /// The real router binary in front of `sims` (their KV events, no replay socket) running
-/// `kv_lookup() ?? fallback()` with decision headers, once it follows the first engine's
-/// stream. The policies directory lives as long as the router.
+/// `kv_lookup() ?? fallback()` with decision headers, once it follows every engine's stream.
+/// The policies directory lives as long as the router.
 async fn router_after(sims: &[SimHandle]) -> (RouterProcess, tempfile::TempDir) {
     let policies = tempfile::tempdir().expect("temp dir");
     std::fs::write(
@@ -135,19 +137,21 @@ async fn router_after(sims: &[SimHandle]) -> (RouterProcess, tempfile::TempDir) 
         "--engine-stats-interval",
         "0.1",
     ]);
-    // The subscription reaches the engine some time after the router starts: harmless
-    // batches (a removal of a block nobody holds) until the router follows the stream.
+    // The subscription reaches an engine some time after the router starts: harmless batches
+    // (a removal of a block nobody holds) until the router follows its stream.
     let c = client();
-    let engine = format!("engine=\"{}\"", sims[0].addr());
-    let publisher = sims[0].kv_events().expect("publisher");
     let deadline = tokio::time::Instant::now() + SAFETY;
-    while sample(&c, &router.url, "switchyard_kv_events_live", &[&engine]).await != Some(1.0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the view never became live"
-        );
-        publisher.removed(&[u64::MAX]);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for s in sims {
+        let engine = format!("engine=\"{}\"", s.addr());
+        let publisher = s.kv_events().expect("publisher");
+        while sample(&c, &router.url, "switchyard_kv_events_live", &[&engine]).await != Some(1.0) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the view never became live"
+            );
+            publisher.removed(&[u64::MAX]);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     (router, policies)
 }
@@ -215,32 +219,51 @@ async fn a_router_started_after_its_engines_goes_exact_on_what_they_store_next()
     }
 }
 
-/// A chat request whose prompt is `words` words unique to `tag`, after the template's
-/// opening (the same first block for every chat).
-fn chat(tag: &str, words: usize) -> serde_json::Value {
+/// The text of `words` words unique to `tag`.
+fn words(tag: &str, words: usize) -> String {
     let text: Vec<String> = (0..words)
         .map(|i| format!("{tag}{}", i * 7919 % 1000))
         .collect();
+    text.join(" ")
+}
+
+/// A chat request whose prompt is `words` words unique to `tag`, after the template's
+/// opening (the same first block for every chat).
+fn chat(tag: &str, n: usize) -> serde_json::Value {
     serde_json::json!({
         "model": MODEL,
-        "messages": [{ "role": "user", "content": text.join(" ") }],
+        "messages": [{ "role": "user", "content": words(tag, n) }],
         "max_tokens": 1,
     })
 }
 
+/// The next turn of `chat`: its messages, the assistant's `answer`, and a new `question`.
+fn next_turn(chat: &serde_json::Value, answer: &str, question: &str) -> serde_json::Value {
+    let mut next = chat.clone();
+    if let Some(messages) = next["messages"].as_array_mut() {
+        messages.push(serde_json::json!({ "role": "assistant", "content": answer }));
+        messages.push(serde_json::json!({ "role": "user", "content": question }));
+    }
+    next
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partial_views_do_not_key_what_hangs_off_a_block_stored_before_the_join() {
+async fn a_chat_hanging_off_a_block_cached_before_the_join_is_learned_when_the_router_sent_it() {
     let sims = start_sims(2, engine_config()).await;
     let c = client();
-    // A chat before the router runs: the engine caches the template's first block.
-    to_engine(&c, &sims[0], &chat("before", 50)).await;
+    // A chat on each engine before the router runs: each caches the template's first block.
+    for s in &sims {
+        to_engine(&c, s, &chat("before", 50)).await;
+    }
     let (router, _policies) = router_after(&sims).await;
     let url = router.url.clone();
-    let engine = format!("engine=\"{}\"", sims[0].addr());
+    let label = |s: &SimHandle| format!("engine=\"{}\"", s.addr());
+    let engine = label(&sims[0]);
     let stored = [engine.as_str(), "type=\"BlockStored\""];
     let stored_events = || sample(&c, &url, "switchyard_kv_events_events_total", &stored);
-    // Chats after the join, more blocks than the engine's capacity: each hangs off the
-    // template's first block, which stays cached (every chat hits it) and unknown.
+    // Chats after the join sent past the router, more blocks than the engine's capacity:
+    // each hangs off the template's first block, which stays cached (every chat hits it) and
+    // unknown, and the router has no request of its own to find them in.
     for i in 0..8 {
         let before = stored_events().await.unwrap_or(0.0);
         to_engine(&c, &sims[0], &chat(&format!("after{i}x"), 50)).await;
@@ -254,6 +277,10 @@ async fn partial_views_do_not_key_what_hangs_off_a_block_stored_before_the_join(
             .is_some_and(|n| n >= 1.0)
     );
     assert_eq!(
+        engine_sample("switchyard_kv_events_anchored_blocks_total").await,
+        Some(0.0)
+    );
+    assert_eq!(
         engine_sample("switchyard_kv_events_complete").await,
         Some(0.0),
         "the view knows it misses a block the engine holds: still partial"
@@ -263,6 +290,51 @@ async fn partial_views_do_not_key_what_hangs_off_a_block_stored_before_the_join(
     let (_, tier, kv) = routed(&c, &url, &chat("after7x", 50)).await;
     assert_eq!(tier, "fallback");
     assert!(kv == "partial" || kv == "approximate", "{kv}");
+
+    // A new chat sent through the router: it goes to one engine (both hold the template's
+    // opening, stored before the join), which stores it under that unknown block. The router
+    // noted the chat's token ids on that engine: its view finds the run in them, keys the
+    // opening block from them and stores the run.
+    let first = chat("through", 50);
+    let (holder, tier, _) = routed(&c, &url, &first).await;
+    assert_eq!(tier, "fallback", "nothing knows this chat yet");
+    let sim = sims
+        .iter()
+        .find(|s| s.addr().to_string() == holder)
+        .expect("one of the engines");
+    let holder_label = label(sim);
+    let anchored = [holder_label.as_str()];
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while sample(
+        &c,
+        &url,
+        "switchyard_kv_events_anchored_blocks_total",
+        &anchored,
+    )
+    .await
+    .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the chat's blocks were never anchored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The next turn of that chat (its history is the first turn's prompt) goes kv_lookup to
+    // that engine, on its partial view. (The router's own index knows the first turn too; the
+    // view's figure is larger: 352 real tokens, every full block of the first turn's 356,
+    // against 8 stand-in blocks scaled to 315.)
+    let second = next_turn(
+        &first,
+        "It is.",
+        "and then what follows from that for the rest of the question we asked before",
+    );
+    let (chosen, tier, kv) = routed(&c, &url, &second).await;
+    assert_eq!(
+        (chosen.as_str(), tier.as_str(), kv.as_str()),
+        (holder.as_str(), "kv_lookup", "partial")
+    );
     drop(router);
     for s in sims {
         s.shutdown().await;

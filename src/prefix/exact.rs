@@ -9,7 +9,10 @@
 //! and a tokenized prompt is looked up with the same hashes. Each engine's block hashes are
 //! mapped to the router's: removals name the engine's hashes, and a stored run is chained from
 //! its `parent_block_hash`'s content. A run whose parent the view does not know cannot be
-//! keyed by content and is skipped ([`StoreOutcome::Unanchored`]).
+//! keyed by content from the event alone: the view looks for it in the requests the router
+//! recently sent to the engine ([`anchor`]): found, the parent is keyed from that request and
+//! its ancestors held as implied by it ([`StoreOutcome::Anchored`]); else the run is skipped
+//! ([`StoreOutcome::Unanchored`]).
 //!
 //! **Media.** A block counts as held while it is on any medium (GPU, or CPU-offloaded: loading
 //! it back beats recomputing it); removal from one medium keeps it while another holds it.
@@ -22,7 +25,10 @@
 //! the content-hash slot and the store-order entry, ~76 bytes). Past the budget, the engine
 //! with the largest view loses its blocks stored longest ago (first in, first out by last
 //! store), down to the budget less 1/64 of it. Under pressure a view under-reports (old
-//! prefixes are forgotten first, as the engine's own LRU would), never over-reports.
+//! prefixes are forgotten first, as the engine's own LRU would), never over-reports. Anchors
+//! and the blocks they imply are accounted too. The requests noted for anchoring are not: at
+//! most [`anchor::RECENT_REQUESTS`] requests and [`anchor::RECENT_TOKENS`] token ids per
+//! engine with a view that is not complete, shared with the requests themselves.
 //!
 //! **Ranks.** A vLLM engine run with data parallelism has one KV cache and one event stream per
 //! rank; the index keeps one view per (engine, rank) and answers per engine: its match is the
@@ -39,12 +45,14 @@
 //! **Lookup** hashes the prompt once per distinct block size and walks each view until its
 //! first missing block: O(blocks in the prompt) per view.
 
+pub mod anchor;
 mod view;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use anchor::RecentRequests;
 pub use view::{EngineView, Medium, StoreOutcome, StoredRun, ViewState};
 
 use crate::tokens::{token_block_hashes, token_chain_seed};
@@ -78,8 +86,14 @@ pub struct ExactIndex {
 
 type ViewRef = Arc<RwLock<EngineView>>;
 
-/// One engine's views: (rank, view), sorted by rank.
-type Ranks = Vec<(u32, ViewRef)>;
+/// One engine's views and the requests the router recently sent it.
+#[derive(Debug, Default)]
+struct Ranks {
+    /// (rank, view), sorted by rank.
+    views: Vec<(u32, ViewRef)>,
+    /// Noted while one of the views is not complete, to anchor runs ([`anchor`]).
+    recent: Arc<RecentRequests>,
+}
 
 impl Default for ExactIndex {
     fn default() -> Self {
@@ -138,7 +152,7 @@ impl ExactIndex {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, e)| map.get(e).map(|r| (i, r)))
-                .flat_map(|(i, ranks)| ranks.iter().map(move |(_, v)| (i, Arc::clone(v))))
+                .flat_map(|(i, ranks)| ranks.views.iter().map(move |(_, v)| (i, Arc::clone(v))))
                 .collect()
         };
         let seed = token_chain_seed(lora_name);
@@ -173,6 +187,17 @@ impl ExactIndex {
             .collect()
     }
 
+    /// Notes that the router sends a request with these token ids (under adapter `lora_name`)
+    /// to `engine`, so that its views can anchor the blocks the engine stores for it under a
+    /// parent they do not know ([`anchor`]). Nothing when the engine has no view or all of
+    /// them are complete; else a push onto a bounded ring under its own lock (the ids are
+    /// shared, not copied).
+    pub fn note_sent(&self, engine: u32, token_ids: &Arc<[u32]>, lora_name: Option<&str>) {
+        if let Some(ranks) = read(&self.engines).get(&engine) {
+            ranks.recent.note(token_ids, lora_name);
+        }
+    }
+
     /// Whether one of `engine`'s views is live (partial or complete).
     pub fn is_live(&self, engine: u32) -> bool {
         self.state(engine) != ViewState::Off
@@ -185,7 +210,7 @@ impl ExactIndex {
         let Some(ranks) = map.get(&engine) else {
             return ViewState::Off;
         };
-        let states = ranks.iter().map(|(_, v)| read(v).state);
+        let states = ranks.views.iter().map(|(_, v)| read(v).state);
         let (mut live, mut complete) = (false, true);
         for s in states {
             live |= s != ViewState::Off;
@@ -208,8 +233,9 @@ impl ExactIndex {
     pub fn add_rank(&self, engine: u32, rank: u32) {
         let mut map = write(&self.engines);
         let ranks = map.entry(engine).or_default();
-        if let Err(at) = ranks.binary_search_by_key(&rank, |(r, _)| *r) {
-            ranks.insert(at, (rank, ViewRef::default()));
+        if let Err(at) = ranks.views.binary_search_by_key(&rank, |(r, _)| *r) {
+            let view = EngineView::with_recent(Arc::clone(&ranks.recent));
+            ranks.views.insert(at, (rank, Arc::new(RwLock::new(view))));
         }
     }
 
@@ -218,7 +244,7 @@ impl ExactIndex {
         let Some(ranks) = write(&self.engines).remove(&engine) else {
             return;
         };
-        for (_, view) in ranks {
+        for (_, view) in ranks.views {
             let mut v = write(&view);
             v.removed = true;
             self.bytes.fetch_sub(v.bytes(), Ordering::Relaxed);
@@ -244,8 +270,8 @@ impl ExactIndex {
         let view = {
             let map = read(&self.engines);
             let ranks = map.get(&engine)?;
-            let at = ranks.binary_search_by_key(&rank, |(r, _)| *r).ok()?;
-            Arc::clone(&ranks[at].1)
+            let at = ranks.views.binary_search_by_key(&rank, |(r, _)| *r).ok()?;
+            Arc::clone(&ranks.views[at].1)
         };
         let r = {
             let mut v = write(&view);
@@ -289,7 +315,7 @@ impl ExactIndex {
             }
             let views: Vec<ViewRef> = read(&self.engines)
                 .values()
-                .flat_map(|ranks| ranks.iter().map(|(_, v)| Arc::clone(v)))
+                .flat_map(|ranks| ranks.views.iter().map(|(_, v)| Arc::clone(v)))
                 .collect();
             let Some(largest) = views.iter().max_by_key(|v| read(v).bytes()) else {
                 return;
@@ -330,7 +356,7 @@ impl ExactIndex {
     pub fn live_engines(&self) -> usize {
         read(&self.engines)
             .values()
-            .filter(|ranks| ranks.iter().any(|(_, v)| read(v).is_live()))
+            .filter(|ranks| ranks.views.iter().any(|(_, v)| read(v).is_live()))
             .count()
     }
 }

@@ -28,9 +28,14 @@
 //! tokenized off the runtime's workers, and at most one such tokenization per CPU runs at a
 //! time (the others wait their turn), so that a few huge prompts leave CPU to `/health` and
 //! to ordinary requests.
+//!
+//! When the request was tokenized, each engine it is sent to is told its token ids
+//! ([`RequestKv::note_sent`]): an engine's partial view anchors on them the blocks the engine
+//! stores for it under a parent block the view does not know
+//! ([`crate::prefix::exact::anchor`]).
 
 use std::cell::{OnceCell, RefCell};
-use std::sync::{Condvar, LazyLock, Mutex};
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
 
 use crate::engines::Candidate;
 use crate::policy::{KvMatches, KvSource, PrefixMatcher, off_the_workers};
@@ -94,6 +99,9 @@ pub trait ExactLookup: Sync {
 
     /// Whether `engine`'s exact view is live.
     fn is_live(&self, engine: u32) -> bool;
+
+    /// The request with `token_ids` is sent to `engine` (see [`ExactIndex::note_sent`]).
+    fn note_sent(&self, engine: u32, token_ids: &Arc<[u32]>, lora_name: Option<&str>);
 }
 
 /// Tokenizes requests as the engines do.
@@ -115,6 +123,10 @@ impl ExactLookup for ExactIndex {
 
     fn is_live(&self, engine: u32) -> bool {
         ExactIndex::is_live(self, engine)
+    }
+
+    fn note_sent(&self, engine: u32, token_ids: &Arc<[u32]>, lora_name: Option<&str>) {
+        ExactIndex::note_sent(self, engine, token_ids, lora_name);
     }
 }
 
@@ -142,8 +154,9 @@ pub struct Sources<'a> {
 /// One request's prefix matches, computed on demand and kept per engine across its attempts.
 pub struct RequestKv<'a> {
     sources: Sources<'a>,
-    /// The request's token ids: `Some` once tokenized, `None` if tokenization failed.
-    token_ids: OnceCell<Option<Vec<u32>>>,
+    /// The request's token ids: `Some` once tokenized, `None` if tokenization failed. Shared
+    /// with the engines' views it is noted on.
+    token_ids: OnceCell<Option<Arc<[u32]>>>,
     known: RefCell<Known>,
 }
 
@@ -181,7 +194,7 @@ impl<'a> RequestKv<'a> {
                     if !complete {
                         metrics::counter!("switchyard_tokenize_capped_total").increment(1);
                     }
-                    Some(ids)
+                    Some(Arc::from(ids))
                 }
                 Err(e) => {
                     metrics::counter!("switchyard_tokenize_total", "result" => "error")
@@ -191,6 +204,17 @@ impl<'a> RequestKv<'a> {
                 }
             }})
             .as_deref()
+    }
+
+    /// The request is sent to `engine`: if it was tokenized (a tier computed exact matches),
+    /// its token ids are noted on the engine's views, for anchoring. Before the request goes
+    /// out, so that the engine's events for it find the note.
+    pub fn note_sent(&self, engine: u32) {
+        if let Some((views, _)) = self.sources.exact
+            && let Some(Some(ids)) = self.token_ids.get()
+        {
+            views.note_sent(engine, ids, self.sources.lora_name);
+        }
     }
 
     /// Computes the matches of `engines` (none known yet) and the prompt's length.
@@ -205,7 +229,11 @@ impl<'a> RequestKv<'a> {
             exact = views.matches(ids, s.lora_name, engines);
             exact.resize(engines.len(), None);
         }
-        let real_tokens = self.token_ids.get().and_then(Option::as_ref).map(Vec::len);
+        let real_tokens = self
+            .token_ids
+            .get()
+            .and_then(Option::as_deref)
+            .map(<[u32]>::len);
         // Every engine but those with a complete view.
         let approx_needed: Vec<u32> = engines
             .iter()
@@ -283,17 +311,20 @@ impl PrefixMatcher for RequestKv<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use crate::engines::Engine;
     use crate::request::PromptDigest;
 
     /// Complete views of `live` engines, partial ones of `partial`, each holding `held` tokens.
+    #[derive(Default)]
     struct Views {
         live: Vec<u32>,
         partial: Vec<u32>,
         held: usize,
+        /// (engine, tokens, adapter) of each request noted as sent.
+        notes: Mutex<Vec<(u32, usize, Option<String>)>>,
     }
 
     impl ExactLookup for Views {
@@ -315,6 +346,10 @@ mod tests {
         }
         fn is_live(&self, engine: u32) -> bool {
             self.live.contains(&engine) || self.partial.contains(&engine)
+        }
+        fn note_sent(&self, engine: u32, ids: &Arc<[u32]>, lora: Option<&str>) {
+            let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+            notes.push((engine, ids.len(), lora.map(str::to_owned)));
         }
     }
 
@@ -367,6 +402,7 @@ mod tests {
             live: vec![1],
             partial: vec![],
             held: 64,
+            ..Views::default()
         };
         let tok = Counting {
             calls: AtomicUsize::new(0),
@@ -399,6 +435,7 @@ mod tests {
             live: vec![1],
             partial: vec![],
             held: 64,
+            ..Views::default()
         };
         let tok = Counting {
             calls: AtomicUsize::new(0),
@@ -445,6 +482,7 @@ mod tests {
             live: vec![],
             partial: vec![],
             held: 64,
+            ..Views::default()
         };
         let tok = Counting {
             calls: AtomicUsize::new(0),
@@ -469,6 +507,7 @@ mod tests {
             live: vec![1, 2],
             partial: vec![],
             held: 64,
+            ..Views::default()
         };
         let failing = Counting {
             calls: AtomicUsize::new(0),
@@ -496,6 +535,7 @@ mod tests {
             live: vec![3],
             partial: vec![1, 2, 4],
             held: 64,
+            ..Views::default()
         };
         let tok = Counting {
             calls: AtomicUsize::new(0),
@@ -524,6 +564,7 @@ mod tests {
             live: vec![],
             partial: vec![1, 2],
             held: 0,
+            ..Views::default()
         };
         let kv = RequestKv::new(Sources {
             approximate: &index,
@@ -543,6 +584,7 @@ mod tests {
             live: vec![2],
             partial: vec![],
             held: 64,
+            ..Views::default()
         };
         let kv = RequestKv::new(Sources {
             approximate: &index,
@@ -553,5 +595,64 @@ mod tests {
         });
         let m = kv.matches(&req, &cands(&[2]));
         assert_eq!((m.tokens, m.sources), (vec![64], vec![Exact]));
+    }
+
+    #[test]
+    fn a_tokenized_request_is_noted_on_each_engine_it_is_sent_to_and_an_untokenized_one_not() {
+        let (index, req) = setup();
+        let tok = Counting {
+            calls: AtomicUsize::new(0),
+            fail: false,
+        };
+        let views = Views {
+            partial: vec![1],
+            ..Views::default()
+        };
+        let kv = RequestKv::new(Sources {
+            approximate: &index,
+            block_size: 16,
+            exact: Some((&views, &tok)),
+            lora_name: Some("adapter"),
+            max_prompt_tokens: 1 << 20,
+        });
+        // Sent before any tier asked for matches: not tokenized, nothing to note.
+        kv.note_sent(1);
+        assert!(
+            views
+                .notes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        );
+        kv.matches(&req, &cands(&[1, 2]));
+        // Sent to engine 1, then retried on engine 2: both noted, the ids tokenized once.
+        kv.note_sent(1);
+        kv.note_sent(2);
+        let notes = views
+            .notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let adapter = Some("adapter".to_owned());
+        assert_eq!(notes, vec![(1, 200, adapter.clone()), (2, 200, adapter)]);
+        assert_eq!(tok.calls.load(Ordering::Relaxed), 1);
+
+        // No live view: the request is never tokenized, so never noted.
+        let none = Views::default();
+        let kv = RequestKv::new(Sources {
+            approximate: &index,
+            block_size: 16,
+            exact: Some((&none, &tok)),
+            lora_name: None,
+            max_prompt_tokens: 1 << 20,
+        });
+        kv.matches(&req, &cands(&[1]));
+        kv.note_sent(1);
+        assert!(
+            none.notes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        );
     }
 }

@@ -19,8 +19,10 @@
 //!   ([`crate::prefix::exact::EngineView::unkeyed`]): a block stored before the join and kept
 //!   hot by prefix hits is never stored again, so filling the capacity does not flush it; but
 //!   once the engine stores a prompt hanging off it (every chat off the template's first
-//!   block), the view knows it is missing it, and stays partial (weighed against the
-//!   approximate index) until the engine removes it.
+//!   block) that the router did not send it (another client, another router replica), the
+//!   view knows it is missing it, and stays partial (weighed against the approximate index)
+//!   until the engine removes it. A prompt the router sent is anchored instead
+//!   ([`crate::prefix::exact::anchor`]): its parent keyed, its ancestors implied.
 //!
 //! A block kept hot since before the join of which no later prompt hangs off stays unknown to
 //! a view made complete: it under-reports that prefix (it never over-reports).

@@ -16,8 +16,12 @@ pub struct Applied {
     /// Blocks of group 0 stored on the GPU (anchored in the view or not): new blocks in the
     /// engine's GPU cache, what a partial view's completeness counts.
     pub stored_gpu_blocks: u64,
-    /// Stored blocks skipped: their parent is unknown to the view.
+    /// Stored blocks skipped: their parent is unknown to the view, and in no recent request
+    /// of the router's to the engine.
     pub unanchored_blocks: u64,
+    /// Stored blocks whose parent was unknown to the view but found in a recent request of
+    /// the router's to the engine ([`crate::prefix::exact::anchor`]): in the view.
+    pub anchored_blocks: u64,
     /// Removed blocks the view did not hold.
     pub unknown_removals: u64,
     /// After the batch: blocks the engine holds that the view cannot key
@@ -84,6 +88,7 @@ pub fn apply_batch_to_rank(
                     };
                     match v.store(&run) {
                         StoreOutcome::Stored(_) => {}
+                        StoreOutcome::Anchored(n) => a.anchored_blocks += n as u64,
                         StoreOutcome::Unanchored => a.unanchored_blocks += keys.len() as u64,
                         StoreOutcome::BadLength => a.bad_events += 1,
                     }

@@ -34,7 +34,11 @@ pub fn describe() {
     );
     describe_counter!(
         "switchyard_kv_events_unanchored_blocks_total",
-        "Stored blocks skipped because their parent block is unknown to the view"
+        "Stored blocks skipped because their parent block is unknown to the view (and in no recent request the router sent to the engine)"
+    );
+    describe_counter!(
+        "switchyard_kv_events_anchored_blocks_total",
+        "Stored blocks whose parent block was unknown to the view but found in a recent request the router sent to the engine: keyed from it"
     );
     describe_counter!(
         "switchyard_kv_events_unknown_removals_total",
@@ -93,6 +97,7 @@ pub(super) struct StreamMetrics {
     pub replays_failed: Counter,
     pub restarts: Counter,
     pub unanchored: Counter,
+    pub anchored: Counter,
     pub unknown_removals: Counter,
     pub other_groups: Counter,
     pub live: Gauge,
@@ -120,6 +125,7 @@ impl StreamMetrics {
             replays_failed: replays("failed"),
             restarts: metrics::counter!("switchyard_kv_events_restarts_total", "engine" => e()),
             unanchored: metrics::counter!("switchyard_kv_events_unanchored_blocks_total", "engine" => e()),
+            anchored: metrics::counter!("switchyard_kv_events_anchored_blocks_total", "engine" => e()),
             unknown_removals: metrics::counter!("switchyard_kv_events_unknown_removals_total", "engine" => e()),
             other_groups: metrics::counter!("switchyard_kv_events_other_groups_total", "engine" => e()),
             live: metrics::gauge!("switchyard_kv_events_live", "engine" => e()),
@@ -142,6 +148,7 @@ impl StreamMetrics {
             &m.replays_failed,
             &m.restarts,
             &m.unanchored,
+            &m.anchored,
             &m.unknown_removals,
             &m.other_groups,
         ] {

@@ -20,6 +20,11 @@
 //! since then (or, capacity unknown, after [`SubscriberOptions::rebuild_after_batches`]
 //! batches) and the view knows of no block the engine holds that it cannot key.
 //!
+//! **Anchoring.** A run stored under a parent block the view does not know (cached before the
+//! join: a chat template's opening block, typically) is keyed if the router recently sent the
+//! engine a request that holds it ([`crate::prefix::exact::anchor`]): the router notes its
+//! requests on the request path, the search runs here, as the batch is applied.
+//!
 //! **Live** = connected and in sequence; then the view is used as partial or complete
 //! ([`ViewState`]). While not live, `kv_lookup` uses the approximate index for this engine.
 //!
@@ -353,6 +358,7 @@ impl Stream {
         m.cleared.increment(a.cleared);
         m.unknown.increment(a.unknown);
         m.unanchored.increment(a.unanchored_blocks);
+        m.anchored.increment(a.anchored_blocks);
         m.unknown_removals.increment(a.unknown_removals);
         m.other_groups.increment(a.other_groups);
         m.malformed.increment(a.bad_events);

@@ -316,3 +316,164 @@ fn runs_under_an_unknown_parent_are_remembered_as_unkeyed_until_removed() {
     });
     assert_eq!(idx.update(1, |v| v.unkeyed()), Some(0), "cleared");
 }
+
+/// An index with engine 1's view partial (joined mid-stream).
+fn partial_index() -> ExactIndex {
+    let idx = ExactIndex::new(1 << 30);
+    idx.add_engine(1);
+    idx.update(1, |v| v.set_state(ViewState::Partial));
+    idx
+}
+
+fn sent(idx: &ExactIndex, engine: u32, tokens: &[u32], lora: Option<&str>) {
+    idx.note_sent(engine, &Arc::from(tokens), lora);
+}
+
+#[test]
+fn a_run_under_an_unknown_parent_is_anchored_on_a_request_the_router_sent() {
+    let idx = partial_index();
+    // Blocks 0 and 1 (engine hashes 900, 901) were cached before the join. The router sends
+    // the engine a 6-block prompt; it hits blocks 0..2 and stores 2..6 under 901.
+    let r = ids(6 * BS, 0);
+    sent(&idx, 1, &r, None);
+    let before = idx.update(1, |v| v.unkeyed());
+    let out = idx.update(1, |v| {
+        v.store(&run(
+            Some(901),
+            &[102, 103, 104, 105],
+            &r[2 * BS..],
+            None,
+            Medium::Gpu,
+        ))
+    });
+    assert_eq!(out, Some(StoreOutcome::Anchored(4)));
+    assert_eq!(before, Some(0));
+    assert_eq!(
+        idx.update(1, |v| (v.unkeyed(), v.anchors(), v.implied())),
+        Some((0, 1, 1)),
+        "nothing unkeyed; 901 anchored, block 0 implied by it"
+    );
+    // The whole prompt matches: block 0 implied, 901 keyed, the run stored.
+    assert_eq!(idx.match_tokens(&r, None, &[1]), vec![Some(6 * BS)]);
+    // The next run under 901 is stored as any other: its parent is known now.
+    let mut next = r[..2 * BS].to_vec();
+    next.extend(ids(BS, 5000));
+    let out = idx.update(1, |v| {
+        v.store(&run(Some(901), &[202], &next[2 * BS..], None, Medium::Gpu))
+    });
+    assert_eq!(out, Some(StoreOutcome::Stored(1)));
+    assert_eq!(idx.match_tokens(&next, None, &[1]), vec![Some(3 * BS)]);
+    // The engine evicts 901 (by its own hash): what it implied goes with it.
+    assert_eq!(idx.update(1, |v| v.remove(&[901], Medium::Gpu)), Some(0));
+    assert_eq!(idx.update(1, |v| (v.anchors(), v.implied())), Some((0, 0)));
+    assert_eq!(idx.match_tokens(&r, None, &[1]), vec![Some(0)]);
+}
+
+#[test]
+fn implied_blocks_are_counted_by_the_anchors_implying_them_and_dropped_on_a_clear() {
+    let idx = partial_index();
+    // Two prompts sharing block 0 (engine 900, before the join), differing from block 1 on
+    // (901 and 911, before the join too).
+    let a = ids(4 * BS, 0);
+    let mut b = a[..BS].to_vec();
+    b.extend(ids(3 * BS, 3000));
+    sent(&idx, 1, &a, None);
+    sent(&idx, 1, &b, None);
+    idx.update(1, |v| {
+        v.store(&run(
+            Some(901),
+            &[102, 103],
+            &a[2 * BS..],
+            None,
+            Medium::Gpu,
+        ));
+        v.store(&run(
+            Some(911),
+            &[112, 113],
+            &b[2 * BS..],
+            None,
+            Medium::Gpu,
+        ));
+    });
+    assert_eq!(idx.update(1, |v| (v.anchors(), v.implied())), Some((2, 1)));
+    assert_eq!(
+        idx.match_tokens(&a, None, &[1]),
+        vec![Some(4 * BS)],
+        "a shares block 0 with b"
+    );
+    // 901 goes: block 0 stays implied by 911.
+    idx.update(1, |v| v.remove(&[901], Medium::Gpu));
+    assert_eq!(idx.match_tokens(&a, None, &[1]), vec![Some(BS)]);
+    assert_eq!(idx.match_tokens(&b, None, &[1]), vec![Some(4 * BS)]);
+    // 911 goes too: nothing implies block 0 any more.
+    idx.update(1, |v| v.remove(&[911], Medium::Gpu));
+    assert_eq!(idx.match_tokens(&b, None, &[1]), vec![Some(0)]);
+    assert_eq!(idx.update(1, |v| v.implied()), Some(0));
+
+    // Anchored again, then the engine clears its cache: anchors and implied blocks go.
+    let c = ids(3 * BS, 7000);
+    sent(&idx, 1, &c, None);
+    idx.update(1, |v| {
+        v.store(&run(Some(921), &[122], &c[2 * BS..], None, Medium::Gpu))
+    });
+    assert_eq!(idx.match_tokens(&c, None, &[1]), vec![Some(3 * BS)]);
+    idx.update(1, |v| v.clear());
+    assert_eq!(idx.update(1, |v| (v.anchors(), v.implied())), Some((0, 0)));
+    assert_eq!(idx.match_tokens(&c, None, &[1]), vec![Some(0)]);
+    // The index's accounting follows: nothing left, nothing accounted.
+    assert_eq!((idx.blocks(), idx.accounted_bytes()), (0, 0));
+}
+
+#[test]
+fn an_anchor_evicted_for_the_budget_takes_its_implied_blocks_along() {
+    let idx = partial_index();
+    let r = ids(5 * BS, 0);
+    sent(&idx, 1, &r, None);
+    idx.update(1, |v| {
+        v.store(&run(Some(903), &[104], &r[4 * BS..], None, Medium::Gpu));
+        assert_eq!((v.anchors(), v.implied()), (1, 3));
+        // The anchor was keyed first: it is the oldest block.
+        assert!(v.evict_oldest());
+        assert_eq!((v.anchors(), v.implied()), (0, 0));
+    });
+    assert_eq!(idx.match_tokens(&r, None, &[1]), vec![Some(0)]);
+}
+
+#[test]
+fn only_requests_sent_to_that_engine_while_its_view_is_incomplete_anchor() {
+    let idx = partial_index();
+    idx.add_engine(2);
+    idx.update(2, |v| v.set_live(true));
+    let r = ids(3 * BS, 0);
+    // Sent to engine 2 (complete: not noted), and to engine 3 (no view): engine 1's run
+    // under an unknown parent finds nothing.
+    sent(&idx, 2, &r, None);
+    sent(&idx, 3, &r, None);
+    let stored = |e: u32, parent: u64, hash: u64| {
+        idx.update(e, |v| {
+            v.store(&run(Some(parent), &[hash], &r[2 * BS..], None, Medium::Gpu))
+        })
+    };
+    assert_eq!(stored(1, 901, 102), Some(StoreOutcome::Unanchored));
+    assert_eq!(stored(2, 901, 102), Some(StoreOutcome::Unanchored));
+    // Under another adapter: no anchor for the base model's run.
+    sent(&idx, 1, &r, Some("sql"));
+    assert_eq!(stored(1, 901, 102), Some(StoreOutcome::Unanchored));
+    assert_eq!(idx.update(1, |v| v.unkeyed()), Some(2));
+    // Sent to engine 1: anchored, and neither the parent nor the run is unkeyed any more.
+    sent(&idx, 1, &r, None);
+    assert_eq!(stored(1, 901, 102), Some(StoreOutcome::Anchored(1)));
+    assert_eq!(idx.update(1, |v| v.unkeyed()), Some(0));
+    assert_eq!(
+        idx.match_tokens(&r, None, &[1, 2]),
+        vec![Some(3 * BS), Some(0)]
+    );
+    // Once engine 1's view is complete its notes are dropped and no more are taken.
+    idx.update(1, |v| v.set_state(ViewState::Complete));
+    sent(&idx, 1, &ids(3 * BS, 50), None);
+    let other = ids(3 * BS, 50);
+    let out = idx.update(1, |v| {
+        v.store(&run(Some(931), &[132], &other[2 * BS..], None, Medium::Gpu))
+    });
+    assert_eq!(out, Some(StoreOutcome::Unanchored));
+}

@@ -1,9 +1,12 @@
 //! One engine's exact view: the blocks its KV events say it holds, keyed by the router's own
-//! chained hash of their token ids, with the engine's block hashes mapped to them.
+//! chained hash of their token ids, with the engine's block hashes mapped to them; and the
+//! blocks implied by runs anchored on the router's own requests ([`super::anchor`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
+use super::anchor::{RecentRequests, find_anchor};
 use crate::tokens::{token_block_hash, token_chain_seed};
 
 /// A hasher for keys that are already hashes (or small engine ints): one multiply-rotate.
@@ -79,9 +82,14 @@ pub struct StoredRun<'a> {
 pub enum StoreOutcome {
     /// The blocks are in the view.
     Stored(usize),
-    /// The parent block is unknown (stored before the view started, or evicted from it): the
-    /// blocks cannot be keyed by content and are skipped. The view remembers the parent and
-    /// the blocks as held but unkeyed ([`EngineView::unkeyed`]) until the engine removes them.
+    /// The parent block was unknown, but the run was found in a request the router sent to
+    /// the engine ([`super::anchor`]): the parent is keyed from that request, its ancestors
+    /// are held as implied by it, and the blocks are in the view.
+    Anchored(usize),
+    /// The parent block is unknown (stored before the view started, or evicted from it) and
+    /// the run is in no recent request of the router's: the blocks cannot be keyed by content
+    /// and are skipped. The view remembers the parent and the blocks as held but unkeyed
+    /// ([`EngineView::unkeyed`]) until the engine removes them.
     Unanchored,
     /// `token_ids` is not `block_hashes × block_size` long: skipped.
     BadLength,
@@ -129,6 +137,9 @@ const HELD_BYTES: usize = 20;
 const ORDER_BYTES: usize = 16;
 /// Per unkeyed engine hash (set slot at 7/8 load).
 const UNKEYED_BYTES: usize = 10;
+/// Per anchor (map slot and its boxed list), and per ancestor hash in the lists.
+const ANCHOR_BYTES: usize = 48;
+const ANCESTOR_BYTES: usize = 8;
 
 /// One engine's blocks. Changed only through [`super::ExactIndex::update`].
 #[derive(Debug, Default)]
@@ -146,13 +157,38 @@ pub struct EngineView {
     /// Engine hashes of blocks the engine holds whose content the view does not know: the
     /// parents and the blocks of unanchored runs, until removed.
     unkeyed: Set,
+    /// Engine hash of an anchored parent block → router hashes of its ancestors, which it
+    /// implies (see [`super::anchor`]).
+    anchors: Map<Box<[u64]>>,
+    /// Router hash → number of anchors implying the block (held while any is).
+    implied: Map<u32>,
+    /// Ancestor hashes in `anchors`, for the accounting.
+    ancestors: usize,
+    /// The engine's recent requests, shared by its rank views (none outside an index).
+    recent: Option<Arc<RecentRequests>>,
     next_stamp: u64,
 }
 
 impl EngineView {
-    /// Whether and how routing uses the view (see the subscriber for when it is which).
+    /// Whether and how routing uses the view (see the subscriber for when it is which). The
+    /// router notes its requests to the engine while one of its views is not complete.
     pub fn set_state(&mut self, state: ViewState) {
+        if let Some(r) = &self.recent {
+            r.view_changed(
+                self.state == ViewState::Complete,
+                state == ViewState::Complete,
+            );
+        }
         self.state = state;
+    }
+
+    /// A view of an engine in an index, sharing its recent requests.
+    pub(super) fn with_recent(recent: Arc<RecentRequests>) -> EngineView {
+        recent.view_added();
+        EngineView {
+            recent: Some(recent),
+            ..EngineView::default()
+        }
     }
 
     pub fn state(&self) -> ViewState {
@@ -161,11 +197,11 @@ impl EngineView {
 
     /// [`ViewState::Complete`] when `live`, else [`ViewState::Off`].
     pub fn set_live(&mut self, live: bool) {
-        self.state = if live {
+        self.set_state(if live {
             ViewState::Complete
         } else {
             ViewState::Off
-        };
+        });
     }
 
     /// Whether routing uses the view (partial or complete).
@@ -204,6 +240,9 @@ impl EngineView {
             + self.held.len() * HELD_BYTES
             + self.order.len() * ORDER_BYTES
             + self.unkeyed.len() * UNKEYED_BYTES
+            + self.anchors.len() * ANCHOR_BYTES
+            + self.ancestors * ANCESTOR_BYTES
+            + self.implied.len() * HELD_BYTES
     }
 
     /// Blocks the engine is known to hold (the parent, or one of the blocks, of a run stored
@@ -215,9 +254,20 @@ impl EngineView {
         self.unkeyed.len()
     }
 
-    /// Whether the block with this router hash is held.
+    /// Anchored parent blocks (runs keyed from the router's own requests) still held.
+    pub fn anchors(&self) -> usize {
+        self.anchors.len()
+    }
+
+    /// Blocks held as implied by an anchor (ancestors whose engine hashes are unknown).
+    pub fn implied(&self) -> usize {
+        self.implied.len()
+    }
+
+    /// Whether the block with this router hash is held (keyed, or implied by an anchor).
     pub(super) fn holds(&self, router_hash: u64) -> bool {
         self.held.contains_key(&router_hash)
+            || (!self.implied.is_empty() && self.implied.contains_key(&router_hash))
     }
 
     /// Forgets every block (`AllBlocksCleared`, an engine restart, a lost stream). The learned
@@ -227,6 +277,9 @@ impl EngineView {
         self.held = Map::default();
         self.order = VecDeque::new();
         self.unkeyed = Set::default();
+        self.anchors = Map::default();
+        self.implied = Map::default();
+        self.ancestors = 0;
     }
 
     /// Adds a run of stored blocks, keyed by content chained from its parent's content.
@@ -243,23 +296,76 @@ impl EngineView {
             }
             self.block_size = Some(bs);
         }
+        let bit = run.medium.bit();
+        let mut anchored = false;
         let mut prev = match run.parent {
             None => token_chain_seed(run.lora_name),
             Some(p) => match self.blocks.get(&p) {
                 Some(b) => b.router,
-                None => {
-                    self.unkeyed.insert(p);
-                    self.unkeyed.extend(run.block_hashes.iter().copied());
-                    return StoreOutcome::Unanchored;
-                }
+                None => match self.anchor(p, run, bit) {
+                    Some(router) => {
+                        anchored = true;
+                        router
+                    }
+                    None => {
+                        self.unkeyed.insert(p);
+                        self.unkeyed.extend(run.block_hashes.iter().copied());
+                        return StoreOutcome::Unanchored;
+                    }
+                },
             },
         };
-        let bit = run.medium.bit();
         for (i, &eh) in run.block_hashes.iter().enumerate() {
             prev = token_block_hash(prev, &run.token_ids[i * bs..(i + 1) * bs]);
             self.insert(eh, prev, bit);
         }
-        StoreOutcome::Stored(run.block_hashes.len())
+        if anchored {
+            StoreOutcome::Anchored(run.block_hashes.len())
+        } else {
+            StoreOutcome::Stored(run.block_hashes.len())
+        }
+    }
+
+    /// Keys the unknown `parent` of `run` from a recent request of the router's to the engine
+    /// that holds the run ([`find_anchor`]), and holds its ancestors as implied by it: the
+    /// parent's router hash, or `None` if no request (or more than one prefix) fits.
+    fn anchor(&mut self, parent: u64, run: &StoredRun<'_>, bit: u8) -> Option<u64> {
+        let recent = self.recent.as_ref()?;
+        if run.token_ids.is_empty() {
+            return None;
+        }
+        // The Arcs are cloned under the ring's lock, the search runs outside it.
+        let requests = recent.snapshot();
+        let found = find_anchor(&requests, run.token_ids, run.block_size, run.lora_name)?;
+        self.insert(parent, found.parent, bit);
+        for &h in &found.ancestors {
+            *self.implied.entry(h).or_insert(0) += 1;
+        }
+        self.ancestors += found.ancestors.len();
+        if let Some(old) = self
+            .anchors
+            .insert(parent, found.ancestors.into_boxed_slice())
+        {
+            self.release_anchor(&old);
+        }
+        Some(found.parent)
+    }
+
+    /// Drops what the anchor with these ancestors implied.
+    fn release_anchor(&mut self, ancestors: &[u64]) {
+        self.ancestors -= ancestors.len();
+        for h in ancestors {
+            Self::release(&mut self.implied, *h);
+        }
+    }
+
+    /// `engine_hash` left the view: what it implied as an anchor goes with it.
+    fn forget_anchor(&mut self, engine_hash: u64) {
+        if !self.anchors.is_empty()
+            && let Some(ancestors) = self.anchors.remove(&engine_hash)
+        {
+            self.release_anchor(&ancestors);
+        }
     }
 
     fn insert(&mut self, engine_hash: u64, router: u64, bit: u8) {
@@ -320,6 +426,7 @@ impl EngineView {
                         let router = b.router;
                         self.blocks.remove(eh);
                         Self::release(&mut self.held, router);
+                        self.forget_anchor(*eh);
                     }
                 }
                 None => unknown += 1,
@@ -338,6 +445,7 @@ impl EngineView {
                 let router = b.router;
                 self.blocks.remove(&eh);
                 Self::release(&mut self.held, router);
+                self.forget_anchor(eh);
                 return true;
             }
         }
