@@ -102,10 +102,17 @@ cache_counters() {
   echo "$h $q"
 }
 
+# Resets every engine's prefix cache. vLLM publishes the AllBlocksCleared of a reset only with
+# the engine's next scheduler step, so one 1-token request per engine flushes it: otherwise a
+# router's complete views still show the previous run's blocks (the workload is the same each
+# run) until each engine happens to run a step, and it routes by them.
 reset_caches() {
   for ((i = 0; i < N; i++)); do
     curl -fsS -X POST "http://127.0.0.1:$((HTTP0 + i))/reset_prefix_cache" > /dev/null
+    curl -fsS "http://127.0.0.1:$((HTTP0 + i))/v1/completions" -H 'content-type: application/json' \
+      -d "{\"model\": \"$SERVED\", \"prompt\": [0], \"max_tokens\": 1}" > /dev/null
   done
+  sleep 1  # the routers read the clears
 }
 
 EXACT=(--routing-logic load_balanced_kvaware --tokenizer "$MODEL_DIR" --static-kv-events "$EVENTS"
