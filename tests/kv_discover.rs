@@ -31,18 +31,6 @@ fn engine_config() -> SimConfig {
     }
 }
 
-/// A chat request whose prompt is `words` words unique to `tag`.
-fn chat(tag: &str, words: usize) -> serde_json::Value {
-    let text: Vec<String> = (0..words)
-        .map(|i| format!("{tag}{}", i * 7919 % 1000))
-        .collect();
-    serde_json::json!({
-        "model": MODEL,
-        "messages": [{ "role": "user", "content": text.join(" ") }],
-        "max_tokens": 1,
-    })
-}
-
 /// The router binary with `kv_lookup() ?? fallback()`, decision headers, the tokenizer and
 /// discovery, in front of `urls`; `extra` flags after.
 fn router(urls: &[String], policies: &tempfile::TempDir, extra: &[&str]) -> RouterProcess {
@@ -158,12 +146,12 @@ async fn discovered_engines_route_exact_to_the_engine_holding_the_prefix() {
     let c = client();
     // Each engine holds one prompt, sent past the router: only the engines' events say where.
     for (i, s) in sims.iter().enumerate() {
-        let prompt = chat(&format!("discovered{i}x"), 60);
+        let prompt = common::unique_chat(&format!("discovered{i}x"), 60);
         to_engine(&c, &s.url(), &prompt).await;
         until_stored(&c, &r, &name_of(s), 1.0).await;
     }
     for (i, s) in sims.iter().enumerate() {
-        let prompt = chat(&format!("discovered{i}x"), 60);
+        let prompt = common::unique_chat(&format!("discovered{i}x"), 60);
         assert_eq!(
             routed(&c, &r, &prompt).await,
             (name_of(s), "kv_lookup".into(), "exact".into()),
@@ -203,12 +191,12 @@ async fn an_engine_without_kv_event_sources_falls_back_to_its_static_endpoint() 
         &["--static-kv-events", &statics],
     );
     for (i, s) in [&new, &old].into_iter().enumerate() {
-        let prompt = chat(&format!("fallback{i}x"), 60);
+        let prompt = common::unique_chat(&format!("fallback{i}x"), 60);
         to_engine(&c, &s.url(), &prompt).await;
         until_stored(&c, &r, &name_of(s), 1.0).await;
     }
     for (i, s) in [&new, &old].into_iter().enumerate() {
-        let prompt = chat(&format!("fallback{i}x"), 60);
+        let prompt = common::unique_chat(&format!("fallback{i}x"), 60);
         assert_eq!(
             routed(&c, &r, &prompt).await,
             (name_of(s), "kv_lookup".into(), "exact".into()),
@@ -257,7 +245,7 @@ async fn every_data_parallel_rank_is_followed_and_an_engine_not_up_yet_is_asked_
     let name = name_of(&ranked);
     let mut prompts = Vec::new();
     for i in 0..8 {
-        let prompt = chat(&format!("ranked{i}x"), 60);
+        let prompt = common::unique_chat(&format!("ranked{i}x"), 60);
         to_engine(&c, &late_url, &prompt).await;
         prompts.push(prompt);
     }

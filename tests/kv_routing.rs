@@ -71,18 +71,6 @@ fn policies() -> TempDir {
     dir
 }
 
-/// A chat request whose prompt is `words` words unique to `tag`.
-fn chat(tag: &str, words: usize) -> serde_json::Value {
-    let text: Vec<String> = (0..words)
-        .map(|i| format!("{tag}{}", i * 7919 % 1000))
-        .collect();
-    serde_json::json!({
-        "model": MODEL,
-        "messages": [{ "role": "user", "content": text.join(" ") }],
-        "max_tokens": 1,
-    })
-}
-
 const CHAT: &str = "/v1/chat/completions";
 
 /// The engine id and name the router gives the engine at `url`.
@@ -144,7 +132,7 @@ async fn routed(
 /// from each).
 async fn until_live(c: &TestClient, r: &RunningRouter, sims: &[SimHandle]) {
     for (i, s) in sims.iter().enumerate() {
-        to_engine(c, s, &chat(&format!("warmup{i}x"), 40)).await;
+        to_engine(c, s, &common::unique_chat(&format!("warmup{i}x"), 40)).await;
     }
     let ids: Vec<u32> = sims.iter().map(|s| engine_of(r, s).0).collect();
     let exact = Arc::clone(&r.state.exact);
@@ -161,7 +149,7 @@ async fn exact_kv_lookup_follows_evictions_the_router_never_saw() {
     let r = router(&sims, &dir, true).await;
     let c = client();
     until_live(&c, &r, &sims).await;
-    let prompt = chat("alpha", 50);
+    let prompt = common::unique_chat("alpha", 50);
     let ids = token_ids(&r, &prompt);
     let blocks = ids.len() / 16;
     assert!(
@@ -181,7 +169,7 @@ async fn exact_kv_lookup_follows_evictions_the_router_never_saw() {
     // That engine evicts it (other prompts, sent past the router, fill its small cache) and
     // the other engine caches it (sent to it past the router).
     for i in 0..5 {
-        to_engine(&c, held, &chat(&format!("filler{i}x"), 50)).await;
+        to_engine(&c, held, &common::unique_chat(&format!("filler{i}x"), 50)).await;
     }
     to_engine(&c, other, &prompt).await;
 
@@ -224,7 +212,7 @@ async fn exact_kv_lookup_sees_what_another_replica_served() {
     let ids_of = |s: &SimHandle| engine_of(&r, s).0;
     let all = [ids_of(&sims[0]), ids_of(&sims[1])];
     for (i, tag) in ["beta", "gamma", "delta"].iter().enumerate() {
-        let prompt = chat(tag, 120 + 10 * i);
+        let prompt = common::unique_chat(tag, 120 + 10 * i);
         // Another replica serves the prompt: this router never saw it.
         let (served, _, _) = routed(&c, &replica, &prompt).await;
         assert_eq!(approximate_blocks(&r, &prompt, &all), vec![0, 0]);
@@ -247,7 +235,12 @@ async fn exact_kv_lookup_sees_what_another_replica_served() {
             "prompt {tag}"
         );
         // A router without the engines' events knows nothing of it: kv_lookup passes.
-        let (_, tier, kv) = routed(&c, &approximate_only, &chat(tag, 120 + 10 * i)).await;
+        let (_, tier, kv) = routed(
+            &c,
+            &approximate_only,
+            &common::unique_chat(tag, 120 + 10 * i),
+        )
+        .await;
         assert_eq!(
             (tier.as_str(), kv.as_deref()),
             ("fallback", Some("approximate"))

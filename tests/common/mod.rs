@@ -355,3 +355,15 @@ pub fn pyzmq_ready() -> bool {
     }
     ok
 }
+
+/// A chat request whose prompt is `words` words unique to `tag` (one output token).
+pub fn unique_chat(tag: &str, words: usize) -> serde_json::Value {
+    let text: Vec<String> = (0..words)
+        .map(|i| format!("{tag}{}", i * 7919 % 1000))
+        .collect();
+    serde_json::json!({
+        "model": MODEL,
+        "messages": [{ "role": "user", "content": text.join(" ") }],
+        "max_tokens": 1,
+    })
+}
