@@ -36,6 +36,7 @@ fn candidates(n: usize) -> Vec<Candidate> {
                 kv_usage: 0.3,
                 stats_age_secs: Some(0.2),
                 stale: false,
+                in_flight_tokens: 0,
             },
             // Some cached prefix, below half of the 512-token prompt.
             prefix_match_tokens: (i % 5) * 32,

@@ -249,3 +249,95 @@ fn session_hash_moves_only_what_it_must() {
         "moved {moved}, expected about {expected}"
     );
 }
+
+/// Candidates with these prefix matches, router in-flight prompt tokens and queues.
+fn costed(matches: &[usize], in_flight_tokens: &[u64], qs: &[f64]) -> Vec<Candidate> {
+    matches
+        .iter()
+        .zip(in_flight_tokens)
+        .zip(qs)
+        .enumerate()
+        .map(|(i, ((&m, &t), &q))| {
+            let mut c = cand(i as u32, q, 0, m);
+            c.load.in_flight_tokens = t;
+            c
+        })
+        .collect()
+}
+
+#[test]
+fn min_cost_weighs_prefill_left_against_load() {
+    let st = PolicyState::default();
+    // A 10,000-token prompt. Engine 0 holds 8,000 of it but has 6,000 tokens in flight;
+    // engine 1 holds nothing and is idle; engine 2 holds 4,000 with 1,000 in flight.
+    // Costs (1, 1): 2,000 + 6,000 = 8,000; 10,000; 6,000 + 1,000 = 7,000 → engine 2.
+    let c = costed(&[8000, 0, 4000], &[6000, 0, 1000], &[0.0, 0.0, 0.0]);
+    assert_eq!(
+        builtins::min_cost(&c, &[8000, 0, 4000], 10_000, 1.0, 1.0, &st),
+        Some(2)
+    );
+    // Prefill weighs 4×: 8,000 + 6,000 = 14,000; 40,000; 24,000 + 1,000 → engine 0.
+    assert_eq!(
+        builtins::min_cost(&c, &[8000, 0, 4000], 10_000, 4.0, 1.0, &st),
+        Some(0)
+    );
+    // Load only: the engine with the fewest tokens in flight, whatever it caches.
+    assert_eq!(
+        builtins::min_cost(&c, &[8000, 0, 4000], 10_000, 0.0, 1.0, &st),
+        Some(1)
+    );
+    // Prefill only: the longest match, as kv_lookup with no minimum.
+    assert_eq!(
+        builtins::min_cost(&c, &[8000, 0, 4000], 10_000, 1.0, 0.0, &st),
+        Some(0)
+    );
+    // A match longer than the prompt (a stale estimate) costs nothing, never less than 0.
+    assert_eq!(
+        builtins::min_cost(&c, &[12_000, 0, 4000], 10_000, 1.0, 1.0, &st),
+        Some(0)
+    );
+    // Equal costs go to the smaller queue, then rotate.
+    let c = costed(&[0, 0, 0], &[0, 0, 0], &[3.0, 1.0, 1.0]);
+    let m = counts((0..10).map(|_| builtins::min_cost(&c, &[0, 0, 0], 100, 1.0, 1.0, &st)));
+    assert_eq!(
+        (m.get(&1), m.get(&2), m.get(&0)),
+        (Some(&5), Some(&5), None)
+    );
+    // Weights of 0 × infinity are no cost, not NaN: still a decision.
+    let c = costed(&[0, 100], &[0, 0], &[0.0, 0.0]);
+    assert_eq!(
+        builtins::min_cost(&c, &[0, 100], 100, f64::INFINITY, 1.0, &st),
+        Some(1)
+    );
+    // No candidates: pass; one: it.
+    assert_eq!(builtins::min_cost(&[], &[], 100, 1.0, 1.0, &st), None);
+    assert_eq!(
+        builtins::min_cost(&queues(&[50.0]), &[], 100, 1.0, 1.0, &st),
+        Some(0)
+    );
+}
+
+#[test]
+fn min_cost_through_the_table_binds_its_two_weights() {
+    let st = PolicyState::default();
+    let req = request(1000);
+    // Engine 0 holds the whole prompt but is busy with 3,000 in-flight tokens; engine 1 is idle.
+    let c = costed(&[1000, 0], &[3000, 0], &[0.0, 0.0]);
+    let defaults = builtin("min_cost", &[]);
+    assert_eq!(
+        (defaults.args().number(0), defaults.args().number(1)),
+        (Some(1.0), Some(1.0))
+    );
+    // (1, 1): 0 + 3,000 against 1,000 + 0 → engine 1.
+    assert_eq!(defaults.run(&req, &c, &st), Some(1));
+    // (4, 1): 3,000 against 4,000 → engine 0.
+    let heavy = builtin("min_cost", &[Arg::Number(4.0), Arg::Number(1.0)]);
+    assert_eq!(heavy.run(&req, &c, &st), Some(0));
+    let spec = BuiltinSpec::find("min_cost").expect("a built-in");
+    assert_eq!(
+        spec.bind(&[Some(Arg::Number(1.0)), Some(Arg::Number(-1.0))])
+            .unwrap_err()
+            .to_string(),
+        "`load_weight` must be a number ≥ 0"
+    );
+}

@@ -37,6 +37,8 @@ pub struct Engine {
     /// default).
     pub host_header: Option<http::HeaderValue>,
     in_flight: AtomicU64,
+    /// Prompt tokens of the router's own requests in flight here.
+    in_flight_tokens: AtomicU64,
     healthy: AtomicBool,
     consecutive_failures: AtomicU32,
     /// Removed from the registry: requests still in flight on it finish, but its health no
@@ -156,6 +158,7 @@ impl Engine {
             host_header: origin.as_ref().and_then(|(s, a)| host_header(s, a)),
             origin,
             in_flight: AtomicU64::new(0),
+            in_flight_tokens: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
             retired: AtomicBool::new(false),
@@ -173,12 +176,26 @@ impl Engine {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Prompt tokens of the router's own requests in flight on this engine.
+    pub fn in_flight_tokens(&self) -> u64 {
+        self.in_flight_tokens.load(Ordering::Relaxed)
+    }
+
     /// Counts one request in flight until the returned guard is dropped.
     pub fn begin_request(self: &Arc<Self>) -> InFlightGuard {
+        self.begin_request_of(0)
+    }
+
+    /// Counts one request of `prompt_tokens` tokens in flight (in [`Engine::in_flight`] and
+    /// [`Engine::in_flight_tokens`]) until the returned guard is dropped.
+    pub fn begin_request_of(self: &Arc<Self>, prompt_tokens: u64) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight_tokens
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
         self.metrics.in_flight.increment(1.0);
         InFlightGuard {
             engine: Arc::clone(self),
+            prompt_tokens,
         }
     }
 
@@ -255,6 +272,7 @@ impl Engine {
             waiting,
             queue,
             in_flight,
+            in_flight_tokens: self.in_flight_tokens(),
             kv_usage: s.kv_usage,
             stats_age_secs: age,
             stale: s.stale || age.is_none(),
@@ -266,6 +284,7 @@ impl Engine {
 #[derive(Debug)]
 pub struct InFlightGuard {
     engine: Arc<Engine>,
+    prompt_tokens: u64,
 }
 
 impl InFlightGuard {
@@ -277,6 +296,9 @@ impl InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.engine.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.engine
+            .in_flight_tokens
+            .fetch_sub(self.prompt_tokens, Ordering::Relaxed);
         self.engine.metrics.in_flight.decrement(1.0);
     }
 }
@@ -292,6 +314,9 @@ pub struct EngineSnapshot {
     pub queue: f64,
     /// The router's own in-flight requests on this engine.
     pub in_flight: u64,
+    /// Prompt tokens of the router's own in-flight requests on this engine (the stand-in
+    /// tokenizer's estimate, exact for token-id prompts).
+    pub in_flight_tokens: u64,
     /// Last scraped KV-cache usage, 0..1.
     pub kv_usage: f64,
     /// Seconds since the figures were scraped; `None` if never.
@@ -445,6 +470,20 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(e.snapshot().queue, 0.0, "never below zero");
+    }
+
+    #[test]
+    fn in_flight_tokens_follow_the_guards() {
+        let e = Arc::new(Engine::new(0, "http://127.0.0.1:1/", vec!["m".into()]));
+        let a = e.begin_request_of(1000);
+        let b = e.begin_request_of(24);
+        let _c = e.begin_request();
+        assert_eq!((e.in_flight(), e.in_flight_tokens()), (3, 1024));
+        assert_eq!(e.snapshot().in_flight_tokens, 1024);
+        drop(a);
+        assert_eq!((e.in_flight(), e.in_flight_tokens()), (2, 24));
+        drop(b);
+        assert_eq!(e.snapshot().in_flight_tokens, 0);
     }
 
     #[test]

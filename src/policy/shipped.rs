@@ -17,6 +17,10 @@ use std::sync::Mutex;
 /// Every shipped policy file: (file name, text). A test fails if `policies/` and this table
 /// ever differ.
 pub const SHIPPED: &[(&str, &str)] = &[
+    (
+        "cost_aware.rhai",
+        include_str!("../../policies/cost_aware.rhai"),
+    ),
     ("kvaware.toml", include_str!("../../policies/kvaware.toml")),
     (
         "least_loaded.toml",

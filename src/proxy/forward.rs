@@ -161,7 +161,7 @@ async fn attempt_engines(
         let idx = decision.engine.min(cands.len() - 1);
         let engine = Arc::clone(&cands[idx].engine);
         tracing::debug!(model = %model, policy = %decision.policy, tier = %decision.tier, engine = %engine.name, attempt, "routed");
-        let guard = engine.begin_request();
+        let guard = engine.begin_request_of(info.prompt_tokens() as u64);
         kv.note_sent(engine.id);
         let last_chance = attempt + 1 >= attempts || cands.len() == 1;
         let failure = match try_engine(state, &engine, uri, headers, &info.body).await {

@@ -31,6 +31,7 @@ pub fn cand(id: u32, queue: f64, in_flight: u64, prefix: usize) -> Candidate {
             kv_usage: 0.0,
             stats_age_secs: Some(0.5),
             stale: false,
+            ..Default::default()
         },
         prefix_match_tokens: prefix,
     }

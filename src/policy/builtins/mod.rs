@@ -22,15 +22,15 @@ use crate::engines::Candidate;
 use crate::request::RequestInfo;
 
 pub use native::{
-    PolicyState, kv_lookup, kv_lookup_matches, least_loaded, load_balance, power_of_two, random,
-    round_robin, session_hash,
+    PolicyState, kv_lookup, kv_lookup_matches, least_loaded, load_balance, min_cost, power_of_two,
+    random, round_robin, session_hash,
 };
 
 /// `kv_lookup()`'s default minimum match: half of the prompt's tokens.
 pub const DEFAULT_KV_MIN_MATCH: f64 = 0.5;
 
 /// The most parameters a built-in takes.
-pub const MAX_PARAMS: usize = 1;
+pub const MAX_PARAMS: usize = 2;
 
 /// What a parameter accepts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -134,7 +134,7 @@ const ANY_NUMBER_FROM_0: ParamType = ParamType::Number {
 
 /// The built-ins. Their position in this table identifies them (as the origin of an engine a
 /// script's built-in call chose, and as a tier label).
-pub static BUILTINS: [BuiltinSpec; 8] = [
+pub static BUILTINS: [BuiltinSpec; 9] = [
     BuiltinSpec {
         name: "load_balance",
         doc: "if the spread of queues (max − min) is at least `threshold`, the least-queued \
@@ -210,6 +210,39 @@ pub static BUILTINS: [BuiltinSpec; 8] = [
         doc: "the less loaded of two distinct random candidates",
         params: &[],
         run: |_, i| power_of_two(i.cands),
+    },
+    BuiltinSpec {
+        name: "min_cost",
+        doc: "the engine of least `prefill_weight × (prompt tokens not cached there) + \
+              load_weight × (prompt tokens of the router's requests in flight there)` \
+              (Dynamo's KV-router cost, in tokens; ties to the less loaded); passes only without \
+              candidates",
+        params: &[
+            Param {
+                name: "prefill_weight",
+                ty: ANY_NUMBER_FROM_0,
+                must_be: "a number ≥ 0",
+                if_absent: IfAbsent::Number(1.0),
+            },
+            Param {
+                name: "load_weight",
+                ty: ANY_NUMBER_FROM_0,
+                must_be: "a number ≥ 0",
+                if_absent: IfAbsent::Number(1.0),
+            },
+        ],
+        run: |args, i| {
+            let (prefill_weight, load_weight) = (args.number(0)?, args.number(1)?);
+            let m = i.kv.get();
+            min_cost(
+                i.cands,
+                &m.tokens,
+                m.prompt_tokens,
+                prefill_weight,
+                load_weight,
+                i.state,
+            )
+        },
     },
 ];
 

@@ -132,6 +132,35 @@ pub fn kv_lookup_matches(
     min_rotating(cands, st, |i, _| tokens(i) == best, cmp_load)
 }
 
+/// `min_cost(prefill_weight, load_weight)`: the engine of least cost, where an engine's cost
+/// is `prefill_weight × (prompt tokens not cached there) + load_weight × (prompt tokens of the
+/// router's requests in flight there)`: Dynamo's KV router cost (prefill blocks still to
+/// compute plus active blocks) in tokens. `matched[i]` is candidate `i`'s prefix match (a
+/// missing figure is no match). Equal costs go to the less loaded (then rotate). Passes only
+/// without candidates.
+pub fn min_cost(
+    cands: &[Candidate],
+    matched: &[usize],
+    prompt_tokens: usize,
+    prefill_weight: f64,
+    load_weight: f64,
+    st: &PolicyState,
+) -> Option<usize> {
+    let costs: Vec<f64> = cands
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let uncached = prompt_tokens.saturating_sub(matched.get(i).copied().unwrap_or(0));
+            let cost =
+                prefill_weight * uncached as f64 + load_weight * c.load.in_flight_tokens as f64;
+            // 0 × ∞ (an infinite weight on a zero term) is no cost, not NaN.
+            if cost.is_nan() { 0.0 } else { cost }
+        })
+        .collect();
+    let min = costs.iter().copied().fold(f64::INFINITY, f64::min);
+    min_rotating(cands, st, |i, _| costs[i] == min, cmp_load)
+}
+
 /// The rendezvous-hash weight of `engine` for a key hashed to `key_hash`.
 fn rendezvous_weight(key_hash: u64, engine: &str) -> u64 {
     xxh3_64_with_seed(engine.as_bytes(), key_hash)

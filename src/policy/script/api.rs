@@ -210,6 +210,9 @@ pub(crate) const ENGINE_PROPERTIES: &[EngineProperty] = &[
     ("in_flight", |_, _, c| {
         Dynamic::from(c.load.in_flight as INT)
     }),
+    ("in_flight_tokens", |_, _, c| {
+        Dynamic::from(c.load.in_flight_tokens as INT)
+    }),
     ("kv_usage", |_, _, c| {
         Dynamic::from(c.load.kv_usage as FLOAT)
     }),

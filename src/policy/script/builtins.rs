@@ -11,8 +11,8 @@ use rhai::{Dynamic, Engine, EvalAltResult, FLOAT, INT, ImmutableString, Position
 use super::api::{RhaiResultOf, engine_value, with_ctx};
 use crate::policy::builtins::{Arg, BUILTINS, BuiltinSpec, MAX_PARAMS, ParamType};
 
-// `register_builtins` registers closures of no or one parameter: extend it for more.
-const _: () = assert!(MAX_PARAMS <= 1);
+// `register_builtins` registers closures of up to two parameters: extend it for more.
+const _: () = assert!(MAX_PARAMS <= 2);
 
 /// Registers every built-in of the table. A function taking a parameter is registered for any
 /// value, and also for the parameter's own types (an integer and a float for a number, a
@@ -23,6 +23,10 @@ pub(crate) fn register_builtins(engine: &mut Engine) {
         for arity in spec.required()..=spec.params.len() {
             if arity == 0 {
                 engine.register_fn(spec.name, move || run(spec, &[]));
+                continue;
+            }
+            if arity == 2 {
+                engine.register_fn(spec.name, move |a: Dynamic, b: Dynamic| call(spec, &[a, b]));
                 continue;
             }
             engine.register_fn(spec.name, move |a: Dynamic| call(spec, &[a]));
