@@ -249,7 +249,9 @@ mod tests {
         );
         let toml = get("load_balanced_kvaware.toml");
         assert!(toml.contains("threshold = 3\n") && !toml.contains("threshold = 8"));
-        assert_eq!(get("session.toml"), SHIPPED[8].1);
+        let shipped = |n: &str| SHIPPED.iter().find(|(name, _)| *name == n).unwrap().1;
+        assert_eq!(get("session.toml"), shipped("session.toml"));
+        assert_eq!(get("cost_aware.rhai"), shipped("cost_aware.rhai"));
         let plain = files(None);
         assert!(plain.iter().zip(SHIPPED).all(|((_, a), (_, b))| a == b));
     }
