@@ -38,8 +38,9 @@
 //! them; `tests/architecture.rs` checks that the import graph has no circles):
 //!
 //! - [`cli`]: the `switchyard` command line (`serve`, `sim`, `check`, `bench`).
-//! - [`sim`]: a simulated vLLM engine (scheduler, prefix cache by token ids, vLLM's KV events
-//!   over ZMQ, bound or connected to a router, one publisher per data-parallel rank,
+//! - [`sim`]: a simulated vLLM engine (vLLM V1's step loop with chunked prefill, one KV block
+//!   pool shared by running requests and the prefix cache by token ids, preemption under
+//!   memory pressure, named calibration profiles ([`sim::profile`]), vLLM's KV events over ZMQ, bound or connected to a router, one publisher per data-parallel rank,
 //!   `/kv_event_sources`, metrics, failure injection).
 //! - [`bench`]: the routing benchmark: workloads, a load driver, statistics, reports, and the
 //!   exact-against-approximate `kv_lookup` comparison over router replicas.

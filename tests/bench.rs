@@ -212,6 +212,7 @@ async fn target_mode_benchmarks_a_running_router() {
         model: "switchyard-sim".into(),
         time_scale: 0.05,
         slow_engine: None,
+        engine_profile: None,
         max_num_seqs: Some(32),
         num_blocks: None,
         engine_stats_interval: 1.0,

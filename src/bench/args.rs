@@ -53,7 +53,13 @@ pub struct BenchArgs {
     /// Per-request safety net, wall seconds.
     #[arg(long, default_value_t = 120.0)]
     pub request_timeout: f64,
-    /// Running slots per simulated engine (beyond them requests queue) [default: 32].
+    /// The simulated engines' profile (see docs/sim.md): its cost model, KV capacity,
+    /// max_num_seqs and max_num_batched_tokens [default: the sim's, legacy-a100, with
+    /// --max-num-seqs 32].
+    #[arg(long, value_enum)]
+    pub engine_profile: Option<crate::sim::Profile>,
+    /// Running slots per simulated engine (beyond them requests queue) [default: the
+    /// profile's; 32 without --engine-profile].
     #[arg(long)]
     pub max_num_seqs: Option<usize>,
     /// Prefix-cache capacity per simulated engine, in blocks of 16 tokens [default: the sim's, 9216].
@@ -95,6 +101,7 @@ impl Default for BenchArgs {
             out: PathBuf::from("bench-out"),
             quiet: false,
             request_timeout: 120.0,
+            engine_profile: None,
             max_num_seqs: None,
             num_blocks: None,
             engine_stats_interval: 1.0,
@@ -106,9 +113,9 @@ impl Default for BenchArgs {
     }
 }
 
-/// The bench's default running slots per engine. vLLM's default (256) assumes short prompts:
-/// the sim does not limit admission by KV-cache capacity, and with multi-thousand-token
-/// prompts an A100's 147k-token cache holds a few dozen sequences.
+/// The bench's default running slots per engine without `--engine-profile` (the legacy
+/// profile's 256 with multi-thousand-token prompts mostly waits on KV memory; a profile brings
+/// its own).
 pub const DEFAULT_MAX_NUM_SEQS: usize = 32;
 
 impl BenchArgs {
@@ -149,6 +156,10 @@ impl BenchArgs {
         flag(
             "model",
             differs(self.model != d.model).map(|_| self.model.clone()),
+        );
+        flag(
+            "engine-profile",
+            self.engine_profile.map(|p| p.name().to_owned()),
         );
         flag("max-num-seqs", self.max_num_seqs.map(|v| v.to_string()));
         flag("num-blocks", self.num_blocks.map(|v| v.to_string()));

@@ -33,7 +33,9 @@ pub struct ClusterSpec {
     pub time_scale: f64,
     /// Engine 0's `speed_factor` (2.0 = twice as slow).
     pub slow_engine: Option<f64>,
-    /// Overrides of the simulated engines' defaults.
+    /// The simulated engines' profile (`None`: the sim's default, `legacy-a100`).
+    pub engine_profile: Option<sim::Profile>,
+    /// Overrides of the profile's values.
     pub max_num_seqs: Option<usize>,
     pub num_blocks: Option<usize>,
     /// The router's scrape interval of engine `/metrics`, simulated seconds.
@@ -50,12 +52,15 @@ pub struct ClusterSpec {
 }
 
 impl ClusterSpec {
-    /// The configuration of engine `i`. With fewer running slots than the sim's default,
-    /// `batch_slowdown` is scaled down by the same ratio, so that each additional running
-    /// request slows decoding as much as with the default (the sim's calibration is per
-    /// running request: `itl × (1 + batch_slowdown × (running − 1) / max_num_seqs)`).
+    /// The configuration of engine `i`: its profile's, with the spec's overrides. With another
+    /// `max_num_seqs` than the profile's, `batch_slowdown` is scaled by the same ratio, so that
+    /// each sequence in a step costs what the profile says (the step time is
+    /// `itl × (1 + batch_slowdown × (n − 1) / max_num_seqs)` for `n` sequences).
     pub fn sim_config(&self, i: usize) -> SimConfig {
-        let d = SimConfig::default();
+        let d = self
+            .engine_profile
+            .map(sim::Profile::config)
+            .unwrap_or_default();
         let max_num_seqs = self.max_num_seqs.unwrap_or(d.max_num_seqs);
         SimConfig {
             batch_slowdown: d.batch_slowdown * max_num_seqs as f64 / d.max_num_seqs as f64,
@@ -203,6 +208,7 @@ impl Cluster {
     pub async fn engine_figures(&self) -> Result<EngineFigures, BenchError> {
         let client = upstream::build_client(Duration::from_secs(2));
         let (mut hits, mut queries, mut ttft_sum, mut ttft_count) = (0.0, 0.0, 0.0, 0.0);
+        let mut preemptions = 0.0;
         for s in &self.sims {
             let url = format!("{}/metrics", s.url());
             let body = upstream::get(
@@ -220,10 +226,12 @@ impl Cluster {
             queries += f.prefix_queries;
             ttft_sum += sample_sum(&text, "vllm:time_to_first_token_seconds_sum");
             ttft_count += sample_sum(&text, "vllm:time_to_first_token_seconds_count");
+            preemptions += sample_sum(&text, "vllm:num_preemptions_total");
         }
         Ok(EngineFigures {
             cache_hit_rate: (queries > 0.0).then(|| hits / queries),
             ttft_mean: (ttft_count > 0.0).then(|| ttft_sum / ttft_count),
+            preemptions: Some(preemptions as u64),
         })
     }
 
@@ -268,6 +276,7 @@ vllm:time_to_first_token_seconds_count_other 9\n";
             model: "m".into(),
             time_scale: 0.1,
             slow_engine: Some(2.0),
+            engine_profile: None,
             max_num_seqs: Some(32),
             num_blocks: Some(100),
             engine_stats_interval: 1.0,
@@ -289,8 +298,18 @@ vllm:time_to_first_token_seconds_count_other 9\n";
         assert!((slope(&a) - slope(&d)).abs() < 1e-12);
         let none = ClusterSpec {
             max_num_seqs: None,
-            ..spec
+            ..spec.clone()
         };
         assert_eq!(none.sim_config(1).batch_slowdown, d.batch_slowdown);
+        // A profile's values, with the spec's overrides and the same cost per sequence.
+        let h100 = ClusterSpec {
+            engine_profile: Some(sim::Profile::Llama3_8bH100),
+            num_blocks: None,
+            ..spec
+        };
+        let (c, p) = (h100.sim_config(1), sim::Profile::Llama3_8bH100.config());
+        assert_eq!((c.max_num_seqs, c.num_blocks), (32, p.num_blocks));
+        assert_eq!(c.max_num_batched_tokens, p.max_num_batched_tokens);
+        assert!((slope(&c) - slope(&p)).abs() < 1e-12);
     }
 }

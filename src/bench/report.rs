@@ -103,6 +103,7 @@ const PERF_HEADERS: &[&str] = &[
     "out tok/s",
     "req/s",
     "cache hit",
+    "preempt",
 ];
 
 const ROUTING_HEADERS: &[&str] = &[
@@ -114,6 +115,11 @@ const ROUTING_HEADERS: &[&str] = &[
 
 fn opt_ms(v: Option<f64>) -> String {
     v.map(ms).unwrap_or_else(|| "-".into())
+}
+
+/// The run's preemptions column: `-` when unknown (`--target`).
+fn preemptions_cell(p: Option<u64>) -> String {
+    p.map_or_else(|| "-".into(), |n| n.to_string())
 }
 
 fn perf_rows(runs: &[RunStats]) -> Vec<Vec<String>> {
@@ -133,6 +139,7 @@ fn perf_rows(runs: &[RunStats]) -> Vec<Vec<String>> {
                 r.cache_hit_rate
                     .map(|h| format!("{:.1}%", h * 100.0))
                     .unwrap_or_else(|| "-".into()),
+                preemptions_cell(r.preemptions),
             ]
         })
         .collect()
@@ -376,6 +383,7 @@ pub(crate) mod tests {
         EngineFigures {
             cache_hit_rate: Some(hit),
             ttft_mean: Some(0.1),
+            preemptions: Some(3),
         }
     }
 
@@ -450,6 +458,13 @@ pub(crate) mod tests {
             );
         }
         assert!(text.contains("TTFT p99"));
+        assert!(text.contains("preempt"), "{text}");
+        assert!(
+            r.render_markdown()
+                .lines()
+                .any(|l| l.starts_with("| kvaware |") && l.ends_with("| 3 |")),
+            "the preemptions column"
+        );
         assert!(text.contains("50% 50%"), "{text}");
         assert!(
             text.contains("inf"),
@@ -507,6 +522,7 @@ pub(crate) mod tests {
                 .unwrap();
         assert_eq!(json["runs"].as_array().unwrap().len(), 2);
         assert_eq!(json["runs"][0]["name"], "kvaware");
+        assert_eq!(json["runs"][0]["preemptions"], 3);
         assert_eq!(json["settings"]["workload"]["kind"], "shared-prefix");
         assert_eq!(json["settings"]["workload"]["groups"], 6);
         assert!(json["winners"].as_array().unwrap().len() >= 5);

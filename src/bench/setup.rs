@@ -80,10 +80,14 @@ pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
         if !sweep.is_empty() {
             return bad("--sweep needs simulated engines; it cannot be used with --target".into());
         }
-        if args.slow_engine.is_some() || args.max_num_seqs.is_some() || args.num_blocks.is_some() {
+        if args.slow_engine.is_some()
+            || args.max_num_seqs.is_some()
+            || args.num_blocks.is_some()
+            || args.engine_profile.is_some()
+        {
             return bad(
-                "--slow-engine, --max-num-seqs and --num-blocks configure simulated engines; \
-                 they cannot be used with --target"
+                "--slow-engine, --engine-profile, --max-num-seqs and --num-blocks configure \
+                 simulated engines; they cannot be used with --target"
                     .into(),
             );
         }
@@ -118,7 +122,13 @@ pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
             model: args.model.clone(),
             time_scale,
             slow_engine: args.slow_engine,
-            max_num_seqs: Some(args.max_num_seqs.unwrap_or(DEFAULT_MAX_NUM_SEQS)),
+            engine_profile: args.engine_profile,
+            // A profile brings its own max_num_seqs; without one, the bench's smaller default.
+            max_num_seqs: args.max_num_seqs.or_else(|| {
+                args.engine_profile
+                    .is_none()
+                    .then_some(DEFAULT_MAX_NUM_SEQS)
+            }),
             num_blocks: args.num_blocks,
             engine_stats_interval: args.engine_stats_interval,
             seed: spec.seed,

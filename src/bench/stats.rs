@@ -124,6 +124,9 @@ pub struct EngineFigures {
     pub cache_hit_rate: Option<f64>,
     /// Mean of the engines' own `vllm:time_to_first_token_seconds`, simulated seconds.
     pub ttft_mean: Option<f64>,
+    /// Requests preempted (KV memory short), summed over the engines'
+    /// `vllm:num_preemptions_total`.
+    pub preemptions: Option<u64>,
 }
 
 /// The figures of one run (one row of the table).
@@ -149,6 +152,8 @@ pub struct RunStats {
     /// The engines' own mean TTFT (from their `/metrics`), when known: the client's TTFT mean
     /// minus this is the time spent in the router, the client and the network.
     pub engine_ttft_mean: Option<f64>,
+    /// Preemptions of running requests on the engines (KV memory short), when known.
+    pub preemptions: Option<u64>,
     /// Requests per engine (from the `x-switchyard-engine` header), engines in cluster order.
     pub engine_shares: Vec<EngineShare>,
     /// Most loaded engine's requests / least loaded engine's; `None` if unknown or if an engine
@@ -253,6 +258,7 @@ impl RunStats {
             duration_s,
             cache_hit_rate: figures.cache_hit_rate,
             engine_ttft_mean: figures.ttft_mean,
+            preemptions: figures.preemptions,
             engine_shares,
             max_min_load_ratio,
             tier_shares,
@@ -351,6 +357,7 @@ pub(crate) mod tests {
             EngineFigures {
                 cache_hit_rate: Some(0.5),
                 ttft_mean: Some(0.2),
+                preemptions: Some(7),
             },
         );
         assert_eq!(
@@ -363,6 +370,11 @@ pub(crate) mod tests {
             }
         );
         assert_eq!(s.duration_s, 4.5);
+        assert_eq!(
+            s.preemptions,
+            Some(7),
+            "the engines' preemptions, as reported"
+        );
         assert!((s.requests_per_s - 4.0 / 4.5).abs() < 1e-12);
         assert!((s.output_tokens_per_s - 40.0 / 4.5).abs() < 1e-12);
         let shares: f64 = s.engine_shares.iter().map(|e| e.share).sum();

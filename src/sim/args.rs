@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use super::{SimConfig, defaults, start};
+use super::{Profile, SimConfig, defaults, start};
 
 fn parse_rate(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
@@ -35,27 +35,38 @@ pub struct SimArgs {
     /// Served model name.
     #[arg(long, default_value = defaults::MODEL)]
     pub model: String,
-    /// Running slots; further requests wait in a FIFO queue.
-    #[arg(long, default_value_t = defaults::MAX_NUM_SEQS)]
-    pub max_num_seqs: usize,
+    /// Named calibration (cost model, KV capacity, batch limits); the flags below override
+    /// its values [default: legacy-a100].
+    #[arg(long, value_enum)]
+    pub profile: Option<Profile>,
+    /// Most requests in one step's batch; further requests wait in a FIFO queue
+    /// [profile; legacy-a100: 256].
+    #[arg(long)]
+    pub max_num_seqs: Option<usize>,
+    /// Most tokens computed in one step (chunked prefill) [profile; legacy-a100: 2048].
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = defaults::BLOCK_SIZE)]
     pub block_size: usize,
-    /// Prefix-cache capacity in blocks (0 disables prefix caching).
-    #[arg(long, default_value_t = defaults::NUM_BLOCKS)]
-    pub num_blocks: usize,
-    /// Fixed prefill cost per request, in simulated ms.
-    #[arg(long, default_value_t = defaults::PREFILL_OVERHEAD_MS, value_parser = parse_non_negative)]
-    pub prefill_overhead_ms: f64,
-    /// Prefill cost per uncached prompt token, in simulated ms.
-    #[arg(long, default_value_t = defaults::PREFILL_MS_PER_TOKEN, value_parser = parse_non_negative)]
-    pub prefill_ms_per_token: f64,
-    /// Inter-token interval with one running request, in simulated ms.
-    #[arg(long, default_value_t = defaults::ITL_MS, value_parser = parse_non_negative)]
-    pub itl_ms: f64,
-    /// ITL multiplier growth: itl × (1 + batch_slowdown × (running − 1) / max_num_seqs).
-    #[arg(long, default_value_t = defaults::BATCH_SLOWDOWN, value_parser = parse_non_negative)]
-    pub batch_slowdown: f64,
+    /// KV capacity in blocks, shared by running requests and the prefix cache (0 = no KV
+    /// limit, no prefix caching) [profile; legacy-a100: 9216].
+    #[arg(long)]
+    pub num_blocks: Option<usize>,
+    /// Step cost per request with a prefill chunk in the step, simulated ms
+    /// [profile; legacy-a100: 10].
+    #[arg(long, value_parser = parse_non_negative)]
+    pub prefill_overhead_ms: Option<f64>,
+    /// Step cost per prefill token, simulated ms [profile; legacy-a100: 0.1].
+    #[arg(long, value_parser = parse_non_negative)]
+    pub prefill_ms_per_token: Option<f64>,
+    /// Step time with one sequence, simulated ms [profile; legacy-a100: 13.3].
+    #[arg(long, value_parser = parse_non_negative)]
+    pub itl_ms: Option<f64>,
+    /// A step of n sequences: itl × (1 + batch_slowdown × (n − 1) / max_num_seqs)
+    /// [profile; legacy-a100: 7.75].
+    #[arg(long, value_parser = parse_non_negative)]
+    pub batch_slowdown: Option<f64>,
     /// Tokens generated when a request omits max_tokens.
     #[arg(long, default_value_t = defaults::DEFAULT_MAX_TOKENS)]
     pub default_max_tokens: usize,
@@ -109,15 +120,31 @@ pub struct SimArgs {
 impl SimArgs {
     /// The engine configuration these flags describe.
     pub fn to_config(&self) -> SimConfig {
-        let mut cfg = SimConfig {
+        let mut cfg = SimConfig::default();
+        if let Some(p) = self.profile {
+            p.apply(&mut cfg);
+        }
+        let set_usize = |v: Option<usize>, f: &mut usize| {
+            if let Some(v) = v {
+                *f = v;
+            }
+        };
+        set_usize(self.max_num_seqs, &mut cfg.max_num_seqs);
+        set_usize(self.max_num_batched_tokens, &mut cfg.max_num_batched_tokens);
+        set_usize(self.num_blocks, &mut cfg.num_blocks);
+        for (v, f) in [
+            (self.prefill_overhead_ms, &mut cfg.prefill_overhead_ms),
+            (self.prefill_ms_per_token, &mut cfg.prefill_ms_per_token),
+            (self.itl_ms, &mut cfg.itl_ms),
+            (self.batch_slowdown, &mut cfg.batch_slowdown),
+        ] {
+            if let Some(v) = v {
+                *f = v;
+            }
+        }
+        let cfg = SimConfig {
             model: self.model.clone(),
-            max_num_seqs: self.max_num_seqs,
             block_size: self.block_size,
-            num_blocks: self.num_blocks,
-            prefill_overhead_ms: self.prefill_overhead_ms,
-            prefill_ms_per_token: self.prefill_ms_per_token,
-            itl_ms: self.itl_ms,
-            batch_slowdown: self.batch_slowdown,
             default_max_tokens: self.default_max_tokens,
             time_scale: self.time_scale,
             speed_factor: self.speed_factor,
@@ -132,11 +159,15 @@ impl SimArgs {
             data_parallel_size: self.data_parallel_size,
             serve_kv_event_sources: !self.no_kv_event_sources,
             tokenizer: self.tokenizer.clone(),
+            ..cfg
         };
         if self.instant {
-            cfg.prefill_overhead_ms = 0.0;
-            cfg.prefill_ms_per_token = 0.0;
-            cfg.itl_ms = 0.0;
+            return SimConfig {
+                prefill_overhead_ms: 0.0,
+                prefill_ms_per_token: 0.0,
+                itl_ms: 0.0,
+                ..cfg
+            };
         }
         cfg
     }
@@ -163,6 +194,9 @@ pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Se
         url = %handle.url(),
         model = %cfg.model,
         max_num_seqs = cfg.max_num_seqs,
+        max_num_batched_tokens = cfg.max_num_batched_tokens,
+        num_blocks = cfg.num_blocks,
+        profile = ?args.profile.map(Profile::name),
         time_scale = cfg.time_scale,
         speed_factor = cfg.speed_factor,
         tokenizer = ?cfg.tokenizer,
@@ -235,6 +269,8 @@ mod tests {
             "--instant",
             "--tokenizer",
             "tok.json",
+            "--max-num-batched-tokens",
+            "512",
         ])
         .unwrap();
         let c = cli.sim.to_config();
@@ -244,6 +280,7 @@ mod tests {
             SimConfig {
                 model: "m".into(),
                 max_num_seqs: 3,
+                max_num_batched_tokens: 512,
                 block_size: 8,
                 num_blocks: 5,
                 prefill_overhead_ms: 0.0,
@@ -261,6 +298,23 @@ mod tests {
                 ..SimConfig::default()
             }
         );
+    }
+
+    #[test]
+    fn a_profile_sets_its_values_and_flags_override_them() {
+        let cli = Cli::try_parse_from(["x", "--profile", "llama3-8b-h100", "--num-blocks", "77"])
+            .unwrap();
+        let c = cli.sim.to_config();
+        assert_eq!(
+            c,
+            SimConfig {
+                num_blocks: 77,
+                ..Profile::Llama3_8bH100.config()
+            }
+        );
+        let cli = Cli::try_parse_from(["x", "--profile", "legacy-a100"]).unwrap();
+        assert_eq!(cli.sim.to_config(), SimConfig::default());
+        assert!(Cli::try_parse_from(["x", "--profile", "nope"]).is_err());
     }
 
     #[test]

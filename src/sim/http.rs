@@ -376,6 +376,16 @@ fn validate(engine: &Engine, kind: Kind, body: &[u8]) -> Result<Validated, Inval
             prompt_tokens.saturating_add(max_tokens)
         )));
     }
+    let info = engine.sched.cache_info();
+    if !engine.sched.fits(prompt_tokens.saturating_add(max_tokens)) {
+        return Err(bad(&format!(
+            "The request needs {} tokens ({prompt_tokens} in the prompt, {max_tokens} in the \
+             completion), more than the engine's KV cache holds ({} blocks of {} tokens).",
+            prompt_tokens.saturating_add(max_tokens),
+            info.num_blocks,
+            info.block_size
+        )));
+    }
     Ok(Validated {
         prompt,
         stream: parsed.stream,

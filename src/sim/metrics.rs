@@ -94,6 +94,10 @@ pub(crate) struct Stats {
     pub(crate) prefix_hits: AtomicU64,
     pub(crate) prompt_tokens: AtomicU64,
     pub(crate) generation_tokens: AtomicU64,
+    /// Running requests preempted (their KV blocks freed, to be recomputed).
+    pub(crate) preemptions: AtomicU64,
+    /// Engine steps run (not rendered; for measurements).
+    pub(crate) steps: AtomicU64,
     /// Time to first token, in simulated seconds.
     pub(crate) ttft: Histogram,
     /// End-to-end latency of completed requests, in simulated seconds.
@@ -112,6 +116,8 @@ impl Default for Stats {
             prefix_hits: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
+            steps: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
             e2e: Histogram::new(LATENCY_BUCKETS),
         }
@@ -225,6 +231,13 @@ pub(crate) fn render(model: &str, stats: &Stats, g: Gauges, info: CacheInfo) -> 
         l,
         &stats.generation_tokens,
     );
+    counter(
+        &mut out,
+        "vllm:num_preemptions",
+        "Cumulative number of preemption from the engine.",
+        l,
+        &stats.preemptions,
+    );
     // vLLM's FinishReason: stop, length, abort. The simulator always stops on length, and
     // counts requests cancelled by a client disconnect as abort.
     let _ = writeln!(
@@ -301,6 +314,7 @@ mod tests {
         let stats = Stats::default();
         inc(&stats.prefix_queries, 32);
         inc(&stats.prefix_hits, 16);
+        inc(&stats.preemptions, 3);
         let text = render(
             "m",
             &stats,
@@ -322,6 +336,8 @@ mod tests {
             format!("vllm:gpu_cache_usage_perc{l} 0.25"),
             format!("vllm:prefix_cache_queries_total{l} 32.0"),
             format!("vllm:prefix_cache_hits_total{l} 16.0"),
+            format!("vllm:num_preemptions_total{l} 3.0"),
+            "# TYPE vllm:num_preemptions_total counter".to_owned(),
             "# TYPE vllm:prefix_cache_hits_total counter".to_owned(),
             "# TYPE vllm:time_to_first_token_seconds histogram".to_owned(),
         ] {

@@ -1,5 +1,6 @@
-//! A simulated vLLM engine: OpenAI-compatible endpoints, vLLM's `/metrics`, a
-//! continuous-batching scheduler model with a prefix cache, and failure injection.
+//! A simulated vLLM engine: OpenAI-compatible endpoints, vLLM's `/metrics`, vLLM V1's step
+//! loop (chunked prefill, admission while KV blocks fit, preemption) over one KV block pool
+//! shared with the prefix cache, named calibration profiles, and failure injection.
 //!
 //! Used in-process by the demo, the benchmark and the integration tests, and as the
 //! `switchyard sim` subcommand. See `docs/sim.md` for the model, its defaults and their
@@ -15,13 +16,16 @@
 //! ```
 
 mod args;
-mod cache;
+mod block_pool;
 pub mod cache_events;
+mod delivery;
+mod engine_loop;
 mod faults;
 mod http;
 pub mod kv_publisher;
 pub mod kv_ranks;
 mod metrics;
+pub mod profile;
 mod prompt;
 mod scheduler;
 mod text;
@@ -42,13 +46,18 @@ use tokio::task::{JoinHandle, JoinSet};
 
 pub use args::{SimArgs, run_cli};
 pub use faults::Faults;
+pub use profile::Profile;
 pub use prompt::{ENGINE_SEED, SimHooks, engine_block_hashes};
 
-/// Defaults: an 8B model (Llama-3.1-8B, BF16) on one A100 under vLLM; see `docs/sim.md`.
+/// Defaults: an 8B model (Llama-3.1-8B, BF16) on one A100 under vLLM, the simulator's constants
+/// before its step model ([`Profile::LegacyA100`]); see `docs/sim.md`.
 pub mod defaults {
     pub const MODEL: &str = "switchyard-sim";
     /// vLLM's default `max_num_seqs` for the OpenAI server on GPUs below 70 GiB or A100s.
     pub const MAX_NUM_SEQS: usize = 256;
+    /// vLLM's default token budget per step for the OpenAI server on GPUs below 70 GiB or
+    /// A100s (`EngineArgs.get_batch_defaults`).
+    pub const MAX_NUM_BATCHED_TOKENS: usize = 2048;
     pub const BLOCK_SIZE: usize = crate::tokens::DEFAULT_BLOCK_SIZE;
     /// ≈18 GiB of KV cache at 2 MiB per 16-token block of Llama-3.1-8B.
     pub const NUM_BLOCKS: usize = 9216;
@@ -68,20 +77,23 @@ pub mod defaults {
 pub struct SimConfig {
     /// Served model name; requests naming another model get a 404.
     pub model: String,
-    /// Running slots: requests beyond this wait in a FIFO queue.
+    /// Most requests in one step's batch: requests beyond this wait in a FIFO queue.
     pub max_num_seqs: usize,
+    /// Most tokens computed in one step (chunked prefill: longer prefills take several steps).
+    pub max_num_batched_tokens: usize,
     /// Tokens per KV block.
     pub block_size: usize,
-    /// Capacity of the prefix cache (LRU), in blocks; 0 disables prefix caching.
+    /// KV capacity in blocks, shared by running requests and the prefix cache; 0: no KV
+    /// limit and no prefix caching.
     pub num_blocks: usize,
-    /// Fixed prefill cost per request.
+    /// Step cost per request with a prefill chunk in the step.
     pub prefill_overhead_ms: f64,
-    /// Prefill cost per uncached prompt token.
+    /// Step cost per prefill (or recomputed) token.
     pub prefill_ms_per_token: f64,
-    /// Inter-token interval with one running request.
+    /// Step time with one sequence in the batch.
     pub itl_ms: f64,
-    /// The inter-token interval is `itl_ms × (1 + batch_slowdown × (running − 1) / max_num_seqs)`:
-    /// with a full batch it is `1 + batch_slowdown` times the single-request one.
+    /// A step of `n` sequences lasts `itl_ms × (1 + batch_slowdown × (n − 1) / max_num_seqs)`
+    /// plus its prefill costs: with a full batch `1 + batch_slowdown` times a lone decode.
     pub batch_slowdown: f64,
     /// Tokens generated when a request gives no `max_tokens` (`max_completion_tokens`).
     pub default_max_tokens: usize,
@@ -122,6 +134,7 @@ impl Default for SimConfig {
         SimConfig {
             model: defaults::MODEL.to_owned(),
             max_num_seqs: defaults::MAX_NUM_SEQS,
+            max_num_batched_tokens: defaults::MAX_NUM_BATCHED_TOKENS,
             block_size: defaults::BLOCK_SIZE,
             num_blocks: defaults::NUM_BLOCKS,
             prefill_overhead_ms: defaults::PREFILL_OVERHEAD_MS,
@@ -175,6 +188,7 @@ impl SimConfig {
     pub fn validate(&self) -> Result<(), SimConfigError> {
         for (name, v) in [
             ("max_num_seqs", self.max_num_seqs),
+            ("max_num_batched_tokens", self.max_num_batched_tokens),
             ("block_size", self.block_size),
             ("data_parallel_size", self.data_parallel_size),
         ] {
@@ -185,8 +199,8 @@ impl SimConfig {
         if self.data_parallel_size > 1024 {
             return Err(SimConfigError::TooLarge("data_parallel_size"));
         }
-        if self.max_num_seqs > tokio::sync::Semaphore::MAX_PERMITS {
-            return Err(SimConfigError::TooLarge("max_num_seqs"));
+        if self.num_blocks >= u32::MAX as usize {
+            return Err(SimConfigError::TooLarge("num_blocks"));
         }
         if self.default_max_tokens == 0 {
             return Err(SimConfigError::Zero("default_max_tokens"));
@@ -240,8 +254,7 @@ pub(crate) struct Engine {
     pub(crate) tokenizer: Option<Arc<crate::tokens::Tokenizer>>,
     pub(crate) words: text::Words,
     pub(crate) next_id: AtomicU64,
-    /// Where the prefix cache reports its changes (the KV-event publisher), if anywhere; the
-    /// scheduler reads it once its cache is keyed by token ids.
+    /// Where the block pool reports its changes (the KV-event publisher), if anywhere.
     #[allow(dead_code)]
     pub(crate) cache_events: Option<Arc<dyn cache_events::CacheEvents>>,
     /// The `GET /kv_event_sources` answer (vLLM 0.32's, for the ranks' publishers); `None`:
