@@ -2,8 +2,9 @@
 //! lazily and sends each request at its planned time (trace time / `--trace-speed`, scaled by
 //! the time scale), whatever the answers to earlier ones; a Bailian turn does not wait for its
 //! parent's answer (the trace's timestamps are when production traffic sent it). Each request's
-//! body (`/v1/completions`, a token-id prompt) is generated when it is sent, on the client's
-//! own thread ([`super::driver::on_client_thread`]).
+//! body (`/v1/completions`, a token-id prompt) is generated just before it is sent ([`LEAD`]
+//! ahead of its time, so that building it does not make it late), on the client's own thread
+//! ([`super::driver::on_client_thread`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +16,10 @@ use tokio::task::JoinSet;
 use super::driver::{BenchClient, DriveConfig, on_client_thread, send};
 use super::stats::RequestRecord;
 use super::workload::trace_plan::{Planned, TraceSpec};
+
+/// How long before its time a request's task starts and builds its body (wall time): bodies
+/// exist only for the requests due within it.
+const LEAD: Duration = Duration::from_millis(20);
 
 /// [`replay`] on the client's own thread and runtime (see [`super::driver::drive_isolated`]).
 pub async fn replay_isolated(
@@ -58,7 +63,7 @@ pub async fn replay(
             collect(done, &mut records);
         }
         let due = t0 + Duration::from_secs_f64(r.at * ts);
-        tokio::time::sleep_until(due.into()).await;
+        tokio::time::sleep_until(due.checked_sub(LEAD).unwrap_or(due).into()).await;
         let replica = sent % cfg.replicas();
         sent += 1;
         let url = cfg.replica_url(replica).to_owned();
@@ -66,6 +71,8 @@ pub async fn replay(
         let timeout = cfg.request_timeout;
         tasks.spawn(async move {
             let body = Bytes::from(r.prompt.completion_body(&model, r.max_tokens));
+            drop(r.prompt);
+            tokio::time::sleep_until(due.into()).await;
             let done = send(&client, &url, "/v1/completions", &r.session, body, timeout).await;
             progress.inc(1);
             done.record(r.index, r.turn, replica, t0, due, ts)
