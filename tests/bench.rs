@@ -47,7 +47,12 @@ fn assert_consistent(report: &BenchReport, engines: usize) {
         assert_eq!(c.failed, 0, "{n}");
         assert_eq!(recs.len(), c.sent, "{n}");
         assert!(recs.iter().all(|r| r.outcome == Outcome::Ok), "{n}");
-        let answer = report.settings.workload.answer_tokens;
+        let answer = report
+            .settings
+            .workload
+            .as_ref()
+            .expect("a generated workload")
+            .answer_tokens;
         assert!(
             recs.iter().all(|r| r.output_tokens == answer),
             "{n}: every answer has answer_tokens tokens"

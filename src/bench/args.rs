@@ -80,6 +80,16 @@ pub struct BenchArgs {
     /// engines cache by its token ids and render chat prompts with its chat template.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Replay a production trace (JSON lines, Mooncake or Alibaba Bailian format, see
+    /// docs/bench.md) instead of a generated workload.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Arrivals of --trace this many times faster than in the trace [default: 1].
+    #[arg(long)]
+    pub trace_speed: Option<f64>,
+    /// Replay only the first N records of --trace.
+    #[arg(long)]
+    pub trace_limit: Option<usize>,
     #[command(flatten)]
     pub knobs: WorkloadKnobs,
 }
@@ -108,6 +118,9 @@ impl Default for BenchArgs {
             kv_compare: false,
             router_replicas: None,
             tokenizer: None,
+            trace: None,
+            trace_speed: None,
+            trace_limit: None,
             knobs: WorkloadKnobs::default(),
         }
     }
@@ -139,6 +152,12 @@ impl BenchArgs {
             differs(self.engines != d.engines).map(|_| self.engines.to_string()),
         );
         flag("workload", self.workload.map(|w| w.name().to_owned()));
+        flag(
+            "trace",
+            self.trace.as_ref().map(|p| p.display().to_string()),
+        );
+        flag("trace-speed", self.trace_speed.map(|v| v.to_string()));
+        flag("trace-limit", self.trace_limit.map(|v| v.to_string()));
         flag(
             "workload-file",
             self.workload_file.as_ref().map(|p| p.display().to_string()),
@@ -263,6 +282,22 @@ mod tests {
             "my policies/it's here",
             "--quick",
         ]);
+        let t = parse(&[
+            "--trace",
+            "traces/a b.jsonl",
+            "--trace-speed",
+            "2.5",
+            "--trace-limit",
+            "40",
+            "--seed",
+            "3",
+        ]);
+        assert_eq!(t.trace_speed, Some(2.5));
+        assert_eq!(t.trace_limit, Some(40));
+        let line = t.command_line();
+        let words = shlex::split(&line).expect("a shell-quoted line");
+        let words: Vec<&str> = words.iter().skip(2).map(String::as_str).collect();
+        assert_eq!(parse(&words), t, "{line}");
         assert_eq!(a.engines, 3);
         assert_eq!(a.workload, Some(WorkloadKind::SharedPrefix));
         assert_eq!(

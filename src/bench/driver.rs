@@ -54,6 +54,21 @@ pub struct DriveConfig {
     pub request_timeout: Duration,
 }
 
+impl DriveConfig {
+    /// How many router replicas share the load.
+    pub fn replicas(&self) -> usize {
+        1 + self.replica_urls.len()
+    }
+
+    /// The base URL of replica `i` (0 is `url`; out of range: `url`).
+    pub fn replica_url(&self, i: usize) -> &str {
+        match i.checked_sub(1).and_then(|j| self.replica_urls.get(j)) {
+            Some(u) => u,
+            None => &self.url,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct ChatBody<'a> {
     model: &'a str,
@@ -78,6 +93,18 @@ pub async fn drive_isolated(
     workload: Arc<Workload>,
     progress: ProgressBar,
 ) -> Result<Vec<RequestRecord>, std::io::Error> {
+    on_client_thread(move |client| async move { drive(&cfg, &client, workload, &progress).await })
+        .await
+}
+
+/// Runs `load` with a fresh [`client`] on a dedicated thread with its own single-threaded
+/// Tokio runtime (see [`drive_isolated`]).
+pub(super) async fn on_client_thread<F, Fut, T>(load: F) -> Result<T, std::io::Error>
+where
+    F: FnOnce(BenchClient) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("switchyard-bench-client".into())
@@ -85,12 +112,7 @@ pub async fn drive_isolated(
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
-            let result = rt.map(|rt| {
-                rt.block_on(async {
-                    let client = client();
-                    drive(&cfg, &client, workload, &progress).await
-                })
-            });
+            let result = rt.map(|rt| rt.block_on(load(client())));
             let _ = tx.send(result);
         })?;
     rx.await
@@ -140,7 +162,6 @@ async fn run_chain(
 ) -> Vec<RequestRecord> {
     let chain = &workload.chains[idx];
     let ts = cfg.time_scale;
-    let sim = |d: Duration| d.as_secs_f64() / ts;
     let mut history: Vec<(&str, Arc<str>)> = chain
         .preamble
         .iter()
@@ -170,31 +191,86 @@ async fn run_chain(
                 break;
             }
         };
-        let replicas = 1 + cfg.replica_urls.len();
-        let replica = (idx + turn_idx) % replicas;
-        let url = match replica {
-            0 => &cfg.url,
-            r => &cfg.replica_urls[r - 1],
-        };
-        let sent = Instant::now();
-        let mut ex = Exchange::default();
-        let timed_out = match request(url, &chain.user, body) {
-            Ok(req) => tokio::time::timeout(cfg.request_timeout, ex.run(&client, req))
-                .await
-                .is_err(),
-            Err(e) => {
-                ex.error = Some(e);
-                false
-            }
-        };
-        let end = Instant::now();
-        let outcome = ex.outcome(timed_out);
-        records.push(RequestRecord {
-            chain: idx,
-            turn: turn_idx,
-            start: sim(sent.saturating_duration_since(t0)),
-            ttft: ex.first.map(|f| sim(f.saturating_duration_since(sent))),
-            e2e: sim(end.saturating_duration_since(sent)),
+        let replica = (idx + turn_idx) % cfg.replicas();
+        let url = cfg.replica_url(replica);
+        let done = send(
+            &client,
+            url,
+            "/v1/chat/completions",
+            &chain.user,
+            body,
+            cfg.request_timeout,
+        )
+        .await;
+        let answer = done.exchange.answer.clone();
+        records.push(done.record(idx, turn_idx, replica, t0, due, ts));
+        progress.inc(1);
+        // The next round carries the answer actually received.
+        history.push(("assistant", Arc::from(answer)));
+        ready = Instant::now();
+    }
+    records
+}
+
+/// One request sent and its response read (or cut short by `timeout`).
+pub(super) struct Sent {
+    pub(super) exchange: Exchange,
+    pub(super) sent: Instant,
+    pub(super) end: Instant,
+    pub(super) timed_out: bool,
+}
+
+/// POSTs `body` to `url` + `path` with the session header, streams the response.
+pub(super) async fn send(
+    client: &BenchClient,
+    url: &str,
+    path: &str,
+    session: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Sent {
+    let sent = Instant::now();
+    let mut exchange = Exchange::default();
+    let timed_out = match request(url, path, session, body) {
+        Ok(req) => tokio::time::timeout(timeout, exchange.run(client, req))
+            .await
+            .is_err(),
+        Err(e) => {
+            exchange.error = Some(e);
+            false
+        }
+    };
+    Sent {
+        exchange,
+        sent,
+        end: Instant::now(),
+        timed_out,
+    }
+}
+
+impl Sent {
+    /// The record of this request: `chain`/`turn` name it, `t0` is the run's start, `due` when
+    /// it could have been sent at the earliest, `ts` the time scale.
+    pub(super) fn record(
+        self,
+        chain: usize,
+        turn: usize,
+        replica: usize,
+        t0: Instant,
+        due: Instant,
+        ts: f64,
+    ) -> RequestRecord {
+        let sim = |d: Duration| d.as_secs_f64() / ts;
+        let ex = self.exchange;
+        let outcome = ex.outcome(self.timed_out);
+        RequestRecord {
+            chain,
+            turn,
+            start: sim(self.sent.saturating_duration_since(t0)),
+            ttft: ex
+                .first
+                .map(|f| sim(f.saturating_duration_since(self.sent))),
+            e2e: sim(self.end.saturating_duration_since(self.sent)),
             output_tokens: tokens::estimate_tokens(ex.answer.len()),
             outcome,
             engine: ex.engine,
@@ -202,18 +278,13 @@ async fn run_chain(
             policy: ex.policy,
             kv: ex.kv,
             replica,
-            lag: sim(sent.saturating_duration_since(due)),
-        });
-        progress.inc(1);
-        // The next round carries the answer actually received.
-        history.push(("assistant", Arc::from(ex.answer)));
-        ready = Instant::now();
+            lag: sim(self.sent.saturating_duration_since(due)),
+        }
     }
-    records
 }
 
-fn request(url: &str, user: &str, body: Bytes) -> Result<Request<Full<Bytes>>, String> {
-    Request::post(format!("{url}/v1/chat/completions"))
+fn request(url: &str, path: &str, user: &str, body: Bytes) -> Result<Request<Full<Bytes>>, String> {
+    Request::post(format!("{url}{path}"))
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(SESSION_HEADER, user)
         .body(Full::new(body))
@@ -222,7 +293,7 @@ fn request(url: &str, user: &str, body: Bytes) -> Result<Request<Full<Bytes>>, S
 
 /// What one exchange produced so far (kept when the safety-net timeout cuts it short).
 #[derive(Debug, Default)]
-struct Exchange {
+pub(super) struct Exchange {
     status: Option<u16>,
     engine: Option<String>,
     tier: Option<String>,

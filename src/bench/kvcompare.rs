@@ -14,6 +14,7 @@
 use serde::Serialize;
 
 use super::stats::{RequestRecord, RunStats};
+use super::workload::trace_plan::TraceSummary;
 use super::workload::{Workload, WorkloadSpec};
 use super::{BenchArgs, BenchError};
 use crate::tokens::{DEFAULT_BLOCK_SIZE, Tokenizer, estimate_tokens};
@@ -72,12 +73,19 @@ impl KvRun {
     }
 }
 
+/// What the comparison's runs send, to size the small cache from.
+#[derive(Debug, Clone, Copy)]
+pub enum KvLoad<'a> {
+    Workload(&'a WorkloadSpec),
+    Trace(&'a TraceSummary),
+}
+
 /// `--kv-compare`'s settings, validated: the replica counts (default 1 and 3) and the small
 /// cache's blocks per engine (`--num-blocks`, else [`small_cache_blocks`] in the tokenizer's
-/// tokens). `sweep`: whether `--sweep` was given.
+/// tokens, or [`trace_small_cache_blocks`]). `sweep`: whether `--sweep` was given.
 pub fn settings(
     args: &BenchArgs,
-    spec: &WorkloadSpec,
+    load: KvLoad<'_>,
     sweep: bool,
 ) -> Result<(Vec<usize>, usize), BenchError> {
     let bad = |m: String| Err(BenchError::Args(m));
@@ -103,13 +111,14 @@ pub fn settings(
     }
     let t = Tokenizer::load(tokenizer)
         .map_err(|e| BenchError::Args(format!("--tokenizer {}: {e}", tokenizer.display())))?;
-    let small = match args.num_blocks {
-        Some(n) => n,
-        None => {
+    let small = match (args.num_blocks, load) {
+        (Some(n), _) => n,
+        (None, KvLoad::Workload(spec)) => {
             let w = Workload::generate(spec);
             let ratio = tokens_per_stand_in_token(&w, &t).unwrap_or(1.0);
             small_cache_blocks(&w, args.engines, ratio)
         }
+        (None, KvLoad::Trace(trace)) => trace_small_cache_blocks(trace, args.engines),
     };
     Ok((replicas, small))
 }
@@ -140,9 +149,10 @@ pub fn tokens_per_stand_in_token(workload: &Workload, tokenizer: &Tokenizer) -> 
 
 /// The default `small` cache per engine: half of an even share of the workload's working set
 /// (every chain's longest prompt and answer, in blocks, stand-in tokens scaled by
-/// `tokens_per_stand_in`), at least 64 blocks.
+/// `tokens_per_stand_in`), at least 64 blocks, and room for two of the largest requests (a
+/// chain's last turn), since the cache is also the engine's KV memory.
 pub fn small_cache_blocks(workload: &Workload, engines: usize, tokens_per_stand_in: f64) -> usize {
-    let tokens: usize = workload
+    let per_chain: Vec<usize> = workload
         .chains
         .iter()
         .map(|c| {
@@ -158,9 +168,25 @@ pub fn small_cache_blocks(workload: &Workload, engines: usize, tokens_per_stand_
                 .sum();
             preamble + turns
         })
-        .sum();
-    let tokens = (tokens as f64 * tokens_per_stand_in.max(0.01)) as usize;
-    (tokens / DEFAULT_BLOCK_SIZE / engines.max(1) / 2).max(64)
+        .collect();
+    let scale = |t: usize| (t as f64 * tokens_per_stand_in.max(0.01)) as usize;
+    let tokens = scale(per_chain.iter().sum());
+    let largest = scale(per_chain.iter().copied().max().unwrap_or(0));
+    (tokens / DEFAULT_BLOCK_SIZE / engines.max(1) / 2)
+        .max(64)
+        .max((2 * largest).div_ceil(DEFAULT_BLOCK_SIZE))
+}
+
+/// The default `small` cache per engine with `--trace`: half of an even share of the trace's
+/// distinct prompt tokens (its token ids are the engines' as they are), in blocks, at least 64
+/// and at most half the sim's default cache (so that `small` stays smaller than `ample`); and
+/// room for two of the trace's largest requests, since the cache is also the engine's KV
+/// memory (an engine refuses a request that can never fit).
+pub fn trace_small_cache_blocks(trace: &TraceSummary, engines: usize) -> usize {
+    let half_ample = crate::sim::SimConfig::default().num_blocks / 2;
+    let share = trace.distinct_tokens as usize / DEFAULT_BLOCK_SIZE / engines.max(1) / 2;
+    let two_largest = (2 * trace.largest_request_tokens as usize).div_ceil(DEFAULT_BLOCK_SIZE);
+    share.clamp(64, half_ample.max(64)).max(two_largest)
 }
 
 /// One row of the comparison table.

@@ -6,8 +6,10 @@
 //! - [`run_quiet`]: the same benchmark without printing or writing anything (tests, embedding).
 //!
 //! Files: `args.rs` (the flags, the reproducing command line), `setup.rs` (the flags
-//! validated, the runs planned), `workload.rs` (knobs, presets, seeded generation), `text.rs`
-//! (filler text sized in tokens), `driver.rs` (the load generator, TTFT from SSE streams),
+//! validated, the runs planned), `workload/` (knobs, presets, seeded generation; traces: their
+//! formats, token-id prompts, ideal hit rate), `text.rs` (filler text sized in tokens),
+//! `driver.rs` (the load generator, TTFT from SSE streams), `replay.rs` (the open-loop replay
+//! of a trace),
 //! `sse.rs` (SSE reader), `cluster.rs` (sims + router replicas per run), `plan.rs` (runs,
 //! sweep, kv comparison, policies directory), `kvcompare.rs` (`--kv-compare`: its routings and
 //! table), `stats.rs` (percentiles, per-run figures), `report.rs` (tables, JSON, CSV),
@@ -18,6 +20,7 @@ pub mod cluster;
 pub mod driver;
 pub mod kvcompare;
 pub mod plan;
+pub mod replay;
 pub mod report;
 mod setup;
 pub mod sse;
@@ -37,9 +40,17 @@ use cluster::Cluster;
 use driver::DriveConfig;
 use plan::RunPlan;
 use report::{BenchReport, BenchSettings};
-use setup::{Setup, setup};
+use setup::{LoadSpec, Setup, setup};
 use stats::{EngineFigures, RequestRecord, RunStats};
 use workload::Workload;
+use workload::trace_plan::TraceSpec;
+
+/// What a run sends: a generated workload (every request up-front) or a trace (read lazily).
+#[derive(Debug, Clone)]
+enum Load {
+    Workload(Arc<Workload>),
+    Trace(TraceSpec),
+}
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +59,8 @@ pub enum BenchError {
     Args(String),
     #[error(transparent)]
     Workload(#[from] workload::WorkloadError),
+    #[error(transparent)]
+    Trace(#[from] workload::trace::TraceError),
     #[error("policies directory {path}: {source}")]
     PolicyDir {
         path: String,
@@ -108,8 +121,14 @@ fn progress_bar(len: usize, name: &str, show: bool) -> ProgressBar {
 
 async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError> {
     let s = setup(args)?;
-    let workload = Arc::new(Workload::generate(&s.spec));
-    let planned = workload.requests();
+    let (load, planned) = match &s.load {
+        LoadSpec::Workload(spec) => {
+            let w = Workload::generate(spec);
+            let n = w.requests();
+            (Load::Workload(Arc::new(w)), n)
+        }
+        LoadSpec::Trace(spec, summary) => (Load::Trace(spec.clone()), summary.requests),
+    };
     if show {
         let engines = match &args.target {
             Some(t) => format!("router {t}"),
@@ -123,7 +142,7 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
         };
         eprintln!(
             "switchyard bench: {} ({planned} requests); {engines}; time scale {} (times reported in simulated seconds = wall / {})",
-            s.spec.describe(),
+            s.load.describe(),
             s.time_scale,
             s.time_scale
         );
@@ -134,7 +153,7 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
     for r in &s.runs {
         let bar = progress_bar(planned, &r.name, show);
         let wall = Instant::now();
-        let (recs, engines, figures) = run_one(args, &s, r, Arc::clone(&workload), &bar).await?;
+        let (recs, engines, figures) = run_one(args, &s, r, &load, &bar).await?;
         if let Some(kv) = &r.kv {
             kv_rows.push(kvcompare::KvRow::new(kv, &recs));
         }
@@ -162,10 +181,16 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<BenchReport, BenchError
     } else {
         report::winners(&runs)
     };
+    let (workload, trace) = match &s.load {
+        LoadSpec::Workload(w) => (Some(w.clone()), None),
+        LoadSpec::Trace(_, t) => (None, Some(t.clone())),
+    };
     Ok(BenchReport {
+        ideal_cache_hit_rate: trace.as_ref().and_then(|t| t.ideal_cache_hit_rate),
         settings: BenchSettings {
             command: args.command_line(),
-            workload: s.spec.clone(),
+            workload,
+            trace,
             engines: args.target.is_none().then_some(s.cluster.engines),
             target: args.target.clone(),
             model: args.model.clone(),
@@ -190,13 +215,13 @@ async fn run_one(
     args: &BenchArgs,
     s: &Setup,
     run: &RunPlan,
-    workload: Arc<Workload>,
+    load: &Load,
     bar: &ProgressBar,
 ) -> Result<(Vec<RequestRecord>, Vec<String>, EngineFigures), BenchError> {
     let policy = run.policy.as_str();
     if let Some(target) = &args.target {
         let cfg = drive_config(target.trim_end_matches('/'), args, s);
-        let recs = driver::drive_isolated(cfg, workload, bar.clone())
+        let recs = drive(cfg, load, bar.clone())
             .await
             .map_err(BenchError::Client)?;
         return Ok((recs, Vec::new(), EngineFigures::default()));
@@ -213,7 +238,7 @@ async fn run_one(
     let cluster = Cluster::start(&spec, dir.path(), policy).await?;
     let mut cfg = drive_config(&cluster.url(), args, s);
     cfg.replica_urls = cluster.urls().into_iter().skip(1).collect();
-    let recs = driver::drive_isolated(cfg, workload, bar.clone()).await;
+    let recs = drive(cfg, load, bar.clone()).await;
     let figures = match &recs {
         Ok(_) => cluster.engine_figures().await,
         Err(_) => Ok(EngineFigures::default()),
@@ -221,6 +246,18 @@ async fn run_one(
     let engines = cluster.engine_names();
     cluster.shutdown().await;
     Ok((recs.map_err(BenchError::Client)?, engines, figures?))
+}
+
+/// Sends a run's load on the client's own thread.
+async fn drive(
+    cfg: DriveConfig,
+    load: &Load,
+    bar: ProgressBar,
+) -> Result<Vec<RequestRecord>, std::io::Error> {
+    match load {
+        Load::Workload(w) => driver::drive_isolated(cfg, Arc::clone(w), bar).await,
+        Load::Trace(t) => replay::replay_isolated(cfg, t.clone(), bar).await,
+    }
 }
 
 fn drive_config(url: &str, args: &BenchArgs, s: &Setup) -> DriveConfig {

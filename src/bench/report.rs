@@ -11,13 +11,18 @@ use super::stats::{RequestRecord, RunStats};
 pub use super::winners::{TIE, Winner, winners};
 use super::winners::{ms, winners_text};
 use super::workload::WorkloadSpec;
+use super::workload::trace_plan::TraceSummary;
 
 /// The settings a report was produced with.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BenchSettings {
     /// The command line, for reproduction.
     pub command: String,
-    pub workload: WorkloadSpec,
+    /// The generated workload; `None` with `--trace`.
+    pub workload: Option<WorkloadSpec>,
+    /// The trace replayed (`--trace`): what was read, sent, skipped, cut, and its ideal hit rates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceSummary>,
     /// Simulated engines per run; `None` with `--target`.
     pub engines: Option<usize>,
     /// The router benchmarked with `--target`.
@@ -36,6 +41,10 @@ pub struct BenchSettings {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BenchReport {
     pub settings: BenchSettings,
+    /// With `--trace`: the prefix-cache hit rate of one unbounded cache fed every request sent,
+    /// at the engines' block size (compare each run's `cache_hit_rate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ideal_cache_hit_rate: Option<f64>,
     pub runs: Vec<RunStats>,
     pub winners: Vec<Winner>,
     /// With `--kv-compare`: each run's cluster and routing, in the order of `runs`.
@@ -122,10 +131,27 @@ fn preemptions_cell(p: Option<u64>) -> String {
     p.map_or_else(|| "-".into(), |n| n.to_string())
 }
 
-fn perf_rows(runs: &[RunStats]) -> Vec<Vec<String>> {
+/// The performance table's headers: with an ideal hit rate, a `hit/ideal` column.
+fn perf_headers(ideal: Option<f64>) -> Vec<&'static str> {
+    let mut h = PERF_HEADERS.to_vec();
+    if ideal.is_some() {
+        // Beside the hit rate it divides.
+        let at = h
+            .iter()
+            .position(|c| *c == "cache hit")
+            .map_or(h.len(), |i| i + 1);
+        h.insert(at, HIT_OF_IDEAL);
+    }
+    h
+}
+
+/// A run's cache hit rate as a share of the ideal one.
+const HIT_OF_IDEAL: &str = "hit/ideal";
+
+fn perf_rows(runs: &[RunStats], ideal: Option<f64>) -> Vec<Vec<String>> {
     runs.iter()
         .map(|r| {
-            vec![
+            let mut row = vec![
                 r.name.clone(),
                 format!("{}/{}", r.requests.ok, r.requests.sent),
                 opt_ms(r.ttft.map(|t| t.mean)),
@@ -139,8 +165,15 @@ fn perf_rows(runs: &[RunStats]) -> Vec<Vec<String>> {
                 r.cache_hit_rate
                     .map(|h| format!("{:.1}%", h * 100.0))
                     .unwrap_or_else(|| "-".into()),
-                preemptions_cell(r.preemptions),
-            ]
+            ];
+            if let Some(ideal) = ideal {
+                row.push(match r.cache_hit_rate {
+                    Some(h) if ideal > 0.0 => format!("{:.0}%", h / ideal * 100.0),
+                    _ => "-".into(),
+                });
+            }
+            row.push(preemptions_cell(r.preemptions));
+            row
         })
         .collect()
 }
@@ -208,12 +241,31 @@ fn overhead_line(runs: &[RunStats]) -> Option<String> {
     ))
 }
 
+impl BenchSettings {
+    /// A one-line description of the workload or the trace.
+    pub fn describe_load(&self) -> String {
+        match (&self.trace, &self.workload) {
+            (Some(t), _) => t.describe(),
+            (None, Some(w)) => w.describe(),
+            (None, None) => "-".into(),
+        }
+    }
+
+    /// The short name of the load, for chart titles: the workload's kind, or `trace`.
+    pub fn load_name(&self) -> &'static str {
+        match (&self.trace, &self.workload) {
+            (None, Some(w)) => w.kind.name(),
+            _ => "trace",
+        }
+    }
+}
+
 impl BenchReport {
     /// The report as the terminal shows it: the tables, then the winner of each figure.
     pub fn render_text(&self) -> String {
         let mut out = String::new();
         let s = &self.settings;
-        let _ = writeln!(out, "Workload: {}", s.workload.describe());
+        let _ = writeln!(out, "Workload: {}", s.describe_load());
         let _ = writeln!(
             out,
             "Times are simulated-engine time (wall time / {}).",
@@ -227,7 +279,14 @@ impl BenchReport {
             ));
             out.push('\n');
         }
-        out.push_str(&text_table(PERF_HEADERS, &perf_rows(&self.runs)));
+        if let Some(l) = s.trace.as_ref().and_then(TraceSummary::ideal_line) {
+            let _ = writeln!(out, "{l}\n");
+        }
+        let ideal = self.ideal_cache_hit_rate;
+        out.push_str(&text_table(
+            &perf_headers(ideal),
+            &perf_rows(&self.runs, ideal),
+        ));
         out.push('\n');
         out.push_str(&text_table(ROUTING_HEADERS, &routing_rows(&self.runs)));
         if let Some(l) = engine_legend(s, &self.runs) {
@@ -272,7 +331,7 @@ impl BenchReport {
         let _ = writeln!(
             out,
             "Workload: {}. Times are simulated-engine time (wall / {}).\n",
-            s.workload.describe(),
+            s.describe_load(),
             s.time_scale
         );
         if let Some(rows) = &self.kv_compare {
@@ -282,7 +341,14 @@ impl BenchReport {
             ));
             out.push('\n');
         }
-        out.push_str(&markdown_table(PERF_HEADERS, &perf_rows(&self.runs)));
+        if let Some(l) = s.trace.as_ref().and_then(TraceSummary::ideal_line) {
+            let _ = writeln!(out, "{l}\n");
+        }
+        let ideal = self.ideal_cache_hit_rate;
+        out.push_str(&markdown_table(
+            &perf_headers(ideal),
+            &perf_rows(&self.runs, ideal),
+        ));
         out.push('\n');
         out.push_str(&markdown_table(ROUTING_HEADERS, &routing_rows(&self.runs)));
         if let Some(l) = engine_legend(s, &self.runs) {
@@ -358,7 +424,7 @@ impl BenchReport {
             ("bench.md", self.render_markdown()),
             (
                 "bench.svg",
-                super::svg::render(self.settings.workload.kind.name(), &self.runs),
+                super::svg::render(self.settings.load_name(), &self.runs),
             ),
             ("requests.csv", self.render_csv()),
         ];
@@ -409,13 +475,16 @@ pub(crate) mod tests {
         BenchReport {
             settings: BenchSettings {
                 command: "switchyard bench --quick".into(),
-                workload: WorkloadSpec::resolve(
-                    Some(WorkloadKind::SharedPrefix),
-                    true,
-                    None,
-                    &WorkloadKnobs::default(),
-                )
-                .unwrap(),
+                workload: Some(
+                    WorkloadSpec::resolve(
+                        Some(WorkloadKind::SharedPrefix),
+                        true,
+                        None,
+                        &WorkloadKnobs::default(),
+                    )
+                    .unwrap(),
+                ),
+                trace: None,
                 engines: Some(2),
                 target: None,
                 model: "m".into(),
@@ -425,6 +494,7 @@ pub(crate) mod tests {
                 time_unit: "simulated seconds",
             },
             winners: winners(&runs),
+            ideal_cache_hit_rate: None,
             kv_compare: None,
             runs,
             records: vec![a, b],
@@ -491,6 +561,19 @@ pub(crate) mod tests {
         let first = rd.records().next().unwrap().unwrap();
         assert_eq!(&first[0], "a,\"b\"\r\nc");
         assert_eq!(rd.records().count(), 19);
+    }
+
+    #[test]
+    fn an_ideal_hit_rate_adds_hit_over_ideal() {
+        let mut r = sample_report();
+        assert!(!r.render_text().contains("hit/ideal"));
+        r.ideal_cache_hit_rate = Some(0.8);
+        let md = r.render_markdown();
+        assert!(md.contains("| cache hit | hit/ideal |"), "{md}");
+        assert!(
+            md.contains("| 80.0% | 100% |") && md.contains("| 20.0% | 25% |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -1,17 +1,48 @@
 //! Everything resolved from `switchyard bench`'s flags before any run starts: the flags
-//! validated (each error names its flag), the workload, the runs and the policies directory.
+//! validated (each error names its flag), the workload or the trace (read once, whole, so that
+//! a bad record stops the benchmark before any run), the runs and the policies directory.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::cluster::ClusterSpec;
 use super::plan::{self, PoliciesDir, RunPlan};
+use super::workload::trace_plan::{TraceSpec, TraceSummary};
 use super::workload::{WorkloadKnobs, WorkloadSpec};
 use super::{BenchArgs, BenchError, DEFAULT_MAX_NUM_SEQS, kvcompare};
 
+/// What the runs send: a generated workload or a trace.
+pub(super) enum LoadSpec {
+    Workload(WorkloadSpec),
+    Trace(TraceSpec, TraceSummary),
+}
+
+impl LoadSpec {
+    pub(super) fn describe(&self) -> String {
+        match self {
+            LoadSpec::Workload(w) => w.describe(),
+            LoadSpec::Trace(_, t) => t.describe(),
+        }
+    }
+
+    pub(super) fn seed(&self) -> u64 {
+        match self {
+            LoadSpec::Workload(w) => w.seed,
+            LoadSpec::Trace(t, _) => t.seed,
+        }
+    }
+
+    fn kv_load(&self) -> kvcompare::KvLoad<'_> {
+        match self {
+            LoadSpec::Workload(w) => kvcompare::KvLoad::Workload(w),
+            LoadSpec::Trace(_, t) => kvcompare::KvLoad::Trace(t),
+        }
+    }
+}
+
 /// Everything resolved from the arguments before any run starts.
 pub(super) struct Setup {
-    pub(super) spec: WorkloadSpec,
+    pub(super) load: LoadSpec,
     pub(super) time_scale: f64,
     pub(super) runs: Vec<RunPlan>,
     pub(super) dir: Option<PoliciesDir>,
@@ -19,12 +50,56 @@ pub(super) struct Setup {
     pub(super) request_timeout: Duration,
 }
 
-pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
-    let file = match &args.workload_file {
-        Some(p) => Some(WorkloadKnobs::from_file(p)?),
-        None => None,
+/// The generated workload, or the trace checked and summarised.
+fn load_spec(args: &BenchArgs) -> Result<LoadSpec, BenchError> {
+    let bad = |m: &str| Err(BenchError::Args(m.to_owned()));
+    let Some(path) = &args.trace else {
+        if args.trace_speed.is_some() || args.trace_limit.is_some() {
+            return bad("--trace-speed and --trace-limit are settings of --trace");
+        }
+        let file = match &args.workload_file {
+            Some(p) => Some(WorkloadKnobs::from_file(p)?),
+            None => None,
+        };
+        let spec = WorkloadSpec::resolve(args.workload, args.quick, file.as_ref(), &args.knobs)?;
+        return Ok(LoadSpec::Workload(spec));
     };
-    let spec = WorkloadSpec::resolve(args.workload, args.quick, file.as_ref(), &args.knobs)?;
+    let knobs = WorkloadKnobs {
+        seed: None,
+        ..args.knobs.clone()
+    };
+    if args.workload.is_some() || args.workload_file.is_some() || knobs != WorkloadKnobs::default()
+    {
+        return bad(
+            "--trace replays the trace's requests: --workload, --workload-file and the workload \
+             knobs (--qps, --users, ...) do not apply; --seed does (it seeds the prompts' tokens)",
+        );
+    }
+    let speed = args.trace_speed.unwrap_or(1.0);
+    if !(speed.is_finite() && speed > 0.0) {
+        return Err(BenchError::Args(format!(
+            "--trace-speed must be a positive factor, got {speed}"
+        )));
+    }
+    if args.trace_limit == Some(0) {
+        return bad("--trace-limit must be at least 1");
+    }
+    let spec = TraceSpec {
+        path: path.clone(),
+        speed,
+        limit: args.trace_limit,
+        seed: args.knobs.seed.unwrap_or(42),
+        // The engines' own block size (vLLM's default with --target).
+        engine_block_size: crate::sim::SimConfig::default().block_size,
+    };
+    let summary = spec.summarise()?;
+    if summary.requests == 0 {
+        return bad("--trace: no request of the trace can be sent (all are skipped)");
+    }
+    Ok(LoadSpec::Trace(spec, summary))
+}
+
+pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
     let bad = |m: String| Err(BenchError::Args(m));
     let time_scale = args
         .time_scale
@@ -67,8 +142,9 @@ pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
     if !args.kv_compare && (args.router_replicas.is_some() || args.tokenizer.is_some()) {
         return bad("--router-replicas and --tokenizer are settings of --kv-compare".into());
     }
+    let load = load_spec(args)?;
     let (runs, dir) = if args.kv_compare {
-        let (replicas, small) = kvcompare::settings(args, &spec, !sweep.is_empty())?;
+        let (replicas, small) = kvcompare::settings(args, load.kv_load(), !sweep.is_empty())?;
         let runs = plan::kv_compare_runs(&replicas, small);
         let dir = PoliciesDir::prepare(&policies_source(&args.policies_dir)?, &[])?;
         dir.check(&runs)?;
@@ -131,12 +207,12 @@ pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
             }),
             num_blocks: args.num_blocks,
             engine_stats_interval: args.engine_stats_interval,
-            seed: spec.seed,
+            seed: load.seed(),
             router_replicas: 1,
             tokenizer: args.tokenizer.clone(),
             exact_kv: false,
         },
-        spec,
+        load,
         time_scale,
         runs,
         dir,
@@ -184,6 +260,18 @@ mod tests {
                 "--slow-engine",
             ),
             (vec!["--rounds", "2", "--workload", "hot-prefix"], "rounds"),
+            (vec!["--trace-limit", "3"], "settings of --trace"),
+            (vec!["--trace", d, "--qps", "3"], "do not apply"),
+            (
+                vec!["--trace", d, "--workload", "hot-prefix"],
+                "do not apply",
+            ),
+            (vec!["--trace", d, "--trace-speed", "0"], "--trace-speed"),
+            (vec!["--trace", d, "--trace-limit", "0"], "--trace-limit"),
+            (
+                vec!["--trace", "/nonexistent.jsonl"],
+                "--trace /nonexistent.jsonl",
+            ),
             (vec!["--kv-compare"], "--tokenizer"),
             (vec!["--router-replicas", "2"], "--kv-compare"),
             (

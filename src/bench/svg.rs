@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn renders_bars_and_lines_per_run_with_escaped_names() {
         let r = sample_report();
-        let svg = render(r.settings.workload.kind.name(), &r.runs);
+        let svg = render(r.settings.load_name(), &r.runs);
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);

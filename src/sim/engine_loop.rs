@@ -267,12 +267,15 @@ impl EngineState {
         let new_blocks = self.pool.allocate(need)?;
         let r = self.reqs.get_mut(&id)?;
         let prompt = r.token_ids.len() as u64;
+        // vLLM 0.32 (`PrefixCacheStats.record`) counts a preempted request's new lookup apart
+        // (`preempted_queries`/`_hits`), not in `vllm:prefix_cache_queries`/`_hits`: a
+        // recompute finds its own blocks again, which is no hit for the workload.
         if !r.admitted_once {
             r.admitted_once = true;
             self.counts.prompt_tokens += prompt;
+            self.counts.prefix_queries += prompt;
+            self.counts.prefix_hits += (computed as u64).min(prompt);
         }
-        self.counts.prefix_queries += prompt;
-        self.counts.prefix_hits += (computed as u64).min(prompt);
         r.cached = hit.len();
         r.blocks = hit;
         r.blocks.extend(new_blocks);

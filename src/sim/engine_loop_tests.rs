@@ -97,6 +97,21 @@ fn a_decode_without_a_free_block_preempts_the_newest_request_which_recomputes() 
 }
 
 #[test]
+fn a_preempted_requests_second_lookup_is_no_prefix_cache_query() {
+    // As above, with request 2's blocks hashed: its recompute may find them cached, but, as
+    // vLLM 0.32 counts it (`preempted_queries`), that lookup is not in the prefix-cache figures.
+    let mut s = engine(4, 8, 100);
+    add(&mut s, 1, 4, &[], 3);
+    add(&mut s, 2, 4, &[21, 22], 3);
+    while !s.is_idle() {
+        step(&mut s);
+    }
+    assert_eq!(s.counts.preemptions, 1);
+    assert_eq!((s.counts.prefix_queries, s.counts.prefix_hits), (8, 0));
+    assert_eq!(s.counts.prompt_tokens, 8);
+}
+
+#[test]
 fn a_running_prefix_is_shared_counted_once_and_hit() {
     let mut s = engine(100, 8, 100);
     add(&mut s, 1, 8, &[11, 12, 13, 14], 10);

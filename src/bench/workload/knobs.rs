@@ -38,7 +38,8 @@ pub struct WorkloadKnobs {
     #[arg(skip)]
     #[serde(default)]
     pub workload: Option<WorkloadKind>,
-    /// Seed of the workload: texts and arrival times [default: 42].
+    /// Seed of the workload: texts and arrival times; with --trace, the prompts' token ids
+    /// [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
     /// Target arrival rate, requests per simulated second (Poisson arrivals).

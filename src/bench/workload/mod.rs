@@ -1,5 +1,8 @@
 //! Workloads: their knobs (flags and TOML files, [`knobs`]), the resolved specification
-//! ([`WorkloadSpec`]), and seeded generation of every request up-front ([`generate`]).
+//! ([`WorkloadSpec`]), and seeded generation of every request up-front ([`generate`]); or a
+//! production trace replayed (`--trace`): its formats and lazy reader ([`trace`]), the token ids
+//! of its prompts ([`trace_prompt`]), what is sent and the pass that summarises it
+//! ([`trace_plan`]), and its ideal cache-hit rate ([`trace_ideal`]).
 //!
 //! Sizes are in tokens of the stand-in tokenizer (4 bytes of text per token) and count the
 //! message contents. Arrival times are in simulated seconds from the start of a run; the driver
@@ -7,6 +10,10 @@
 
 pub mod generate;
 pub mod knobs;
+pub mod trace;
+pub mod trace_ideal;
+pub mod trace_plan;
+pub mod trace_prompt;
 
 pub use generate::{Chain, Message, Turn, Workload, exp_gap};
 pub use knobs::{MAX_REQUESTS, MAX_TOKENS, WorkloadError, WorkloadKind, WorkloadKnobs, preset};
