@@ -191,6 +191,10 @@ async fn run(core: Arc<Core>) {
             let end = prev_end.unwrap_or_else(Instant::now) + wall;
             if end > Instant::now() {
                 tokio::time::sleep_until(end).await;
+            } else {
+                // Late: the step is due at once, but a loop that never awaits would keep its
+                // worker thread from the requests' tasks (and the other engines').
+                tokio::task::yield_now().await;
             }
             prev_end = Some(end);
         }
