@@ -40,7 +40,8 @@
 //! - [`cli`]: the `switchyard` command line (`serve`, `sim`, `check`, `bench`).
 //! - [`sim`]: a simulated vLLM engine (vLLM V1's step loop with chunked prefill, one KV block
 //!   pool shared by running requests and the prefix cache by token ids, preemption under
-//!   memory pressure, named calibration profiles ([`sim::profile`]), vLLM's KV events over ZMQ, bound or connected to a router, one publisher per data-parallel rank,
+//!   memory pressure, named calibration profiles ([`sim::profile`]), vLLM's KV events over
+//!   ZMQ, bound or connected to a router, one publisher per data-parallel rank,
 //!   `/kv_event_sources`, metrics, failure injection).
 //! - [`bench`]: the routing benchmark: workloads, replay of production traces (Mooncake,
 //!   Alibaba Bailian) as token-id prompts, a load driver, statistics, reports, and the
