@@ -17,6 +17,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::sources::{self, RankPlan};
+use super::subscriber::Target;
 use super::{CacheCapacity, KvEndpoints, KvSubscribers};
 use crate::upstream::{self, GetError, HttpClient};
 
@@ -76,14 +77,7 @@ pub(super) async fn run(job: Job) {
         Answer::Fallback(why) => match job.fallback {
             Some(endpoints) => {
                 tracing::info!(engine = %name, reason = %why, events = %endpoints.events, "no KV-event sources from the engine: following the configured endpoints");
-                subs.start_discovered(
-                    engine,
-                    0,
-                    Arc::clone(name),
-                    endpoints,
-                    String::new(),
-                    job.capacity.clone(),
-                );
+                subs.start_discovered(Target::rank0(engine, name, endpoints, job.capacity.clone()));
             }
             None => {
                 tracing::info!(engine = %name, reason = %why, "no KV-event sources from the engine and none configured: kv_lookup uses the approximate index for it");
@@ -102,14 +96,14 @@ pub(super) async fn run(job: Job) {
                     } => {
                         tracing::info!(engine = %name, rank, events = %endpoints.events, replay = ?endpoints.replay, topic = %topic, "following the engine's KV events");
                         let label = rank_label(name, rank);
-                        if !subs.start_discovered(
+                        if !subs.start_discovered(Target {
                             engine,
                             rank,
-                            label,
+                            name: label,
                             endpoints,
                             topic,
-                            job.capacity.clone(),
-                        ) {
+                            capacity: job.capacity.clone(),
+                        }) {
                             return;
                         }
                     }

@@ -233,15 +233,9 @@ impl KvSubscribers {
         let Some((http, opts)) = &self.discovery else {
             if let Some(endpoints) = fallback {
                 let mut tasks = self.tasks();
-                let name = Arc::from(name);
                 self.start_locked(
                     &mut tasks,
-                    engine,
-                    0,
-                    name,
-                    endpoints,
-                    String::new(),
-                    capacity,
+                    subscriber::Target::rank0(engine, name, endpoints, capacity),
                 );
             }
             return;
@@ -274,54 +268,24 @@ impl KvSubscribers {
         let mut tasks = self.tasks();
         self.start_locked(
             &mut tasks,
-            engine,
-            0,
-            Arc::from(name),
-            endpoints,
-            String::new(),
-            CacheCapacity::unknown(),
+            subscriber::Target::rank0(engine, name, endpoints, CacheCapacity::unknown()),
         );
     }
 
     /// A discovered rank: started only while the engine is still wanted (its discovery task
     /// is recorded). False if it left meanwhile.
-    fn start_discovered(
-        &self,
-        engine: u32,
-        rank: u32,
-        name: Arc<str>,
-        endpoints: KvEndpoints,
-        topic: String,
-        capacity: CacheCapacity,
-    ) -> bool {
+    fn start_discovered(&self, target: subscriber::Target) -> bool {
         let mut tasks = self.tasks();
-        if !tasks.discovering.contains_key(&engine) {
+        if !tasks.discovering.contains_key(&target.engine) {
             return false;
         }
-        self.start_locked(&mut tasks, engine, rank, name, endpoints, topic, capacity);
+        self.start_locked(&mut tasks, target);
         true
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start_locked(
-        &self,
-        tasks: &mut Tasks,
-        engine: u32,
-        rank: u32,
-        name: Arc<str>,
-        endpoints: KvEndpoints,
-        topic: String,
-        capacity: CacheCapacity,
-    ) {
+    fn start_locked(&self, tasks: &mut Tasks, target: subscriber::Target) {
+        let (engine, rank, name) = (target.engine, target.rank, Arc::clone(&target.name));
         self.index.add_rank(engine, rank);
-        let target = subscriber::Target {
-            engine,
-            rank,
-            name: Arc::clone(&name),
-            endpoints,
-            topic,
-            capacity,
-        };
         let task = tokio::spawn(subscriber::run(
             target,
             Arc::clone(&self.index),

@@ -389,6 +389,25 @@ pub(super) struct Target {
     pub capacity: CacheCapacity,
 }
 
+impl Target {
+    /// Rank 0 of `engine`, subscribed to every topic.
+    pub fn rank0(
+        engine: u32,
+        name: &str,
+        endpoints: KvEndpoints,
+        capacity: CacheCapacity,
+    ) -> Target {
+        Target {
+            engine,
+            rank: 0,
+            name: Arc::from(name),
+            endpoints,
+            topic: String::new(),
+            capacity,
+        }
+    }
+}
+
 /// Follows `target` until aborted: connects (retrying with backoff), follows the stream, and
 /// reconnects when it breaks.
 pub(super) async fn run(target: Target, index: Arc<ExactIndex>, opts: SubscriberOptions) {
