@@ -42,7 +42,8 @@
 //!   pool shared by running requests and the prefix cache by token ids, preemption under
 //!   memory pressure, named calibration profiles ([`sim::profile`]), vLLM's KV events over
 //!   ZMQ, bound or connected to a router, one publisher per data-parallel rank,
-//!   `/kv_event_sources`, metrics, failure injection).
+//!   `/kv_event_sources`, metrics, failure injection, and the prefill or decode side of vLLM's
+//!   NixlConnector hand-off ([`sim::nixl`])).
 //! - [`bench`]: the routing benchmark: workloads, replay of production traces (Mooncake,
 //!   Alibaba Bailian) as token-id prompts, a load driver, statistics, reports, and the
 //!   exact-against-approximate `kv_lookup` comparison over router replicas.

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use switchyard::sim::{self, SimConfig, SimCounters, SimHandle};
+use switchyard::sim::{self, KvCounters, SimConfig, SimCounters, SimHandle};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
@@ -201,6 +201,11 @@ async fn completion_shape_and_usage() {
         SimCounters {
             received: 2,
             completed: 2,
+            // Both prompts prefilled: 10 tokens, then "hi" (1).
+            kv: KvCounters {
+                prefill_computed_tokens: 11,
+                ..KvCounters::default()
+            },
             ..SimCounters::default()
         }
     );

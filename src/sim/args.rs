@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use super::{Profile, SimConfig, defaults, start};
+use super::{KvLoadFailurePolicy, KvRole, Profile, SimConfig, defaults, start};
 
 fn parse_rate(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
@@ -115,6 +115,27 @@ pub struct SimArgs {
     /// included) instead of the stand-in's 4 bytes per token.
     #[arg(long)]
     pub tokenizer: Option<std::path::PathBuf>,
+    /// Prefill/decode disaggregation as vLLM's NixlConnector (pull mode): producer (P),
+    /// consumer (D) or both (vLLM's kv_producer, kv_consumer, kv_both are accepted). Either
+    /// role acts on the kv_transfer_params of a request, as vLLM's connector does; without
+    /// it they are ignored.
+    #[arg(long, value_enum)]
+    pub kv_role: Option<KvRole>,
+    /// How long P holds a hand-off's KV blocks for D, simulated seconds (vLLM's
+    /// kv_lease_duration).
+    #[arg(long, default_value_t = defaults::KV_LEASE_SECONDS, value_parser = parse_non_negative)]
+    pub kv_lease_seconds: f64,
+    /// D's time to load one prompt token's KV from P, simulated ms [default: 128 KiB per
+    /// token over 25 GB/s].
+    #[arg(long, value_parser = parse_non_negative)]
+    pub kv_transfer_ms_per_token: Option<f64>,
+    /// What D does when it cannot load a hand-off: fail the request (vLLM's default) or
+    /// compute the prompt itself.
+    #[arg(long, value_enum, default_value_t = KvLoadFailurePolicy::Fail)]
+    pub kv_load_failure_policy: KvLoadFailurePolicy,
+    /// Report usage.prompt_tokens_details.cached_tokens (vLLM's flag of the same name).
+    #[arg(long)]
+    pub enable_prompt_tokens_details: bool,
 }
 
 impl SimArgs {
@@ -159,6 +180,13 @@ impl SimArgs {
             data_parallel_size: self.data_parallel_size,
             serve_kv_event_sources: !self.no_kv_event_sources,
             tokenizer: self.tokenizer.clone(),
+            kv_role: self.kv_role,
+            kv_lease_seconds: self.kv_lease_seconds,
+            kv_transfer_ms_per_token: self
+                .kv_transfer_ms_per_token
+                .unwrap_or(defaults::KV_TRANSFER_MS_PER_TOKEN),
+            kv_load_failure_policy: self.kv_load_failure_policy,
+            enable_prompt_tokens_details: self.enable_prompt_tokens_details,
             ..cfg
         };
         if self.instant {
@@ -298,6 +326,45 @@ mod tests {
                 ..SimConfig::default()
             }
         );
+    }
+
+    #[test]
+    fn kv_flags_map_to_config_and_accept_vllm_role_names() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--kv-role",
+            "kv_consumer",
+            "--kv-lease-seconds",
+            "2.5",
+            "--kv-transfer-ms-per-token",
+            "0.01",
+            "--kv-load-failure-policy",
+            "recompute",
+            "--enable-prompt-tokens-details",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.sim.to_config(),
+            SimConfig {
+                kv_role: Some(KvRole::Consumer),
+                kv_lease_seconds: 2.5,
+                kv_transfer_ms_per_token: 0.01,
+                kv_load_failure_policy: KvLoadFailurePolicy::Recompute,
+                enable_prompt_tokens_details: true,
+                ..SimConfig::default()
+            }
+        );
+        for (name, role) in [
+            ("producer", KvRole::Producer),
+            ("kv_producer", KvRole::Producer),
+            ("both", KvRole::Both),
+            ("kv_both", KvRole::Both),
+            ("consumer", KvRole::Consumer),
+        ] {
+            let cli = Cli::try_parse_from(["x", "--kv-role", name]).unwrap();
+            assert_eq!(cli.sim.to_config().kv_role, Some(role), "{name}");
+        }
+        assert!(Cli::try_parse_from(["x", "--kv-role", "prefill"]).is_err());
     }
 
     #[test]

@@ -19,9 +19,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::time::Instant;
 
 use super::block_pool::BlockPool;
 use super::delivery::ReqShared;
+use super::leases::{Leases, ReleaseError};
 
 /// One request inside the engine.
 #[derive(Debug)]
@@ -39,6 +43,11 @@ pub(crate) struct Req {
     cached: usize,
     /// Admitted before (its prompt already counted).
     admitted_once: bool,
+    /// A P leg: at its end its blocks are held under this name for D to read.
+    pub(crate) hand_off: Option<Arc<str>>,
+    /// A D leg: prompt tokens whose KV was loaded from P (counted as computed at its first
+    /// admission, beyond its own prefix-cache hit).
+    pub(crate) external: usize,
 }
 
 impl Req {
@@ -58,6 +67,8 @@ impl Req {
             blocks: Vec::new(),
             cached: 0,
             admitted_once: false,
+            hand_off: None,
+            external: 0,
         }
     }
 
@@ -89,6 +100,10 @@ pub(crate) struct StepCounts {
     pub(crate) prefix_queries: u64,
     pub(crate) prefix_hits: u64,
     pub(crate) prompt_tokens: u64,
+    /// Prompt tokens loaded from a prefill engine (vLLM's `external_kv_transfer` source).
+    pub(crate) external_tokens: u64,
+    /// Hand-offs whose lease expired before D read them (their blocks freed).
+    pub(crate) hand_offs_expired: u64,
 }
 
 /// A request that generated a token at the end of a step.
@@ -99,6 +114,8 @@ pub(crate) struct Outcome {
     pub(crate) generated: usize,
     /// That was its last token (it left the engine).
     pub(crate) finished: bool,
+    /// A finished P leg: the blocks it holds for D and their computed tokens.
+    pub(crate) handed_off: Option<(Vec<u32>, usize)>,
 }
 
 /// The scheduler state of one engine.
@@ -112,6 +129,8 @@ pub(crate) struct EngineState {
     waiting: VecDeque<u64>,
     /// In admission order: the newest last.
     running: Vec<u64>,
+    /// Blocks of finished P legs, held for D until read or their lease expires.
+    held: Leases,
     pub(crate) counts: StepCounts,
 }
 
@@ -130,8 +149,43 @@ impl EngineState {
             reqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            held: Leases::default(),
             counts: StepCounts::default(),
         }
+    }
+
+    /// Hand-offs are held for `lease` of wall time.
+    pub(crate) fn with_lease(mut self, lease: std::time::Duration) -> EngineState {
+        self.held = Leases::new(lease);
+        self
+    }
+
+    /// Frees the blocks of hand-offs whose lease ended by `now`.
+    pub(crate) fn expire_hand_offs(&mut self, now: Instant) {
+        let expired = self.held.expire(now);
+        self.counts.hand_offs_expired += expired.len() as u64;
+        for h in expired {
+            self.pool.free(&h.blocks);
+        }
+    }
+
+    /// D read hand-off `name` (whose blocks must be `block_ids`): its blocks are freed.
+    /// Returns its computed tokens and block count.
+    pub(crate) fn release_hand_off(
+        &mut self,
+        name: &str,
+        block_ids: &[u32],
+        now: Instant,
+    ) -> Result<(usize, usize), ReleaseError> {
+        self.expire_hand_offs(now);
+        let h = self.held.take(name, block_ids)?;
+        self.pool.free(&h.blocks);
+        Ok((h.tokens, h.blocks.len()))
+    }
+
+    /// Hand-offs held now.
+    pub(crate) fn hand_offs_held(&self) -> usize {
+        self.held.len()
     }
 
     pub(crate) fn waiting(&self) -> usize {
@@ -160,13 +214,18 @@ impl EngineState {
 
     /// Removes a request (cancelled or finished): its blocks are freed.
     pub(crate) fn remove(&mut self, id: u64) -> Option<Req> {
+        let req = self.remove_keeping_blocks(id)?;
+        self.pool.free(&req.blocks);
+        Some(req)
+    }
+
+    fn remove_keeping_blocks(&mut self, id: u64) -> Option<Req> {
         let req = self.reqs.remove(&id)?;
         if let Some(i) = self.running.iter().position(|&r| r == id) {
             self.running.remove(i);
         } else if let Some(i) = self.waiting.iter().position(|&r| r == id) {
             self.waiting.remove(i);
         }
-        self.pool.free(&req.blocks);
         Some(req)
     }
 
@@ -190,6 +249,9 @@ impl EngineState {
 
     /// Decides the next step and takes the KV blocks of its tokens.
     pub(crate) fn schedule(&mut self) -> Step {
+        if !self.held.is_empty() {
+            self.expire_hand_offs(Instant::now());
+        }
         let mut step = Step::default();
         let mut budget = self.max_num_batched_tokens;
         let mut preempted = false;
@@ -257,7 +319,21 @@ impl EngineState {
         // vLLM recomputes at least the last token: a hit covers at most total − 1 tokens.
         let mut hit = self.pool.lookup(&r.hashes);
         hit.truncate((total - 1) / bs);
-        let computed = hit.len() * bs;
+        let local = hit.len() * bs;
+        // A D leg's first admission: the prompt tokens loaded from P beyond the local hit
+        // count as computed (vLLM's `get_num_new_matched_tokens`), but for the last token,
+        // which is computed to sample the first (vLLM's `_update_waiting_for_remote_kv`).
+        let remote = if r.admitted_once {
+            0
+        } else {
+            r.external.min(r.token_ids.len())
+        };
+        let external = remote.saturating_sub(local);
+        let computed = if external > 0 {
+            remote.min(total - 1)
+        } else {
+            local
+        };
         let n = (total - computed).min(budget);
         let need = self.blocks_for(computed + n) - hit.len();
         if need + self.pool.free_among(&hit) > self.pool.free_blocks() {
@@ -272,9 +348,14 @@ impl EngineState {
         // recompute finds its own blocks again, which is no hit for the workload.
         if !r.admitted_once {
             r.admitted_once = true;
+            let local = (local as u64).min(prompt);
             self.counts.prompt_tokens += prompt;
             self.counts.prefix_queries += prompt;
-            self.counts.prefix_hits += (computed as u64).min(prompt);
+            self.counts.prefix_hits += local;
+            self.counts.external_tokens += external as u64;
+            r.shared
+                .cached_tokens
+                .store(local as usize + external, Ordering::Relaxed);
         }
         r.cached = hit.len();
         r.blocks = hit;
@@ -309,6 +390,8 @@ impl EngineState {
                     shared: Arc::clone(&r.shared),
                     generated: r.generated,
                     finished: done,
+                    handed_off: (done && r.hand_off.is_some())
+                        .then(|| (r.blocks.clone(), r.computed)),
                 });
                 if done {
                     finished.push(id);
@@ -316,12 +399,32 @@ impl EngineState {
             }
         }
         for id in finished {
-            self.remove(id);
+            self.retire(id);
         }
         out
+    }
+
+    /// Removes a finished request; a P leg's blocks stay held for D under its lease.
+    fn retire(&mut self, id: u64) {
+        let Some(req) = self.remove_keeping_blocks(id) else {
+            return;
+        };
+        match req.hand_off {
+            Some(name) => {
+                let tokens = req.computed;
+                if let Some(old) = self.held.insert(name, req.blocks, tokens, Instant::now()) {
+                    self.pool.free(&old.blocks);
+                }
+            }
+            None => self.pool.free(&req.blocks),
+        }
     }
 }
 
 #[cfg(test)]
 #[path = "engine_loop_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "engine_loop_pd_tests.rs"]
+mod pd_tests;

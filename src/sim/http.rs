@@ -21,10 +21,12 @@ use serde::{Deserialize, Serialize};
 use super::Engine;
 use super::faults::Fault;
 use super::metrics::{self, inc};
+use super::nixl::{Leg, TransferParams};
 use super::prompt::{EnginePrompt, engine_prompt};
 use super::scheduler::Job;
 use crate::request;
 
+mod handoff;
 mod output;
 
 use output::{Output, complete, stream_response};
@@ -181,6 +183,9 @@ pub(crate) async fn handle(
                 SimBody::empty(),
             ))
         }
+        super::nixl::READ_PATH if method == Method::POST && engine.kv.role.is_some() => {
+            Ok(handoff::read(&engine, req).await)
+        }
         "/health" if method == Method::GET => Ok(response(
             StatusCode::OK,
             "application/json",
@@ -224,6 +229,9 @@ struct Params {
     messages: Option<IgnoredAny>,
     #[serde(default)]
     prompt: Option<IgnoredAny>,
+    /// vLLM's field is any dict: parameters the connector cannot read are no hand-off.
+    #[serde(default)]
+    kv_transfer_params: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -270,7 +278,7 @@ async fn inference(
         Ok(r) => r,
         Err(invalid) => return Ok(invalid.response()),
     };
-    let job = Job::new(
+    let mut job = Job::new(
         Arc::clone(&engine.sched),
         req.prompt.token_ids,
         req.prompt.block_hashes,
@@ -281,13 +289,24 @@ async fn inference(
         Kind::Completion => "cmpl",
         Kind::Chat => "chatcmpl",
     };
+    let id = format!("{prefix}-{:016x}{n:016x}", engine.seed);
+    // Without a role the engine has no KV connector: the parameters are ignored.
+    let remote = match (engine.kv.role, req.leg) {
+        (None, _) | (_, Leg::None) => None,
+        (Some(_), Leg::Prefill) => {
+            job.hand_off_as(&id);
+            None
+        }
+        (Some(_), Leg::Decode(remote)) => Some(remote),
+    };
     let out = Output {
         kind,
-        id: format!("{prefix}-{:016x}{n:016x}", engine.seed),
+        id,
         created: unix_now(),
         include_usage: req.include_usage,
         engine,
         job,
+        remote,
         started: false,
         finished: false,
     };
@@ -300,6 +319,7 @@ async fn inference(
 
 struct Validated {
     prompt: EnginePrompt,
+    leg: Leg,
     stream: bool,
     max_tokens: usize,
     include_usage: bool,
@@ -386,8 +406,13 @@ fn validate(engine: &Engine, kind: Kind, body: &[u8]) -> Result<Validated, Inval
             info.block_size
         )));
     }
+    let leg = params
+        .kv_transfer_params
+        .and_then(|v| serde_json::from_value::<TransferParams>(v).ok())
+        .map_or(Leg::None, |p| p.leg());
     Ok(Validated {
         prompt,
+        leg,
         stream: parsed.stream,
         max_tokens,
         include_usage: params

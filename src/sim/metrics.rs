@@ -98,6 +98,20 @@ pub(crate) struct Stats {
     pub(crate) preemptions: AtomicU64,
     /// Engine steps run (not rendered; for measurements).
     pub(crate) steps: AtomicU64,
+    /// Prompt (or recomputed) tokens computed by prefill steps.
+    pub(crate) prefill_computed_tokens: AtomicU64,
+    /// Prompt tokens loaded from prefill engines (D).
+    pub(crate) external_tokens: AtomicU64,
+    /// D legs whose blocks were read from P.
+    pub(crate) kv_loads: AtomicU64,
+    /// D legs whose read failed (P unreachable, hand-off unknown, expired or read).
+    pub(crate) kv_load_failures: AtomicU64,
+    /// P legs whose blocks were held for D.
+    pub(crate) hand_offs: AtomicU64,
+    /// Hand-offs read by D (their blocks released).
+    pub(crate) hand_offs_read: AtomicU64,
+    /// Hand-offs whose lease expired unread (their blocks released).
+    pub(crate) hand_offs_expired: AtomicU64,
     /// Time to first token, in simulated seconds.
     pub(crate) ttft: Histogram,
     /// End-to-end latency of completed requests, in simulated seconds.
@@ -118,6 +132,13 @@ impl Default for Stats {
             generation_tokens: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
             steps: AtomicU64::new(0),
+            prefill_computed_tokens: AtomicU64::new(0),
+            external_tokens: AtomicU64::new(0),
+            kv_loads: AtomicU64::new(0),
+            kv_load_failures: AtomicU64::new(0),
+            hand_offs: AtomicU64::new(0),
+            hand_offs_read: AtomicU64::new(0),
+            hand_offs_expired: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
             e2e: Histogram::new(LATENCY_BUCKETS),
         }
@@ -134,6 +155,8 @@ pub(crate) struct Gauges {
     pub(crate) running: usize,
     pub(crate) waiting: usize,
     pub(crate) kv_usage: f64,
+    /// Hand-offs a prefill engine holds for decode engines.
+    pub(crate) hand_offs_held: usize,
 }
 
 /// Static engine facts shown in `vllm:cache_config_info`.
@@ -223,6 +246,68 @@ pub(crate) fn render(model: &str, stats: &Stats, g: Gauges, info: CacheInfo) -> 
         "Number of prefill tokens processed.",
         l,
         &stats.prompt_tokens,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vllm:prompt_tokens_by_source_total Number of prompt tokens by source."
+    );
+    let _ = writeln!(out, "# TYPE vllm:prompt_tokens_by_source_total counter");
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let (prompt, local, external) = (
+        get(&stats.prompt_tokens),
+        get(&stats.prefix_hits),
+        get(&stats.external_tokens),
+    );
+    for (source, v) in [
+        ("local_compute", prompt.saturating_sub(local + external)),
+        ("local_cache_hit", local),
+        ("external_kv_transfer", external),
+    ] {
+        let _ = writeln!(
+            out,
+            "vllm:prompt_tokens_by_source_total{{{l},source=\"{source}\"}} {:?}",
+            v as f64
+        );
+    }
+    counter(
+        &mut out,
+        "vllm:nixl_num_failed_transfers",
+        "Number of failed NIXL KV Cache transfers, including handshake and notification failures. NOTE: KV expiry is tracked separately in vllm:nixl_num_kv_expired_reqs.",
+        l,
+        &stats.kv_load_failures,
+    );
+    counter(
+        &mut out,
+        "vllm:nixl_num_kv_expired_reqs",
+        "Number of requests that had their KV expire. NOTE: This metric is tracked on the P instance.",
+        l,
+        &stats.hand_offs_expired,
+    );
+    for (name, help, c) in [
+        (
+            "switchyard_sim:kv_transfer_loads",
+            "D: requests whose prompt KV was read from a prefill engine.",
+            &stats.kv_loads,
+        ),
+        (
+            "switchyard_sim:kv_hand_offs",
+            "P: finished requests whose KV blocks were held for a decode engine.",
+            &stats.hand_offs,
+        ),
+        (
+            "switchyard_sim:kv_hand_offs_read",
+            "P: hand-offs read by a decode engine (blocks released).",
+            &stats.hand_offs_read,
+        ),
+    ] {
+        counter(&mut out, name, help, l, c);
+    }
+    gauge(
+        &mut out,
+        "switchyard_sim:kv_hand_offs_held",
+        "P: hand-offs whose KV blocks are held for a decode engine now.",
+        l,
+        g.hand_offs_held as f64,
     );
     counter(
         &mut out,
@@ -322,6 +407,7 @@ mod tests {
                 running: 2,
                 waiting: 1,
                 kv_usage: 0.25,
+                hand_offs_held: 0,
             },
             CacheInfo {
                 block_size: 16,

@@ -24,7 +24,9 @@ mod faults;
 mod http;
 pub mod kv_publisher;
 pub mod kv_ranks;
+mod leases;
 mod metrics;
+pub mod nixl;
 pub mod profile;
 mod prompt;
 mod scheduler;
@@ -46,6 +48,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 pub use args::{SimArgs, run_cli};
 pub use faults::Faults;
+pub use nixl::{KvLoadFailurePolicy, KvRole};
 pub use profile::Profile;
 pub use prompt::{ENGINE_SEED, SimHooks, engine_block_hashes};
 
@@ -70,6 +73,12 @@ pub mod defaults {
     pub const BATCH_SLOWDOWN: f64 = 7.75;
     /// `vllm bench serve`'s default output length.
     pub const DEFAULT_MAX_TOKENS: usize = 128;
+    /// vLLM's default `kv_lease_duration` (NixlConnector), seconds.
+    pub const KV_LEASE_SECONDS: f64 = super::leases::DEFAULT_LEASE_SECONDS;
+    /// Time to read one token's KV from a prefill engine, ms: Llama-3-8B's 128 KiB per token
+    /// (32 layers × 8 KV heads × 128 × 2 (K, V) × 2 bytes) over an assumed 25 GB/s (200 Gb/s
+    /// RDMA) link. A derived figure, not a measurement.
+    pub const KV_TRANSFER_MS_PER_TOKEN: f64 = 131_072.0 / 25e9 * 1000.0;
 }
 
 /// Configuration of one simulated engine. All durations are simulated milliseconds.
@@ -127,6 +136,19 @@ pub struct SimConfig {
     /// prefix cache then keys blocks by the model's token ids of each request (chat template
     /// included). `None`: the stand-in's 4 bytes per token.
     pub tokenizer: Option<std::path::PathBuf>,
+    /// Prefill/decode disaggregation (vLLM's NixlConnector, pull mode): `None` ignores
+    /// `kv_transfer_params`, as an engine without a KV connector.
+    pub kv_role: Option<KvRole>,
+    /// How long P holds a hand-off's blocks for D, simulated seconds (vLLM's
+    /// `kv_lease_duration`).
+    pub kv_lease_seconds: f64,
+    /// D's time to load one prompt token's KV from P, simulated ms.
+    pub kv_transfer_ms_per_token: f64,
+    /// What D does when the load fails (vLLM's `kv_load_failure_policy`).
+    pub kv_load_failure_policy: KvLoadFailurePolicy,
+    /// Report `usage.prompt_tokens_details.cached_tokens` (vLLM's
+    /// `--enable-prompt-tokens-details`).
+    pub enable_prompt_tokens_details: bool,
 }
 
 impl Default for SimConfig {
@@ -155,6 +177,11 @@ impl Default for SimConfig {
             data_parallel_size: 1,
             serve_kv_event_sources: true,
             tokenizer: None,
+            kv_role: None,
+            kv_lease_seconds: defaults::KV_LEASE_SECONDS,
+            kv_transfer_ms_per_token: defaults::KV_TRANSFER_MS_PER_TOKEN,
+            kv_load_failure_policy: KvLoadFailurePolicy::Fail,
+            enable_prompt_tokens_details: false,
         }
     }
 }
@@ -212,6 +239,8 @@ impl SimConfig {
             ("batch_slowdown", self.batch_slowdown),
             ("time_scale", self.time_scale),
             ("speed_factor", self.speed_factor),
+            ("kv_lease_seconds", self.kv_lease_seconds),
+            ("kv_transfer_ms_per_token", self.kv_transfer_ms_per_token),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(SimConfigError::NotNonNegative(name, v));
@@ -239,6 +268,28 @@ pub struct SimCounters {
     pub failed_injected: u64,
     /// Requests whose connection was dropped by failure injection.
     pub dropped_injected: u64,
+    /// Disaggregation: the KV transfers of this engine as P or D.
+    pub kv: KvCounters,
+}
+
+/// Prefill/decode hand-off counters of one engine (a snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvCounters {
+    /// Prompt tokens computed by prefill steps (tokens loaded from P or hit in the prefix
+    /// cache are not; recomputations after preemption are).
+    pub prefill_computed_tokens: u64,
+    /// P: finished requests whose blocks were held for D.
+    pub hand_offs: u64,
+    /// P: hand-offs read by D (blocks released).
+    pub hand_offs_read: u64,
+    /// P: hand-offs whose lease expired unread (blocks released).
+    pub hand_offs_expired: u64,
+    /// D: requests whose prompt KV was read from P.
+    pub loads: u64,
+    /// D: reads that failed (P unreachable; hand-off unknown, expired or already read).
+    pub load_failures: u64,
+    /// D: prompt tokens loaded from P (vLLM's `external_kv_transfer` source).
+    pub tokens_received: u64,
 }
 
 /// State shared by every connection of one engine.
@@ -260,6 +311,23 @@ pub(crate) struct Engine {
     /// The `GET /kv_event_sources` answer (vLLM 0.32's, for the ranks' publishers); `None`:
     /// 404, as vLLM before 0.32.
     pub(crate) kv_event_sources: Option<Vec<u8>>,
+    /// The engine's own HTTP address (P's side channel in its hand-offs).
+    pub(crate) addr: SocketAddr,
+    /// Disaggregation settings and D's client to P.
+    pub(crate) kv: KvTransfer,
+}
+
+/// One engine's disaggregation settings.
+#[derive(Debug)]
+pub(crate) struct KvTransfer {
+    pub(crate) role: Option<KvRole>,
+    /// A uuid-shaped id, fixed for the engine's life (`remote_engine_id`).
+    pub(crate) engine_id: String,
+    pub(crate) failure_policy: KvLoadFailurePolicy,
+    pub(crate) ms_per_token: f64,
+    pub(crate) prompt_tokens_details: bool,
+    /// D's client to P's side channel (with a role).
+    pub(crate) client: Option<crate::upstream::HttpClient>,
 }
 
 /// A running simulated engine. Dropping the handle shuts the engine down (without waiting);
@@ -295,6 +363,15 @@ impl SimHandle {
             cancelled: get(&s.cancelled),
             failed_injected: get(&s.failed_injected),
             dropped_injected: get(&s.dropped_injected),
+            kv: KvCounters {
+                prefill_computed_tokens: get(&s.prefill_computed_tokens),
+                hand_offs: get(&s.hand_offs),
+                hand_offs_read: get(&s.hand_offs_read),
+                hand_offs_expired: get(&s.hand_offs_expired),
+                loads: get(&s.kv_loads),
+                load_failures: get(&s.kv_load_failures),
+                tokens_received: get(&s.external_tokens),
+            },
         }
     }
 
@@ -403,6 +480,17 @@ pub async fn start_with(
         next_id: AtomicU64::new(0),
         cache_events: published,
         kv_event_sources,
+        addr,
+        kv: KvTransfer {
+            role: cfg.kv_role,
+            engine_id: nixl::new_engine_id(),
+            failure_policy: cfg.kv_load_failure_policy,
+            ms_per_token: cfg.kv_transfer_ms_per_token,
+            prompt_tokens_details: cfg.enable_prompt_tokens_details,
+            client: cfg
+                .kv_role
+                .map(|_| crate::upstream::build_client(Duration::from_secs(5))),
+        },
     });
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(serve(listener, Arc::clone(&engine), stopped));

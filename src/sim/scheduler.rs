@@ -24,7 +24,8 @@ use super::SimConfig;
 use super::block_pool::BlockPool;
 use super::cache_events::CacheEvents;
 use super::delivery::ReqShared;
-use super::engine_loop::{EngineState, Outcome, Req, Step};
+use super::engine_loop::{EngineState, Outcome, Req, Step, StepCounts};
+use super::leases::ReleaseError;
 use super::metrics::{CacheInfo, Gauges, Stats, inc};
 use super::profile::{StepCost, step_ms};
 
@@ -122,8 +123,13 @@ impl Core {
             shared,
             generated: g,
             finished,
+            handed_off,
         } in outcomes
         {
+            if let Some(h) = handed_off {
+                inc(&self.stats.hand_offs, 1);
+                let _ = shared.hand_off.set(h);
+            }
             generated += 1;
             shared.generated.store(g, Ordering::Release);
             let first = g == 1;
@@ -155,7 +161,21 @@ impl Core {
         let step = s.schedule();
         let c = s.counts;
         drop(s);
+        self.record(before, c);
+        step
+    }
+
+    /// Adds the change of the engine's counts to the stats.
+    fn record(&self, before: StepCounts, c: StepCounts) {
         inc(&self.stats.preemptions, c.preemptions - before.preemptions);
+        inc(
+            &self.stats.external_tokens,
+            c.external_tokens - before.external_tokens,
+        );
+        inc(
+            &self.stats.hand_offs_expired,
+            c.hand_offs_expired - before.hand_offs_expired,
+        );
         inc(
             &self.stats.prefix_queries,
             c.prefix_queries - before.prefix_queries,
@@ -165,7 +185,6 @@ impl Core {
             &self.stats.prompt_tokens,
             c.prompt_tokens - before.prompt_tokens,
         );
-        step
     }
 }
 
@@ -181,6 +200,10 @@ async fn run(core: Arc<Core>) {
             continue;
         }
         inc(&core.stats.steps, 1);
+        inc(
+            &core.stats.prefill_computed_tokens,
+            step.prefill_tokens as u64,
+        );
         let ms = core.step_sim_ms(&step);
         core.clock.advance(ms);
         let wall = core.clock.wall(ms);
@@ -200,6 +223,17 @@ async fn run(core: Arc<Core>) {
         }
         core.finish(&step);
     }
+}
+
+/// The wall time a hand-off is held: the lease in simulated seconds × `time_scale` (with
+/// `time_scale` 0, wall seconds).
+fn lease_wall(cfg: &SimConfig) -> Duration {
+    let s = if cfg.time_scale > 0.0 {
+        cfg.kv_lease_seconds * cfg.time_scale
+    } else {
+        cfg.kv_lease_seconds
+    };
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
 }
 
 /// Shared scheduler of one simulated engine. Dropping it stops its loop.
@@ -224,12 +258,15 @@ impl Scheduler {
     pub(crate) fn new(cfg: &SimConfig, events: Option<Arc<dyn CacheEvents>>) -> Scheduler {
         let stats = Arc::new(Stats::default());
         let core = Arc::new(Core {
-            state: Mutex::new(EngineState::new(
-                BlockPool::new(cfg.num_blocks, cfg.block_size, events),
-                cfg.block_size,
-                cfg.max_num_seqs,
-                cfg.max_num_batched_tokens,
-            )),
+            state: Mutex::new(
+                EngineState::new(
+                    BlockPool::new(cfg.num_blocks, cfg.block_size, events),
+                    cfg.block_size,
+                    cfg.max_num_seqs,
+                    cfg.max_num_batched_tokens,
+                )
+                .with_lease(lease_wall(cfg)),
+            ),
             work: Notify::new(),
             clock: Clock {
                 start: Instant::now(),
@@ -252,12 +289,44 @@ impl Scheduler {
     }
 
     pub(crate) fn gauges(&self) -> Gauges {
-        let s = self.core.lock();
-        Gauges {
+        let mut s = self.core.lock();
+        let before = s.counts;
+        s.expire_hand_offs(Instant::now());
+        let g = Gauges {
             running: s.running(),
             waiting: s.waiting(),
             kv_usage: s.pool.usage(),
+            hand_offs_held: s.hand_offs_held(),
+        };
+        let after = s.counts;
+        drop(s);
+        self.core.record(before, after);
+        g
+    }
+
+    /// D read hand-off `name` holding `block_ids`: its blocks are freed; returns its computed
+    /// tokens and block count.
+    pub(crate) fn release_hand_off(
+        &self,
+        name: &str,
+        block_ids: &[u32],
+    ) -> Result<(usize, usize), ReleaseError> {
+        let mut s = self.core.lock();
+        let before = s.counts;
+        let r = s.release_hand_off(name, block_ids, Instant::now());
+        let after = s.counts;
+        drop(s);
+        self.core.record(before, after);
+        if r.is_ok() {
+            inc(&self.stats.hand_offs_read, 1);
+            self.core.work.notify_one();
         }
+        r
+    }
+
+    /// Wall seconds per simulated second (0: the clock is the sum of step times).
+    pub(crate) fn time_scale(&self) -> f64 {
+        self.core.clock.time_scale
     }
 
     pub(crate) fn cache_info(&self) -> CacheInfo {
@@ -333,6 +402,35 @@ impl Job {
 
     pub(crate) fn prompt_tokens(&self) -> usize {
         self.prompt_tokens
+    }
+
+    /// Makes the request a P leg: at its end its blocks are held under `name` for D.
+    pub(crate) fn hand_off_as(&mut self, name: &str) {
+        if let Some(r) = &mut self.req {
+            r.hand_off = Some(Arc::from(name));
+        }
+    }
+
+    /// Makes the request a D leg whose first `tokens` prompt tokens were loaded from P.
+    pub(crate) fn loaded_from_remote(&mut self, tokens: usize) {
+        if let Some(r) = &mut self.req {
+            r.external = tokens;
+        }
+    }
+
+    /// Prompt tokens not computed at its first admission (prefix-cache hit + loaded from P).
+    pub(crate) fn cached_tokens(&self) -> usize {
+        self.shared.cached_tokens.load(Ordering::Relaxed)
+    }
+
+    /// A finished P leg's held blocks and their computed tokens.
+    pub(crate) fn handed_off(&self) -> Option<&(Vec<u32>, usize)> {
+        self.shared.hand_off.get()
+    }
+
+    /// The engine this job runs on.
+    pub(crate) fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.sched
     }
 
     pub(crate) fn max_tokens(&self) -> usize {

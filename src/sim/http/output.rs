@@ -9,8 +9,11 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 
 use super::super::Engine;
+use super::super::nixl::{HandOff, KvLoadFailurePolicy, RemoteBlocks};
 use super::super::scheduler::Job;
-use super::{FRAME_TOKENS, Inner, Kind, SimBody, error, json_response, response};
+use super::{
+    ErrorBody, ErrorDetail, FRAME_TOKENS, Inner, Kind, SimBody, error, json_response, response,
+};
 use crate::tokens;
 
 #[derive(Serialize, Clone, Copy)]
@@ -18,6 +21,24 @@ struct Usage {
     prompt_tokens: usize,
     total_tokens: usize,
     completion_tokens: usize,
+    /// With `enable_prompt_tokens_details`, as vLLM's `--enable-prompt-tokens-details`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct PromptTokensDetails {
+    cached_tokens: usize,
+}
+
+/// vLLM's message for a request that finished with an error (`GenerationError`).
+const GENERATION_ERROR: &str = "Internal server error";
+
+/// Why a request ends before its first token.
+enum Unstarted {
+    Stopped,
+    /// D could not load its prompt's KV and the failure policy is `fail`.
+    LoadFailed,
 }
 
 #[derive(Serialize)]
@@ -29,6 +50,9 @@ struct Envelope<'a, C> {
     choices: C,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Usage>,
+    /// With a KV role: the hand-off of a P leg, else null (as vLLM with a connector).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv_transfer_params: Option<Option<HandOff>>,
 }
 
 #[derive(Serialize)]
@@ -78,6 +102,8 @@ pub(super) struct Output {
     pub(super) include_usage: bool,
     pub(super) engine: Arc<Engine>,
     pub(super) job: Job,
+    /// A D leg's blocks on P, until loaded.
+    pub(super) remote: Option<RemoteBlocks>,
     pub(super) started: bool,
     pub(super) finished: bool,
 }
@@ -89,7 +115,39 @@ impl Output {
             prompt_tokens: p,
             total_tokens: p + c,
             completion_tokens: c,
+            prompt_tokens_details: self.engine.kv.prompt_tokens_details.then(|| {
+                PromptTokensDetails {
+                    cached_tokens: self.job.cached_tokens(),
+                }
+            }),
         }
+    }
+
+    /// A finished request's `kv_transfer_params`: `None` without a KV role.
+    fn kv_transfer_params(&self) -> Option<Option<HandOff>> {
+        self.engine.kv.role?;
+        Some(self.job.handed_off().map(|(blocks, tokens)| {
+            HandOff::new(
+                &self.engine.kv.engine_id,
+                &self.id,
+                self.engine.addr,
+                blocks.clone(),
+                *tokens,
+            )
+        }))
+    }
+
+    /// Loads a D leg's KV from P, then queues the request.
+    async fn begin(&mut self) -> Result<(), Unstarted> {
+        if let Some(remote) = self.remote.take()
+            && super::handoff::load_remote(&self.engine, &mut self.job, &remote)
+                .await
+                .is_err()
+            && self.engine.kv.failure_policy == KvLoadFailurePolicy::Fail
+        {
+            return Err(Unstarted::LoadFailed);
+        }
+        self.job.start().await.map_err(|_| Unstarted::Stopped)
     }
 
     fn envelope<C>(
@@ -105,6 +163,7 @@ impl Output {
             model: &self.engine.model,
             choices,
             usage,
+            kv_transfer_params: None,
         }
     }
 
@@ -178,9 +237,27 @@ impl Output {
         let mut buf = Vec::with_capacity(512);
         if !self.started {
             self.started = true;
-            if self.job.start().await.is_err() {
-                self.finished = true;
-                return None;
+            match self.begin().await {
+                Ok(()) => {}
+                Err(Unstarted::Stopped) => {
+                    self.finished = true;
+                    return None;
+                }
+                Err(Unstarted::LoadFailed) => {
+                    // vLLM's streamed `GenerationError`: an error event, then the end.
+                    let e = ErrorBody {
+                        error: ErrorDetail {
+                            message: GENERATION_ERROR,
+                            kind: "InternalServerError",
+                            param: None,
+                            code: 500,
+                        },
+                    };
+                    Self::push_event(&mut buf, &e);
+                    buf.extend_from_slice(b"data: [DONE]\n\n");
+                    self.finished = true;
+                    return Some(Bytes::from(buf));
+                }
             }
             if self.kind == Kind::Chat {
                 self.push_role(&mut buf);
@@ -218,11 +295,17 @@ pub(super) fn stream_response(out: Output) -> Response<SimBody> {
 
 /// A complete answer, once every token is generated.
 pub(super) async fn complete(mut out: Output) -> Response<SimBody> {
-    if out.job.start().await.is_err() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the simulated engine is shutting down",
-        );
+    match out.begin().await {
+        Ok(()) => {}
+        Err(Unstarted::Stopped) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the simulated engine is shutting down",
+            );
+        }
+        Err(Unstarted::LoadFailed) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, GENERATION_ERROR);
+        }
     }
     while !out.job.is_done() {
         out.job.next_tokens(usize::MAX).await;
@@ -230,6 +313,7 @@ pub(super) async fn complete(mut out: Output) -> Response<SimBody> {
     let mut text = String::with_capacity(out.job.max_tokens() * tokens::BYTES_PER_TOKEN);
     out.engine.words.push(0, out.job.max_tokens(), &mut text);
     let usage = Some(out.usage());
+    let kv = out.kv_transfer_params();
     let body = match out.kind {
         Kind::Completion => {
             let choice = TextChoice {
@@ -239,7 +323,9 @@ pub(super) async fn complete(mut out: Output) -> Response<SimBody> {
                 finish_reason: Some("length"),
                 stop_reason: None,
             };
-            serde_json::to_vec(&out.envelope("text_completion", [choice], usage))
+            let mut e = out.envelope("text_completion", [choice], usage);
+            e.kv_transfer_params = kv;
+            serde_json::to_vec(&e)
         }
         Kind::Chat => {
             let choice = MessageChoice {
@@ -252,7 +338,9 @@ pub(super) async fn complete(mut out: Output) -> Response<SimBody> {
                 finish_reason: "length",
                 stop_reason: None,
             };
-            serde_json::to_vec(&out.envelope("chat.completion", [choice], usage))
+            let mut e = out.envelope("chat.completion", [choice], usage);
+            e.kv_transfer_params = kv;
+            serde_json::to_vec(&e)
         }
     };
     match body {
