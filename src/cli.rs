@@ -147,6 +147,7 @@ async fn serve_inner(args: ServeArgs) -> Result<ExitCode, BoxError> {
             cfg.backends.push(config::Backend {
                 url: sim.url(),
                 models: vec![model.clone()],
+                label: None,
             });
             demo_engines.push(sim);
         }

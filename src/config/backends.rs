@@ -8,6 +8,8 @@ use super::{ConfigError, invalid};
 pub struct Backend {
     pub url: String,
     pub models: Vec<String>,
+    /// Its model label (`static_model_labels`), which names its role.
+    pub label: Option<String>,
 }
 
 pub(super) fn backends_from(
@@ -73,6 +75,7 @@ pub(super) fn backends_from(
         .map(|(url, m)| Backend {
             url,
             models: vec![m],
+            label: None,
         })
         .collect())
 }

@@ -127,6 +127,24 @@ pub struct ServeArgs {
     /// kubeconfig context's, else default].
     #[arg(long)]
     pub k8s_namespace: Option<String>,
+    /// Comma-separated model labels, one per --static-backends entry in the same order
+    /// (production-stack's flag): an engine whose label is a --prefill-model-labels value is a
+    /// prefill engine, a --decode-model-labels value a decode engine, else it serves whole
+    /// requests.
+    #[arg(long, value_delimiter = ',')]
+    pub static_model_labels: Option<Vec<String>>,
+    /// Comma-separated model labels of the prefill engines (static labels, or the Kubernetes
+    /// pods' --k8s-model-label values).
+    #[arg(long, value_delimiter = ',')]
+    pub prefill_model_labels: Option<Vec<String>>,
+    /// Comma-separated model labels of the decode engines.
+    #[arg(long, value_delimiter = ',')]
+    pub decode_model_labels: Option<Vec<String>>,
+    /// Seconds a prefill engine may take to answer the prefill leg of a disaggregated request
+    /// before another prefill engine is tried (or the decode engine computes the prompt
+    /// itself) [default: the first-byte timeout].
+    #[arg(long)]
+    pub prefill_timeout: Option<f64>,
     /// k8s: label selector of the engine pods, e.g. app=vllm [default: every pod of the namespace].
     #[arg(long)]
     pub k8s_label_selector: Option<String>,
@@ -211,6 +229,10 @@ pub struct FileConfig {
     pub k8s_label_selector: Option<String>,
     pub k8s_port: Option<u16>,
     pub k8s_model_label: Option<String>,
+    pub static_model_labels: Option<Vec<String>>,
+    pub prefill_model_labels: Option<Vec<String>>,
+    pub decode_model_labels: Option<Vec<String>>,
+    pub prefill_timeout: Option<f64>,
     pub static_kv_events: Option<Vec<String>>,
     pub static_kv_events_replay: Option<Vec<String>>,
     pub kv_events_port: Option<u16>,

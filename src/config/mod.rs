@@ -10,6 +10,7 @@ use crate::engines::discovery::ServiceDiscovery;
 use crate::policy::PolicySettings;
 
 mod backends;
+mod disagg;
 mod discovery;
 mod flags;
 mod kv_events;
@@ -93,6 +94,12 @@ pub struct RouterConfig {
     pub imbalanced_threshold: Option<u32>,
     /// The engines' KV-event endpoints and the exact index's budget.
     pub kv_events: KvEventsSettings,
+    /// Model labels of the prefill engines (`--prefill-model-labels`).
+    pub prefill_labels: Vec<String>,
+    /// Model labels of the decode engines (`--decode-model-labels`).
+    pub decode_labels: Vec<String>,
+    /// How long the prefill leg of a disaggregated request may take (`--prefill-timeout`).
+    pub prefill_timeout: Duration,
 }
 
 impl Default for RouterConfig {
@@ -127,6 +134,9 @@ impl Default for RouterConfig {
             config_file: None,
             imbalanced_threshold: None,
             kv_events: KvEventsSettings::default(),
+            prefill_labels: Vec::new(),
+            decode_labels: Vec::new(),
+            prefill_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -141,6 +151,7 @@ impl RouterConfig {
                 .map(|u| Backend {
                     url: u.clone(),
                     models: vec![model.to_owned()],
+                    label: None,
                 })
                 .collect(),
             ..RouterConfig::default()
@@ -188,7 +199,15 @@ impl RouterConfig {
                 }
             }
         }
-        let backends = backends_from(&backends_raw, models_raw.as_deref())?;
+        let mut backends = backends_from(&backends_raw, models_raw.as_deref())?;
+        let roles = disagg::roles_from(args, &file, &mut backends, discovery.is_dynamic())?;
+        let discovery = match discovery {
+            ServiceDiscovery::K8s(mut k) => {
+                k.role_labels = roles.clone();
+                ServiceDiscovery::K8s(k)
+            }
+            other => other,
+        };
         let log_level = normalize_log_level(
             args.log_level
                 .as_deref()
@@ -254,6 +273,13 @@ impl RouterConfig {
         if tokenize_max_tokens == 0 {
             return Err(invalid("tokenize_max_tokens", "must be at least 1"));
         }
+        let first_byte_timeout = secs(
+            "first_byte_timeout",
+            args.first_byte_timeout,
+            file.first_byte_timeout,
+            d.first_byte_timeout,
+        )?;
+        let prefill_timeout = disagg::prefill_timeout(args, &file, first_byte_timeout)?;
         Ok(RouterConfig {
             host: args.host.or(file.host).unwrap_or(d.host),
             port: args.port.or(file.port).unwrap_or(d.port),
@@ -282,12 +308,7 @@ impl RouterConfig {
                 file.connect_timeout,
                 d.connect_timeout,
             )?,
-            first_byte_timeout: secs(
-                "first_byte_timeout",
-                args.first_byte_timeout,
-                file.first_byte_timeout,
-                d.first_byte_timeout,
-            )?,
+            first_byte_timeout,
             header_read_timeout: secs(
                 "header_read_timeout",
                 args.header_read_timeout,
@@ -335,6 +356,9 @@ impl RouterConfig {
             config_file: args.config.clone(),
             imbalanced_threshold: args.imbalanced_threshold.or(file.imbalanced_threshold),
             kv_events,
+            prefill_labels: roles.prefill,
+            decode_labels: roles.decode,
+            prefill_timeout,
         })
     }
 }
@@ -447,6 +471,76 @@ mod tests {
     }
 
     #[test]
+    fn model_labels_give_backends_their_roles() {
+        let base = [
+            "--static-backends",
+            "http://p:1,http://d:1,http://a:1",
+            "--static-models",
+            "m",
+        ];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            RouterConfig::resolve(&args(&v))
+        };
+        let c = with(&[
+            "--static-model-labels",
+            "llama-prefill,llama-decode,",
+            "--prefill-model-labels",
+            "llama-prefill",
+            "--decode-model-labels",
+            "llama-decode",
+        ])
+        .unwrap();
+        let labels: Vec<Option<&str>> = c.backends.iter().map(|b| b.label.as_deref()).collect();
+        assert_eq!(labels, [Some("llama-prefill"), Some("llama-decode"), None]);
+        assert_eq!(
+            (c.prefill_labels.as_slice(), c.decode_labels.as_slice()),
+            (
+                &["llama-prefill".to_string()][..],
+                &["llama-decode".to_string()][..]
+            )
+        );
+        assert_eq!(c.prefill_timeout, c.first_byte_timeout);
+        let err = |extra: &[&str]| with(extra).unwrap_err().to_string();
+        assert!(
+            err(&["--static-model-labels", "a,b"])
+                .starts_with("static_model_labels: 2 labels for 3"),
+        );
+        let e = err(&[
+            "--static-model-labels",
+            "p,d,a",
+            "--prefill-model-labels",
+            "p",
+            "--decode-model-labels",
+            "x",
+        ]);
+        assert!(
+            e.starts_with("decode_model_labels: \"x\" is the label of no"),
+            "{e}"
+        );
+        let e = err(&[
+            "--static-model-labels",
+            "p,d,a",
+            "--prefill-model-labels",
+            "p",
+        ]);
+        assert!(e.starts_with("decode_model_labels: required with"), "{e}");
+        let e = err(&[
+            "--static-model-labels",
+            "p,d,a",
+            "--prefill-model-labels",
+            "p",
+            "--decode-model-labels",
+            "p",
+        ]);
+        assert!(e.starts_with("prefill_model_labels: \"p\" is also"), "{e}");
+        assert!(
+            err(&["--prefill-timeout", "0"]).starts_with("prefill_timeout: must be a positive")
+        );
+    }
+
+    #[test]
     fn defaults_and_flags() {
         let c = RouterConfig::resolve(&args(&[])).unwrap();
         assert_eq!(c.port, 8001);
@@ -467,7 +561,8 @@ mod tests {
             c.backends[1],
             Backend {
                 url: "http://b:8000".into(),
-                models: vec!["m".into()]
+                models: vec!["m".into()],
+                label: None,
             }
         );
         assert_eq!(c.log_level, "warn");

@@ -16,11 +16,20 @@ use std::sync::Arc;
 
 use super::health::Monitor;
 use super::kv_events::{KvEventsPorts, KvSubscribers};
-use super::{Engine, Registry};
+use super::{Engine, Registry, Role};
 use crate::prefix::PrefixIndex;
 
-/// The engines a discovery source wants in the registry: URL → models served.
-pub type Desired = BTreeMap<String, Vec<String>>;
+/// The engines a discovery source wants in the registry: URL → what it is.
+pub type Desired = BTreeMap<String, Wanted>;
+
+/// What a discovery source wants of one engine.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Wanted {
+    /// The models it serves.
+    pub models: Vec<String>,
+    /// Its part in serving requests.
+    pub role: Role,
+}
 
 /// What [`Fleet::apply`] changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -102,7 +111,7 @@ impl Fleet {
 
     /// Makes the registry hold exactly the `desired` engines (among those this fleet owns):
     /// adds the new ones (and starts their scrape loops), removes those no longer wanted, and
-    /// replaces those whose models changed.
+    /// replaces those whose models or role changed.
     pub fn apply(&mut self, desired: &Desired) -> Changes {
         let mut changes = Changes::default();
         let gone: Vec<String> = self
@@ -119,15 +128,16 @@ impl Fleet {
                 changes.removed.push(url);
             }
         }
-        for (url, models) in desired {
+        for (url, Wanted { models, role }) in desired {
+            let role = *role;
             match self.owned.get(url) {
-                Some(engine) if engine.models == *models => {}
+                Some(engine) if engine.models == *models && engine.role == role => {}
                 Some(engine) => {
                     let old_id = engine.id;
-                    let new = match self.registry.replace(old_id, models.clone()) {
+                    let new = match self.registry.replace(old_id, models.clone(), role) {
                         Some(new) => new,
                         // Not in the registry any more (removed by someone else): add it back.
-                        None => self.registry.add(url, models.clone()),
+                        None => self.registry.add_with_role(url, models.clone(), role),
                     };
                     self.prefix.remove_engine(old_id);
                     self.stop_kv_events(old_id);
@@ -137,7 +147,7 @@ impl Fleet {
                     changes.replaced.push(url.clone());
                 }
                 None => {
-                    let engine = self.registry.add(url, models.clone());
+                    let engine = self.registry.add_with_role(url, models.clone(), role);
                     self.start_kv_events(&engine);
                     self.monitor.watch_engine(&engine);
                     self.owned.insert(url.clone(), engine);
@@ -174,7 +184,15 @@ mod tests {
 
     fn desired(v: &[(&str, &str)]) -> Desired {
         v.iter()
-            .map(|(u, m)| (u.to_string(), vec![m.to_string()]))
+            .map(|(u, m)| {
+                (
+                    u.to_string(),
+                    Wanted {
+                        models: vec![m.to_string()],
+                        role: Role::Aggregated,
+                    },
+                )
+            })
             .collect()
     }
 
@@ -182,6 +200,23 @@ mod tests {
         let mut v: Vec<String> = r.all().iter().map(|e| e.name.to_string()).collect();
         v.sort();
         v
+    }
+
+    #[tokio::test]
+    async fn a_role_change_replaces_the_engine() {
+        let (registry, mut f) = fleet();
+        let url = "http://10.0.0.9:8000";
+        f.apply(&desired(&[(url, "m")]));
+        let before = registry.all()[0].clone();
+        assert_eq!(before.role, Role::Aggregated);
+        let mut d = desired(&[(url, "m")]);
+        d.get_mut(url).expect("wanted").role = Role::Prefill;
+        let c = f.apply(&d);
+        assert_eq!(c.replaced, [url]);
+        let after = registry.all()[0].clone();
+        assert_eq!((after.role, after.url.as_ref()), (Role::Prefill, url));
+        assert!(before.is_retired());
+        assert!(f.apply(&d).is_empty());
     }
 
     #[tokio::test]

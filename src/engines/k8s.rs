@@ -30,7 +30,8 @@ use serde::Deserialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::fleet::{Changes, Desired, Fleet};
+use super::fleet::{Changes, Desired, Fleet, Wanted};
+use super::role::{LLMD_ROLE_LABEL, Role, RoleLabels};
 use crate::upstream::{self, HttpClient};
 
 /// `--k8s-port`'s default: vLLM's.
@@ -66,6 +67,9 @@ pub struct K8sDiscovery {
     /// Backoff after a watch error: starts at `backoff_min`, doubles up to `backoff_max`.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Model label values that make a pod a prefill or a decode engine (production-stack's
+    /// convention); a pod's `llm-d.ai/role` label, when present, decides instead.
+    pub role_labels: RoleLabels,
 }
 
 impl Default for K8sDiscovery {
@@ -80,6 +84,7 @@ impl Default for K8sDiscovery {
             models_retry: Duration::from_secs(1),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            role_labels: RoleLabels::default(),
         }
     }
 }
@@ -120,6 +125,8 @@ pub struct PodView {
     pub deleting: bool,
     /// The value of the model label, if the pod has it (non-empty).
     pub model: Option<String>,
+    /// The role its `llm-d.ai/role` label names, if it has one.
+    pub llmd_role: Option<Role>,
 }
 
 impl PodView {
@@ -139,7 +146,18 @@ impl PodView {
                 .and_then(|l| meta.labels.as_ref()?.get(l))
                 .filter(|m| !m.is_empty())
                 .cloned(),
+            llmd_role: meta
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LLMD_ROLE_LABEL))
+                .and_then(|v| Role::from_llmd(v)),
         }
+    }
+
+    /// The pod's role: its `llm-d.ai/role` label's, else its model label's under `labels`.
+    pub fn role(&self, labels: &RoleLabels) -> Role {
+        self.llmd_role
+            .unwrap_or_else(|| labels.role_of(self.model.as_deref()))
     }
 
     /// The engine URL if this pod takes traffic: Ready, not being deleted, with an IP.
@@ -359,21 +377,20 @@ impl Discoverer {
     /// Applies the pods' state to the registry and starts the model fetches that are due.
     fn reconcile(&mut self) {
         let port = self.cfg.port;
-        // URL → the model label of (the first) pod there.
-        let mut wanted: BTreeMap<String, Option<String>> = BTreeMap::new();
+        // URL → the model label and role of (the first) pod there.
+        let mut wanted: BTreeMap<String, (Option<String>, Role)> = BTreeMap::new();
         for pod in self.pods.values() {
             let Some(url) = pod.engine_url(port) else {
                 continue;
             };
-            let slot = wanted.entry(url).or_default();
-            if slot.is_none() {
-                slot.clone_from(&pod.model);
-            }
+            wanted
+                .entry(url)
+                .or_insert_with(|| (pod.model.clone(), pod.role(&self.cfg.role_labels)));
         }
         let now = Instant::now();
         self.models.retain(|url, _| wanted.contains_key(url));
         let mut desired = Desired::new();
-        for (url, label) in wanted {
+        for (url, (label, role)) in wanted {
             let st = self
                 .models
                 .entry(url.clone())
@@ -400,7 +417,7 @@ impl Discoverer {
                     .flatten()
             });
             if let Some(models) = models {
-                desired.insert(url, models);
+                desired.insert(url, Wanted { models, role });
             }
         }
         let changes = self.fleet.apply(&desired);
@@ -524,6 +541,38 @@ mod tests {
 
     fn pod(json: serde_json::Value) -> Pod {
         serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_pods_role_comes_from_llmd_label_else_its_model_label() {
+        let labels = RoleLabels {
+            prefill: vec!["llama-prefill".into()],
+            decode: vec!["llama-decode".into()],
+        };
+        let with = |l: serde_json::Value| {
+            PodView::from_pod(
+                &pod(serde_json::json!({"metadata": {"name": "p", "labels": l}})),
+                Some("model"),
+            )
+        };
+        assert_eq!(
+            with(serde_json::json!({"model": "llama-prefill"})).role(&labels),
+            Role::Prefill
+        );
+        assert_eq!(
+            with(serde_json::json!({"model": "llama-decode"})).role(&labels),
+            Role::Decode
+        );
+        assert_eq!(
+            with(serde_json::json!({"model": "llama"})).role(&labels),
+            Role::Aggregated
+        );
+        let llmd = with(serde_json::json!({"model": "llama-prefill", "llm-d.ai/role": "decode"}));
+        assert_eq!(llmd.role(&labels), Role::Decode, "llm-d's label decides");
+        assert_eq!(
+            with(serde_json::json!({"llm-d.ai/role": "both"})).role(&labels),
+            Role::Aggregated
+        );
     }
 
     #[test]

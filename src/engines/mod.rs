@@ -10,6 +10,7 @@ pub mod health;
 pub mod k8s;
 pub mod kv_events;
 pub mod models;
+pub mod role;
 pub mod stats;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
+pub use role::{Role, RoleLabels};
 pub use stats::ScrapedStats;
 
 /// One backend engine.
@@ -30,6 +32,8 @@ pub struct Engine {
     pub url: Arc<str>,
     /// Models served by this engine.
     pub models: Vec<String>,
+    /// Whether it serves whole requests or one stage (prefill, decode) of disaggregated ones.
+    pub role: Role,
     /// The URL's scheme and authority, parsed once, to build request URIs without parsing.
     pub origin: Option<(http::uri::Scheme, http::uri::Authority)>,
     /// The `Host` header of requests to [`Self::origin`], made once: the value the HTTP
@@ -165,7 +169,14 @@ impl Engine {
             stats: ArcSwap::from_pointee(ScrapedStats::default()),
             metrics,
             models,
+            role: Role::Aggregated,
         }
+    }
+
+    /// This engine, in `role`.
+    pub fn with_role(mut self, role: Role) -> Engine {
+        self.role = role;
+        self
     }
 
     pub fn serves(&self, model: &str) -> bool {
@@ -348,10 +359,15 @@ impl Registry {
         Registry::default()
     }
 
-    /// Adds an engine and returns it.
+    /// Adds an aggregated engine and returns it.
     pub fn add(&self, url: &str, models: Vec<String>) -> Arc<Engine> {
+        self.add_with_role(url, models, Role::Aggregated)
+    }
+
+    /// Adds an engine with `role` and returns it.
+    pub fn add_with_role(&self, url: &str, models: Vec<String>, role: Role) -> Arc<Engine> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let e = Arc::new(Engine::new(id, url, models));
+        let e = Arc::new(Engine::new(id, url, models).with_role(role));
         e.metrics.healthy.set(1.0);
         let added = Arc::clone(&e);
         self.engines.rcu(move |cur| {
@@ -380,14 +396,14 @@ impl Registry {
         removed
     }
 
-    /// Replaces engine `id` by a new engine at the same URL serving `models`, in one step (no
-    /// request sees the registry without it). The new engine has a new id, fresh health and no
-    /// scraped figures; requests on the old one finish. Returns the new engine, or `None` if
-    /// `id` is not in the registry.
-    pub fn replace(&self, id: u32, models: Vec<String>) -> Option<Arc<Engine>> {
+    /// Replaces engine `id` by a new engine at the same URL serving `models` in `role`, in one
+    /// step (no request sees the registry without it). The new engine has a new id, fresh
+    /// health and no scraped figures; requests on the old one finish. Returns the new engine,
+    /// or `None` if `id` is not in the registry.
+    pub fn replace(&self, id: u32, models: Vec<String>, role: Role) -> Option<Arc<Engine>> {
         let old = self.all().iter().find(|e| e.id == id).cloned()?;
         let new_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let new = Arc::new(Engine::new(new_id, &old.url, models));
+        let new = Arc::new(Engine::new(new_id, &old.url, models).with_role(role));
         let mut replaced = None;
         self.engines.rcu(|cur| {
             let mut v = Vec::clone(cur);

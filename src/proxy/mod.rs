@@ -181,7 +181,12 @@ pub async fn start(
     }
     let kv_events = Arc::new(subscribers);
     for (i, b) in cfg.backends.iter().enumerate() {
-        let engine = registry.add(&b.url, b.models.clone());
+        let roles = crate::engines::RoleLabels {
+            prefill: cfg.prefill_labels.clone(),
+            decode: cfg.decode_labels.clone(),
+        };
+        let engine =
+            registry.add_with_role(&b.url, b.models.clone(), roles.role_of(b.label.as_deref()));
         let fallback = cfg.kv_events.static_endpoints.get(i).cloned().flatten();
         kv_events.follow_engine(&engine, fallback);
     }
