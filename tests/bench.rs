@@ -225,6 +225,7 @@ async fn target_mode_benchmarks_a_running_router() {
         router_replicas: 1,
         tokenizer: None,
         exact_kv: false,
+        pd: None,
     };
     let cluster = Cluster::start(&spec, &shipped_policies(), "roundrobin")
         .await

@@ -69,6 +69,7 @@ async fn a_mooncake_slice_is_sent_as_token_prompts_the_engines_count_exactly() {
         tokenizer: Some(tekken(tmp.path())),
         exact_kv: true,
         engine_profile: None,
+        pd: None,
     };
     let trace = TraceSpec {
         path: mooncake(),

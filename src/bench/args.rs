@@ -90,6 +90,13 @@ pub struct BenchArgs {
     /// Replay only the first N records of --trace.
     #[arg(long)]
     pub trace_limit: Option<usize>,
+    /// Prefill/decode runs beside the aggregated ones: P prefill + D decode engines (P + D =
+    /// --engines), e.g. `--pd 2:2,1:3`; each runs every --pd-policies policy.
+    #[arg(long, value_delimiter = ',')]
+    pub pd: Option<Vec<String>>,
+    /// The policies of the --pd runs [default: disaggregated_prefill_orchestrated].
+    #[arg(long, value_delimiter = ',', requires = "pd")]
+    pub pd_policies: Option<Vec<String>>,
     #[command(flatten)]
     pub knobs: WorkloadKnobs,
 }
@@ -121,6 +128,8 @@ impl Default for BenchArgs {
             trace: None,
             trace_speed: None,
             trace_limit: None,
+            pd: None,
+            pd_policies: None,
             knobs: WorkloadKnobs::default(),
         }
     }
@@ -163,6 +172,11 @@ impl BenchArgs {
             self.workload_file.as_ref().map(|p| p.display().to_string()),
         );
         flag("policies", self.policies.as_ref().map(|p| p.join(",")));
+        flag("pd", self.pd.as_ref().map(|p| p.join(",")));
+        flag(
+            "pd-policies",
+            self.pd_policies.as_ref().map(|p| p.join(",")),
+        );
         flag(
             "policies-dir",
             differs(self.policies_dir != d.policies_dir)
@@ -225,6 +239,7 @@ impl BenchArgs {
         flag("requests", k.requests.map(|v| v.to_string()));
         flag("hot-fraction", k.hot_fraction.map(|v| v.to_string()));
         flag("cold-tokens", k.cold_tokens.map(|v| v.to_string()));
+        flag("prompt-tokens", k.prompt_tokens.map(|v| v.to_string()));
         a.join(" ")
     }
 }

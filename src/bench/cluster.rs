@@ -49,6 +49,8 @@ pub struct ClusterSpec {
     pub tokenizer: Option<PathBuf>,
     /// The engines publish KV events and the routers follow them (needs `tokenizer`).
     pub exact_kv: bool,
+    /// Prefill and decode engines (`None`: every engine aggregated).
+    pub pd: Option<super::pd::PdSplit>,
 }
 
 impl ClusterSpec {
@@ -62,7 +64,7 @@ impl ClusterSpec {
             .map(sim::Profile::config)
             .unwrap_or_default();
         let max_num_seqs = self.max_num_seqs.unwrap_or(d.max_num_seqs);
-        SimConfig {
+        let mut cfg = SimConfig {
             batch_slowdown: d.batch_slowdown * max_num_seqs as f64 / d.max_num_seqs as f64,
             model: self.model.clone(),
             time_scale: self.time_scale,
@@ -79,7 +81,11 @@ impl ClusterSpec {
             kv_events_endpoint: self.exact_kv.then(|| LOOPBACK_ANY_PORT.to_owned()),
             kv_events_replay_endpoint: self.exact_kv.then(|| LOOPBACK_ANY_PORT.to_owned()),
             ..d
+        };
+        if let Some(split) = self.pd {
+            split.configure_engine(i, &mut cfg);
         }
+        cfg
     }
 }
 
@@ -106,6 +112,8 @@ pub fn sample_sum(text: &str, name: &str) -> f64 {
 pub struct Cluster {
     sims: Vec<SimHandle>,
     routers: Vec<RunningRouter>,
+    /// A P/D cluster (prefill and decode engines).
+    pd: bool,
 }
 
 impl Cluster {
@@ -154,6 +162,9 @@ impl Cluster {
                 })
                 .collect();
         }
+        if let Some(split) = spec.pd {
+            split.configure_router(&mut cfg);
+        }
         cfg.policy.dir = policies_dir.to_owned();
         cfg.policy.default_policy = policy.to_owned();
         cfg.session_key = Some(SESSION_HEADER.to_owned());
@@ -164,6 +175,7 @@ impl Cluster {
         let mut cluster = Cluster {
             sims,
             routers: Vec::new(),
+            pd: spec.pd.is_some(),
         };
         for _ in 0..spec.router_replicas.max(1) {
             match proxy::start(cfg.clone(), None).await {
@@ -232,6 +244,12 @@ impl Cluster {
             cache_hit_rate: (queries > 0.0).then(|| hits / queries),
             ttft_mean: (ttft_count > 0.0).then(|| ttft_sum / ttft_count),
             preemptions: Some(preemptions as u64),
+            kv_transferred_tokens: self.pd.then(|| {
+                self.sims
+                    .iter()
+                    .map(|s| s.counters().kv.tokens_received)
+                    .sum()
+            }),
         })
     }
 
@@ -284,6 +302,7 @@ vllm:time_to_first_token_seconds_count_other 9\n";
             router_replicas: 1,
             tokenizer: None,
             exact_kv: false,
+            pd: None,
         };
         let d = SimConfig::default();
         let (a, b) = (spec.sim_config(0), spec.sim_config(1));

@@ -13,12 +13,14 @@
 //! `sse.rs` (SSE reader), `cluster.rs` (sims + router replicas per run), `plan.rs` (runs,
 //! sweep, kv comparison, policies directory), `kvcompare.rs` (`--kv-compare`: its routings and
 //! table), `stats.rs` (percentiles, per-run figures), `report.rs` (tables, JSON, CSV),
-//! `winners.rs` (the best run per figure), `svg.rs` (charts).
+//! `winners.rs` (the best run per figure), `svg.rs` (charts), `pd.rs` (`--pd`: prefill/decode
+//! runs beside the aggregated ones).
 
 mod args;
 pub mod cluster;
 pub mod driver;
 pub mod kvcompare;
+pub mod pd;
 pub mod plan;
 pub mod replay;
 pub mod report;
@@ -230,6 +232,7 @@ async fn run_one(
         return Err(BenchError::Args("no policies directory".into()));
     };
     let mut spec = s.cluster.clone();
+    spec.pd = run.pd;
     if let Some(kv) = &run.kv {
         spec.num_blocks = kv.num_blocks;
         spec.router_replicas = kv.replicas;

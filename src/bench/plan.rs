@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::BenchError;
 use super::kvcompare::{KvMode, KvRun};
+use super::pd::PdSplit;
 
 /// Policies compared when `--policies` is not given.
 pub const DEFAULT_POLICIES: &[&str] =
@@ -21,6 +22,8 @@ pub struct RunPlan {
     pub policy: String,
     /// With `--kv-compare`: the run's cluster and routing.
     pub kv: Option<KvRun>,
+    /// With `--pd`: the run's prefill and decode engines (`None`: every engine aggregated).
+    pub pd: Option<PdSplit>,
 }
 
 /// `--kv-compare`'s runs: for each cache size (small, then ample) and replica count, the
@@ -40,6 +43,7 @@ pub fn kv_compare_runs(replicas: &[usize], small_blocks: usize) -> Vec<RunPlan> 
                     name: kv.name(),
                     policy: mode.policy().to_owned(),
                     kv: Some(kv),
+                    pd: None,
                 });
             }
         }
@@ -123,12 +127,14 @@ pub fn plan_runs(policies: Option<&[String]>, sweep: &[Threshold]) -> Result<Vec
             name: p.clone(),
             policy: p,
             kv: None,
+            pd: None,
         })
         .collect();
     runs.extend(sweep.iter().map(|t| RunPlan {
         name: format!("{SWEEP_BASE}[t={}]", t.label()),
         policy: t.policy_name(),
         kv: None,
+        pd: None,
     }));
     if runs.is_empty() {
         return Err("no policies to run".into());
@@ -295,6 +301,7 @@ mod tests {
                     name: "nope".into(),
                     policy: "nope".into(),
                     kv: None,
+                    pd: None,
                 }])
                 .unwrap_err();
             assert!(e.to_string().contains("unknown policy \"nope\""), "{e}");

@@ -107,6 +107,8 @@ const PERF_HEADERS: &[&str] = &[
     "TTFT p50",
     "TTFT p90",
     "TTFT p99",
+    "ITL p50",
+    "ITL p99",
     "E2E p50",
     "E2E p99",
     "out tok/s",
@@ -124,6 +126,12 @@ const ROUTING_HEADERS: &[&str] = &[
 
 fn opt_ms(v: Option<f64>) -> String {
     v.map(ms).unwrap_or_else(|| "-".into())
+}
+
+/// Seconds as milliseconds with one decimal (inter-token latencies are a few ms).
+fn opt_ms_tenths(v: Option<f64>) -> String {
+    v.map(|s| format!("{:.1} ms", s * 1000.0))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// The run's preemptions column: `-` when unknown (`--target`).
@@ -158,6 +166,8 @@ fn perf_rows(runs: &[RunStats], ideal: Option<f64>) -> Vec<Vec<String>> {
                 opt_ms(r.ttft.map(|t| t.p50)),
                 opt_ms(r.ttft.map(|t| t.p90)),
                 opt_ms(r.ttft.map(|t| t.p99)),
+                opt_ms_tenths(r.itl.map(|t| t.p50)),
+                opt_ms_tenths(r.itl.map(|t| t.p99)),
                 opt_ms(r.e2e.map(|t| t.p50)),
                 opt_ms(r.e2e.map(|t| t.p99)),
                 format!("{:.1}", r.output_tokens_per_s),
@@ -220,6 +230,19 @@ fn engine_legend(s: &BenchSettings, runs: &[RunStats]) -> Option<String> {
         (Some(_), None) => "requests per engine: e0 e1 ... in start order".to_owned(),
         (None, _) => "requests per engine: in order of first appearance".to_owned(),
     })
+}
+
+/// One line per P/D run: its prompt tokens moved from prefill to decode engines.
+fn pd_lines(runs: &[RunStats]) -> Vec<String> {
+    runs.iter()
+        .filter_map(|r| {
+            Some(format!(
+                "{}: the first engines are the prefill engines, the rest decode; {} prompt \
+                 tokens loaded by decode engines from prefill engines.",
+                r.name, r.kv_transferred_tokens?
+            ))
+        })
+        .collect()
 }
 
 /// "Client TTFT mean − engines' TTFT mean" over the runs that have both: the time spent in the
@@ -292,6 +315,9 @@ impl BenchReport {
         if let Some(l) = engine_legend(s, &self.runs) {
             let _ = writeln!(out, "({l})");
         }
+        for l in pd_lines(&self.runs) {
+            let _ = writeln!(out, "{l}");
+        }
         let w = winners_text(&self.winners, &self.runs);
         if !w.is_empty() {
             out.push_str("\nBest per figure:\n");
@@ -353,6 +379,9 @@ impl BenchReport {
         out.push_str(&markdown_table(ROUTING_HEADERS, &routing_rows(&self.runs)));
         if let Some(l) = engine_legend(s, &self.runs) {
             let _ = writeln!(out, "\n({l})");
+        }
+        for l in pd_lines(&self.runs) {
+            let _ = writeln!(out, "\n{l}");
         }
         let w = winners_text(&self.winners, &self.runs);
         if !w.is_empty() {

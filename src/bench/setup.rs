@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::cluster::ClusterSpec;
+use super::pd::{DEFAULT_PD_POLICIES, PdSplit};
 use super::plan::{self, PoliciesDir, RunPlan};
 use super::workload::trace_plan::{TraceSpec, TraceSummary};
 use super::workload::{WorkloadKnobs, WorkloadSpec};
@@ -142,6 +143,7 @@ pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
     if !args.kv_compare && (args.router_replicas.is_some() || args.tokenizer.is_some()) {
         return bad("--router-replicas and --tokenizer are settings of --kv-compare".into());
     }
+    let splits = pd_splits(args)?;
     let load = load_spec(args)?;
     let (runs, dir) = if args.kv_compare {
         let (replicas, small) = kvcompare::settings(args, load.kv_load(), !sweep.is_empty())?;
@@ -183,11 +185,14 @@ pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
                 policy: name.clone(),
                 name,
                 kv: None,
+                pd: None,
             }],
             None,
         )
     } else {
-        let runs = plan::plan_runs(args.policies.as_deref(), &sweep).map_err(BenchError::Args)?;
+        let mut runs =
+            plan::plan_runs(args.policies.as_deref(), &sweep).map_err(BenchError::Args)?;
+        runs.extend(pd_runs(args, &splits));
         let dir = PoliciesDir::prepare(&policies_source(&args.policies_dir)?, &sweep)?;
         dir.check(&runs)?;
         (runs, Some(dir))
@@ -211,6 +216,7 @@ pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
             router_replicas: 1,
             tokenizer: args.tokenizer.clone(),
             exact_kv: false,
+            pd: None,
         },
         load,
         time_scale,
@@ -218,6 +224,66 @@ pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
         dir,
         request_timeout: Duration::from_secs_f64(args.request_timeout),
     })
+}
+
+/// `--pd`'s splits, checked: each uses the aggregated runs' engine count, on simulated engines.
+fn pd_splits(args: &BenchArgs) -> Result<Vec<PdSplit>, BenchError> {
+    let Some(list) = &args.pd else {
+        return Ok(Vec::new());
+    };
+    if args.target.is_some() || args.kv_compare {
+        return Err(BenchError::Args(
+            "--pd starts its own prefill and decode engines: not with --target or --kv-compare"
+                .into(),
+        ));
+    }
+    let mut out: Vec<PdSplit> = Vec::new();
+    for s in list.iter().filter(|s| !s.trim().is_empty()) {
+        let split = PdSplit::parse(s).map_err(BenchError::Args)?;
+        if split.engines() != args.engines {
+            return Err(BenchError::Args(format!(
+                "--pd {s}: {} engines, but --engines is {} (a P/D run uses as many engines as \
+                 the aggregated runs it is compared with)",
+                split.engines(),
+                args.engines
+            )));
+        }
+        if !out.contains(&split) {
+            out.push(split);
+        }
+    }
+    if out.is_empty() {
+        return Err(BenchError::Args(
+            "--pd: no split given (e.g. --pd 2:2)".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The P/D runs: every split × every P/D policy.
+fn pd_runs(args: &BenchArgs, splits: &[PdSplit]) -> Vec<RunPlan> {
+    let policies: Vec<String> = match &args.pd_policies {
+        Some(p) => p
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => DEFAULT_PD_POLICIES
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+    };
+    splits
+        .iter()
+        .flat_map(|&split| {
+            policies.iter().map(move |p| RunPlan {
+                name: split.run_name(p),
+                policy: p.clone(),
+                kv: None,
+                pd: Some(split),
+            })
+        })
+        .collect()
 }
 
 /// The directory the benchmark reads policies from: the one given, or, for the default
@@ -273,6 +339,12 @@ mod tests {
                 "--trace /nonexistent.jsonl",
             ),
             (vec!["--kv-compare"], "--tokenizer"),
+            (vec!["--pd", "2:1"], "--engines is 4"),
+            (vec!["--pd", "2:x"], "--pd"),
+            (
+                vec!["--pd", "2:2", "--target", "http://x:1"],
+                "not with --target",
+            ),
             (vec!["--router-replicas", "2"], "--kv-compare"),
             (
                 vec!["--kv-compare", "--tokenizer", d, "--policies", "a"],

@@ -127,6 +127,9 @@ pub struct EngineFigures {
     /// Requests preempted (KV memory short), summed over the engines'
     /// `vllm:num_preemptions_total`.
     pub preemptions: Option<u64>,
+    /// P/D runs: prompt tokens the decode engines loaded from the prefill engines instead of
+    /// computing them.
+    pub kv_transferred_tokens: Option<u64>,
 }
 
 /// The figures of one run (one row of the table).
@@ -141,6 +144,10 @@ pub struct RunStats {
     pub ttft: Option<Summary>,
     /// End-to-end latency of the successful requests, simulated seconds.
     pub e2e: Option<Summary>,
+    /// Inter-token latency: per successful request of 2 or more tokens, its mean time between
+    /// output tokens, `(e2e − TTFT) / (tokens − 1)` (`vllm bench serve`'s TPOT), simulated
+    /// seconds.
+    pub itl: Option<Summary>,
     /// Output tokens of successful requests per simulated second of the run.
     pub output_tokens_per_s: f64,
     /// Successful requests per simulated second of the run.
@@ -154,6 +161,9 @@ pub struct RunStats {
     pub engine_ttft_mean: Option<f64>,
     /// Preemptions of running requests on the engines (KV memory short), when known.
     pub preemptions: Option<u64>,
+    /// P/D runs: prompt tokens loaded by the decode engines from the prefill engines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_transferred_tokens: Option<u64>,
     /// Requests per engine (from the `x-switchyard-engine` header), engines in cluster order.
     pub engine_shares: Vec<EngineShare>,
     /// Most loaded engine's requests / least loaded engine's; `None` if unknown or if an engine
@@ -253,12 +263,14 @@ impl RunStats {
             },
             ttft: Summary::of(ok.iter().filter_map(|r| r.ttft)),
             e2e: Summary::of(ok.iter().map(|r| r.e2e)),
+            itl: Summary::of(ok.iter().filter_map(|r| itl(r))),
             output_tokens_per_s: per_s(out_tokens as f64),
             requests_per_s: per_s(ok.len() as f64),
             duration_s,
             cache_hit_rate: figures.cache_hit_rate,
             engine_ttft_mean: figures.ttft_mean,
             preemptions: figures.preemptions,
+            kv_transferred_tokens: figures.kv_transferred_tokens,
             engine_shares,
             max_min_load_ratio,
             tier_shares,
@@ -266,6 +278,12 @@ impl RunStats {
             ttft_timeline: timeline(&ok, TIMELINE_SLICES),
         }
     }
+}
+
+/// A request's mean inter-token latency, `(e2e − TTFT) / (tokens − 1)`; `None` below 2 tokens.
+pub fn itl(r: &RequestRecord) -> Option<f64> {
+    let ttft = r.ttft?;
+    (r.output_tokens >= 2).then(|| (r.e2e - ttft).max(0.0) / (r.output_tokens - 1) as f64)
 }
 
 /// Median TTFT of the requests started in each of `slices` equal slices of the run's start
@@ -358,6 +376,7 @@ pub(crate) mod tests {
                 cache_hit_rate: Some(0.5),
                 ttft_mean: Some(0.2),
                 preemptions: Some(7),
+                kv_transferred_tokens: None,
             },
         );
         assert_eq!(

@@ -56,6 +56,18 @@ const FIGURES: &[Figure] = &[
         show: ms,
     },
     Figure {
+        name: "ITL p50",
+        lower_is_better: true,
+        get: |r| r.itl.map(|t| t.p50),
+        show: |v| format!("{:.1} ms", v * 1000.0),
+    },
+    Figure {
+        name: "ITL p99",
+        lower_is_better: true,
+        get: |r| r.itl.map(|t| t.p99),
+        show: |v| format!("{:.1} ms", v * 1000.0),
+    },
+    Figure {
         name: "E2E p50",
         lower_is_better: true,
         get: |r| r.e2e.map(|t| t.p50),

@@ -10,6 +10,7 @@ fn figures(hit: f64) -> EngineFigures {
         cache_hit_rate: Some(hit),
         ttft_mean: Some(0.1),
         preemptions: Some(3),
+        kv_transferred_tokens: None,
     }
 }
 

@@ -63,6 +63,7 @@ mod stream {
     pub const QUESTION: u64 = 2 << 32;
     pub const PREFIX: u64 = 3 << 32;
     pub const COLD: u64 = 4 << 32;
+    pub const LONG: u64 = 5 << 32;
 }
 
 impl Workload {
@@ -164,6 +165,24 @@ impl Workload {
                         Chain {
                             user: format!("request-{i}"),
                             preamble: vec![Message::new("system", system)],
+                            turns: vec![turn(at, i as u64)],
+                        }
+                    })
+                    .collect()
+            }
+            Shape::LongPrompt {
+                requests,
+                prompt_tokens,
+            } => {
+                let mut at = 0.0;
+                (0..requests)
+                    .map(|i| {
+                        at += exp_gap(&mut times, spec.qps);
+                        let prompt =
+                            TextGen::new(seed, stream::LONG + i as u64).text(prompt_tokens);
+                        Chain {
+                            user: format!("request-{i}"),
+                            preamble: vec![Message::new("system", prompt)],
                             turns: vec![turn(at, i as u64)],
                         }
                     })
@@ -313,6 +332,32 @@ mod tests {
             })
             .collect();
         assert_eq!(cold.len(), 50, "cold prompts are unique");
+    }
+
+    #[test]
+    fn long_prompts_are_unique_and_sized() {
+        let s = spec(
+            WorkloadKind::LongPrompt,
+            WorkloadKnobs {
+                requests: Some(30),
+                prompt_tokens: Some(300),
+                answer_tokens: Some(7),
+                ..Default::default()
+            },
+        );
+        let w = Workload::generate(&s);
+        assert_eq!(w.requests(), 30);
+        let prompts: std::collections::BTreeSet<_> = w
+            .chains
+            .iter()
+            .map(|c| {
+                assert_eq!(c.preamble.len(), 1);
+                assert_eq!(c.preamble[0].content.len(), 300 * BYTES_PER_TOKEN);
+                assert_eq!((c.turns.len(), c.turns[0].max_tokens), (1, 7));
+                c.preamble[0].content.clone()
+            })
+            .collect();
+        assert_eq!(prompts.len(), 30, "no prompt is shared");
     }
 
     #[test]

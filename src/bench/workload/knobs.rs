@@ -17,6 +17,9 @@ pub enum WorkloadKind {
     /// Most requests share one system prompt, the rest are a cold tail of unique prompts
     /// (production-stack issues #957/#990: cache affinity piles everything on one engine).
     HotPrefix,
+    /// Unique long prompts (no prefix shared between requests) with short answers: where
+    /// prefill/decode disaggregation is meant to help.
+    LongPrompt,
 }
 
 impl WorkloadKind {
@@ -25,6 +28,7 @@ impl WorkloadKind {
             WorkloadKind::MultiRoundQa => "multi-round-qa",
             WorkloadKind::SharedPrefix => "shared-prefix",
             WorkloadKind::HotPrefix => "hot-prefix",
+            WorkloadKind::LongPrompt => "long-prompt",
         }
     }
 }
@@ -72,9 +76,12 @@ pub struct WorkloadKnobs {
     /// shared-prefix: tokens of each group's prefix.
     #[arg(long)]
     pub prefix_tokens: Option<usize>,
-    /// hot-prefix: number of requests.
+    /// hot-prefix, long-prompt: number of requests.
     #[arg(long)]
     pub requests: Option<usize>,
+    /// long-prompt: tokens of each request's unique prompt.
+    #[arg(long)]
+    pub prompt_tokens: Option<usize>,
     /// hot-prefix: share of requests (0..1) that use the hot system prompt.
     #[arg(long)]
     pub hot_fraction: Option<f64>,
@@ -147,14 +154,15 @@ impl WorkloadKnobs {
             prefix_tokens,
             requests,
             hot_fraction,
-            cold_tokens
+            cold_tokens,
+            prompt_tokens
         );
         self
     }
 
     /// The names of the shape knobs that are set.
     pub(super) fn shape_knobs_set(&self) -> Vec<&'static str> {
-        let all: [(&'static str, bool); 10] = [
+        let all: [(&'static str, bool); 11] = [
             ("users", self.users.is_some()),
             ("rounds", self.rounds.is_some()),
             ("system_prompt_tokens", self.system_prompt_tokens.is_some()),
@@ -165,6 +173,7 @@ impl WorkloadKnobs {
             ("requests", self.requests.is_some()),
             ("hot_fraction", self.hot_fraction.is_some()),
             ("cold_tokens", self.cold_tokens.is_some()),
+            ("prompt_tokens", self.prompt_tokens.is_some()),
         ];
         all.iter()
             .filter(|(_, set)| *set)
@@ -186,6 +195,7 @@ pub(super) fn shape_knobs(kind: WorkloadKind) -> &'static [&'static str] {
             "system_prompt_tokens",
             "cold_tokens",
         ],
+        WorkloadKind::LongPrompt => &["requests", "prompt_tokens"],
     }
 }
 
@@ -244,6 +254,24 @@ pub fn preset(kind: WorkloadKind, quick: bool) -> WorkloadKnobs {
             cold_tokens: Some(1000),
             question_tokens: Some(50),
             answer_tokens: Some(60),
+            ..base
+        },
+        // ~8k-token prompts, 128-token answers (vLLM's P/D examples' shape), one request per
+        // simulated second per engine of four.
+        (WorkloadKind::LongPrompt, false) => WorkloadKnobs {
+            qps: Some(4.0),
+            requests: Some(400),
+            prompt_tokens: Some(8000),
+            question_tokens: Some(50),
+            answer_tokens: Some(128),
+            ..base
+        },
+        (WorkloadKind::LongPrompt, true) => WorkloadKnobs {
+            qps: Some(4.0),
+            requests: Some(40),
+            prompt_tokens: Some(4000),
+            question_tokens: Some(40),
+            answer_tokens: Some(32),
             ..base
         },
         (WorkloadKind::HotPrefix, true) => WorkloadKnobs {

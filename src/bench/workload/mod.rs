@@ -55,6 +55,10 @@ pub enum Shape {
         system_prompt_tokens: usize,
         cold_tokens: usize,
     },
+    LongPrompt {
+        requests: usize,
+        prompt_tokens: usize,
+    },
 }
 
 impl WorkloadSpec {
@@ -138,6 +142,10 @@ impl WorkloadSpec {
                     cold_tokens: need("cold_tokens", k.cold_tokens, 0)?,
                 }
             }
+            WorkloadKind::LongPrompt => Shape::LongPrompt {
+                requests: need("requests", k.requests, 1)?,
+                prompt_tokens: need("prompt_tokens", k.prompt_tokens, 1)?,
+            },
         };
         let spec = WorkloadSpec {
             kind,
@@ -166,7 +174,7 @@ impl WorkloadSpec {
                 prompts_per_group,
                 ..
             } => groups.saturating_mul(prompts_per_group),
-            Shape::HotPrefix { requests, .. } => requests,
+            Shape::HotPrefix { requests, .. } | Shape::LongPrompt { requests, .. } => requests,
         }
     }
 
@@ -201,6 +209,12 @@ impl WorkloadSpec {
                 "hot-prefix: {requests} requests, {:.0}% on a {system_prompt_tokens}-tok system prompt, cold prompts {cold_tokens} tok, {common}",
                 hot_fraction * 100.0
             ),
+            Shape::LongPrompt {
+                requests,
+                prompt_tokens,
+            } => format!(
+                "long-prompt: {requests} requests, unique prompts of {prompt_tokens} tok, {common}"
+            ),
         }
     }
 }
@@ -216,6 +230,7 @@ mod tests {
             WorkloadKind::MultiRoundQa,
             WorkloadKind::SharedPrefix,
             WorkloadKind::HotPrefix,
+            WorkloadKind::LongPrompt,
         ] {
             for quick in [false, true] {
                 let s = WorkloadSpec::resolve(Some(kind), quick, None, &WorkloadKnobs::default())
