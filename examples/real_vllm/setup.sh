@@ -15,6 +15,7 @@ set -euo pipefail
 
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
+NIXL_VERSION=1.5.1
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VHOME="${SWITCHYARD_VLLM_HOME:-$HOME/.cache/switchyard/vllm-$VLLM_VERSION}"
 PY="$VHOME/bin/python"
@@ -88,7 +89,15 @@ if [ ! -f "$STUB/METADATA" ]; then
   : > "$STUB/RECORD"
 fi
 
-# 5. The tiny models.
+# 5. NIXL for the prefill/decode recordings (NixlConnector). The `nixl` meta package pulls
+#    nixl-cu12 and nixl-cu13 (each bundles UCX); with no CUDA it uses whichever is installed,
+#    and UCX moves host memory. --no-deps: they would otherwise re-resolve torch.
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('nixl') != '$NIXL_VERSION')" 2>/dev/null; then
+  log "installing nixl==$NIXL_VERSION"
+  "${PIP[@]}" --no-deps "nixl==$NIXL_VERSION" "nixl-cu12==$NIXL_VERSION" "nixl-cu13==$NIXL_VERSION"
+fi
+
+# 6. The tiny models.
 if [ ! -f "$VHOME/models/.done" ]; then
   log "making the tiny models in $VHOME/models"
   "$PY" "$HERE/make_models.py" "$VHOME/models"

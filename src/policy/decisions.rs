@@ -1,6 +1,7 @@
-//! Counting decisions: `switchyard_routing_decisions_total{policy,tier,engine,kv}`, where `kv`
-//! is where the chosen engine's prefix match came from (`exact`, `approximate`), or `none`
-//! when no tier of the decision needed prefix matches.
+//! Counting decisions: `switchyard_routing_decisions_total{policy,tier,engine,kv,stage}`, where
+//! `kv` is where the chosen engine's prefix match came from (`exact`, `approximate`), or `none`
+//! when no tier of the decision needed prefix matches, and `stage` what the engine was chosen
+//! for (`aggregated`, `decode`, `prefill`).
 //!
 //! Counter handles are cached per thread, keyed by (compiled policy, tier label, engine id,
 //! source), so
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use super::kv::KvSource;
 use super::pipeline::{CompiledPolicy, Label};
+use super::stage::Stage;
 use crate::engines::Engine;
 
 /// Entries per thread before the cache is dropped and rebuilt (after many reloads or engine
@@ -44,7 +46,7 @@ impl Hasher for KeyHasher {
     }
 }
 
-type Key = (u64, Label, u32, u8);
+type Key = (u64, Label, u32, u8, u8);
 type Cache = HashMap<Key, (Arc<str>, metrics::Counter), BuildHasherDefault<KeyHasher>>;
 
 thread_local! {
@@ -56,13 +58,15 @@ fn counter(
     tier: &str,
     engine: &Engine,
     source: Option<KvSource>,
+    stage: &'static str,
 ) -> metrics::Counter {
     metrics::counter!(
         "switchyard_routing_decisions_total",
         "policy" => policy.name.to_string(),
         "tier" => tier.to_string(),
         "engine" => engine.name.to_string(),
-        "kv" => KvSource::label(source)
+        "kv" => KvSource::label(source),
+        "stage" => stage
     )
 }
 
@@ -73,10 +77,17 @@ pub(crate) fn record(
     tier: &str,
     engine: &Engine,
     source: Option<KvSource>,
+    stage: Stage<'_>,
 ) {
+    let stage_key = match stage {
+        Stage::Aggregated => 0,
+        Stage::Decode => 1,
+        Stage::Prefill(_) => 2,
+    };
+    let stage = stage.as_str();
     COUNTERS.with(|cell| {
         let Ok(mut cache) = cell.try_borrow_mut() else {
-            counter(policy, tier, engine, source).increment(1);
+            counter(policy, tier, engine, source, stage).increment(1);
             return;
         };
         let source_key = match source {
@@ -85,7 +96,7 @@ pub(crate) fn record(
             Some(KvSource::Approximate) => 2,
             Some(KvSource::Partial) => 3,
         };
-        let key = (policy.uid, label, engine.id, source_key);
+        let key = (policy.uid, label, engine.id, source_key, stage_key);
         if let Some((name, c)) = cache.get(&key)
             && Arc::ptr_eq(name, &engine.name)
         {
@@ -95,7 +106,7 @@ pub(crate) fn record(
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
-        let c = counter(policy, tier, engine, source);
+        let c = counter(policy, tier, engine, source, stage);
         c.increment(1);
         cache.insert(key, (Arc::clone(&engine.name), c));
     });

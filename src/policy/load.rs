@@ -12,7 +12,7 @@ use xxhash_rust::xxh3::Xxh3;
 use super::builtins::{Arg, ArgError, BUILTINS, Builtin, BuiltinSpec, MAX_PARAMS};
 use super::chain;
 use super::files;
-use super::pipeline::{CompiledPolicy, Tier, TierKind};
+use super::pipeline::{CompiledPolicy, Handoff, Tier, TierKind};
 use super::script::sandbox::Sandbox;
 use super::script::{self, ScriptError};
 
@@ -156,11 +156,19 @@ pub(crate) fn load_file(sandbox: &Sandbox, dir: &Path, file: &PolicyFile) -> Loa
     Loaded {
         hash,
         imports,
-        result: result.map(|(tiers, params)| CompiledPolicy::new(&file.name, hash, tiers, params)),
+        result: result.map(|(tiers, params, split)| {
+            let p = CompiledPolicy::new(&file.name, hash, tiers, params);
+            match split {
+                Some((prefill, handoff)) => p.with_split(prefill, handoff),
+                None => p,
+            }
+        }),
     }
 }
 
-type Parts = (Vec<Tier>, Dynamic);
+/// A policy's tiers, its `[params]`, and for a disaggregated policy its prefill tiers and
+/// hand-off (the tiers are then the decode pipeline).
+type Parts = (Vec<Tier>, Dynamic, Option<(Vec<Tier>, Handoff)>);
 
 fn empty_params() -> Dynamic {
     Dynamic::from_map(Map::new())
@@ -189,7 +197,7 @@ fn load_rhai(
             .collect(),
         None => vec![Tier::new(&file.name, TierKind::Script(s))],
     };
-    Ok((tiers, empty_params()))
+    Ok((tiers, empty_params(), None))
 }
 
 fn toml_to_dynamic(v: &DeValue<'_>) -> Dynamic {
@@ -292,6 +300,8 @@ fn load_toml(
     };
     let mut params = empty_params();
     let mut tier_values: Option<&Spanned<DeValue<'_>>> = None;
+    let mut stages: [Option<&Spanned<DeValue<'_>>>; 2] = [None, None];
+    let mut handoff: Option<&Spanned<DeValue<'_>>> = None;
     for (k, v) in root.get_ref().iter() {
         match k.get_ref().as_ref() {
             "description" => {
@@ -304,38 +314,123 @@ fn load_toml(
                 _ => cx.err(v.span().start, "`params` must be a table"),
             },
             "tier" => tier_values = Some(v),
+            "decode" => stages[0] = Some(v),
+            "prefill" => stages[1] = Some(v),
+            "handoff" => handoff = Some(v),
             other => cx.err(
                 k.span().start,
-                format!("unknown key `{other}` (expected `tier`, `params` or `description`)"),
+                format!(
+                    "unknown key `{other}` (expected `tier`, `params`, `description`, or \
+                     `decode`, `prefill` and `handoff` for a disaggregated policy)"
+                ),
             ),
         }
     }
+    let split = stages[0].is_some() || stages[1].is_some() || handoff.is_some();
     let mut tiers = Vec::new();
-    match tier_values.map(|v| (v, v.get_ref())) {
-        None => cx.err(0, "policy has no tiers: add `[[tier]]` tables"),
-        Some((_, DeValue::Array(arr))) if !arr.is_empty() => {
-            for (i, t) in arr.iter().enumerate() {
-                match t.get_ref() {
-                    DeValue::Table(table) => {
-                        if let Some(tier) = parse_tier(&mut cx, i, t.span().start, table, hasher) {
-                            tiers.push(tier);
+    let mut prefill = Vec::new();
+    if split {
+        if let Some(v) = tier_values {
+            cx.err(
+                v.span().start,
+                "a disaggregated policy has `[[decode.tier]]` and `[[prefill.tier]]`, not `[[tier]]`",
+            );
+        }
+        for (slot, (stage, out)) in stages
+            .iter()
+            .zip([("decode", &mut tiers), ("prefill", &mut prefill)])
+        {
+            match slot.map(|v| (v, v.get_ref())) {
+                None => cx.err(
+                    0,
+                    format!("a disaggregated policy needs `[[{stage}.tier]]` tables"),
+                ),
+                Some((_, DeValue::Table(t))) => {
+                    let mut found = None;
+                    for (k, v) in t.iter() {
+                        match k.get_ref().as_ref() {
+                            "tier" => found = Some(v),
+                            other => cx.err(
+                                k.span().start,
+                                format!("unknown key `{stage}.{other}` (expected `{stage}.tier`)"),
+                            ),
                         }
                     }
-                    _ => cx.err(t.span().start, "each tier must be a table (`[[tier]]`)"),
+                    match found {
+                        Some(v) => *out = parse_tiers(&mut cx, v, hasher, stage),
+                        None => cx.err(
+                            slot.map_or(0, |v| v.span().start),
+                            format!("`{stage}` has no tiers: add `[[{stage}.tier]]` tables"),
+                        ),
+                    }
                 }
+                Some((v, _)) => cx.err(
+                    v.span().start,
+                    format!("`{stage}` must be a table of tiers (`[[{stage}.tier]]`)"),
+                ),
             }
         }
-        Some((v, _)) => cx.err(
-            v.span().start,
-            "`tier` must be a non-empty array of tables (`[[tier]]`)",
-        ),
+    } else {
+        match tier_values {
+            None => cx.err(0, "policy has no tiers: add `[[tier]]` tables"),
+            Some(v) => tiers = parse_tiers(&mut cx, v, hasher, ""),
+        }
     }
+    let handoff = match handoff.map(|v| (v, v.get_ref().as_str())) {
+        None => Handoff::Nixl,
+        Some((_, Some("nixl"))) => Handoff::Nixl,
+        Some((_, Some("shared_store"))) => Handoff::SharedStore,
+        Some((v, _)) => {
+            cx.err(
+                v.span().start,
+                "`handoff` must be \"nixl\" (vLLM's NixlConnector) or \"shared_store\" (LMCache)",
+            );
+            Handoff::Nixl
+        }
+    };
     *imports |= cx.imports;
     if cx.diags.is_empty() {
-        Ok((tiers, params))
+        Ok((tiers, params, split.then_some((prefill, handoff))))
     } else {
         Err(cx.diags)
     }
+}
+
+/// The tiers of a `tier` array (`[[tier]]`, or `[[decode.tier]]` when `stage` is `decode`).
+fn parse_tiers(
+    cx: &mut TomlCx<'_>,
+    v: &Spanned<DeValue<'_>>,
+    hasher: &mut Xxh3,
+    stage: &str,
+) -> Vec<Tier> {
+    let table = if stage.is_empty() {
+        "tier".to_string()
+    } else {
+        format!("{stage}.tier")
+    };
+    let mut tiers = Vec::new();
+    match v.get_ref() {
+        DeValue::Array(arr) if !arr.is_empty() => {
+            for (i, t) in arr.iter().enumerate() {
+                match t.get_ref() {
+                    DeValue::Table(t_table) => {
+                        if let Some(tier) = parse_tier(cx, i, t.span().start, t_table, hasher) {
+                            tiers.push(tier);
+                        }
+                    }
+                    _ => cx.err(
+                        t.span().start,
+                        format!("each tier must be a table (`[[{table}]]`)"),
+                    ),
+                }
+            }
+        }
+        _ => cx.err(
+            v.span().start,
+            format!("`{table}` must be a non-empty array of tables (`[[{table}]]`)"),
+        ),
+    }
+    tiers
 }
 
 fn parse_tier(

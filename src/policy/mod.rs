@@ -24,6 +24,7 @@ mod pipeline;
 mod reload;
 mod script;
 pub mod shipped;
+pub mod stage;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,12 +39,13 @@ use crate::request::RequestInfo;
 pub use files::MAX_POLICY_FILE_BYTES;
 pub use kv::{KvMatches, KvSource, PrefixMatcher};
 pub use load::PolicyDiagnostic;
-pub use pipeline::DEFAULT_TIER;
+pub use pipeline::{DEFAULT_TIER, Handoff};
 pub use reload::{REARM_INTERVAL, WatchHandle};
 pub use script::VALIDATION_TIME_BUDGET;
 pub use script::sandbox::{
     MAX_ARRAY_SIZE, MAX_CALL_LEVELS, MAX_EXPR_DEPTHS, MAX_MAP_SIZE, MAX_OPERATIONS, MAX_STRING_SIZE,
 };
+pub use stage::{DecodeChoice, SKIP_PREFILL, Stage};
 
 /// Default wall-clock budget of one script tier's evaluation (`--script-time-budget`).
 pub const DEFAULT_SCRIPT_TIME_BUDGET: Duration = Duration::from_millis(5);
@@ -93,6 +95,17 @@ pub struct Decision {
     /// Where the chosen engine's prefix match came from, if a tier of this decision needed
     /// prefix matches (so they were computed); `None` if none did.
     pub kv: Option<KvSource>,
+}
+
+/// The outcome of choosing the prefill engine of a disaggregated request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrefillChoice {
+    /// This prefill engine computes the prompt.
+    Engine(Decision),
+    /// No prefill leg: the decode engine computes the prompt itself. `tier` is the tier that
+    /// decided so (`skip_prefill`, `no_prefill`, a script), or `not_disaggregated` if the
+    /// policy in effect is no longer a disaggregated one.
+    Skip { policy: Arc<str>, tier: Arc<str> },
 }
 
 /// Why policies could not be loaded or watched.
@@ -215,7 +228,71 @@ impl PolicyStore {
     /// Chooses one of `cands` (never empty) for `req`, on the candidates' own
     /// `prefix_match_tokens`.
     pub fn decide(&self, req: &RequestInfo, cands: &[Candidate]) -> Decision {
-        self.decide_inner(req, cands, None)
+        self.decide_inner(req, cands, None, Stage::Aggregated)
+    }
+
+    /// The hand-off of the policy that serves `model`, if it is a disaggregated policy.
+    pub fn handoff_for(&self, model: &str) -> Option<Handoff> {
+        let g = self.current.load();
+        Self::policy_of(&g, model).split.as_ref().map(|s| s.handoff)
+    }
+
+    /// Chooses the decode engine of a disaggregated request among `cands` (the decode
+    /// engines; never empty), with the policy's decode pipeline (an aggregated policy's only
+    /// pipeline).
+    pub fn decide_decode(
+        &self,
+        req: &RequestInfo,
+        cands: &[Candidate],
+        matcher: &dyn PrefixMatcher,
+    ) -> Decision {
+        self.decide_inner(req, cands, Some(matcher), Stage::Decode)
+    }
+
+    /// Chooses the prefill engine of a disaggregated request among `cands` (the prefill
+    /// engines), its decode engine being `decode`; or no prefill leg.
+    pub fn decide_prefill(
+        &self,
+        req: &RequestInfo,
+        cands: &[Candidate],
+        matcher: &dyn PrefixMatcher,
+        decode: &DecodeChoice<'_>,
+    ) -> PrefillChoice {
+        let generation = self.current.load();
+        let policy = Self::policy_of(&generation, &req.model);
+        if policy.split.is_none() {
+            return PrefillChoice::Skip {
+                policy: Arc::clone(&policy.name),
+                tier: Arc::from("not_disaggregated"),
+            };
+        }
+        drop(generation);
+        let d = self.decide_inner(req, cands, Some(matcher), Stage::Prefill(decode));
+        if d.engine == SKIP_PREFILL {
+            metrics::counter!(
+                "switchyard_prefill_skipped_total",
+                "policy" => d.policy.to_string(),
+                "tier" => d.tier.to_string()
+            )
+            .increment(1);
+            PrefillChoice::Skip {
+                policy: d.policy,
+                tier: d.tier,
+            }
+        } else {
+            PrefillChoice::Engine(d)
+        }
+    }
+
+    fn policy_of<'g>(generation: &'g Generation, model: &str) -> &'g Arc<CompiledPolicy> {
+        if generation.per_model.is_empty() {
+            &generation.default
+        } else {
+            generation
+                .per_model
+                .get(model)
+                .unwrap_or(&generation.default)
+        }
     }
 
     /// Chooses one of `cands` (never empty) for `req`; prefix matches are asked of `matcher`
@@ -226,25 +303,36 @@ impl PolicyStore {
         cands: &[Candidate],
         matcher: &dyn PrefixMatcher,
     ) -> Decision {
-        self.decide_inner(req, cands, Some(matcher))
+        self.decide_inner(req, cands, Some(matcher), Stage::Aggregated)
     }
 
+    /// Runs the pipeline of `stage` (the prefill pipeline of a disaggregated policy for
+    /// [`Stage::Prefill`], else the policy's main pipeline). In the prefill stage the engine
+    /// may be [`SKIP_PREFILL`]; with no candidates it is always 0 (a prefill stage without
+    /// candidates: [`SKIP_PREFILL`]).
     fn decide_inner(
         &self,
         req: &RequestInfo,
         cands: &[Candidate],
         matcher: Option<&dyn PrefixMatcher>,
+        stage: Stage<'_>,
     ) -> Decision {
         let generation = self.current.load();
-        let policy = if generation.per_model.is_empty() {
-            &generation.default
-        } else {
-            generation
-                .per_model
-                .get(req.model.as_str())
-                .unwrap_or(&generation.default)
+        let main = Self::policy_of(&generation, &req.model);
+        let policy: &CompiledPolicy = match (stage, &main.split) {
+            (Stage::Prefill(_), Some(split)) => &split.prefill,
+            _ => main,
         };
+        let prefill = matches!(stage, Stage::Prefill(_));
         if cands.is_empty() {
+            if prefill {
+                return Decision {
+                    engine: SKIP_PREFILL,
+                    policy: Arc::clone(&policy.name),
+                    tier: Arc::from("no_prefill_engine"),
+                    kv: None,
+                };
+            }
             return Decision {
                 engine: 0,
                 policy: Arc::clone(&policy.name),
@@ -260,6 +348,7 @@ impl PolicyStore {
                 req,
                 cands,
                 &kv,
+                stage,
             )
         };
         let (picked, label) = if policy.is_native() {
@@ -267,6 +356,16 @@ impl PolicyStore {
         } else {
             off_the_workers(run)
         };
+        if prefill && picked == SKIP_PREFILL {
+            let tier = policy.label(label);
+            tracing::debug!(policy = %policy.name, tier = %tier, model = %req.model, "no prefill leg");
+            return Decision {
+                engine: SKIP_PREFILL,
+                policy: Arc::clone(&policy.name),
+                tier: Arc::clone(tier),
+                kv: None,
+            };
+        }
         // Every tier returns a candidate's index; the clamp only keeps a bug from panicking in a
         // release build (fuzzing runs with debug assertions, which catch it).
         debug_assert!(
@@ -278,9 +377,10 @@ impl PolicyStore {
         let engine = picked.min(cands.len() - 1);
         let tier = policy.label(label);
         let source = kv.source(engine);
-        decisions::record(policy, label, tier, &cands[engine].engine, source);
+        decisions::record(policy, label, tier, &cands[engine].engine, source, stage);
         tracing::debug!(
             policy = %policy.name,
+            stage = stage.as_str(),
             tier = %tier,
             engine = %cands[engine].engine.name,
             kv = KvSource::label(source),
@@ -427,6 +527,8 @@ impl PolicyStore {
                     "hash": p.map(|p| format!("{:016x}", p.hash)),
                     "loaded_at": p.map(|p| humantime::format_rfc3339_millis(p.loaded_at).to_string()),
                     "tiers": p.map(|p| p.tier_names()),
+                    "prefill_tiers": p.and_then(|p| p.split.as_ref()).map(|s| s.prefill.tier_names()),
+                    "handoff": p.and_then(|p| p.split.as_ref()).map(|s| s.handoff.as_str()),
                     "execution": p.map(|p| if p.is_native() { "native" } else { "rhai" }),
                     "last_error": last_error,
                 })

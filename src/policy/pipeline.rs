@@ -13,6 +13,7 @@ use super::builtins::{self, BUILTINS, Builtin, Inputs, PolicyState};
 use super::kv::Kv;
 use super::script::api::{Ctx, ORIGIN_SCRIPT};
 use super::script::{self, ErrorReason, Outcome, Script, ScriptError};
+use super::stage::Stage;
 use crate::engines::Candidate;
 use crate::request::RequestInfo;
 
@@ -105,6 +106,40 @@ pub(crate) struct CompiledPolicy {
     /// Tier names by [`Label`]: the built-ins (when a script's built-in call chose), then each
     /// tier, then [`DEFAULT_TIER`].
     labels: Vec<Arc<str>>,
+    /// A disaggregated policy's prefill pipeline and hand-off (its `tiers` are then the decode
+    /// pipeline); `None` for an aggregated policy.
+    pub split: Option<Box<Split>>,
+}
+
+/// How a disaggregated request's KV reaches its decode engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// vLLM's NixlConnector: the prefill leg carries `kv_transfer_params` asking for a remote
+    /// decode; the prefill engine's answer's `kv_transfer_params` go to the decode engine
+    /// (production-stack's `disaggregated_prefill_orchestrated`).
+    Nixl,
+    /// A KV store the engines share (LMCache): the prefill leg is the request with
+    /// `max_tokens` 1; the decode engine finds the prompt's KV in the store
+    /// (production-stack's `disaggregated_prefill`).
+    SharedStore,
+}
+
+impl Handoff {
+    /// `nixl` or `shared_store`: the policy file's `handoff` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handoff::Nixl => "nixl",
+            Handoff::SharedStore => "shared_store",
+        }
+    }
+}
+
+/// The second half of a disaggregated policy.
+#[derive(Debug)]
+pub(crate) struct Split {
+    /// Chooses the prefill engine (or none) among the prefill engines.
+    pub prefill: CompiledPolicy,
+    pub handoff: Handoff,
 }
 
 impl CompiledPolicy {
@@ -124,7 +159,15 @@ impl CompiledPolicy {
             params,
             state: PolicyState::default(),
             labels,
+            split: None,
         }
+    }
+
+    /// This policy as the decode pipeline of a disaggregated policy with `prefill` tiers.
+    pub fn with_split(mut self, prefill: Vec<Tier>, handoff: Handoff) -> Self {
+        let prefill = CompiledPolicy::new(&self.name, self.hash, prefill, self.params.clone());
+        self.split = Some(Box::new(Split { prefill, handoff }));
+        self
     }
 
     pub fn label(&self, l: Label) -> &Arc<str> {
@@ -150,6 +193,7 @@ impl CompiledPolicy {
         req: &RequestInfo,
         cands: &[Candidate],
         kv: &Kv<'_>,
+        stage: Stage<'_>,
     ) -> (usize, Label) {
         let mut ctx: Option<Ctx<'_>> = None;
         let inputs = Inputs {
@@ -157,6 +201,7 @@ impl CompiledPolicy {
             cands,
             state: &self.state,
             kv,
+            stage,
         };
         for (i, tier) in self.tiers.iter().enumerate() {
             match &tier.kind {
@@ -166,7 +211,9 @@ impl CompiledPolicy {
                     }
                 }
                 TierKind::Script(s) => {
-                    let ctx = ctx.get_or_insert_with(|| Ctx::new(req, cands, &self.state, kv));
+                    let ctx = ctx.get_or_insert_with(|| {
+                        Ctx::new(req, cands, &self.state, kv).for_stage(stage)
+                    });
                     // A request never fails because of a script, not even if evaluation panics.
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         script::eval(engine, s, ctx, &self.params, script_budget)
@@ -221,6 +268,7 @@ impl CompiledPolicy {
         self.tiers
             .iter()
             .all(|t| matches!(t.kind, TierKind::Builtin(_)))
+            && self.split.as_ref().is_none_or(|s| s.prefill.is_native())
     }
 
     /// Names of the tiers, in order.

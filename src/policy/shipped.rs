@@ -21,6 +21,14 @@ pub const SHIPPED: &[(&str, &str)] = &[
         "cost_aware.rhai",
         include_str!("../../policies/cost_aware.rhai"),
     ),
+    (
+        "disaggregated_prefill.toml",
+        include_str!("../../policies/disaggregated_prefill.toml"),
+    ),
+    (
+        "disaggregated_prefill_orchestrated.toml",
+        include_str!("../../policies/disaggregated_prefill_orchestrated.toml"),
+    ),
     ("kvaware.toml", include_str!("../../policies/kvaware.toml")),
     (
         "least_loaded.toml",

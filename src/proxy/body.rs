@@ -14,6 +14,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::coalesce::Coalesced;
 use super::conn::BusyGuard;
+use super::handoff::AnswerRewrite;
 use super::telemetry::RequestRecord;
 use crate::engines::InFlightGuard;
 
@@ -204,6 +205,8 @@ pub struct UpstreamBody {
     sse: bool,
     first_frame_seen: bool,
     finished: bool,
+    /// A disaggregated request's decode answer is rewritten on its way (see `handoff`).
+    rewrite: Option<AnswerRewrite>,
 }
 
 impl UpstreamBody {
@@ -220,7 +223,14 @@ impl UpstreamBody {
             sse,
             first_frame_seen: false,
             finished: false,
+            rewrite: None,
         }
+    }
+
+    /// This body, rewritten on its way by `r` (its length is then unknown in advance).
+    pub fn with_rewrite(mut self, r: AnswerRewrite) -> UpstreamBody {
+        self.rewrite = Some(r);
+        self
     }
 
     /// The engine's body has nothing more to give (its declared length all relayed).
@@ -279,7 +289,7 @@ impl Body for RouterBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
-            Kind::Upstream(u) => u.finished || u.inner.is_end_stream(),
+            Kind::Upstream(u) => u.finished || (u.inner.is_end_stream() && u.rewrite.is_none()),
         }
     }
 
@@ -288,6 +298,7 @@ impl Body for RouterBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(u) if u.finished => SizeHint::with_exact(0),
+            Kind::Upstream(u) if u.rewrite.is_some() => SizeHint::default(),
             Kind::Upstream(u) => u.inner.size_hint(),
         }
     }
@@ -302,36 +313,59 @@ impl UpstreamBody {
         if self.finished {
             return Poll::Ready(None);
         }
-        match self.inner.poll_next(cx, epoch) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
-                if !self.first_frame_seen {
-                    self.first_frame_seen = true;
-                    self.record.first_byte(Instant::now());
+        loop {
+            return match self.inner.poll_next(cx, epoch) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(mut frame))) => {
+                    if !self.first_frame_seen {
+                        self.first_frame_seen = true;
+                        self.record.first_byte(Instant::now());
+                    }
+                    let done = self.engine_body_done();
+                    if let Some(r) = &mut self.rewrite
+                        && let Some(data) = frame.data_mut()
+                    {
+                        let mut out = r.feed(std::mem::take(data));
+                        if done {
+                            let rest = r.finish();
+                            if !rest.is_empty() {
+                                let mut joined = BytesMut::from(&out[..]);
+                                joined.extend_from_slice(&rest);
+                                out = joined.freeze();
+                            }
+                        }
+                        if out.is_empty() && !done {
+                            continue;
+                        }
+                        *data = out;
+                    }
+                    // A body of known length ends with its last frame: hyper then stops
+                    // polling (no `Ready(None)` follows) and drops the body, which must not
+                    // count as a client that went away.
+                    if done {
+                        self.finish("completed");
+                    }
+                    Poll::Ready(Some(Ok(frame)))
                 }
-                // A body of known length ends with its last frame: hyper then stops polling
-                // (no `Ready(None)` follows) and drops the body, which must not count as a
-                // client that went away.
-                if self.engine_body_done() {
+                Poll::Ready(None) => {
                     self.finish("completed");
+                    match self.rewrite.as_mut().map(AnswerRewrite::finish) {
+                        Some(rest) if !rest.is_empty() => Poll::Ready(Some(Ok(Frame::data(rest)))),
+                        _ => Poll::Ready(None),
+                    }
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(None) => {
-                self.finish("completed");
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                tracing::warn!(engine = %self.record.engine_name(), error = %e, "engine response broke mid-body");
-                self.finish("engine_error");
-                if self.sse {
-                    Poll::Ready(Some(Ok(Frame::data(sse_error_event(&format!(
-                        "engine stream failed: {e}"
-                    ))))))
-                } else {
-                    Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(engine = %self.record.engine_name(), error = %e, "engine response broke mid-body");
+                    self.finish("engine_error");
+                    if self.sse {
+                        Poll::Ready(Some(Ok(Frame::data(sse_error_event(&format!(
+                            "engine stream failed: {e}"
+                        ))))))
+                    } else {
+                        Poll::Ready(Some(Err(Box::new(e))))
+                    }
                 }
-            }
+            };
         }
     }
 }

@@ -8,21 +8,20 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 
 use super::AppState;
-use super::body::{
-    ERROR_BODY_MAX_BYTES, ERROR_BODY_TIME_LIMIT, RouterBody, UpstreamBody, read_error_body,
-    read_request_body,
-};
+use super::attempt::{Tried, engine_error_response, kv_sources, try_engine};
+use super::body::{RouterBody, UpstreamBody, read_request_body};
+use super::disagg::{self, Pools, whole_reason};
 use super::errors::{ApiError, clip};
+use super::handoff::Fields;
 use super::headers::{
     ClientAddr, add_decision_headers, strip_hop_by_hop, strip_router_headers, upstream_headers,
 };
-use super::kv::{RequestKv, Sources};
+use super::kv::RequestKv;
 use super::telemetry::{RequestRecord, count_request};
-use crate::engines::{Candidate, Engine, InFlightGuard};
+use crate::engines::{Candidate, Engine, InFlightGuard, Role};
 use crate::policy::{Decision, KvSource};
 use crate::request::{ParseError, Parsed, RequestInfo, parse_body};
 
@@ -70,16 +69,48 @@ async fn forward(
     let uri = parts.uri.clone();
     let info = read_request(state, parts, body).await?;
     let model: Arc<str> = Arc::from(info.model.as_str());
-    let cands = candidates(state, &info);
+    let pools = candidates(state, &info);
     // Only served models become label values: clients cannot mint metric series.
-    if !matches!(cands, Err(ApiError::ModelNotFound(_))) {
+    if !matches!(pools, Err(ApiError::ModelNotFound(_))) {
         *model_out = Some(Arc::clone(&model));
     }
+    let pools = pools?;
     let headers = upstream_headers(&info.headers, request_id, Some(client));
-    match attempt_engines(state, &info, &uri, &headers, cands?, &model).await {
+    let cands = match state.policies.handoff_for(&info.model) {
+        None => pools.whole(),
+        Some(handoff) => {
+            let split = match whole_reason(&info, &pools) {
+                Some(reason) => Err(reason),
+                None => match Fields::parse(&info.body) {
+                    Ok(f) if f.choices() > 1 => Err("aggregated_n"),
+                    Ok(f) => Ok(f),
+                    Err(_) => Err("aggregated_body"),
+                },
+            };
+            match split {
+                Ok(fields) => {
+                    return disagg::forward(
+                        state, &info, &fields, &uri, &headers, pools, handoff, &model, start,
+                    )
+                    .await;
+                }
+                Err(reason) => {
+                    disagg::count(&model, reason);
+                    pools.whole()
+                }
+            }
+        }
+    };
+    if cands.is_empty() {
+        return Err(ApiError::NoHealthyEngine(
+            clip(&info.model),
+            state.cfg.health_probe_interval,
+        ));
+    }
+    match attempt_engines(state, &info, &uri, &headers, cands, &model).await {
         Attempts::Answered(a) => Ok(relay(state, &info, a, &model, start)),
         Attempts::EngineError(resp, engine) => {
-            relay_engine_error(state, resp, &engine, &model).await
+            engine_error_response(state, resp, &engine, &model).await
         }
         Attempts::TimedOut => Err(ApiError::GatewayTimeout(state.cfg.first_byte_timeout)),
         Attempts::Failed(error) => Err(ApiError::BadGateway(error)),
@@ -206,81 +237,6 @@ async fn attempt_engines(
     last
 }
 
-/// One attempt's outcome.
-enum Tried {
-    Answered(Response<Incoming>),
-    EngineError(Response<Incoming>),
-    Failed { error: String, timed_out: bool },
-}
-
-/// Sends the request to one engine and waits for its response headers, reporting the outcome
-/// to the health monitor. A 5xx is an engine error (the caller relays it on its last chance).
-async fn try_engine(
-    state: &AppState,
-    engine: &Arc<Engine>,
-    uri: &http::Uri,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Tried {
-    let mut up = Request::post(engine_uri(engine, uri));
-    if let Some(h) = up.headers_mut() {
-        *h = headers.clone();
-        if let Some(host) = &engine.host_header {
-            h.insert(header::HOST, host.clone()); // else the client formats it per request
-        }
-    }
-    let up = match up.body(Full::new(body.clone())) {
-        Ok(r) => r,
-        Err(e) => {
-            return Tried::Failed {
-                error: format!("cannot build the engine request: {e}"),
-                timed_out: false,
-            };
-        }
-    };
-    let failed = |error: String, timed_out: bool| Tried::Failed { error, timed_out };
-    match tokio::time::timeout(state.cfg.first_byte_timeout, state.client.request(up)).await {
-        Ok(Ok(resp)) if resp.status().is_server_error() => {
-            state.monitor.report_failure(engine, "engine answered 5xx");
-            Tried::EngineError(resp)
-        }
-        Ok(Ok(resp)) => {
-            state.monitor.report_success(engine);
-            Tried::Answered(resp)
-        }
-        Ok(Err(e)) if e.is_connect() => {
-            state
-                .monitor
-                .report_unreachable(engine, "connection to the engine failed");
-            failed(
-                format!("cannot connect to engine {}: {e}", engine.name),
-                false,
-            )
-        }
-        Ok(Err(e)) => {
-            state
-                .monitor
-                .report_failure(engine, "engine request failed");
-            failed(
-                format!("engine {} failed before answering: {e}", engine.name),
-                false,
-            )
-        }
-        Err(_) => {
-            state
-                .monitor
-                .report_unreachable(engine, "first-byte timeout");
-            failed(
-                format!(
-                    "engine {} did not answer within {:?}",
-                    engine.name, state.cfg.first_byte_timeout
-                ),
-                true,
-            )
-        }
-    }
-}
-
 /// Step 3: streams the engine's answer to the client (recording the prefix it now caches).
 fn relay(
     state: &AppState,
@@ -320,29 +276,6 @@ fn relay(
     Response::from_parts(rparts, body)
 }
 
-/// Every attempt failed and the last one with an engine's own error: it is passed on as-is if
-/// it is small and comes in time; otherwise the router's own 502 (memory stays bounded).
-async fn relay_engine_error(
-    state: &AppState,
-    resp: Response<Incoming>,
-    engine_name: &str,
-    model: &Arc<str>,
-) -> Result<Response<RouterBody>, ApiError> {
-    let status = resp.status();
-    let (mut rparts, rbody) = resp.into_parts();
-    strip_hop_by_hop(&mut rparts.headers);
-    strip_router_headers(&mut rparts.headers);
-    let within = state.cfg.first_byte_timeout.min(ERROR_BODY_TIME_LIMIT);
-    let body = read_error_body(rbody, ERROR_BODY_MAX_BYTES, within)
-        .await
-        .map_err(|e| {
-            tracing::warn!(model = %model, engine = %engine_name, %status, error = %e, "engine error body not relayed");
-            ApiError::BadGateway(format!("engine {engine_name} answered {status}, but {e}"))
-        })?;
-    count_request(model, &Arc::from("none"), status.as_u16());
-    Ok(Response::from_parts(rparts, RouterBody::full(body)))
-}
-
 /// Bodies at least this large are parsed on the blocking pool: a 32 MiB body takes tens of
 /// milliseconds to scan, which must not stall the runtime's workers (and `/health` with them).
 const PARSE_INLINE_MAX_BYTES: usize = 256 * 1024;
@@ -379,63 +312,28 @@ async fn parse_routing_view(state: &AppState, body: &Bytes) -> Result<Parsed, Ap
     })
 }
 
-/// The engine's URI for the client's path and query, built from parsed parts.
-fn engine_uri(engine: &Engine, client_uri: &http::Uri) -> http::Uri {
-    let pq = client_uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    if let Some((scheme, authority)) = &engine.origin {
-        let mut p = http::uri::Parts::default();
-        p.scheme = Some(scheme.clone());
-        p.authority = Some(authority.clone());
-        p.path_and_query = Some(pq.clone());
-        if let Ok(u) = http::Uri::from_parts(p) {
-            return u;
-        }
-    }
-    format!("{}{}", engine.url, pq).parse().unwrap_or_default()
-}
-
-/// Where the request's prefix matches come from, when a tier needs them.
-fn kv_sources<'a>(state: &'a AppState, info: &'a RequestInfo) -> Sources<'a> {
-    // Exact matching needs both the engines' views and the request's token ids.
-    let exact = state.tokenizer.as_deref().map(|t| {
-        (
-            &*state.exact as &dyn super::kv::ExactLookup,
-            t as &dyn super::kv::RequestTokenizer,
-        )
-    });
-    Sources {
-        approximate: &state.prefix,
-        block_size: state.cfg.block_size,
-        exact,
-        // An adapter's blocks are keyed under its name (known from the engines' model cards).
-        lora_name: (exact.is_some() && state.cards.is_adapter(&info.model))
-            .then_some(info.model.as_str()),
-        // No engine caches past the model's context (vLLM refuses a longer prompt).
-        max_prompt_tokens: state
-            .cards
-            .max_model_len(&info.model)
-            .map_or(state.cfg.tokenize_max_tokens, |n| {
-                n.min(state.cfg.tokenize_max_tokens)
-            }),
-    }
-}
-
-/// The healthy engines serving the request's model, with their load. Their prefix matches are
-/// computed later, only if the policy needs them ([`RequestKv`]).
-fn candidates(state: &AppState, info: &RequestInfo) -> Result<Vec<Candidate>, ApiError> {
+/// The healthy engines serving the request's model, with their load, by role. Their prefix
+/// matches are computed later, only if the policy needs them ([`RequestKv`]).
+fn candidates(state: &AppState, info: &RequestInfo) -> Result<Pools, ApiError> {
     let all = state.registry.all();
     let mut serving = 0usize;
-    let mut cands: Vec<Candidate> = Vec::with_capacity(all.len());
+    let mut pools = Pools {
+        aggregated: Vec::with_capacity(all.len()),
+        prefill: Vec::new(),
+        decode: Vec::new(),
+    };
     for e in all.iter() {
         if !e.serves(&info.model) {
             continue;
         }
         serving += 1;
         if e.is_healthy() {
-            cands.push(Candidate {
+            let pool = match e.role {
+                Role::Aggregated => &mut pools.aggregated,
+                Role::Prefill => &mut pools.prefill,
+                Role::Decode => &mut pools.decode,
+            };
+            pool.push(Candidate {
                 engine: Arc::clone(e),
                 load: e.snapshot(),
                 prefix_match_tokens: 0,
@@ -445,13 +343,13 @@ fn candidates(state: &AppState, info: &RequestInfo) -> Result<Vec<Candidate>, Ap
     if serving == 0 {
         return Err(ApiError::ModelNotFound(clip(&info.model)));
     }
-    if cands.is_empty() {
+    if pools.aggregated.is_empty() && pools.prefill.is_empty() && pools.decode.is_empty() {
         return Err(ApiError::NoHealthyEngine(
             clip(&info.model),
             state.cfg.health_probe_interval,
         ));
     }
-    Ok(cands)
+    Ok(pools)
 }
 
 /// A body for the router's own answers.

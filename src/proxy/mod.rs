@@ -1,10 +1,13 @@
 //! The HTTP proxy: a hyper 1.x server (HTTP/1.1 and h2c) in front of the engines.
 
+mod attempt;
 pub mod body;
 pub mod coalesce;
 pub mod conn;
+mod disagg;
 pub mod errors;
 pub mod forward;
+pub mod handoff;
 pub mod headers;
 pub mod kv;
 pub mod routes;

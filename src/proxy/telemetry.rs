@@ -5,7 +5,7 @@
 //! (histograms), `switchyard_engine_in_flight{engine}`, `switchyard_engine_healthy{engine}`,
 //! `switchyard_retries_total{model}`, `switchyard_tokenize_total{result}` (requests tokenized
 //! for exact prefix matching), plus the policy metrics
-//! (`switchyard_routing_decisions_total{policy,tier,engine,kv}`,
+//! (`switchyard_routing_decisions_total{policy,tier,engine,kv,stage}`,
 //! `switchyard_policy_reloads_total`, `switchyard_policy_script_errors_total`).
 //!
 //! [`register_families`] registers every family at zero when the router starts, so that
@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::engines::{Engine, ModelMetrics, Registry};
+use crate::engines::{Engine, ModelMetrics, Registry, Role};
 use crate::policy::{DEFAULT_TIER, KvSource, PolicyStore};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -180,8 +180,8 @@ pub fn register_families(registry: &Registry, policies: &PolicyStore) {
     for result in ["ok", "error"] {
         metrics::counter!("switchyard_policy_reloads_total", "result" => result).increment(0);
     }
-    for (policy, tier_names) in &tiers {
-        for tier in tier_names {
+    for (policy, main, prefill) in &tiers {
+        for tier in main.iter().chain(prefill.iter().flatten()) {
             metrics::counter!(
                 "switchyard_policy_script_errors_total",
                 "policy" => policy.clone(),
@@ -206,7 +206,7 @@ pub fn register_engine(engine: &Engine, policies: &PolicyStore) {
     register_engine_series(engine, &policy_tiers(policies));
 }
 
-fn register_engine_series(engine: &Engine, tiers: &[(String, Vec<String>)]) {
+fn register_engine_series(engine: &Engine, tiers: &[PolicyTiers]) {
     let name = engine.name.to_string();
     metrics::counter!("switchyard_engine_ejections_total", "engine" => name.clone()).increment(0);
     metrics::counter!("switchyard_engine_scrape_failures_total", "engine" => name.clone())
@@ -219,7 +219,14 @@ fn register_engine_series(engine: &Engine, tiers: &[(String, Vec<String>)]) {
         )
         .increment(0);
     }
-    for (policy, tier_names) in tiers {
+    // The stage an engine is chosen for follows its role (a disaggregated policy's prefill
+    // pipeline chooses among the prefill engines).
+    let stage = engine.role.as_str();
+    for (policy, main, prefill) in tiers {
+        let tier_names = match (engine.role, prefill) {
+            (Role::Prefill, Some(p)) => p,
+            _ => main,
+        };
         for tier in tier_names.iter().map(String::as_str).chain([DEFAULT_TIER]) {
             for kv in KvSource::LABELS {
                 metrics::counter!(
@@ -227,7 +234,8 @@ fn register_engine_series(engine: &Engine, tiers: &[(String, Vec<String>)]) {
                     "policy" => policy.clone(),
                     "tier" => tier.to_string(),
                     "engine" => name.clone(),
-                    "kv" => kv
+                    "kv" => kv,
+                    "stage" => stage
                 )
                 .increment(0);
             }
@@ -235,23 +243,30 @@ fn register_engine_series(engine: &Engine, tiers: &[(String, Vec<String>)]) {
     }
 }
 
+/// A policy's name, its (decode) tiers, and a disaggregated policy's prefill tiers.
+type PolicyTiers = (String, Vec<String>, Option<Vec<String>>);
+
 /// The policies in use (the default and the per-model ones) with their tiers, in the order
 /// `GET /admin/policies` lists them.
-fn policy_tiers(policies: &PolicyStore) -> Vec<(String, Vec<String>)> {
+fn policy_tiers(policies: &PolicyStore) -> Vec<PolicyTiers> {
     let status = policies.status_json();
-    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    let mut out: Vec<PolicyTiers> = Vec::new();
     for p in status["policies"].as_array().into_iter().flatten() {
         let (Some(true), Some(name)) = (p["active"].as_bool(), p["name"].as_str()) else {
             continue;
         };
-        let tiers = p["tiers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|t| t.as_str().map(str::to_owned))
-            .collect();
-        if !out.iter().any(|(n, _)| n == name) {
-            out.push((name.to_owned(), tiers));
+        let names = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        };
+        let prefill = p["prefill_tiers"]
+            .is_array()
+            .then(|| names(&p["prefill_tiers"]));
+        if !out.iter().any(|(n, _, _)| n == name) {
+            out.push((name.to_owned(), names(&p["tiers"]), prefill));
         }
     }
     out

@@ -18,6 +18,7 @@ use std::fmt;
 use http::HeaderName;
 
 use super::kv::Kv;
+use super::stage::{SKIP_PREFILL, Stage};
 use crate::engines::Candidate;
 use crate::request::RequestInfo;
 
@@ -101,6 +102,8 @@ pub struct Inputs<'a> {
     pub cands: &'a [Candidate],
     pub state: &'a PolicyState,
     pub kv: &'a Kv<'a>,
+    /// The stage the decision is for.
+    pub stage: Stage<'a>,
 }
 
 /// A built-in's native implementation: the chosen candidate's index, or `None` to pass.
@@ -134,7 +137,7 @@ const ANY_NUMBER_FROM_0: ParamType = ParamType::Number {
 
 /// The built-ins. Their position in this table identifies them (as the origin of an engine a
 /// script's built-in call chose, and as a tier label).
-pub static BUILTINS: [BuiltinSpec; 9] = [
+pub static BUILTINS: [BuiltinSpec; 11] = [
     BuiltinSpec {
         name: "load_balance",
         doc: "if the spread of queues (max − min) is at least `threshold`, the least-queued \
@@ -243,6 +246,31 @@ pub static BUILTINS: [BuiltinSpec; 9] = [
                 i.state,
             )
         },
+    },
+    BuiltinSpec {
+        name: "skip_prefill",
+        doc: "in a prefill pipeline: no prefill leg (the decode engine computes the prompt \
+              itself) when fewer than `min_uncached` prompt tokens are uncached on the chosen \
+              decode engine (llm-d's prefix-based decider); otherwise, and in other pipelines, pass",
+        params: &[Param {
+            name: "min_uncached",
+            ty: ANY_NUMBER_FROM_0,
+            must_be: "a number of tokens ≥ 0",
+            if_absent: IfAbsent::Required("uncached prompt tokens worth a prefill leg, e.g. 256"),
+        }],
+        run: |args, i| match i.stage {
+            Stage::Prefill(d) if (d.uncached_tokens() as f64) < args.number(0)? => {
+                Some(SKIP_PREFILL)
+            }
+            _ => None,
+        },
+    },
+    BuiltinSpec {
+        name: "no_prefill",
+        doc: "in a prefill pipeline: no prefill leg (the decode engine computes the prompt \
+              itself); in other pipelines, pass",
+        params: &[],
+        run: |_, i| matches!(i.stage, Stage::Prefill(_)).then_some(SKIP_PREFILL),
     },
 ];
 
@@ -456,6 +484,7 @@ impl Builtin {
             cands,
             state: st,
             kv: &kv,
+            stage: Stage::Aggregated,
         })
     }
 

@@ -13,6 +13,7 @@ use rhai::{Array, Dynamic, Engine, EvalAltResult, FLOAT, INT, ImmutableString, M
 use crate::engines::Candidate;
 use crate::policy::builtins::{Inputs, PolicyState};
 use crate::policy::kv::{Kv, KvMatches, KvSource};
+use crate::policy::stage::Stage;
 use crate::request::RequestInfo;
 
 pub(crate) type RhaiResultOf<T> = Result<T, Box<EvalAltResult>>;
@@ -23,6 +24,7 @@ pub(crate) struct Ctx<'a> {
     pub cands: &'a [Candidate],
     pub state: &'a PolicyState,
     pub kv: &'a Kv<'a>,
+    pub stage: Stage<'a>,
     fields: OnceCell<serde_json::Map<String, serde_json::Value>>,
 }
 
@@ -38,8 +40,15 @@ impl<'a> Ctx<'a> {
             cands,
             state,
             kv,
+            stage: Stage::Aggregated,
             fields: OnceCell::new(),
         }
+    }
+
+    /// This evaluation, for `stage`.
+    pub fn for_stage(mut self, stage: Stage<'a>) -> Self {
+        self.stage = stage;
+        self
     }
 
     /// The decision's prefix matches, computed now if nothing needed them before (outside the
@@ -56,6 +65,7 @@ impl<'a> Ctx<'a> {
             cands: self.cands,
             state: self.state,
             kv: self.kv,
+            stage: self.stage,
         };
         super::excluding_kv_time(self.kv.is_computed(), || {
             let r = f(&inputs);
@@ -204,6 +214,7 @@ pub(crate) type EngineProperty = (
 pub(crate) const ENGINE_PROPERTIES: &[EngineProperty] = &[
     ("name", |_, _, c| str_value(&c.engine.name)),
     ("url", |_, _, c| str_value(&c.engine.url)),
+    ("role", |_, _, c| str_value(c.engine.role.as_str())),
     ("running", |_, _, c| Dynamic::from(c.load.running as FLOAT)),
     ("waiting", |_, _, c| Dynamic::from(c.load.waiting as FLOAT)),
     ("queue", |_, _, c| Dynamic::from(c.load.queue as FLOAT)),
@@ -253,6 +264,15 @@ pub(crate) const REQUEST_PROPERTIES: &[RequestProperty] = &[
         Dynamic::from(c.kv.prompt_tokens() as INT)
     }),
     ("headers", |c| Dynamic::from_map(headers_map(c.req))),
+    ("stage", |c| str_value(c.stage.as_str())),
+    ("decode_engine", |c| match c.stage {
+        Stage::Prefill(d) => str_value(&d.candidate().engine.name),
+        _ => Dynamic::UNIT,
+    }),
+    ("decode_uncached_tokens", |c| match c.stage {
+        Stage::Prefill(d) => Dynamic::from(d.uncached_tokens() as INT),
+        _ => Dynamic::UNIT,
+    }),
     ("fields", |c| {
         Dynamic::from_map(
             c.fields()

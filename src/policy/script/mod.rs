@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use rhai::{AST, Dynamic, Engine, EvalAltResult, Position, Scope};
 
 use crate::policy::builtins::ArgError;
+use crate::policy::stage::{SKIP_PREFILL, Stage};
 use api::{Ctx, CtxGuard, EngineRef, ORIGIN_SCRIPT, RequestView, engines_array};
 use sandbox::Sandbox;
 
@@ -326,7 +327,7 @@ pub(crate) fn eval(
         Err(_) => run_in_scope(engine, script, ctx, params, &mut Scope::new()),
     });
     let value = result.map_err(|e| script.error(&e))?;
-    interpret(value, ctx.cands).map_err(|message| {
+    interpret(value, ctx).map_err(|message| {
         let (line, col) = script.origin;
         ScriptError {
             line,
@@ -337,12 +338,21 @@ pub(crate) fn eval(
     })
 }
 
-fn interpret(value: Dynamic, cands: &[crate::engines::Candidate]) -> Result<Outcome, String> {
+fn interpret(value: Dynamic, ctx: &Ctx<'_>) -> Result<Outcome, String> {
+    let cands = ctx.cands;
     if value.is_unit() {
         return Ok(Outcome::Pass);
     }
     if value.is::<EngineRef>() {
         let e = value.cast::<EngineRef>();
+        if e.idx as usize == SKIP_PREFILL as u32 as usize {
+            // Only the prefill stage's built-ins make it (`skip_prefill`, `no_prefill`).
+            return if matches!(ctx.stage, Stage::Prefill(_)) {
+                Ok(Outcome::Engine(SKIP_PREFILL, e.origin))
+            } else {
+                Err("script returned no_prefill outside a prefill pipeline".into())
+            };
+        }
         return if (e.idx as usize) < cands.len() {
             Ok(Outcome::Engine(e.idx as usize, e.origin))
         } else {

@@ -1,0 +1,367 @@
+//! A disaggregated request: the decode engine chosen by the policy's decode pipeline, then its
+//! prefill engine (or none) by the prefill pipeline; the prefill leg, then the decode leg,
+//! whose answer goes to the client (see [`super::handoff`] for the bodies).
+//!
+//! Failures, so that no request is lost that an engine could serve:
+//! - the prefill engine unreachable, answering 5xx, or not answering within
+//!   `--prefill-timeout`: another prefill engine (up to `--max-attempts` in all), else the
+//!   decode engine computes the prompt itself;
+//! - the prefill engine answering 4xx: the client's error, relayed as it came;
+//! - the decode engine failing before any byte reached the client: another decode engine,
+//!   with a fresh prefill leg (a hand-off is consumed once); mid-stream: the stream ends
+//!   with an error event, as for any request.
+//!
+//! `switchyard_pd_requests_total{model,outcome}` counts the outcomes: `disaggregated`,
+//! `decode_only_skipped` (the prefill pipeline chose none), `decode_only_no_prefill_engine`,
+//! `decode_only_prefill_failed`, and `aggregated_*` when a request for a disaggregated
+//! policy is served whole (`aggregated_n` for `n` > 1, `aggregated_path` for an endpoint
+//! other than completions, `aggregated_no_decode_engine`, `aggregated_body`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::Response;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::body::Incoming;
+
+use super::AppState;
+use super::attempt::{Tried, engine_error_response, kv_sources, try_engine_within};
+use super::body::{RouterBody, UpstreamBody, read_error_body};
+use super::errors::ApiError;
+use super::handoff::{AnswerRewrite, Fields, PrefillAnswer, decode_body, prefill_body};
+use super::headers::{add_decision_headers, strip_hop_by_hop, strip_router_headers};
+use super::kv::RequestKv;
+use super::telemetry::RequestRecord;
+use crate::engines::{Candidate, Engine};
+use crate::policy::{Decision, DecodeChoice, Handoff, KvSource, PrefillChoice};
+use crate::request::RequestInfo;
+
+/// Most bytes of a prefill answer read (one token, its usage and the hand-off).
+const MAX_PREFILL_ANSWER_BYTES: usize = 4 << 20;
+
+/// The engines of a request, by role.
+pub(super) struct Pools {
+    pub aggregated: Vec<Candidate>,
+    pub prefill: Vec<Candidate>,
+    pub decode: Vec<Candidate>,
+}
+
+impl Pools {
+    /// The candidates of a request served whole: the aggregated engines; without any, the
+    /// decode engines, then the prefill engines (each computes a whole request alone).
+    pub fn whole(self) -> Vec<Candidate> {
+        if !self.aggregated.is_empty() {
+            self.aggregated
+        } else if !self.decode.is_empty() {
+            self.decode
+        } else {
+            self.prefill
+        }
+    }
+}
+
+/// Why a request for a disaggregated policy is served whole, if it is.
+pub(super) fn whole_reason(info: &RequestInfo, pools: &Pools) -> Option<&'static str> {
+    if !matches!(
+        info.path.as_str(),
+        "/v1/completions" | "/v1/chat/completions"
+    ) {
+        return Some("aggregated_path");
+    }
+    if pools.decode.is_empty() {
+        return Some("aggregated_no_decode_engine");
+    }
+    None
+}
+
+pub(super) fn count(model: &Arc<str>, outcome: &'static str) {
+    metrics::counter!("switchyard_pd_requests_total", "model" => Arc::clone(model), "outcome" => outcome)
+        .increment(1);
+}
+
+/// What the prefill stage gave the decode leg.
+enum Prefilled {
+    /// A prefill engine answered: its hand-off (if any) and cached-token figure.
+    Handoff {
+        engine: Arc<Engine>,
+        decision: Decision,
+        answer: PrefillAnswer,
+    },
+    /// No prefill leg; the outcome label says why.
+    DecodeOnly(&'static str),
+    /// The prefill engine refused the request (4xx): the client's error.
+    ClientError(Response<Incoming>),
+}
+
+/// Serves a disaggregated request (the caller has checked that it can be: a completions
+/// endpoint, one choice, decode engines).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn forward(
+    state: &AppState,
+    info: &RequestInfo,
+    fields: &Fields,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    pools: Pools,
+    handoff: Handoff,
+    model: &Arc<str>,
+    start: Instant,
+) -> Result<Response<RouterBody>, ApiError> {
+    let Pools {
+        prefill: mut prefill_cands,
+        decode: mut decode_cands,
+        ..
+    } = pools;
+    let kv = RequestKvCell(std::sync::Mutex::new(RequestKv::new(kv_sources(
+        state, info,
+    ))));
+    let attempts = state.cfg.max_attempts;
+    let tokens = info.prompt_tokens() as u64;
+    let p_body = prefill_body(fields, handoff);
+    let mut last = ApiError::BadGateway("no decode engine left to try".into());
+    for attempt in 0..attempts {
+        if decode_cands.is_empty() {
+            break;
+        }
+        let dd = kv.with(|kv| state.policies.decide_decode(info, &decode_cands, kv));
+        let d_idx = dd.engine.min(decode_cands.len() - 1);
+        let d_engine = Arc::clone(&decode_cands[d_idx].engine);
+        let prefilled = prefill(
+            state,
+            info,
+            uri,
+            headers,
+            &p_body,
+            &kv,
+            &decode_cands[d_idx],
+            &mut prefill_cands,
+            model,
+        )
+        .await;
+        let (p, d_body, cached) = match prefilled {
+            Prefilled::ClientError(resp) => {
+                count(model, "prefill_client_error");
+                return relay_prefill_error(resp).await;
+            }
+            Prefilled::DecodeOnly(outcome) => {
+                count(model, outcome);
+                (None, decode_body(fields, None), None)
+            }
+            Prefilled::Handoff {
+                engine,
+                decision,
+                answer,
+            } => {
+                count(model, "disaggregated");
+                let body = match handoff {
+                    Handoff::Nixl => decode_body(fields, answer.kv_transfer_params.as_deref()),
+                    Handoff::SharedStore => decode_body(fields, None),
+                };
+                (Some((engine, decision)), body, answer.cached_tokens)
+            }
+        };
+        tracing::debug!(model = %model, decode = %d_engine.name, prefill = p.as_ref().map(|(e, _)| &*e.name), attempt, "disaggregated");
+        let guard = d_engine.begin_request_of(tokens);
+        kv.with(|kv| kv.note_sent(d_engine.id));
+        let last_chance = attempt + 1 >= attempts || decode_cands.len() == 1;
+        match try_engine_within(
+            state,
+            &d_engine,
+            uri,
+            headers,
+            &d_body,
+            state.cfg.first_byte_timeout,
+        )
+        .await
+        {
+            Tried::Answered(resp) => {
+                let status = resp.status();
+                if status.is_success() {
+                    state.prefix.insert(d_engine.id, info.block_hashes());
+                }
+                let sse = info.stream
+                    || resp
+                        .headers()
+                        .get(header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+                let record = RequestRecord::new(
+                    start,
+                    Arc::clone(model),
+                    Arc::clone(&d_engine),
+                    status.as_u16(),
+                );
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                strip_router_headers(&mut parts.headers);
+                parts.headers.remove(header::CONTENT_LENGTH);
+                if state.cfg.decision_headers {
+                    add_decision_headers(
+                        &mut parts.headers,
+                        &dd.policy,
+                        &dd.tier,
+                        &d_engine.name,
+                        dd.kv.map(KvSource::as_str),
+                    );
+                    add_stage_headers(&mut parts.headers, p.as_ref());
+                }
+                let body = UpstreamBody::new(body, guard, record, sse)
+                    .with_rewrite(AnswerRewrite::new(sse, cached));
+                return Ok(Response::from_parts(parts, RouterBody::upstream(body)));
+            }
+            Tried::EngineError(resp) if last_chance => {
+                return engine_error_response(state, resp, &d_engine.name, model).await;
+            }
+            Tried::EngineError(resp) => {
+                last = ApiError::BadGateway(format!(
+                    "decode engine {} answered {}",
+                    d_engine.name,
+                    resp.status()
+                ));
+            }
+            Tried::Failed { error, timed_out } => {
+                last = if timed_out {
+                    ApiError::GatewayTimeout(state.cfg.first_byte_timeout)
+                } else {
+                    ApiError::BadGateway(error)
+                };
+            }
+        }
+        drop(guard);
+        tracing::warn!(model = %model, engine = %d_engine.name, attempt, error = %last, "decode attempt failed; trying another decode engine with a fresh prefill leg");
+        decode_cands.remove(d_idx);
+        if attempt + 1 < attempts && !decode_cands.is_empty() {
+            metrics::counter!("switchyard_retries_total", "model" => Arc::clone(model))
+                .increment(1);
+        }
+    }
+    Err(last)
+}
+
+/// The prefill stage: the prefill pipeline's choice, then the prefill leg on it, on another
+/// prefill engine if it fails (up to `--max-attempts` engines), else none. (`kv` is only used
+/// between awaits: it is not `Sync`.)
+#[allow(clippy::too_many_arguments)]
+async fn prefill(
+    state: &AppState,
+    info: &RequestInfo,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+    kv: &RequestKvCell<'_>,
+    decode: &Candidate,
+    cands: &mut Vec<Candidate>,
+    model: &Arc<str>,
+) -> Prefilled {
+    let tokens = info.prompt_tokens() as u64;
+    for attempt in 0..state.cfg.max_attempts {
+        let choice = kv.with(|kv| {
+            let d = DecodeChoice::new(Some(kv), info, decode);
+            state.policies.decide_prefill(info, cands, kv, &d)
+        });
+        let decision = match choice {
+            PrefillChoice::Skip { tier, .. } if cands.is_empty() && attempt == 0 => {
+                tracing::debug!(model = %model, %tier, "no prefill engine: the decode engine computes the prompt");
+                return Prefilled::DecodeOnly("decode_only_no_prefill_engine");
+            }
+            PrefillChoice::Skip { .. } if cands.is_empty() => {
+                return Prefilled::DecodeOnly("decode_only_prefill_failed");
+            }
+            PrefillChoice::Skip { .. } => return Prefilled::DecodeOnly("decode_only_skipped"),
+            PrefillChoice::Engine(d) => d,
+        };
+        let idx = decision.engine.min(cands.len() - 1);
+        let engine = Arc::clone(&cands[idx].engine);
+        let started = Instant::now();
+        let guard = engine.begin_request_of(tokens);
+        kv.with(|kv| kv.note_sent(engine.id));
+        let timeout = state.cfg.prefill_timeout;
+        let error = match try_engine_within(state, &engine, uri, headers, body, timeout).await {
+            Tried::Answered(resp) if resp.status().is_success() => {
+                let within = timeout.saturating_sub(started.elapsed());
+                match read_error_body(resp.into_body(), MAX_PREFILL_ANSWER_BYTES, within).await {
+                    Ok(bytes) => {
+                        drop(guard);
+                        metrics::histogram!("switchyard_prefill_duration_seconds", "model" => Arc::clone(model))
+                            .record(started.elapsed().as_secs_f64());
+                        return Prefilled::Handoff {
+                            engine,
+                            decision,
+                            answer: PrefillAnswer::parse(&bytes),
+                        };
+                    }
+                    Err(e) => {
+                        state
+                            .monitor
+                            .report_failure(&engine, "prefill answer unreadable");
+                        format!("prefill engine {}'s answer: {e}", engine.name)
+                    }
+                }
+            }
+            Tried::Answered(resp) => return Prefilled::ClientError(resp),
+            Tried::EngineError(resp) => {
+                format!("prefill engine {} answered {}", engine.name, resp.status())
+            }
+            Tried::Failed { error, .. } => error,
+        };
+        drop(guard);
+        tracing::warn!(model = %model, engine = %engine.name, attempt, %error, "prefill leg failed");
+        metrics::counter!("switchyard_prefill_failures_total", "engine" => engine.name.to_string())
+            .increment(1);
+        cands.remove(idx);
+    }
+    Prefilled::DecodeOnly("decode_only_prefill_failed")
+}
+
+/// The request's prefix matches, shared by the decode and prefill decisions of its attempts
+/// across awaits: [`RequestKv`] is not `Sync`, so it is reached through a mutex held only for
+/// synchronous calls.
+struct RequestKvCell<'a>(std::sync::Mutex<RequestKv<'a>>);
+
+impl<'a> RequestKvCell<'a> {
+    fn with<R>(&self, f: impl FnOnce(&RequestKv<'a>) -> R) -> R {
+        let kv = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(&kv)
+    }
+}
+
+/// A prefill engine's 4xx, relayed as it came (bounded), as an aggregated request's would be.
+async fn relay_prefill_error(resp: Response<Incoming>) -> Result<Response<RouterBody>, ApiError> {
+    let status = resp.status();
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    strip_router_headers(&mut parts.headers);
+    let body = read_error_body(
+        body,
+        super::body::ERROR_BODY_MAX_BYTES,
+        super::body::ERROR_BODY_TIME_LIMIT,
+    )
+    .await
+    .map_err(|e| ApiError::BadGateway(format!("prefill engine answered {status}, but {e}")))?;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Ok(Response::from_parts(parts, RouterBody::full(body)))
+}
+
+/// `x-switchyard-stage` (`disaggregated` or `decode_only`) and, with a prefill leg,
+/// `x-switchyard-prefill-engine` and `x-switchyard-prefill-tier`.
+fn add_stage_headers(h: &mut HeaderMap, prefill: Option<&(Arc<Engine>, Decision)>) {
+    let stage = if prefill.is_some() {
+        "disaggregated"
+    } else {
+        "decode_only"
+    };
+    h.insert(
+        HeaderName::from_static("x-switchyard-stage"),
+        HeaderValue::from_static(stage),
+    );
+    if let Some((engine, d)) = prefill {
+        for (name, v) in [
+            ("x-switchyard-prefill-engine", &*engine.name),
+            ("x-switchyard-prefill-tier", &*d.tier),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        }
+    }
+}
