@@ -81,16 +81,30 @@ async fn d_decodes_from_ps_blocks_without_prefilling_them() {
     let c = client();
     let prompt = long_prompt("a");
 
-    let r = post_json(&c, &p.url(), "/v1/completions", p_leg(&prompt)).await;
+    let p_req = http::Request::post(format!("{}/v1/completions", p.url()))
+        .header("content-type", "application/json")
+        .header("x-request-id", "req-7")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            p_leg(&prompt).to_string(),
+        )))
+        .unwrap();
+    let r = common::send(&c, p_req).await;
     assert_eq!(r.status, 200);
     let body = r.json();
     let kv = body["kv_transfer_params"].clone();
+    assert_eq!(body["id"], "cmpl-req-7");
     assert_eq!(body["usage"]["prompt_tokens"], PROMPT_TOKENS);
+    assert_eq!(
+        body["usage"]["prompt_tokens_details"],
+        json!({"cached_tokens": 0, "created_cache_tokens": null, "multimodal_tokens": null})
+    );
     let blocks = kv["remote_block_ids"][0].as_array().expect("one group");
     assert_eq!(blocks.len(), 125);
     let engine_id = kv["remote_engine_id"].as_str().unwrap();
     assert_eq!(engine_id.len(), 36, "uuid-shaped: {engine_id}");
-    assert_eq!(kv["remote_request_id"], body["id"]);
+    // vLLM's internal request id: `cmpl-<X-Request-Id>-0-<8 hex>`.
+    let rid = kv["remote_request_id"].as_str().unwrap();
+    assert!(rid.starts_with("cmpl-req-7-0-") && rid.len() == 21, "{rid}");
     assert_eq!(kv["remote_host"], "127.0.0.1");
     assert_eq!(kv["remote_port"], p.addr().port());
     assert_eq!(kv["remote_num_tokens"], PROMPT_TOKENS);
@@ -106,7 +120,8 @@ async fn d_decodes_from_ps_blocks_without_prefilling_them() {
     );
     assert_eq!(kv["remote_blocks_expiry_time"], Value::Null);
     assert_eq!(kv["transfer_mode"], "pull");
-    assert_eq!(kv.as_object().unwrap().len(), 13, "{kv}");
+    assert_eq!(kv["remote_prefill_cached_tokens"], 0);
+    assert_eq!(kv.as_object().unwrap().len(), 14, "{kv}");
     // P holds the 125 blocks: they count against its KV memory.
     let m = metrics(&p.url()).await;
     assert_eq!(metric(&m, "switchyard_sim:kv_hand_offs_held"), 1.0);
@@ -123,9 +138,10 @@ async fn d_decodes_from_ps_blocks_without_prefilling_them() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     let out = r.json();
     assert_eq!(out["usage"]["completion_tokens"], 20);
+    // As vLLM 0.32's D: P's own cache hit (`remote_prefill_cached_tokens`), not what D loaded.
     assert_eq!(
         out["usage"]["prompt_tokens_details"]["cached_tokens"],
-        kv["remote_num_tokens"]
+        kv["remote_prefill_cached_tokens"]
     );
     assert_eq!(
         out["kv_transfer_params"],
@@ -168,8 +184,25 @@ async fn d_decodes_from_ps_blocks_without_prefilling_them() {
     );
     assert_eq!(alone.counters().kv.prefill_computed_tokens, PROMPT_TOKENS);
 
-    // A hand-off is read once: the side channel no longer knows it.
+    // A hand-off read again is served (vLLM 0.32's D reads the freed blocks); P counts it.
     let r = post_json(&c, &p.url(), "/sim/nixl/read", read_of(&kv)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["num_tokens"], PROMPT_TOKENS);
+    assert_eq!(p.counters().kv.stale_reads, 1);
+    let m = metrics(&p.url()).await;
+    assert_eq!(
+        metric(&m, "vllm:nixl_num_notifications_after_expiry_total"),
+        1.0
+    );
+    assert_eq!(metric(&m, "vllm:kv_cache_usage_perc"), 0.0);
+    // One P never made is not.
+    let mut other = read_of(&kv);
+    other["remote_request_id"] = json!("cmpl-never-0-00000000");
+    let r = post_json(&c, &p.url(), "/sim/nixl/read", other).await;
+    assert_eq!(r.status, 404);
+    let mut other = read_of(&kv);
+    other["remote_engine_id"] = json!("another-engine");
+    let r = post_json(&c, &p.url(), "/sim/nixl/read", other).await;
     assert_eq!(r.status, 404);
 }
 
@@ -186,7 +219,7 @@ async fn metrics(url: &str) -> String {
 }
 
 #[tokio::test]
-async fn a_hand_off_is_read_once_and_a_second_d_leg_fails_or_recomputes() {
+async fn a_hand_off_read_twice_is_served_and_one_p_never_made_fails_or_recomputes() {
     let p = engine(Some(KvRole::Producer), |_| {}).await;
     let d = engine(Some(KvRole::Consumer), |_| {}).await;
     let d_fail = engine(Some(KvRole::Both), |_| {}).await;
@@ -205,13 +238,27 @@ async fn a_hand_off_is_read_once_and_a_second_d_leg_fails_or_recomputes() {
     )
     .await;
     assert_eq!(r.status, 200);
-
-    // vLLM's default policy, `fail`: the request fails with vLLM's generation error.
+    // The same hand-off again, on another D: served as vLLM 0.32 serves it (`handoff_reused`).
     let r = post_json(
         &c,
         &d_fail.url(),
         "/v1/completions",
         d_leg(&prompt, 4, false, &kv),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(d_fail.counters().kv.prefill_computed_tokens, 1);
+    let pk = p.counters().kv;
+    assert_eq!((pk.hand_offs_read, pk.stale_reads), (1, 1));
+
+    // A hand-off P never made: vLLM's default policy, `fail`, fails the request.
+    let mut bogus = kv.clone();
+    bogus["remote_request_id"] = json!("cmpl-never-0-00000000");
+    let r = post_json(
+        &c,
+        &d_fail.url(),
+        "/v1/completions",
+        d_leg(&prompt, 4, false, &bogus),
     )
     .await;
     assert_eq!(r.status, 500);
@@ -221,14 +268,13 @@ async fn a_hand_off_is_read_once_and_a_second_d_leg_fails_or_recomputes() {
                           "param": null, "code": 500}})
     );
     assert_eq!(d_fail.counters().kv.load_failures, 1);
-    assert_eq!(d_fail.counters().kv.prefill_computed_tokens, 0);
     // Streamed: the headers are sent, then an error event.
     let s = stream(
         &c,
         common::post(
             &d_fail.url(),
             "/v1/completions",
-            d_leg(&prompt, 4, true, &kv).to_string(),
+            d_leg(&prompt, 4, true, &bogus).to_string(),
         ),
     )
     .await;
@@ -240,13 +286,18 @@ async fn a_hand_off_is_read_once_and_a_second_d_leg_fails_or_recomputes() {
         "{events:?}"
     );
     assert_eq!(events[1], "[DONE]");
+    assert_eq!(
+        d_fail.counters().kv.prefill_computed_tokens,
+        1,
+        "nothing computed"
+    );
 
     // `recompute`: D computes the whole prompt itself.
     let r = post_json(
         &c,
         &d_recompute.url(),
         "/v1/completions",
-        d_leg(&prompt, 4, false, &kv),
+        d_leg(&prompt, 4, false, &bogus),
     )
     .await;
     assert_eq!(r.status, 200);
@@ -257,11 +308,12 @@ async fn a_hand_off_is_read_once_and_a_second_d_leg_fails_or_recomputes() {
     let k = d_recompute.counters().kv;
     assert_eq!((k.loads, k.load_failures, k.tokens_received), (0, 1, 0));
     assert_eq!(k.prefill_computed_tokens, PROMPT_TOKENS);
-    assert_eq!(p.counters().kv.hand_offs_read, 1);
+    let m = metrics(&d_recompute.url()).await;
+    assert_eq!(metric(&m, "vllm:nixl_num_failed_transfers_total"), 1.0);
 }
 
 #[tokio::test]
-async fn an_expired_lease_releases_ps_blocks_and_d_recomputes() {
+async fn an_expired_lease_releases_ps_blocks_and_a_late_d_reads_them_stale() {
     // A lease of 0.2 simulated s at time_scale 0 is 0.2 s of wall time.
     let p = engine(Some(KvRole::Producer), |c| c.kv_lease_seconds = 0.2).await;
     let d = engine(Some(KvRole::Consumer), |c| {
@@ -300,16 +352,20 @@ async fn an_expired_lease_releases_ps_blocks_and_d_recomputes() {
         d_leg(&prompt, 4, false, &kv),
     )
     .await;
+    // vLLM 0.32 (`lease_expired`): D reads the released blocks without noticing; only P
+    // counts it.
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["usage"]["completion_tokens"], 4);
     let k = d.counters().kv;
-    assert_eq!((k.loads, k.load_failures), (0, 1));
-    assert_eq!(k.prefill_computed_tokens, PROMPT_TOKENS);
+    assert_eq!((k.loads, k.load_failures), (1, 0));
+    assert_eq!(k.prefill_computed_tokens, 1);
+    assert_eq!(p.counters().kv.stale_reads, 1);
 }
 
 #[tokio::test]
 async fn a_dead_p_fails_the_load() {
     let p = engine(Some(KvRole::Producer), |_| {}).await;
+    let d_fail = engine(Some(KvRole::Consumer), |_| {}).await;
     let d = engine(Some(KvRole::Consumer), |c| {
         c.kv_load_failure_policy = KvLoadFailurePolicy::Recompute;
     })
@@ -328,6 +384,11 @@ async fn a_dead_p_fails_the_load() {
     let k = d.counters().kv;
     assert_eq!((k.loads, k.load_failures), (0, 1));
     assert_eq!(k.prefill_computed_tokens, PROMPT_TOKENS);
+    // vLLM's default policy (`p_gone`): 500 before any byte.
+    let body = d_leg(&prompt, 2, false, &kv);
+    let r = post_json(&client(), &d_fail.url(), "/v1/completions", body).await;
+    assert_eq!(r.status, 500);
+    assert_eq!(d_fail.counters().kv.load_failures, 1);
 }
 
 #[tokio::test]
@@ -344,7 +405,14 @@ async fn chat_p_legs_hand_off_and_engines_without_a_role_ignore_the_parameters()
     assert_eq!(r.status, 200);
     let body = r.json();
     assert_eq!(body["object"], "chat.completion");
-    assert_eq!(body["kv_transfer_params"]["remote_request_id"], body["id"]);
+    let rid = body["kv_transfer_params"]["remote_request_id"]
+        .as_str()
+        .unwrap();
+    let id = body["id"].as_str().unwrap();
+    assert!(
+        rid.starts_with(&format!("{id}-")) && rid.len() == id.len() + 9,
+        "{rid}"
+    );
     assert_eq!(
         body["kv_transfer_params"]["remote_num_tokens"],
         body["usage"]["prompt_tokens"]

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use super::block_pool::BlockPool;
 use super::delivery::ReqShared;
-use super::leases::{Leases, ReleaseError};
+use super::leases::{Leases, Read, ReleaseError};
 
 /// One request inside the engine.
 #[derive(Debug)]
@@ -104,6 +104,9 @@ pub(crate) struct StepCounts {
     pub(crate) external_tokens: u64,
     /// Hand-offs whose lease expired before D read them (their blocks freed).
     pub(crate) hand_offs_expired: u64,
+    /// Reads of hand-offs released before (read already, or expired): vLLM's
+    /// `nixl_num_notifications_after_expiry`.
+    pub(crate) stale_reads: u64,
 }
 
 /// A request that generated a token at the end of a step.
@@ -170,7 +173,8 @@ impl EngineState {
     }
 
     /// D read hand-off `name` (whose blocks must be `block_ids`): its blocks are freed.
-    /// Returns its computed tokens and block count.
+    /// Returns its computed tokens and block count; a hand-off released before is read again
+    /// (stale, counted).
     pub(crate) fn release_hand_off(
         &mut self,
         name: &str,
@@ -178,9 +182,16 @@ impl EngineState {
         now: Instant,
     ) -> Result<(usize, usize), ReleaseError> {
         self.expire_hand_offs(now);
-        let h = self.held.take(name, block_ids)?;
-        self.pool.free(&h.blocks);
-        Ok((h.tokens, h.blocks.len()))
+        match self.held.take(name, block_ids)? {
+            Read::Held(h) => {
+                self.pool.free(&h.blocks);
+                Ok((h.tokens, h.blocks.len()))
+            }
+            Read::Stale { tokens, blocks } => {
+                self.counts.stale_reads += 1;
+                Ok((tokens, blocks))
+            }
+        }
     }
 
     /// Hand-offs held now.

@@ -45,9 +45,15 @@ fn a_p_leg_holds_its_blocks_until_read_once() {
         Ok((10, 5))
     );
     assert_eq!(s.pool.used_blocks(), 0);
+    // Read again: served stale (vLLM 0.32's D reads the released blocks), counted.
     assert_eq!(
         s.release_hand_off("cmpl-a", &blocks, Instant::now()),
-        Err(ReleaseError::Unknown("cmpl-a".into()))
+        Ok((10, 5))
+    );
+    assert_eq!((s.counts.stale_reads, s.pool.used_blocks()), (1, 0));
+    assert_eq!(
+        s.release_hand_off("cmpl-x", &blocks, Instant::now()),
+        Err(ReleaseError::Unknown("cmpl-x".into()))
     );
     assert_eq!(s.counts.hand_offs_expired, 0);
 }

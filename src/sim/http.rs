@@ -246,6 +246,13 @@ async fn inference(
     req: Request<Incoming>,
 ) -> Result<Response<SimBody>, ConnError> {
     inc(&engine.sched.stats.received, 1);
+    // vLLM names the request after the client's X-Request-Id when there is one.
+    let x_request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
     let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
@@ -289,12 +296,28 @@ async fn inference(
         Kind::Completion => "cmpl",
         Kind::Chat => "chatcmpl",
     };
-    let id = format!("{prefix}-{:016x}{n:016x}", engine.seed);
+    let id = match &x_request_id {
+        Some(x) => format!("{prefix}-{x}"),
+        None => format!("{prefix}-{:016x}{n:016x}", engine.seed),
+    };
+    // vLLM's internal request id, which a hand-off names: `cmpl-<id>-0-<8 hex>` (one per
+    // prompt), `chatcmpl-<id>-<8 hex>`.
+    let suffix = fastrand::u32(..);
+    let internal_id = match kind {
+        Kind::Completion => format!("{id}-0-{suffix:08x}"),
+        Kind::Chat => format!("{id}-{suffix:08x}"),
+    };
     // Without a role the engine has no KV connector: the parameters are ignored.
+    if engine.kv.role.is_some() {
+        inc(
+            &engine.sched.stats.external_queries,
+            job.prompt_tokens() as u64,
+        );
+    }
     let remote = match (engine.kv.role, req.leg) {
         (None, _) | (_, Leg::None) => None,
         (Some(_), Leg::Prefill) => {
-            job.hand_off_as(&id);
+            job.hand_off_as(&internal_id);
             None
         }
         (Some(_), Leg::Decode(remote)) => Some(remote),
@@ -302,6 +325,8 @@ async fn inference(
     let out = Output {
         kind,
         id,
+        internal_id,
+        reported_cached: None,
         created: unix_now(),
         include_usage: req.include_usage,
         engine,

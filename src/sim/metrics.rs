@@ -112,6 +112,10 @@ pub(crate) struct Stats {
     pub(crate) hand_offs_read: AtomicU64,
     /// Hand-offs whose lease expired unread (their blocks released).
     pub(crate) hand_offs_expired: AtomicU64,
+    /// Reads of hand-offs released before (read already or expired).
+    pub(crate) stale_reads: AtomicU64,
+    /// Prompt tokens of requests looked up by the KV connector (every request, with a role).
+    pub(crate) external_queries: AtomicU64,
     /// Time to first token, in simulated seconds.
     pub(crate) ttft: Histogram,
     /// End-to-end latency of completed requests, in simulated seconds.
@@ -139,6 +143,8 @@ impl Default for Stats {
             hand_offs: AtomicU64::new(0),
             hand_offs_read: AtomicU64::new(0),
             hand_offs_expired: AtomicU64::new(0),
+            stale_reads: AtomicU64::new(0),
+            external_queries: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
             e2e: Histogram::new(LATENCY_BUCKETS),
         }
@@ -282,6 +288,27 @@ pub(crate) fn render(model: &str, stats: &Stats, g: Gauges, info: CacheInfo) -> 
         "Number of requests that had their KV expire. NOTE: This metric is tracked on the P instance.",
         l,
         &stats.hand_offs_expired,
+    );
+    counter(
+        &mut out,
+        "vllm:nixl_num_notifications_after_expiry",
+        "Number of completion notifications for requests that were no longer tracked, usually because their KV lease expired. The KV blocks may have been reused before the transfer finished. Counted per notification (one per remote rank), not per request.",
+        l,
+        &stats.stale_reads,
+    );
+    counter(
+        &mut out,
+        "vllm:external_prefix_cache_queries",
+        "External prefix cache queries from KV connector cross-instance cache sharing, in terms of number of queried tokens.",
+        l,
+        &stats.external_queries,
+    );
+    counter(
+        &mut out,
+        "vllm:external_prefix_cache_hits",
+        "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens.",
+        l,
+        &stats.external_tokens,
     );
     for (name, help, c) in [
         (

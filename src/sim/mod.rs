@@ -284,9 +284,12 @@ pub struct KvCounters {
     pub hand_offs_read: u64,
     /// P: hand-offs whose lease expired unread (blocks released).
     pub hand_offs_expired: u64,
+    /// P: reads of hand-offs released before (read already or expired), answered as vLLM
+    /// 0.32 does: D reads the freed blocks without noticing.
+    pub stale_reads: u64,
     /// D: requests whose prompt KV was read from P.
     pub loads: u64,
-    /// D: reads that failed (P unreachable; hand-off unknown, expired or already read).
+    /// D: reads that failed (P unreachable, or a hand-off P never made).
     pub load_failures: u64,
     /// D: prompt tokens loaded from P (vLLM's `external_kv_transfer` source).
     pub tokens_received: u64,
@@ -368,6 +371,7 @@ impl SimHandle {
                 hand_offs: get(&s.hand_offs),
                 hand_offs_read: get(&s.hand_offs_read),
                 hand_offs_expired: get(&s.hand_offs_expired),
+                stale_reads: get(&s.stale_reads),
                 loads: get(&s.kv_loads),
                 load_failures: get(&s.kv_load_failures),
                 tokens_received: get(&s.external_tokens),

@@ -67,6 +67,8 @@ pub struct TransferParams {
     pub remote_port: Option<u16>,
     #[serde(default)]
     pub remote_num_tokens: Option<usize>,
+    #[serde(default)]
+    pub remote_prefill_cached_tokens: Option<usize>,
 }
 
 /// What a request asks of the connector.
@@ -90,6 +92,9 @@ pub struct RemoteBlocks {
     pub port: u16,
     /// Tokens P computed (`remote_num_tokens`; absent: the whole prompt).
     pub num_tokens: Option<usize>,
+    /// P's own prefix-cache hit (`remote_prefill_cached_tokens`), which D reports as its
+    /// `cached_tokens`.
+    pub prefill_cached_tokens: Option<usize>,
 }
 
 impl TransferParams {
@@ -120,6 +125,7 @@ impl TransferParams {
                 host: h.clone(),
                 port: p,
                 num_tokens: self.remote_num_tokens,
+                prefill_cached_tokens: self.remote_prefill_cached_tokens,
             }),
             _ => Leg::None,
         }
@@ -145,16 +151,20 @@ pub struct HandOff {
     /// Set by vLLM on D's own blocks only; null on P.
     pub remote_blocks_expiry_time: Option<f64>,
     pub transfer_mode: String,
+    /// P's own prefix-cache hit of the prompt (vLLM's scheduler adds it last).
+    pub remote_prefill_cached_tokens: usize,
 }
 
 impl HandOff {
-    /// P's hand-off of `blocks` holding `num_tokens` computed tokens of `request_id`.
+    /// P's hand-off of `blocks` holding `num_tokens` computed tokens of `request_id`, of which
+    /// `cached_tokens` were found in P's prefix cache.
     pub fn new(
         engine_id: &str,
         request_id: &str,
         addr: std::net::SocketAddr,
         blocks: Vec<u32>,
         num_tokens: usize,
+        cached_tokens: usize,
     ) -> HandOff {
         HandOff {
             do_remote_prefill: true,
@@ -170,6 +180,7 @@ impl HandOff {
             remote_num_tokens: num_tokens,
             remote_blocks_expiry_time: None,
             transfer_mode: "pull".to_owned(),
+            remote_prefill_cached_tokens: cached_tokens,
         }
     }
 }
@@ -183,7 +194,8 @@ pub struct ReadRequest {
     pub remote_block_ids: serde_json::Value,
 }
 
-/// P's answer to a read: the blocks are released on P.
+/// P's answer to a read: the blocks are released on P (a hand-off read again, or after its
+/// lease, is answered too: D cannot tell, as with vLLM 0.32).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ReadAnswer {
     pub remote_request_id: String,
@@ -199,7 +211,7 @@ pub enum ReadError {
     Url(String),
     #[error("reading the hand-off from {0}: {1}")]
     Unreachable(String, String),
-    #[error("the prefill engine answered {0} (unknown, expired or already read hand-off)")]
+    #[error("the prefill engine answered {0} (a hand-off it never made)")]
     Status(http::StatusCode),
     #[error("the prefill engine's answer: {0}")]
     Answer(String),

@@ -36,6 +36,7 @@ fn a_d_leg_needs_every_remote_field_and_some_blocks() {
             host: "127.0.0.1".into(),
             port: 9,
             num_tokens: Some(20),
+            prefill_cached_tokens: None,
         })
     );
     for missing in [
@@ -62,6 +63,7 @@ fn a_hand_off_has_vllm_032s_fields_in_pull_mode() {
         "127.0.0.1:8100".parse().unwrap(),
         vec![7, 8, 9],
         40,
+        32,
     );
     assert_eq!(
         serde_json::to_value(&h).unwrap(),
@@ -78,8 +80,41 @@ fn a_hand_off_has_vllm_032s_fields_in_pull_mode() {
             "pp_size": 1,
             "remote_num_tokens": 40,
             "remote_blocks_expiry_time": null,
-            "transfer_mode": "pull"
+            "transfer_mode": "pull",
+            "remote_prefill_cached_tokens": 32
         })
+    );
+    // Field order as vLLM 0.32's (tests/fixtures/vllm-0.32.0/pd/completions_json.json).
+    let text = serde_json::to_string(&h).unwrap();
+    let keys: Vec<&str> = text
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|k| {
+            k.starts_with("remote_")
+                || k.starts_with("do_")
+                || k.ends_with("_size")
+                || *k == "transfer_mode"
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "do_remote_prefill",
+            "do_remote_decode",
+            "remote_block_ids",
+            "remote_engine_id",
+            "remote_request_id",
+            "remote_host",
+            "remote_port",
+            "tp_size",
+            "dcp_size",
+            "pp_size",
+            "remote_num_tokens",
+            "remote_blocks_expiry_time",
+            "transfer_mode",
+            "remote_prefill_cached_tokens"
+        ]
     );
     // D reads it back as a D leg naming the same blocks.
     let back = params(serde_json::to_value(&h).unwrap());

@@ -176,6 +176,7 @@ impl Core {
             &self.stats.hand_offs_expired,
             c.hand_offs_expired - before.hand_offs_expired,
         );
+        inc(&self.stats.stale_reads, c.stale_reads - before.stale_reads);
         inc(
             &self.stats.prefix_queries,
             c.prefix_queries - before.prefix_queries,
@@ -317,7 +318,7 @@ impl Scheduler {
         let after = s.counts;
         drop(s);
         self.core.record(before, after);
-        if r.is_ok() {
+        if r.is_ok() && after.stale_reads == before.stale_reads {
             inc(&self.stats.hand_offs_read, 1);
             self.core.work.notify_one();
         }

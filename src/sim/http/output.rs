@@ -26,9 +26,12 @@ struct Usage {
     prompt_tokens_details: Option<PromptTokensDetails>,
 }
 
+/// vLLM 0.32's `PromptTokenUsageInfo`, every field present.
 #[derive(Serialize, Clone, Copy)]
 struct PromptTokensDetails {
     cached_tokens: usize,
+    created_cache_tokens: Option<()>,
+    multimodal_tokens: Option<()>,
 }
 
 /// vLLM's message for a request that finished with an error (`GenerationError`).
@@ -98,6 +101,10 @@ struct Message<'a> {
 pub(super) struct Output {
     pub(super) kind: Kind,
     pub(super) id: String,
+    /// vLLM's internal request id (a hand-off's `remote_request_id`).
+    pub(super) internal_id: String,
+    /// A D leg that loaded its prompt: the `cached_tokens` it reports (P's).
+    pub(super) reported_cached: Option<usize>,
     pub(super) created: u64,
     pub(super) include_usage: bool,
     pub(super) engine: Arc<Engine>,
@@ -117,7 +124,11 @@ impl Output {
             completion_tokens: c,
             prompt_tokens_details: self.engine.kv.prompt_tokens_details.then(|| {
                 PromptTokensDetails {
-                    cached_tokens: self.job.cached_tokens(),
+                    cached_tokens: self
+                        .reported_cached
+                        .unwrap_or_else(|| self.job.cached_tokens()),
+                    created_cache_tokens: None,
+                    multimodal_tokens: None,
                 }
             }),
         }
@@ -129,23 +140,27 @@ impl Output {
         Some(self.job.handed_off().map(|(blocks, tokens)| {
             HandOff::new(
                 &self.engine.kv.engine_id,
-                &self.id,
+                &self.internal_id,
                 self.engine.addr,
                 blocks.clone(),
                 *tokens,
+                self.job.cached_tokens(),
             )
         }))
     }
 
     /// Loads a D leg's KV from P, then queues the request.
     async fn begin(&mut self) -> Result<(), Unstarted> {
-        if let Some(remote) = self.remote.take()
-            && super::handoff::load_remote(&self.engine, &mut self.job, &remote)
-                .await
-                .is_err()
-            && self.engine.kv.failure_policy == KvLoadFailurePolicy::Fail
-        {
-            return Err(Unstarted::LoadFailed);
+        if let Some(remote) = self.remote.take() {
+            match super::handoff::load_remote(&self.engine, &mut self.job, &remote).await {
+                // vLLM 0.32's D reports P's own cache hit as its cached tokens (the usage
+                // rewrite a router would do), whatever it loaded.
+                Ok(()) => self.reported_cached = Some(remote.prefill_cached_tokens.unwrap_or(0)),
+                Err(_) if self.engine.kv.failure_policy == KvLoadFailurePolicy::Fail => {
+                    return Err(Unstarted::LoadFailed);
+                }
+                Err(_) => {}
+            }
         }
         self.job.start().await.map_err(|_| Unstarted::Stopped)
     }
