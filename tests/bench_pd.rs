@@ -48,6 +48,12 @@ async fn a_pd_run_beside_an_aggregated_one_moves_every_prompt_to_the_decode_engi
     }
     let (agg, pd) = (&report.runs[0], &report.runs[1]);
     assert_eq!(agg.kv_transferred_tokens, None);
+    assert!(agg.stage_shares.is_empty());
+    // Unique prompts: the decode engine never holds enough of one to skip the prefill leg.
+    assert_eq!(
+        pd.stage_shares.iter().collect::<Vec<_>>(),
+        [(&"disaggregated".to_owned(), &1.0)]
+    );
     // Every prompt (unique: no cache hit on the decode engine) was loaded from the prefill
     // engine: at least its `prompt_tokens`, at most those plus the question and chat framing.
     let moved = pd

@@ -277,6 +277,7 @@ impl Sent {
             tier: ex.tier,
             policy: ex.policy,
             kv: ex.kv,
+            stage: ex.stage,
             replica,
             lag: sim(self.sent.saturating_duration_since(due)),
         }
@@ -299,6 +300,8 @@ pub(super) struct Exchange {
     tier: Option<String>,
     policy: Option<String>,
     kv: Option<String>,
+    /// A P/D policy's stage (`x-switchyard-stage`: `disaggregated` or `decode_only`).
+    stage: Option<String>,
     first: Option<Instant>,
     answer: String,
     done: bool,
@@ -325,6 +328,7 @@ impl Exchange {
         self.tier = header(h, "x-switchyard-tier");
         self.policy = header(h, "x-switchyard-policy");
         self.kv = header(h, "x-switchyard-kv");
+        self.stage = header(h, "x-switchyard-stage");
         let mut body = resp.into_body();
         if !status.is_success() {
             let mut text = Vec::new();

@@ -232,14 +232,24 @@ fn engine_legend(s: &BenchSettings, runs: &[RunStats]) -> Option<String> {
     })
 }
 
-/// One line per P/D run: its prompt tokens moved from prefill to decode engines.
+/// One line per P/D run: its stages and the prompt tokens moved from prefill to decode
+/// engines.
 fn pd_lines(runs: &[RunStats]) -> Vec<String> {
     runs.iter()
         .filter_map(|r| {
+            let stages = r
+                .stage_shares
+                .iter()
+                .map(|(s, x)| format!("{s} {:.0}%", x * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ");
             Some(format!(
-                "{}: the first engines are the prefill engines, the rest decode; {} prompt \
-                 tokens loaded by decode engines from prefill engines.",
-                r.name, r.kv_transferred_tokens?
+                "{}: the first engines are the prefill engines, the rest decode (requests per \
+                 engine: the decode engine); stages: {}; {} prompt tokens loaded by decode \
+                 engines from prefill engines.",
+                r.name,
+                if stages.is_empty() { "-" } else { &stages },
+                r.kv_transferred_tokens?
             ))
         })
         .collect()
@@ -247,9 +257,11 @@ fn pd_lines(runs: &[RunStats]) -> Vec<String> {
 
 /// "Client TTFT mean − engines' TTFT mean" over the runs that have both: the time spent in the
 /// router, the client and the network (in simulated time, so magnified by 1 / time_scale).
+/// P/D runs are left out: a request's TTFT spans two engines' requests there.
 fn overhead_line(runs: &[RunStats]) -> Option<String> {
     let o: Vec<f64> = runs
         .iter()
+        .filter(|r| r.kv_transferred_tokens.is_none())
         .filter_map(|r| Some(r.ttft?.mean - r.engine_ttft_mean?))
         .collect();
     let lo = o.iter().copied().reduce(f64::min)?;

@@ -41,6 +41,9 @@ pub struct RequestRecord {
     pub policy: Option<String>,
     /// The source of the chosen engine's prefix match (`x-switchyard-kv`), when matched.
     pub kv: Option<String>,
+    /// With a P/D policy: `disaggregated` (a prefill leg ran) or `decode_only`
+    /// (`x-switchyard-stage`).
+    pub stage: Option<String>,
     /// The router replica the request was sent to (0 with one router).
     pub replica: usize,
     /// How much later than it could have been the request was sent (client scheduling lag),
@@ -171,6 +174,10 @@ pub struct RunStats {
     pub max_min_load_ratio: Option<f64>,
     /// Share of decisions per deciding tier (from the `x-switchyard-tier` header).
     pub tier_shares: BTreeMap<String, f64>,
+    /// P/D runs: share of requests per stage (`x-switchyard-stage`: `disaggregated`,
+    /// `decode_only`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub stage_shares: BTreeMap<String, f64>,
     /// 99th percentile of the client's send lag, simulated seconds (see [`RequestRecord::lag`]).
     pub send_lag_p99: f64,
     /// Median TTFT over request start time: `[start, median ttft]` per time slice.
@@ -242,15 +249,8 @@ impl RunStats {
             _ => None,
         };
 
-        let mut tiers = BTreeMap::<String, usize>::new();
-        for t in records.iter().filter_map(|r| r.tier.as_deref()) {
-            *tiers.entry(t.to_owned()).or_default() += 1;
-        }
-        let with_tier: usize = tiers.values().sum();
-        let tier_shares = tiers
-            .into_iter()
-            .map(|(t, n)| (t, n as f64 / with_tier as f64))
-            .collect();
+        let tier_shares = shares(records.iter().filter_map(|r| r.tier.as_deref()));
+        let stage_shares = shares(records.iter().filter_map(|r| r.stage.as_deref()));
 
         RunStats {
             name: name.to_owned(),
@@ -274,10 +274,24 @@ impl RunStats {
             engine_shares,
             max_min_load_ratio,
             tier_shares,
+            stage_shares,
             send_lag_p99: percentile(&sorted(records.iter().map(|r| r.lag)), 99.0).unwrap_or(0.0),
             ttft_timeline: timeline(&ok, TIMELINE_SLICES),
         }
     }
+}
+
+/// The share of each value among `values`.
+fn shares<'a>(values: impl Iterator<Item = &'a str>) -> BTreeMap<String, f64> {
+    let mut counts = BTreeMap::<String, usize>::new();
+    for v in values {
+        *counts.entry(v.to_owned()).or_default() += 1;
+    }
+    let total: usize = counts.values().sum();
+    counts
+        .into_iter()
+        .map(|(v, n)| (v, n as f64 / total as f64))
+        .collect()
 }
 
 /// A request's mean inter-token latency, `(e2e − TTFT) / (tokens − 1)`; `None` below 2 tokens.
@@ -346,6 +360,7 @@ pub(crate) mod tests {
             tier: Some(tier.into()),
             policy: Some("p".into()),
             kv: None,
+            stage: None,
             replica: 0,
             lag: 0.0,
         }
