@@ -428,3 +428,64 @@ async fn chat_p_legs_hand_off_and_engines_without_a_role_ignore_the_parameters()
     let r = post_json(&c, &plain.url(), "/sim/nixl/read", json!({})).await;
     assert_eq!(r.status, 404);
 }
+
+/// The sim's P and D answers against real vLLM 0.32's recorded bytes
+/// (`tests/fixtures/vllm-0.32.0/pd/completions_json.json`): the same hand-off fields, the same
+/// `prompt_tokens_details`, the same request-id shapes.
+#[tokio::test]
+async fn the_hand_off_and_usage_have_the_recorded_vllm_shapes() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/vllm-0.32.0/pd/completions_json.json");
+    let fixture: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let body = |i: usize| -> Value {
+        let b = fixture["exchanges"][i]["response"]["body"]
+            .as_str()
+            .unwrap();
+        serde_json::from_str(b).unwrap()
+    };
+    let keys = |v: &Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
+    let (real_p, real_d) = (body(0), body(1));
+
+    let p = engine(Some(KvRole::Producer), |_| {}).await;
+    let d = engine(Some(KvRole::Consumer), |_| {}).await;
+    let prompt = long_prompt("f");
+    let kv = hand_off(&p, &prompt).await;
+    assert_eq!(keys(&kv), keys(&real_p["kv_transfer_params"]));
+    let c = client();
+    let out = post_json(
+        &c,
+        &d.url(),
+        "/v1/completions",
+        d_leg(&prompt, 3, false, &kv),
+    )
+    .await;
+    let out = out.json();
+    let real_kv = &real_p["kv_transfer_params"];
+    for k in [
+        "tp_size",
+        "dcp_size",
+        "pp_size",
+        "transfer_mode",
+        "do_remote_prefill",
+    ] {
+        assert_eq!(kv[k], real_kv[k], "{k}");
+    }
+    assert_eq!(
+        keys(&out["usage"]["prompt_tokens_details"]),
+        keys(&real_d["usage"]["prompt_tokens_details"])
+    );
+    assert_eq!(out["kv_transfer_params"], real_d["kv_transfer_params"]);
+    // `cmpl-<X-Request-Id>-0-<8 hex>` in both.
+    fn shape(s: &str) -> (usize, String) {
+        let tail: Vec<&str> = s.rsplitn(3, '-').collect();
+        (tail[0].len(), tail[1].to_owned())
+    }
+    assert_eq!(
+        shape(kv["remote_request_id"].as_str().unwrap()),
+        shape(
+            real_p["kv_transfer_params"]["remote_request_id"]
+                .as_str()
+                .unwrap()
+        )
+    );
+}

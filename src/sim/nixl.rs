@@ -10,7 +10,7 @@
 //!   [`ReadAnswer`]; the sim's stand-in for NIXL's handshake and RDMA read), and D's client
 //!   of it ([`read_remote`]).
 //!
-//! The leases of the blocks P holds are kept by the engine loop (`engine_loop::HeldBlocks`).
+//! The blocks P holds and their leases are in `leases.rs`, kept by the engine loop's state.
 
 use std::time::Duration;
 
@@ -217,6 +217,8 @@ pub enum ReadError {
     Answer(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("the engine has no KV connector (no --kv-role)")]
+    NoConnector,
 }
 
 /// Largest read answer accepted.

@@ -81,7 +81,7 @@ pub(super) async fn load_remote(
 ) -> Result<(), ReadError> {
     let stats = &engine.sched.stats;
     let Some(client) = &engine.kv.client else {
-        return Err(ReadError::Url("no KV connector".to_owned()));
+        return Err(ReadError::NoConnector);
     };
     let answer = match super::super::nixl::read_remote(client, remote, READ_TIMEOUT).await {
         Ok(a) => a,
