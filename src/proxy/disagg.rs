@@ -76,6 +76,10 @@ pub(super) fn whole_reason(info: &RequestInfo, pools: &Pools) -> Option<&'static
 }
 
 pub(super) fn count(model: &Arc<str>, outcome: &'static str) {
+    debug_assert!(
+        super::telemetry::PD_OUTCOMES.contains(&outcome),
+        "{outcome}"
+    );
     metrics::counter!("switchyard_pd_requests_total", "model" => Arc::clone(model), "outcome" => outcome)
         .increment(1);
 }
