@@ -286,6 +286,8 @@ async fn prefill(
                 match read_error_body(resp.into_body(), MAX_PREFILL_ANSWER_BYTES, within).await {
                     Ok(bytes) => {
                         drop(guard);
+                        // The prefill engine now caches the prompt too.
+                        state.prefix.insert(engine.id, info.block_hashes());
                         metrics::histogram!("switchyard_prefill_duration_seconds", "model" => Arc::clone(model))
                             .record(started.elapsed().as_secs_f64());
                         return Prefilled::Handoff {
