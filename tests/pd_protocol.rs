@@ -269,7 +269,8 @@ async fn cluster_with(
         c.decode_labels = vec!["llama-decode".into()];
         c.policy.default_policy = "disaggregated_prefill_orchestrated".into();
         c.decision_headers = true;
-        c.prefill_timeout = Duration::from_millis(500);
+        // Generous: a busy test machine must not make a script tier pass.
+        c.policy.script_time_budget = Duration::from_secs(2);
         tweak(c);
     })
     .await;
@@ -437,6 +438,8 @@ async fn a_failing_prefill_engine_is_replaced_then_the_decode_engine_computes_al
     let c = cluster(2, 1, |c| {
         c.policy.dir = dir.path().to_path_buf();
         c.policy.default_policy = "first_first".into();
+        // One engine below hangs: this is how long it is waited for.
+        c.prefill_timeout = Duration::from_millis(1500);
     })
     .await;
     let client = client();
