@@ -159,11 +159,8 @@ pub(super) async fn forward(
                 answer,
             } => {
                 count(model, "disaggregated");
-                let body = match handoff {
-                    Handoff::Nixl => decode_body(fields, answer.kv_transfer_params.as_deref()),
-                    Handoff::SharedStore => decode_body(fields, None),
-                };
-                (Some((engine, decision)), body, answer.cached_tokens)
+                let (body, cached) = answer.decode_leg(fields, handoff);
+                (Some((engine, decision)), body, cached)
             }
         };
         tracing::debug!(model = %model, decode = %d_engine.name, prefill = p.as_ref().map(|(e, _)| &*e.name), attempt, "disaggregated");
