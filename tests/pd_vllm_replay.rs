@@ -496,6 +496,11 @@ async fn a_prefill_answer_without_a_hand_off_leaves_the_decode_engine_to_compute
         assert!(d_seen[0].body.get("kv_transfer_params").is_none(), "{name}");
         assert_eq!(d_seen[0].request_id.as_deref(), Some(request_id.as_str()));
         assert_client_got(&name, &got, &rec.response, None);
+        assert_eq!(
+            got.stage.as_deref(),
+            Some("decode_only"),
+            "{name}: no hand-off"
+        );
     }
 }
 

@@ -13,7 +13,8 @@
 //!
 //! `switchyard_pd_requests_total{model,outcome}` counts the outcomes: `disaggregated`,
 //! `decode_only_skipped` (the prefill pipeline chose none), `decode_only_no_prefill_engine`,
-//! `decode_only_prefill_failed`, and `aggregated_*` when a request for a disaggregated
+//! `decode_only_prefill_failed`, `decode_only_no_handoff` (the prefill engine answered
+//! without `kv_transfer_params`), `prefill_client_error`, and `aggregated_*` when a request for a disaggregated
 //! policy is served whole (`aggregated_n` for `n` > 1, `aggregated_path` for an endpoint
 //! other than completions, `aggregated_no_decode_engine`, `aggregated_body`).
 
@@ -158,9 +159,16 @@ pub(super) async fn forward(
                 decision,
                 answer,
             } => {
-                count(model, "disaggregated");
                 let (body, cached) = answer.decode_leg(fields, handoff);
-                (Some((engine, decision)), body, cached)
+                if handoff == Handoff::Nixl && answer.kv_transfer_params.is_none() {
+                    // The prefill engine gave no hand-off (e.g. its first token was EOS): the
+                    // decode engine computes the prompt.
+                    count(model, "decode_only_no_handoff");
+                    (None, body, cached)
+                } else {
+                    count(model, "disaggregated");
+                    (Some((engine, decision)), body, cached)
+                }
             }
         };
         tracing::debug!(model = %model, decode = %d_engine.name, prefill = p.as_ref().map(|(e, _)| &*e.name), attempt, "disaggregated");

@@ -210,6 +210,7 @@ pub const PD_OUTCOMES: &[&str] = &[
     "decode_only_skipped",
     "decode_only_no_prefill_engine",
     "decode_only_prefill_failed",
+    "decode_only_no_handoff",
     "prefill_client_error",
     "aggregated_n",
     "aggregated_path",
