@@ -7,7 +7,9 @@
 //!
 //! - [`config`]: the settings (flags over the config file over defaults) and their validation.
 //! - [`proxy`]: the HTTP server: connections and their limits ([`proxy::conn`]), dispatch of
-//!   routes ([`proxy::routes`]), forwarding with retries ([`proxy::forward`]), a request's
+//!   routes ([`proxy::routes`]), forwarding with retries ([`proxy::forward`]), prefill/decode
+//!   disaggregation's bodies ([`proxy::handoff`]: vLLM's NixlConnector hand-off) and its
+//!   two-leg flow with its failure rules, a request's
 //!   prefix matches from two sources, computed when a policy tier needs them
 //!   ([`proxy::kv`]), headers, response bodies, OpenAI-shaped errors and the router's own
 //!   metrics.
@@ -16,8 +18,9 @@
 //! - [`tokens`]: the stand-in tokenizer and the chained block hashes of a prompt; a model's
 //!   own tokenizer and chat template (`--tokenizer`): the token ids an engine sees, as many
 //!   as prefix matching can use at a cost bounded for any body ([`tokens::bound`]).
-//! - [`engines`]: the engines: registry, where they come from (static or Kubernetes
-//!   discovery), health and ejection, scraped load figures, model cards, and their KV-cache
+//! - [`engines`]: the engines: registry, their roles (aggregated, prefill, decode:
+//!   [`engines::role`]), where they come from (static or Kubernetes discovery), health and
+//!   ejection, scraped load figures, model cards, and their KV-cache
 //!   events ([`engines::kv_events`]: vLLM's wire format, the router's own ZMTP transport with a
 //!   message-size cap, the subscribers (one per engine and data-parallel rank), when a view is
 //!   complete or partial, replay requests, the bound socket engines connect to, and each
@@ -28,7 +31,8 @@
 //!   view anchoring what it cannot key on the router's own recent requests:
 //!   [`prefix::exact::anchor`]).
 //! - [`policy`]: the routing decision: policy files, the built-in tiers, Rhai scripts, loading,
-//!   validation and hot reload.
+//!   validation and hot reload; a disaggregated policy's two pipelines, decode then prefill
+//!   ([`policy::stage`]).
 //! - [`upstream`]: the pooled HTTP client to the engines and its bounded GET.
 //!
 //! Data flows one way: request → [`request`] parse → candidates from [`engines`] →

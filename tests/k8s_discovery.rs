@@ -564,6 +564,104 @@ async fn an_engine_that_refuses_v1_models_is_routed_by_its_label_or_not_at_all()
     .await;
 }
 
+/// A pod's role: its `llm-d.ai/role` label, else its model label matched against the prefill
+/// and decode labels; a relabelled pod changes role.
+#[tokio::test]
+async fn pods_take_their_role_from_llmd_role_else_their_model_label() {
+    let pods = PodEngines::start(3, SimConfig::instant()).await;
+    let stub = ApiStub::start(NS).await;
+    let mut d = discovery(&stub, pods.port);
+    d.role_labels = switchyard::engines::RoleLabels {
+        prefill: vec!["llama-prefill".into()],
+        decode: vec!["llama-decode".into()],
+    };
+    let mut cfg = RouterConfig {
+        port: 0,
+        discovery: ServiceDiscovery::K8s(Box::new(d)),
+        decision_headers: true,
+        engine_stats_interval: Duration::from_millis(100),
+        health_probe_interval: Duration::from_millis(100),
+        ..RouterConfig::default()
+    };
+    cfg.policy.dir = shipped_policies();
+    cfg.policy.default_policy = "disaggregated_prefill_orchestrated".into();
+    let router = switchyard::proxy::start(cfg, None)
+        .await
+        .expect("router starts");
+    let (url, http) = (router.url(), client());
+    stub.apply(
+        StubPod::new("pre")
+            .ip(&pods.ip(0))
+            .ready(true)
+            .label("model", "llama-prefill"),
+    );
+    stub.apply(
+        StubPod::new("dec")
+            .ip(&pods.ip(1))
+            .ready(true)
+            .label("llm-d.ai/role", "decode"),
+    );
+    stub.apply(
+        StubPod::new("agg")
+            .ip(&pods.ip(2))
+            .ready(true)
+            .label("model", "llama"),
+    );
+    let names: Vec<String> = (0..3).map(|i| pods.name(i)).collect();
+    wait_for_engines(&http, &url, "three pods", &names).await;
+    let roles = |h: serde_json::Value| -> BTreeMap<String, String> {
+        h["engines"]
+            .as_array()
+            .expect("engines")
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap_or_default().to_owned(),
+                    e["role"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let want = |r: [&str; 3]| -> BTreeMap<String, String> {
+        names
+            .iter()
+            .cloned()
+            .zip(r.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        roles(get(&http, &url, "/health").await.json()),
+        want(["prefill", "decode", "aggregated"])
+    );
+    // A request of the disaggregated policy decodes on the decode pod.
+    let r = send(&http, completion_req(&url, "hi", 2, false)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.header("x-switchyard-engine"), Some(names[1].as_str()));
+    assert_eq!(
+        r.header("x-switchyard-stage"),
+        Some("decode_only"),
+        "a short prompt skips prefill"
+    );
+    // llm-d's label overrides the model label: the prefill pod becomes a decode engine.
+    stub.apply(
+        StubPod::new("pre")
+            .ip(&pods.ip(0))
+            .ready(true)
+            .label("model", "llama-prefill")
+            .label("llm-d.ai/role", "decode"),
+    );
+    let deadline = Instant::now() + SAFETY;
+    while roles(get(&http, &url, "/health").await.json())
+        != want(["decode", "decode", "aggregated"])
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the relabelled pod keeps its role"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The binary, configured by flags, finds the API server through a KUBECONFIG file (and the
 /// namespace through its context), like `kubectl`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -269,7 +269,8 @@ async fn cluster_with(
         c.decode_labels = vec!["llama-decode".into()];
         c.policy.default_policy = "disaggregated_prefill_orchestrated".into();
         c.decision_headers = true;
-        c.prefill_timeout = Duration::from_millis(500);
+        // Generous: a busy test machine must not make a script tier pass.
+        c.policy.script_time_budget = Duration::from_secs(2);
         tweak(c);
     })
     .await;
@@ -437,6 +438,8 @@ async fn a_failing_prefill_engine_is_replaced_then_the_decode_engine_computes_al
     let c = cluster(2, 1, |c| {
         c.policy.dir = dir.path().to_path_buf();
         c.policy.default_policy = "first_first".into();
+        // One engine below hangs: this is how long it is waited for.
+        c.prefill_timeout = Duration::from_millis(1500);
     })
     .await;
     let client = client();
@@ -592,5 +595,57 @@ async fn an_unreachable_prefill_engine_leaves_the_decode_engine_to_compute_alone
                     .and_then(|n| n.parse::<f64>().ok())
                     .is_some_and(|n| n >= 1.0)),
         "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_prefill_engine_that_computed_a_prompt_is_found_by_kv_lookup() {
+    let dir = policies_with_first_first();
+    std::fs::write(
+        dir.path().join("pd_kv.toml"),
+        "[[decode.tier]]\nbuiltin = \"fallback\"\n[[prefill.tier]]\nscript = \"kv_lookup() ?? least_loaded()\"\n",
+    )
+    .expect("write");
+    let c = cluster(2, 1, |c| {
+        c.policy.dir = dir.path().to_path_buf();
+        c.policy.default_policy = "pd_kv".into();
+    })
+    .await;
+    let client = client();
+    let url = c.router.url();
+    let body = json!({"model": MODEL, "prompt": long_prompt("k"), "max_tokens": 2});
+    let first = send(&client, post(&url, "/v1/completions", body.to_string())).await;
+    let p1 = first
+        .header("x-switchyard-prefill-engine")
+        .expect("prefill engine")
+        .to_owned();
+    assert_eq!(
+        first.header("x-switchyard-prefill-tier"),
+        Some("least_loaded")
+    );
+    for _ in 0..3 {
+        let again = send(&client, post(&url, "/v1/completions", body.to_string())).await;
+        assert_eq!(
+            again.header("x-switchyard-prefill-engine"),
+            Some(p1.as_str())
+        );
+        assert_eq!(again.header("x-switchyard-prefill-tier"), Some("kv_lookup"));
+    }
+}
+
+#[tokio::test]
+async fn a_disaggregated_policy_without_decode_engines_is_refused_at_start() {
+    let stub = Stub::start(Act::Decode).await;
+    let mut cfg = RouterConfig::for_backends(std::slice::from_ref(&stub.url), MODEL);
+    cfg.policy.dir = shipped_policies();
+    cfg.policy.default_policy = "disaggregated_prefill_orchestrated".into();
+    let err = switchyard::proxy::start(cfg, None)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.starts_with("model `switchyard-sim` is routed by `disaggregated_prefill_orchestrated`, a disaggregated policy, but no static backend"),
+        "{err}"
     );
 }

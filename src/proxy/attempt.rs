@@ -4,6 +4,7 @@
 //! (`forward`) and the disaggregated one (`disagg`).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
@@ -12,12 +13,18 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use super::AppState;
-use super::body::{ERROR_BODY_MAX_BYTES, ERROR_BODY_TIME_LIMIT, RouterBody, read_error_body};
+use super::body::{
+    ERROR_BODY_MAX_BYTES, ERROR_BODY_TIME_LIMIT, RouterBody, UpstreamBody, read_error_body,
+};
 use super::errors::ApiError;
-use super::headers::{strip_hop_by_hop, strip_router_headers};
+use super::handoff::AnswerRewrite;
+use super::headers::{
+    add_decision_headers, add_stage_headers, strip_hop_by_hop, strip_router_headers,
+};
 use super::kv::Sources;
-use super::telemetry::count_request;
-use crate::engines::Engine;
+use super::telemetry::{RequestRecord, count_request};
+use crate::engines::{Engine, InFlightGuard};
+use crate::policy::{Decision, KvSource};
 use crate::request::RequestInfo;
 
 /// One attempt's outcome.
@@ -180,4 +187,71 @@ pub(super) fn kv_sources<'a>(state: &'a AppState, info: &'a RequestInfo) -> Sour
                 n.min(state.cfg.tokenize_max_tokens)
             }),
     }
+}
+
+/// An engine's answer that goes to the client, with what it was chosen by.
+pub(super) struct Answer {
+    pub resp: Response<Incoming>,
+    pub engine: Arc<Engine>,
+    pub guard: InFlightGuard,
+    pub decision: Decision,
+}
+
+/// What a disaggregated request's decode answer needs on its way: the prefill engine's
+/// `cached_tokens` for the rewrite, and the prefill leg (if any) for the stage headers.
+pub(super) struct Disaggregated {
+    pub cached_tokens: Option<u64>,
+    pub prefill: Option<(Arc<Engine>, Decision)>,
+}
+
+/// Streams the engine's answer to the client (recording the prefix it now caches); a
+/// disaggregated request's decode answer is rewritten on its way.
+pub(super) fn relay(
+    state: &AppState,
+    info: &RequestInfo,
+    a: Answer,
+    model: &Arc<str>,
+    start: Instant,
+    disaggregated: Option<Disaggregated>,
+) -> Response<RouterBody> {
+    let status = a.resp.status();
+    if status.is_success() {
+        state.prefix.insert(a.engine.id, info.block_hashes());
+    }
+    let sse = info.stream
+        || a.resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let record = RequestRecord::new(
+        start,
+        Arc::clone(model),
+        Arc::clone(&a.engine),
+        status.as_u16(),
+    );
+    let (mut rparts, rbody) = a.resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    strip_router_headers(&mut rparts.headers);
+    if state.cfg.decision_headers {
+        add_decision_headers(
+            &mut rparts.headers,
+            &a.decision.policy,
+            &a.decision.tier,
+            &a.engine.name,
+            a.decision.kv.map(KvSource::as_str),
+        );
+    }
+    let mut body = UpstreamBody::new(rbody, a.guard, record, sse);
+    if let Some(d) = disaggregated {
+        // The rewritten answer's length is not the engine's.
+        rparts.headers.remove(header::CONTENT_LENGTH);
+        if state.cfg.decision_headers {
+            add_stage_headers(
+                &mut rparts.headers,
+                d.prefill.as_ref().map(|(e, dec)| (&*e.name, &*dec.tier)),
+            );
+        }
+        body = body.with_rewrite(AnswerRewrite::new(sse, d.cached_tokens));
+    }
+    Response::from_parts(rparts, RouterBody::upstream(body))
 }

@@ -13,7 +13,8 @@
 //!
 //! `switchyard_pd_requests_total{model,outcome}` counts the outcomes: `disaggregated`,
 //! `decode_only_skipped` (the prefill pipeline chose none), `decode_only_no_prefill_engine`,
-//! `decode_only_prefill_failed`, and `aggregated_*` when a request for a disaggregated
+//! `decode_only_prefill_failed`, `decode_only_no_handoff` (the prefill engine answered
+//! without `kv_transfer_params`), `prefill_client_error`, and `aggregated_*` when a request for a disaggregated
 //! policy is served whole (`aggregated_n` for `n` > 1, `aggregated_path` for an endpoint
 //! other than completions, `aggregated_no_decode_engine`, `aggregated_body`).
 
@@ -22,19 +23,20 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::Response;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use hyper::body::Incoming;
 
 use super::AppState;
-use super::attempt::{Tried, engine_error_response, kv_sources, try_engine_within};
-use super::body::{RouterBody, UpstreamBody, read_error_body};
+use super::attempt::{
+    Answer, Disaggregated, Tried, engine_error_response, kv_sources, relay, try_engine_within,
+};
+use super::body::{RouterBody, read_error_body};
 use super::errors::ApiError;
-use super::handoff::{AnswerRewrite, Fields, PrefillAnswer, decode_body, prefill_body};
-use super::headers::{add_decision_headers, strip_hop_by_hop, strip_router_headers};
+use super::handoff::{Fields, PrefillAnswer, decode_body, prefill_body};
+use super::headers::{strip_hop_by_hop, strip_router_headers};
 use super::kv::RequestKv;
-use super::telemetry::RequestRecord;
 use crate::engines::{Candidate, Engine};
-use crate::policy::{Decision, DecodeChoice, Handoff, KvSource, PrefillChoice};
+use crate::policy::{Decision, DecodeChoice, Handoff, PrefillChoice};
 use crate::request::RequestInfo;
 
 /// Most bytes of a prefill answer read (one token, its usage and the hand-off).
@@ -76,6 +78,10 @@ pub(super) fn whole_reason(info: &RequestInfo, pools: &Pools) -> Option<&'static
 }
 
 pub(super) fn count(model: &Arc<str>, outcome: &'static str) {
+    debug_assert!(
+        super::telemetry::PD_OUTCOMES.contains(&outcome),
+        "{outcome}"
+    );
     metrics::counter!("switchyard_pd_requests_total", "model" => Arc::clone(model), "outcome" => outcome)
         .increment(1);
 }
@@ -153,12 +159,16 @@ pub(super) async fn forward(
                 decision,
                 answer,
             } => {
-                count(model, "disaggregated");
-                let body = match handoff {
-                    Handoff::Nixl => decode_body(fields, answer.kv_transfer_params.as_deref()),
-                    Handoff::SharedStore => decode_body(fields, None),
-                };
-                (Some((engine, decision)), body, answer.cached_tokens)
+                let (body, cached) = answer.decode_leg(fields, handoff);
+                if handoff == Handoff::Nixl && answer.kv_transfer_params.is_none() {
+                    // The prefill engine gave no hand-off (e.g. its first token was EOS): the
+                    // decode engine computes the prompt.
+                    count(model, "decode_only_no_handoff");
+                    (None, body, cached)
+                } else {
+                    count(model, "disaggregated");
+                    (Some((engine, decision)), body, cached)
+                }
             }
         };
         tracing::debug!(model = %model, decode = %d_engine.name, prefill = p.as_ref().map(|(e, _)| &*e.name), attempt, "disaggregated");
@@ -176,38 +186,17 @@ pub(super) async fn forward(
         .await
         {
             Tried::Answered(resp) => {
-                let status = resp.status();
-                if status.is_success() {
-                    state.prefix.insert(d_engine.id, info.block_hashes());
-                }
-                let sse = info.stream
-                    || resp
-                        .headers()
-                        .get(header::CONTENT_TYPE)
-                        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-                let record = RequestRecord::new(
-                    start,
-                    Arc::clone(model),
-                    Arc::clone(&d_engine),
-                    status.as_u16(),
-                );
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                strip_router_headers(&mut parts.headers);
-                parts.headers.remove(header::CONTENT_LENGTH);
-                if state.cfg.decision_headers {
-                    add_decision_headers(
-                        &mut parts.headers,
-                        &dd.policy,
-                        &dd.tier,
-                        &d_engine.name,
-                        dd.kv.map(KvSource::as_str),
-                    );
-                    add_stage_headers(&mut parts.headers, p.as_ref());
-                }
-                let body = UpstreamBody::new(body, guard, record, sse)
-                    .with_rewrite(AnswerRewrite::new(sse, cached));
-                return Ok(Response::from_parts(parts, RouterBody::upstream(body)));
+                let answer = Answer {
+                    resp,
+                    engine: d_engine,
+                    guard,
+                    decision: dd,
+                };
+                let pd = Disaggregated {
+                    cached_tokens: cached,
+                    prefill: p,
+                };
+                return Ok(relay(state, info, answer, model, start, Some(pd)));
             }
             Tried::EngineError(resp) if last_chance => {
                 return engine_error_response(state, resp, &d_engine.name, model).await;
@@ -282,6 +271,8 @@ async fn prefill(
                 match read_error_body(resp.into_body(), MAX_PREFILL_ANSWER_BYTES, within).await {
                     Ok(bytes) => {
                         drop(guard);
+                        // The prefill engine now caches the prompt too.
+                        state.prefix.insert(engine.id, info.block_hashes());
                         metrics::histogram!("switchyard_prefill_duration_seconds", "model" => Arc::clone(model))
                             .record(started.elapsed().as_secs_f64());
                         return Prefilled::Handoff {
@@ -340,28 +331,4 @@ async fn relay_prefill_error(resp: Response<Incoming>) -> Result<Response<Router
     .map_err(|e| ApiError::BadGateway(format!("prefill engine answered {status}, but {e}")))?;
     parts.headers.remove(header::CONTENT_LENGTH);
     Ok(Response::from_parts(parts, RouterBody::full(body)))
-}
-
-/// `x-switchyard-stage` (`disaggregated` or `decode_only`) and, with a prefill leg,
-/// `x-switchyard-prefill-engine` and `x-switchyard-prefill-tier`.
-fn add_stage_headers(h: &mut HeaderMap, prefill: Option<&(Arc<Engine>, Decision)>) {
-    let stage = if prefill.is_some() {
-        "disaggregated"
-    } else {
-        "decode_only"
-    };
-    h.insert(
-        HeaderName::from_static("x-switchyard-stage"),
-        HeaderValue::from_static(stage),
-    );
-    if let Some((engine, d)) = prefill {
-        for (name, v) in [
-            ("x-switchyard-prefill-engine", &*engine.name),
-            ("x-switchyard-prefill-tier", &*d.tier),
-        ] {
-            if let Ok(v) = HeaderValue::from_str(v) {
-                h.insert(HeaderName::from_static(name), v);
-            }
-        }
-    }
 }

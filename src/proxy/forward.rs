@@ -11,18 +11,15 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::AppState;
-use super::attempt::{Tried, engine_error_response, kv_sources, try_engine};
-use super::body::{RouterBody, UpstreamBody, read_request_body};
+use super::attempt::{Answer, Tried, engine_error_response, kv_sources, relay, try_engine};
+use super::body::{RouterBody, read_request_body};
 use super::disagg::{self, Pools, whole_reason};
 use super::errors::{ApiError, clip};
 use super::handoff::Fields;
-use super::headers::{
-    ClientAddr, add_decision_headers, strip_hop_by_hop, strip_router_headers, upstream_headers,
-};
+use super::headers::{ClientAddr, upstream_headers};
 use super::kv::RequestKv;
-use super::telemetry::{RequestRecord, count_request};
-use crate::engines::{Candidate, Engine, InFlightGuard, Role};
-use crate::policy::{Decision, KvSource};
+use super::telemetry::count_request;
+use crate::engines::{Candidate, Role};
 use crate::request::{ParseError, Parsed, RequestInfo, parse_body};
 
 /// Routes and forwards a POST to a model endpoint; errors become OpenAI-shaped responses.
@@ -108,7 +105,7 @@ async fn forward(
         ));
     }
     match attempt_engines(state, &info, &uri, &headers, cands, &model).await {
-        Attempts::Answered(a) => Ok(relay(state, &info, a, &model, start)),
+        Attempts::Answered(a) => Ok(relay(state, &info, a, &model, start, None)),
         Attempts::EngineError(resp, engine) => {
             engine_error_response(state, resp, &engine, &model).await
         }
@@ -151,14 +148,6 @@ async fn read_request(
         headers: parts.headers,
         body,
     })
-}
-
-/// An engine's answer that goes to the client, with what it was chosen by.
-struct Answer {
-    resp: Response<Incoming>,
-    engine: Arc<Engine>,
-    guard: InFlightGuard,
-    decision: Decision,
 }
 
 /// How the attempts ended.
@@ -235,45 +224,6 @@ async fn attempt_engines(
         }
     }
     last
-}
-
-/// Step 3: streams the engine's answer to the client (recording the prefix it now caches).
-fn relay(
-    state: &AppState,
-    info: &RequestInfo,
-    a: Answer,
-    model: &Arc<str>,
-    start: Instant,
-) -> Response<RouterBody> {
-    let status = a.resp.status();
-    if status.is_success() {
-        state.prefix.insert(a.engine.id, info.block_hashes());
-    }
-    let sse = info.stream
-        || a.resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let record = RequestRecord::new(
-        start,
-        Arc::clone(model),
-        Arc::clone(&a.engine),
-        status.as_u16(),
-    );
-    let (mut rparts, rbody) = a.resp.into_parts();
-    strip_hop_by_hop(&mut rparts.headers);
-    strip_router_headers(&mut rparts.headers);
-    if state.cfg.decision_headers {
-        add_decision_headers(
-            &mut rparts.headers,
-            &a.decision.policy,
-            &a.decision.tier,
-            &a.engine.name,
-            a.decision.kv.map(KvSource::as_str),
-        );
-    }
-    let body = RouterBody::upstream(UpstreamBody::new(rbody, a.guard, record, sse));
-    Response::from_parts(rparts, body)
 }
 
 /// Bodies at least this large are parsed on the blocking pool: a 32 MiB body takes tens of

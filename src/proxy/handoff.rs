@@ -189,6 +189,21 @@ impl PrefillAnswer {
     }
 }
 
+impl PrefillAnswer {
+    /// The decode leg's body and the `cached_tokens` figure the client's answer gets. With
+    /// NIXL, only a hand-off makes the prefill engine's figure the right one: a prefill answer
+    /// without `kv_transfer_params` (vLLM's `"kv_transfer_params": null`, e.g. the first token
+    /// was EOS) leaves the decode engine to compute the prompt itself, and its own figure
+    /// stands. With a shared store the decode engine finds the prefill engine's KV there.
+    pub fn decode_leg(&self, fields: &Fields, handoff: Handoff) -> (Bytes, Option<u64>) {
+        match (handoff, self.kv_transfer_params.as_deref()) {
+            (Handoff::Nixl, Some(p)) => (decode_body(fields, Some(p)), self.cached_tokens),
+            (Handoff::Nixl, None) => (decode_body(fields, None), None),
+            (Handoff::SharedStore, _) => (decode_body(fields, None), self.cached_tokens),
+        }
+    }
+}
+
 /// Rewrites a decode engine's answer on its way to the client: `kv_transfer_params` removed,
 /// `usage.prompt_tokens_details.cached_tokens` set to the prefill engine's figure. SSE events
 /// are rewritten one by one (only those that mention either field are parsed); a JSON answer
@@ -358,6 +373,37 @@ mod tests {
             PrefillAnswer::parse(br#"{"kv_transfer_params":null,"usage":{"prompt_tokens":3}}"#);
         assert!(none.kv_transfer_params.is_none() && none.cached_tokens.is_none());
         assert!(PrefillAnswer::parse(b"oops").kv_transfer_params.is_none());
+    }
+
+    #[test]
+    fn without_a_hand_off_the_decode_engines_cached_tokens_stand() {
+        // vLLM 0.32's P answering without a hand-off (tests/fixtures/vllm-0.32.0/pd/
+        // p_without_params.json): `"kv_transfer_params":null` next to its own cache hits.
+        let f = Fields::parse(br#"{"model":"m","prompt":"hi","max_tokens":8}"#).expect("fields");
+        let none = PrefillAnswer::parse(
+            br#"{"usage":{"prompt_tokens":167,"prompt_tokens_details":{"cached_tokens":32}},"kv_transfer_params":null}"#,
+        );
+        let (body, cached) = none.decode_leg(&f, Handoff::Nixl);
+        assert!(json(&body).get("kv_transfer_params").is_none());
+        assert_eq!(
+            cached, None,
+            "the decode engine computed the prompt: its figure stands"
+        );
+        let (_, shared) = none.decode_leg(&f, Handoff::SharedStore);
+        assert_eq!(
+            shared,
+            Some(32),
+            "a shared store: the decode engine loads P's KV"
+        );
+        let some = PrefillAnswer::parse(
+            br#"{"usage":{"prompt_tokens_details":{"cached_tokens":32}},"kv_transfer_params":{"do_remote_prefill":true}}"#,
+        );
+        let (body, cached) = some.decode_leg(&f, Handoff::Nixl);
+        assert_eq!(
+            json(&body)["kv_transfer_params"],
+            serde_json::json!({"do_remote_prefill": true})
+        );
+        assert_eq!(cached, Some(32));
     }
 
     #[test]

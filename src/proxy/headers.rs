@@ -159,6 +159,30 @@ pub fn add_decision_headers(
     }
 }
 
+/// `x-switchyard-stage` (`disaggregated` or `decode_only`) and, with a prefill leg,
+/// `x-switchyard-prefill-engine` and `x-switchyard-prefill-tier`.
+pub fn add_stage_headers(h: &mut HeaderMap, prefill: Option<(&str, &str)>) {
+    let stage = if prefill.is_some() {
+        "disaggregated"
+    } else {
+        "decode_only"
+    };
+    h.insert(
+        HeaderName::from_static("x-switchyard-stage"),
+        HeaderValue::from_static(stage),
+    );
+    if let Some((engine, tier)) = prefill {
+        for (name, v) in [
+            ("x-switchyard-prefill-engine", engine),
+            ("x-switchyard-prefill-tier", tier),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,6 +84,35 @@ pub enum StartError {
     Tokenizer(#[from] crate::tokens::TokenizerError),
     #[error("--kv-events-bind: {0}")]
     KvEventsBind(#[from] crate::engines::kv_events::BindError),
+    /// A disaggregated policy serves a model that no decode engine serves: it would never
+    /// disaggregate.
+    #[error(
+        "model `{model}` is routed by `{policy}`, a disaggregated policy, but no static backend serving it is a decode engine (set --static-model-labels and --decode-model-labels)"
+    )]
+    NoDecodeEngine { model: String, policy: String },
+}
+
+/// With static backends, every model whose policy is disaggregated must have a decode engine.
+fn check_pools(registry: &Registry, policies: &PolicyStore) -> Result<(), StartError> {
+    let settings = policies.settings();
+    for model in registry.models() {
+        if policies.handoff_for(&model).is_none() {
+            continue;
+        }
+        let has_decode = registry
+            .all()
+            .iter()
+            .any(|e| e.serves(&model) && e.role == crate::engines::Role::Decode);
+        if !has_decode {
+            let policy = settings
+                .per_model
+                .get(&model)
+                .unwrap_or(&settings.default_policy)
+                .clone();
+            return Err(StartError::NoDecodeEngine { model, policy });
+        }
+    }
+    Ok(())
 }
 
 /// A running router.
@@ -199,6 +228,9 @@ pub async fn start(
     }
     let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));
     let policies = PolicyStore::new(cfg.policy.clone(), cfg.block_size)?;
+    if !cfg.discovery.is_dynamic() {
+        check_pools(&registry, &policies)?;
+    }
     telemetry::register_families(&registry, &policies);
     let policy_watch = match policies.watch(cfg.config_file.clone(), settings_loader) {
         Ok(h) => Some(h),

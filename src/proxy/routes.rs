@@ -134,7 +134,8 @@ fn health(state: &AppState) -> Response<RouterBody> {
         "engines": engines.iter().map(|e| {
             let s = e.stats();
             serde_json::json!({
-                "name": &*e.name, "url": &*e.url, "models": &e.models, "healthy": e.is_healthy(),
+                "name": &*e.name, "url": &*e.url, "models": &e.models, "role": e.role.as_str(),
+                "healthy": e.is_healthy(),
                 "in_flight": e.in_flight(),
                 "stats_age_seconds": s.scraped_at.map(|t| t.elapsed().as_secs_f64()),
                 "stats_stale": s.stale, "stats_error": s.last_error,

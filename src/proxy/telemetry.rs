@@ -175,6 +175,10 @@ pub fn register_families(registry: &Registry, policies: &PolicyStore) {
         register_engine_series(e, &tiers);
     }
     for model in registry.models() {
+        for outcome in PD_OUTCOMES {
+            metrics::counter!("switchyard_pd_requests_total", "model" => model.clone(), "outcome" => *outcome)
+                .increment(0);
+        }
         metrics::counter!("switchyard_retries_total", "model" => model).increment(0);
     }
     for result in ["ok", "error"] {
@@ -198,6 +202,21 @@ pub fn register_families(registry: &Registry, policies: &PolicyStore) {
             .increment(0);
     }
 }
+
+/// Every `outcome` of `switchyard_pd_requests_total` (what happened to a request of a
+/// disaggregated policy; see `disagg`).
+pub const PD_OUTCOMES: &[&str] = &[
+    "disaggregated",
+    "decode_only_skipped",
+    "decode_only_no_prefill_engine",
+    "decode_only_prefill_failed",
+    "decode_only_no_handoff",
+    "prefill_client_error",
+    "aggregated_n",
+    "aggregated_path",
+    "aggregated_no_decode_engine",
+    "aggregated_body",
+];
 
 /// Registers the per-engine series of an engine added after start (e.g. by discovery), at
 /// zero, as [`register_families`] does for the engines known at start. The engine's own
