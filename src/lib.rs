@@ -15,6 +15,9 @@
 //!   metrics.
 //! - [`request`]: the routing view of a request body (model, stream, session key, a digest of
 //!   the prompt), parsed in one pass without materialising the rest.
+//! - [`admit`]: admission, between the parse and the candidates: a request's tenant and
+//!   priority, and the per-tenant rate limits ([`admit::rate_limit`]: requests and tokens per
+//!   minute, OpenAI's `x-ratelimit-*` headers and 429).
 //! - [`tokens`]: the stand-in tokenizer and the chained block hashes of a prompt; a model's
 //!   own tokenizer and chat template (`--tokenizer`): the token ids an engine sees, as many
 //!   as prefix matching can use at a cost bounded for any body ([`tokens::bound`]).
@@ -35,7 +38,7 @@
 //!   ([`policy::stage`]).
 //! - [`upstream`]: the pooled HTTP client to the engines and its bounded GET.
 //!
-//! Data flows one way: request → [`request`] parse → candidates from [`engines`] →
+//! Data flows one way: request → [`request`] parse → [`admit`] → candidates from [`engines`] →
 //! [`policy`] decision (with the [`prefix`] index) → [`proxy`] forward → record.
 //!
 //! The leaves on top, which use the core only through its public API (the core never imports
@@ -52,6 +55,7 @@
 //!   Alibaba Bailian) as token-id prompts, a load driver, statistics, reports, and the
 //!   exact-against-approximate `kv_lookup` comparison over router replicas.
 
+pub mod admit;
 pub mod config;
 pub mod engines;
 pub mod policy;

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::admit::rate_limit::RateLimitRule;
+
 /// Flags of `switchyard serve`. Every flag may also be set in the config file under the same
 /// name with `_` instead of `-`.
 #[derive(Debug, Clone, Default, Args)]
@@ -244,4 +246,8 @@ pub struct FileConfig {
     /// Per-model policies: `[policies] "model-name" = "policy"`.
     #[serde(default)]
     pub policies: BTreeMap<String, String>,
+    /// Per-tenant rate limits: `[[rate_limit]] tenant = "t1"` (or `"*"`),
+    /// `requests_per_minute`, `tokens_per_minute`.
+    #[serde(default)]
+    pub rate_limit: Vec<RateLimitRule>,
 }

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::admit::rate_limit::RateLimitRules;
 use crate::engines::discovery::ServiceDiscovery;
 use crate::policy::PolicySettings;
 
@@ -15,12 +16,14 @@ mod discovery;
 mod flags;
 mod kv_events;
 mod policies;
+mod rate_limits;
 
 pub use backends::Backend;
 use backends::backends_from;
 pub use flags::{FileConfig, ServeArgs};
 pub use kv_events::KvEventsSettings;
 pub use policies::{policy_settings, resolve_policies_dir};
+pub use rate_limits::rate_limit_rules;
 
 /// A configuration error; the message names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +103,9 @@ pub struct RouterConfig {
     pub decode_labels: Vec<String>,
     /// How long the prefill leg of a disaggregated request may take (`--prefill-timeout`).
     pub prefill_timeout: Duration,
+    /// Per-tenant rate limits (the file's `[[rate_limit]]` tables; hot-reloaded with it:
+    /// [`rate_limit_rules`]).
+    pub rate_limits: RateLimitRules,
 }
 
 impl Default for RouterConfig {
@@ -137,6 +143,7 @@ impl Default for RouterConfig {
             prefill_labels: Vec::new(),
             decode_labels: Vec::new(),
             prefill_timeout: Duration::from_secs(300),
+            rate_limits: RateLimitRules::default(),
         }
     }
 }
@@ -280,6 +287,7 @@ impl RouterConfig {
             d.first_byte_timeout,
         )?;
         let prefill_timeout = disagg::prefill_timeout(args, &file, first_byte_timeout)?;
+        let rate_limits = rate_limit_rules(&file)?;
         Ok(RouterConfig {
             host: args.host.or(file.host).unwrap_or(d.host),
             port: args.port.or(file.port).unwrap_or(d.port),
@@ -359,6 +367,7 @@ impl RouterConfig {
             prefill_labels: roles.prefill,
             decode_labels: roles.decode,
             prefill_timeout,
+            rate_limits,
         })
     }
 }
