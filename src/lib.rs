@@ -13,6 +13,9 @@
 //!   prefix matches from two sources, computed when a policy tier needs them
 //!   ([`proxy::kv`]), headers, response bodies, OpenAI-shaped errors and the router's own
 //!   metrics.
+//! - [`admit`]: whether and when a request may go to an engine: the router-side queue
+//!   ([`admit::queue`]: priority bands, deficit round robin across tenants by estimated
+//!   tokens, bounded in length and time, sheddable requests refused at saturation).
 //! - [`request`]: the routing view of a request body (model, stream, session key, a digest of
 //!   the prompt), parsed in one pass without materialising the rest.
 //! - [`tokens`]: the stand-in tokenizer and the chained block hashes of a prompt; a model's
@@ -35,7 +38,7 @@
 //!   ([`policy::stage`]).
 //! - [`upstream`]: the pooled HTTP client to the engines and its bounded GET.
 //!
-//! Data flows one way: request → [`request`] parse → candidates from [`engines`] →
+//! Data flows one way: request → [`request`] parse → [`admit`] → candidates from [`engines`] →
 //! [`policy`] decision (with the [`prefix`] index) → [`proxy`] forward → record.
 //!
 //! The leaves on top, which use the core only through its public API (the core never imports
@@ -51,6 +54,7 @@
 //!   Alibaba Bailian) as token-id prompts, a load driver, statistics, reports, and the
 //!   exact-against-approximate `kv_lookup` comparison over router replicas.
 
+pub mod admit;
 pub mod config;
 pub mod engines;
 pub mod policy;
