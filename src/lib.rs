@@ -13,6 +13,9 @@
 //!   prefix matches from two sources, computed when a policy tier needs them
 //!   ([`proxy::kv`]), headers, response bodies, OpenAI-shaped errors and the router's own
 //!   metrics.
+//! - [`admit`]: whether and when a request may go to an engine: the router-side queue
+//!   ([`admit::queue`]: priority bands, deficit round robin across tenants by estimated
+//!   tokens, bounded in length and time, sheddable requests refused at saturation).
 //! - [`request`]: the routing view of a request body (model, stream, session key, a digest of
 //!   the prompt), parsed in one pass without materialising the rest.
 //! - [`admit`]: admission, between the parse and the candidates: a request's tenant and

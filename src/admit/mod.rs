@@ -1,12 +1,18 @@
 //! Admission: between the request parse and the candidates, who a request belongs to (its
-//! [`Tenant`]), how critical it is ([`Priority`]), and whether it may go on now: per-tenant
-//! rate limits ([`rate_limit`]).
+//! [`Tenant`]), how critical it is ([`Priority`]), and whether and when it may go to an engine
+//! (request → parse → admit → candidates → policy → forward):
 //!
-//! Request → parse → admit (tenant, limits, queue) → candidates → policy → forward. This
-//! module never imports the proxy (the proxy calls it) nor a leaf.
+//! - [`rate_limit`]: per-tenant request and token rate limits, with OpenAI's headers;
+//! - [`queue`]: the router-side queue. While no engine can take a request it waits here,
+//!   released in priority order and fair across tenants (deficit round robin by estimated
+//!   tokens); bounded in length and in time; sheddable requests are refused at saturation.
+//!
+//! Not yet wired into the proxy (issue 19). This module never imports the proxy (the proxy
+//! calls it) nor a leaf.
 
 use std::sync::Arc;
 
+pub mod queue;
 pub mod rate_limit;
 
 /// Who a request belongs to: the value of the tenant header, else a hash of the bearer token,
@@ -14,30 +20,29 @@ pub mod rate_limit;
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Tenant(pub Arc<str>);
 
-/// A request's criticality (the Gateway API Inference Extension's names), ordered so that
+/// A request's criticality, in the Gateway API Inference Extension's names. Ordered so that
 /// `Critical` comes first (is served first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Priority {
+    /// Queued ahead of everything else and never shed.
     Critical,
+    /// The default.
     Standard,
+    /// Refused at once when it would have to wait.
     Sheddable,
 }
 
 impl Priority {
-    /// `critical`, `standard` or `sheddable`, in any case; `None` for anything else.
+    /// Parses a header value, `critical`, `standard` or `sheddable` in any case.
     pub fn from_header(value: &str) -> Option<Priority> {
-        let v = value.trim();
-        if v.eq_ignore_ascii_case("critical") {
-            Some(Priority::Critical)
-        } else if v.eq_ignore_ascii_case("standard") {
-            Some(Priority::Standard)
-        } else if v.eq_ignore_ascii_case("sheddable") {
-            Some(Priority::Sheddable)
-        } else {
-            None
-        }
+        let value = value.trim();
+        [Priority::Critical, Priority::Standard, Priority::Sheddable]
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(value))
     }
 
+    /// The lower-case name (`critical`, `standard`, `sheddable`), as in the header and in
+    /// metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
             Priority::Critical => "critical",
@@ -49,22 +54,22 @@ impl Priority {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::Priority;
 
     #[test]
-    fn priority_parses_its_names_in_any_case_and_orders_critical_first() {
-        assert_eq!(Priority::from_header("Critical"), Some(Priority::Critical));
-        assert_eq!(Priority::from_header("STANDARD"), Some(Priority::Standard));
+    fn priority_parses_the_header_in_any_case_and_nothing_else() {
+        assert_eq!(Priority::from_header("critical"), Some(Priority::Critical));
+        assert_eq!(Priority::from_header("Standard"), Some(Priority::Standard));
         assert_eq!(
-            Priority::from_header("sheddable"),
+            Priority::from_header(" SHEDDABLE "),
             Some(Priority::Sheddable)
         );
-        assert_eq!(Priority::from_header("urgent"), None);
+        assert_eq!(Priority::from_header("high"), None);
         assert_eq!(Priority::from_header(""), None);
+        assert!(Priority::Critical < Priority::Standard);
+        assert!(Priority::Standard < Priority::Sheddable);
         for p in [Priority::Critical, Priority::Standard, Priority::Sheddable] {
             assert_eq!(Priority::from_header(p.as_str()), Some(p));
         }
-        assert!(Priority::Critical < Priority::Standard);
-        assert!(Priority::Standard < Priority::Sheddable);
     }
 }
