@@ -13,14 +13,14 @@
 //!   prefix matches from two sources, computed when a policy tier needs them
 //!   ([`proxy::kv`]), headers, response bodies, OpenAI-shaped errors and the router's own
 //!   metrics.
-//! - [`admit`]: whether and when a request may go to an engine: the router-side queue
-//!   ([`admit::queue`]: priority bands, deficit round robin across tenants by estimated
-//!   tokens, bounded in length and time, sheddable requests refused at saturation).
 //! - [`request`]: the routing view of a request body (model, stream, session key, a digest of
 //!   the prompt), parsed in one pass without materialising the rest.
 //! - [`admit`]: admission, between the parse and the candidates: a request's tenant and
-//!   priority, and the per-tenant rate limits ([`admit::rate_limit`]: requests and tokens per
-//!   minute, OpenAI's `x-ratelimit-*` headers and 429).
+//!   priority, the per-tenant rate limits ([`admit::rate_limit`]: requests and tokens per
+//!   minute, OpenAI's `x-ratelimit-*` headers and 429) and the router-side queue
+//!   ([`admit::queue`]: priority bands, deficit round robin across tenants by estimated
+//!   tokens, bounded in length and time, sheddable requests refused at saturation); built,
+//!   not yet wired into the proxy.
 //! - [`tokens`]: the stand-in tokenizer and the chained block hashes of a prompt; a model's
 //!   own tokenizer and chat template (`--tokenizer`): the token ids an engine sees, as many
 //!   as prefix matching can use at a cost bounded for any body ([`tokens::bound`]).
