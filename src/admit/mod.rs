@@ -2,18 +2,22 @@
 //! [`Tenant`]), how critical it is ([`Priority`]), and whether and when it may go to an engine
 //! (request → parse → admit → candidates → policy → forward):
 //!
+//! - [`tenant`]: a request's tenant (the tenant header, else a hash of its API key) and
+//!   priority (the priority header);
 //! - [`rate_limit`]: per-tenant request and token rate limits, with OpenAI's headers;
 //! - [`queue`]: the router-side queue. While no engine can take a request it waits here,
 //!   released in priority order and fair across tenants (deficit round robin by estimated
 //!   tokens); bounded in length and in time; sheddable requests are refused at saturation.
 //!
-//! Not yet wired into the proxy (issue 19). This module never imports the proxy (the proxy
+//! The proxy identifies each request's tenant and enforces the rate limits; the queue is not
+//! yet wired into the proxy (issue 19). This module never imports the proxy (the proxy
 //! calls it) nor a leaf.
 
 use std::sync::Arc;
 
 pub mod queue;
 pub mod rate_limit;
+pub mod tenant;
 
 /// Who a request belongs to: the value of the tenant header, else a hash of the bearer token,
 /// else the one anonymous tenant.

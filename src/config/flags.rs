@@ -129,6 +129,14 @@ pub struct ServeArgs {
     /// kubeconfig context's, else default].
     #[arg(long)]
     pub k8s_namespace: Option<String>,
+    /// Header whose value names the request's tenant (rate limits are per tenant); without
+    /// it, a hash of the bearer token, else one anonymous tenant.
+    #[arg(long)]
+    pub tenant_header: Option<String>,
+    /// Header carrying a request's priority: critical, standard or sheddable
+    /// [default: x-priority].
+    #[arg(long)]
+    pub priority_header: Option<String>,
     /// Comma-separated model labels, one per --static-backends entry in the same order
     /// (production-stack's flag): an engine whose label is a --prefill-model-labels value is a
     /// prefill engine, a --decode-model-labels value a decode engine, else it serves whole
@@ -231,6 +239,8 @@ pub struct FileConfig {
     pub k8s_label_selector: Option<String>,
     pub k8s_port: Option<u16>,
     pub k8s_model_label: Option<String>,
+    pub tenant_header: Option<String>,
+    pub priority_header: Option<String>,
     pub static_model_labels: Option<Vec<String>>,
     pub prefill_model_labels: Option<Vec<String>>,
     pub decode_model_labels: Option<Vec<String>>,

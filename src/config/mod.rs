@@ -106,6 +106,10 @@ pub struct RouterConfig {
     /// Per-tenant rate limits (the file's `[[rate_limit]]` tables; hot-reloaded with it:
     /// [`rate_limit_rules`]).
     pub rate_limits: RateLimitRules,
+    /// `--tenant-header` (validated header name).
+    pub tenant_header: Option<String>,
+    /// `--priority-header` (validated header name).
+    pub priority_header: String,
 }
 
 impl Default for RouterConfig {
@@ -144,6 +148,8 @@ impl Default for RouterConfig {
             decode_labels: Vec::new(),
             prefill_timeout: Duration::from_secs(300),
             rate_limits: RateLimitRules::default(),
+            tenant_header: None,
+            priority_header: crate::admit::tenant::DEFAULT_PRIORITY_HEADER.into(),
         }
     }
 }
@@ -288,6 +294,25 @@ impl RouterConfig {
         )?;
         let prefill_timeout = disagg::prefill_timeout(args, &file, first_byte_timeout)?;
         let rate_limits = rate_limit_rules(&file)?;
+        let tenant_header = args.tenant_header.clone().or(file.tenant_header.clone());
+        let priority_header = args
+            .priority_header
+            .clone()
+            .or(file.priority_header.clone())
+            .unwrap_or_else(|| d.priority_header.clone());
+        for (setting, value) in [
+            ("tenant_header", tenant_header.as_deref()),
+            ("priority_header", Some(priority_header.as_str())),
+        ] {
+            if let Some(v) = value
+                && http::HeaderName::from_bytes(v.as_bytes()).is_err()
+            {
+                return Err(invalid(
+                    setting,
+                    format!("{v:?} is not a valid header name"),
+                ));
+            }
+        }
         Ok(RouterConfig {
             host: args.host.or(file.host).unwrap_or(d.host),
             port: args.port.or(file.port).unwrap_or(d.port),
@@ -368,6 +393,8 @@ impl RouterConfig {
             decode_labels: roles.decode,
             prefill_timeout,
             rate_limits,
+            tenant_header,
+            priority_header,
         })
     }
 }

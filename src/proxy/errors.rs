@@ -1,5 +1,6 @@
 //! OpenAI-shaped JSON errors: `{"error": {"message", "type", "param", "code"}}`.
 
+use crate::admit::rate_limit::Limited;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,6 +31,9 @@ pub enum ApiError {
     BadGateway(String),
     #[error("The engine did not answer within {0:?}")]
     GatewayTimeout(Duration),
+    /// Past a rate limit: OpenAI's 429, its body and headers.
+    #[error("{}", .0.message())]
+    RateLimited(Box<Limited>),
 }
 
 impl ApiError {
@@ -44,6 +48,7 @@ impl ApiError {
             ApiError::NoHealthyEngine(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::RateLimited(l) => l.status(),
         }
     }
 
@@ -59,11 +64,15 @@ impl ApiError {
             ApiError::NoHealthyEngine(..) => ("service_unavailable", "no_healthy_engine"),
             ApiError::BadGateway(_) => ("api_error", "bad_gateway"),
             ApiError::GatewayTimeout(_) => ("api_error", "gateway_timeout"),
+            ApiError::RateLimited(l) => (l.which.as_str(), "rate_limit_exceeded"),
         }
     }
 
     /// The JSON body of this error.
     pub fn body(&self) -> Bytes {
+        if let ApiError::RateLimited(l) = self {
+            return l.error_body();
+        }
         let (kind, code) = self.kind_and_code();
         let v = serde_json::json!({
             "error": { "message": self.to_string(), "type": kind, "param": null, "code": code }
@@ -94,6 +103,11 @@ impl ApiError {
             }
             ApiError::Unauthorized(_) => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::RateLimited(l) => {
+                for (name, value) in &l.header_map() {
+                    h.insert(name.clone(), value.clone());
+                }
             }
             _ => {}
         }

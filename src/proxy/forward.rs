@@ -19,6 +19,7 @@ use super::handoff::Fields;
 use super::headers::{ClientAddr, upstream_headers};
 use super::kv::RequestKv;
 use super::telemetry::count_request;
+use crate::admit::rate_limit::{Decision, RateLimitHeaders};
 use crate::engines::{Candidate, Role};
 use crate::request::{ParseError, Parsed, RequestInfo, parse_body};
 
@@ -65,8 +66,70 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let uri = parts.uri.clone();
     let info = read_request(state, parts, body).await?;
+    let limits = rate_limit(state, &info)?;
+    let resp = dispatch(state, &info, &uri, request_id, client, model_out, start).await;
+    resp.map(|mut r| {
+        if let Some(h) = limits {
+            h.write_to(r.headers_mut());
+        }
+        r
+    })
+}
+
+/// Step 2: the request's tenant within its rate limits (the `x-ratelimit-*` headers its
+/// answer gets, if a rule applies), or 429.
+fn rate_limit(state: &AppState, info: &RequestInfo) -> Result<Option<RateLimitHeaders>, ApiError> {
+    let rules = state.limiter.rules();
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    let tenant = state.identify.tenant(&info.headers);
+    let Some(limits) = rules.for_tenant(&tenant) else {
+        return Ok(None);
+    };
+    // Tokens: the prompt estimate plus what the request may generate.
+    let tokens = match limits.tokens_per_minute {
+        Some(_) => info.prompt_tokens() as u64 + max_tokens_of(&info.body),
+        None => 0,
+    };
+    match state.limiter.check(&tenant, tokens, Instant::now()) {
+        Decision::Allowed { headers } => Ok(Some(headers)),
+        Decision::Limited(l) => {
+            metrics::counter!("switchyard_rate_limited_total", "limit" => l.which.as_str())
+                .increment(1);
+            tracing::debug!(tenant = %tenant.0, limit = l.which.as_str(), "rate limited");
+            Err(ApiError::RateLimited(Box::new(l)))
+        }
+    }
+}
+
+/// The most tokens the request may generate: `max_completion_tokens`, else `max_tokens`, else 0
+/// (the engine's default is not known here).
+fn max_tokens_of(body: &[u8]) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Max {
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+    }
+    serde_json::from_slice::<Max>(body)
+        .ok()
+        .and_then(|m| m.max_completion_tokens.or(m.max_tokens))
+        .unwrap_or(0)
+}
+
+/// Steps 3 to 5: candidates, the policy's decision(s), the attempts, the answer.
+async fn dispatch(
+    state: &AppState,
+    info: &RequestInfo,
+    uri: &http::Uri,
+    request_id: &HeaderValue,
+    client: &ClientAddr,
+    model_out: &mut Option<Arc<str>>,
+    start: Instant,
+) -> Result<Response<RouterBody>, ApiError> {
+    let (info, uri) = (info, uri.clone());
     let model: Arc<str> = Arc::from(info.model.as_str());
-    let pools = candidates(state, &info);
+    let pools = candidates(state, info);
     // Only served models become label values: clients cannot mint metric series.
     if !matches!(pools, Err(ApiError::ModelNotFound(_))) {
         *model_out = Some(Arc::clone(&model));
@@ -76,7 +139,7 @@ async fn forward(
     let cands = match state.policies.handoff_for(&info.model) {
         None => pools.whole(),
         Some(handoff) => {
-            let split = match whole_reason(&info, &pools) {
+            let split = match whole_reason(info, &pools) {
                 Some(reason) => Err(reason),
                 None => match Fields::parse(&info.body) {
                     Ok(f) if f.choices() > 1 => Err("aggregated_n"),
@@ -87,7 +150,7 @@ async fn forward(
             match split {
                 Ok(fields) => {
                     return disagg::forward(
-                        state, &info, &fields, &uri, &headers, pools, handoff, &model, start,
+                        state, info, &fields, &uri, &headers, pools, handoff, &model, start,
                     )
                     .await;
                 }
@@ -104,8 +167,8 @@ async fn forward(
             state.cfg.health_probe_interval,
         ));
     }
-    match attempt_engines(state, &info, &uri, &headers, cands, &model).await {
-        Attempts::Answered(a) => Ok(relay(state, &info, a, &model, start, None)),
+    match attempt_engines(state, info, &uri, &headers, cands, &model).await {
+        Attempts::Answered(a) => Ok(relay(state, info, a, &model, start, None)),
         Attempts::EngineError(resp, engine) => {
             engine_error_response(state, resp, &engine, &model).await
         }

@@ -44,6 +44,10 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Everything a request handler needs.
 pub struct AppState {
     pub cfg: RouterConfig,
+    /// Reads each request's tenant and priority.
+    pub identify: crate::admit::tenant::Identify,
+    /// The per-tenant rate limits (the config file's `[[rate_limit]]`, reloaded with it).
+    pub limiter: Arc<crate::admit::rate_limit::RateLimiter>,
     pub registry: Arc<Registry>,
     pub policies: Arc<PolicyStore>,
     pub prefix: Arc<PrefixIndex>,
@@ -90,6 +94,32 @@ pub enum StartError {
         "model `{model}` is routed by `{policy}`, a disaggregated policy, but no static backend serving it is a decode engine (set --static-model-labels and --decode-model-labels)"
     )]
     NoDecodeEngine { model: String, policy: String },
+}
+
+/// The config file's loader, also re-reading its `[[rate_limit]]` tables into `limiter` on
+/// every reload (a file whose tables are invalid leaves the limits in effect, logged).
+fn reload_rate_limits_too(
+    loader: Option<SettingsLoader>,
+    config_file: Option<std::path::PathBuf>,
+    limiter: &Arc<crate::admit::rate_limit::RateLimiter>,
+) -> Option<SettingsLoader> {
+    let (load, path) = (loader?, config_file);
+    let Some(path) = path else {
+        return Some(load);
+    };
+    let limiter = Arc::clone(limiter);
+    Some(Arc::new(move || {
+        match crate::config::load_file(&path).and_then(|f| crate::config::rate_limit_rules(&f)) {
+            Ok(rules) => {
+                limiter.update(rules);
+                tracing::info!("rate limits reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "rate limits not reloaded; the previous ones stay")
+            }
+        }
+        load()
+    }))
 }
 
 /// With static backends, every model whose policy is disaggregated must have a decode engine.
@@ -228,6 +258,11 @@ pub async fn start(
     }
     let prefix = Arc::new(PrefixIndex::new(cfg.prefix_index_bytes));
     let policies = PolicyStore::new(cfg.policy.clone(), cfg.block_size)?;
+    let limiter = Arc::new(crate::admit::rate_limit::RateLimiter::new(
+        cfg.rate_limits.clone(),
+    ));
+    let settings_loader =
+        reload_rate_limits_too(settings_loader, cfg.config_file.clone(), &limiter);
     if !cfg.discovery.is_dynamic() {
         check_pools(&registry, &policies)?;
     }
@@ -304,7 +339,19 @@ pub async fn start(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let identify = crate::admit::tenant::Identify {
+        tenant_header: cfg
+            .tenant_header
+            .as_deref()
+            .and_then(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()),
+        priority_header: HeaderName::from_bytes(
+            cfg.priority_header.to_ascii_lowercase().as_bytes(),
+        )
+        .unwrap_or_else(|_| HeaderName::from_static(crate::admit::tenant::DEFAULT_PRIORITY_HEADER)),
+    };
     let state = Arc::new(AppState {
+        identify,
+        limiter,
         cfg,
         registry,
         policies,

@@ -197,6 +197,9 @@ pub fn register_families(registry: &Registry, policies: &PolicyStore) {
     for result in ["ok", "error"] {
         metrics::counter!("switchyard_tokenize_total", "result" => result).increment(0);
     }
+    for limit in ["requests", "tokens"] {
+        metrics::counter!("switchyard_rate_limited_total", "limit" => limit).increment(0);
+    }
     for reason in CONNECTION_CLOSE_REASONS {
         metrics::counter!("switchyard_client_connections_closed_total", "reason" => *reason)
             .increment(0);
