@@ -201,13 +201,7 @@ builtin = "fallback"
 
 /// A policies directory with the shipped policies and `first_first`.
 fn policies_with_first_first() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for e in std::fs::read_dir(shipped_policies()).expect("policies") {
-        let e = e.expect("entry");
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copy");
-    }
-    std::fs::write(dir.path().join("first_first.toml"), FIRST_FIRST).expect("write");
-    dir
+    shipped_policies_with("first_first", FIRST_FIRST)
 }
 
 /// A URL where nothing listens.

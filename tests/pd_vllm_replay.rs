@@ -297,13 +297,7 @@ builtin = "least_loaded"
 
 /// A policies directory with the shipped policies and `always_prefill`.
 fn policies() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for e in std::fs::read_dir(shipped_policies()).expect("policies") {
-        let e = e.expect("entry");
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copy");
-    }
-    std::fs::write(dir.path().join("always_prefill.toml"), ALWAYS_PREFILL).expect("write");
-    dir
+    shipped_policies_with("always_prefill", ALWAYS_PREFILL)
 }
 
 /// The router in front of `p` prefill and `d` decode stubs, serving the recordings' model.

@@ -59,6 +59,17 @@ pub fn shipped_policies() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies")
 }
 
+/// A policies directory holding the shipped policies plus `NAME.toml` with `text`.
+pub fn shipped_policies_with(name: &str, text: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for e in std::fs::read_dir(shipped_policies()).expect("policies") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copy");
+    }
+    std::fs::write(dir.path().join(format!("{name}.toml")), text).expect("write");
+    dir
+}
+
 /// A router in front of `sims`, configured by `tweak`.
 pub async fn start_router(urls: &[String], tweak: impl FnOnce(&mut RouterConfig)) -> RunningRouter {
     let mut cfg = RouterConfig::for_backends(urls, MODEL);
