@@ -127,7 +127,6 @@ async fn dispatch(
     model_out: &mut Option<Arc<str>>,
     start: Instant,
 ) -> Result<Response<RouterBody>, ApiError> {
-    let (info, uri) = (info, uri.clone());
     let model: Arc<str> = Arc::from(info.model.as_str());
     let pools = candidates(state, info);
     // Only served models become label values: clients cannot mint metric series.
@@ -150,7 +149,7 @@ async fn dispatch(
             match split {
                 Ok(fields) => {
                     return disagg::forward(
-                        state, info, &fields, &uri, &headers, pools, handoff, &model, start,
+                        state, info, &fields, uri, &headers, pools, handoff, &model, start,
                     )
                     .await;
                 }
@@ -167,7 +166,7 @@ async fn dispatch(
             state.cfg.health_probe_interval,
         ));
     }
-    match attempt_engines(state, info, &uri, &headers, cands, &model).await {
+    match attempt_engines(state, info, uri, &headers, cands, &model).await {
         Attempts::Answered(a) => Ok(relay(state, info, a, &model, start, None)),
         Attempts::EngineError(resp, engine) => {
             engine_error_response(state, resp, &engine, &model).await
