@@ -16,7 +16,7 @@ pub const DEFAULT_PRIORITY_HEADER: &str = "x-priority";
 /// The tenant of requests with neither a tenant header nor a bearer token.
 pub const ANONYMOUS: &str = "anonymous";
 /// The longest tenant header value taken as it is; a longer one is hashed like a key.
-const MAX_TENANT_CHARS: usize = 128;
+pub const MAX_TENANT_CHARS: usize = 128;
 
 /// Reads a request's tenant and priority.
 #[derive(Debug, Clone)]

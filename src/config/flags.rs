@@ -137,6 +137,20 @@ pub struct ServeArgs {
     /// [default: x-priority].
     #[arg(long)]
     pub priority_header: Option<String>,
+    /// Hold requests in the router: an engine is sent a request only while its waiting queue
+    /// (the scraped vllm:num_requests_waiting, corrected by the router's own requests since the
+    /// scrape) is below N; the others wait in the router, released in priority order and fair
+    /// across tenants [default: 0: never hold].
+    #[arg(long)]
+    pub engine_queue_limit: Option<u32>,
+    /// With --engine-queue-limit: requests that may wait in the router at once, all models
+    /// together; one more is answered 429 [default: 1024].
+    #[arg(long)]
+    pub max_queued: Option<usize>,
+    /// With --engine-queue-limit: seconds a request may wait in the router before it is
+    /// answered 503 [default: 60].
+    #[arg(long)]
+    pub queue_timeout: Option<f64>,
     /// Comma-separated model labels, one per --static-backends entry in the same order
     /// (production-stack's flag): an engine whose label is a --prefill-model-labels value is a
     /// prefill engine, a --decode-model-labels value a decode engine, else it serves whole
@@ -241,6 +255,13 @@ pub struct FileConfig {
     pub k8s_model_label: Option<String>,
     pub tenant_header: Option<String>,
     pub priority_header: Option<String>,
+    pub engine_queue_limit: Option<u32>,
+    pub max_queued: Option<usize>,
+    pub queue_timeout: Option<f64>,
+    /// Deficit-round-robin weights of tenants in the router's queue: `[tenant_weights]
+    /// "gold" = 4` (default 1; hot-reloaded).
+    #[serde(default)]
+    pub tenant_weights: BTreeMap<String, u32>,
     pub static_model_labels: Option<Vec<String>>,
     pub prefill_model_labels: Option<Vec<String>>,
     pub decode_model_labels: Option<Vec<String>>,

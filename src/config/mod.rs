@@ -16,6 +16,7 @@ mod discovery;
 mod flags;
 mod kv_events;
 mod policies;
+mod queue;
 mod rate_limits;
 
 pub use backends::Backend;
@@ -23,6 +24,7 @@ use backends::backends_from;
 pub use flags::{FileConfig, ServeArgs};
 pub use kv_events::KvEventsSettings;
 pub use policies::{policy_settings, resolve_policies_dir};
+pub use queue::{QueueSettings, tenant_weights};
 pub use rate_limits::rate_limit_rules;
 
 /// A configuration error; the message names the setting.
@@ -110,6 +112,8 @@ pub struct RouterConfig {
     pub tenant_header: Option<String>,
     /// `--priority-header` (validated header name).
     pub priority_header: String,
+    /// The router-side queue (`--engine-queue-limit` and its bounds, tenant weights).
+    pub queue: QueueSettings,
 }
 
 impl Default for RouterConfig {
@@ -150,6 +154,7 @@ impl Default for RouterConfig {
             rate_limits: RateLimitRules::default(),
             tenant_header: None,
             priority_header: crate::admit::tenant::DEFAULT_PRIORITY_HEADER.into(),
+            queue: QueueSettings::default(),
         }
     }
 }
@@ -294,6 +299,7 @@ impl RouterConfig {
         )?;
         let prefill_timeout = disagg::prefill_timeout(args, &file, first_byte_timeout)?;
         let rate_limits = rate_limit_rules(&file)?;
+        let queue = queue::queue_settings(args, &file)?;
         let tenant_header = args.tenant_header.clone().or(file.tenant_header.clone());
         let priority_header = args
             .priority_header
@@ -395,6 +401,7 @@ impl RouterConfig {
             rate_limits,
             tenant_header,
             priority_header,
+            queue,
         })
     }
 }
