@@ -443,3 +443,65 @@ async fn a_failing_admission_script_costs_no_request_and_routing_scripts_cannot_
         assert!(counted, "{policy}'s error counted:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_weights_come_from_the_config_file_and_reload_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("switchyard.toml");
+    std::fs::write(&conf, "[tenant_weights]\n\"gold\" = 2\n").expect("write config");
+    let engine = GateEngine::start(1, 1).await;
+    let file = switchyard::config::load_file(&conf).expect("config");
+    let weights = switchyard::config::tenant_weights(&file).expect("weights");
+    let loader: switchyard::policy::SettingsLoader = {
+        let conf = conf.clone();
+        std::sync::Arc::new(move || {
+            let file = switchyard::config::load_file(&conf).map_err(|e| e.to_string())?;
+            let mut s = switchyard::config::policy_settings(&Default::default(), &file)
+                .map_err(|e| e.to_string())?;
+            s.dir = shipped_policies();
+            Ok(s)
+        })
+    };
+    let mut cfg = RouterConfig::for_backends(&[engine.url.clone()], MODEL);
+    cfg.policy.dir = shipped_policies();
+    cfg.engine_stats_interval = Duration::from_secs(3600);
+    cfg.tenant_header = Some("x-tenant".into());
+    cfg.queue.engine_queue_limit = 2;
+    cfg.queue.tenant_weights = weights;
+    cfg.config_file = Some(conf.clone());
+    let router = switchyard::proxy::start(cfg, Some(loader))
+        .await
+        .expect("router starts");
+    let (c, url) = (client(), router.url());
+    eventually_scraped(&c, &url).await;
+    let first = spawn_send(req(&url, "first", "gold", "standard"));
+    eventually("first reaches the engine", || engine.arrived().len() == 1).await;
+    let gold = send_queued(&c, &url, req(&url, "gold-1", "gold", "standard")).await;
+    let weight =
+        |h: &Value| h["queue"]["models"][MODEL]["bands"][1]["tenants"][0]["weight"].clone();
+    assert_eq!(weight(&get(&c, &url, "/health").await.json()), 2);
+    std::fs::write(&conf, "[tenant_weights]\n\"gold\" = 5\n").expect("write config");
+    let deadline = std::time::Instant::now() + SAFETY;
+    while weight(&get(&c, &url, "/health").await.json()) != 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new weight never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while engine.release_one() || engine.arrived().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while engine.release_one() {}
+    for t in [first, gold] {
+        assert_eq!(t.await.expect("task").status, StatusCode::OK);
+    }
+}
+
+async fn eventually_scraped(c: &TestClient, url: &str) {
+    let deadline = std::time::Instant::now() + SAFETY;
+    while get(c, url, "/health").await.json()["engines"][0]["stats_age_seconds"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "never scraped");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

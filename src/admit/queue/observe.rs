@@ -48,7 +48,8 @@ pub fn register_metrics() {
         let (p, t) = (priority.as_str(), crate::request::admission::ANONYMOUS);
         metrics::gauge!("switchyard_queue_length", "priority" => p, "tenant" => t).increment(0.0);
         // Registered, not recorded: the family shows with a count of 0.
-        let _ = metrics::histogram!("switchyard_queue_wait_seconds", "priority" => p, "tenant" => t);
+        let _ =
+            metrics::histogram!("switchyard_queue_wait_seconds", "priority" => p, "tenant" => t);
     }
 }
 
