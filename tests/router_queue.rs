@@ -462,7 +462,7 @@ async fn tenant_weights_come_from_the_config_file_and_reload_with_it() {
             Ok(s)
         })
     };
-    let mut cfg = RouterConfig::for_backends(&[engine.url.clone()], MODEL);
+    let mut cfg = RouterConfig::for_backends(std::slice::from_ref(&engine.url), MODEL);
     cfg.policy.dir = shipped_policies();
     cfg.engine_stats_interval = Duration::from_secs(3600);
     cfg.tenant_header = Some("x-tenant".into());
