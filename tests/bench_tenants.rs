@@ -65,7 +65,8 @@ async fn a_quick_tenants_bench_measures_both_tenants_in_every_run() {
         );
         assert!(run.quiet.ttft.is_some(), "{n}");
         assert_eq!(run.noisy.sent > 0, run.flood, "{n}: {:?}", run.noisy);
-        // Every request of the run, its tenant recorded; whole answers only.
+        // Every request of the run, its tenant recorded; whole answers only, of half to one
+        // and a half times ANSWER tokens.
         let quiet = recs
             .iter()
             .filter(|r| r.tenant == TenantName::Quiet)
@@ -75,7 +76,7 @@ async fn a_quick_tenants_bench_measures_both_tenants_in_every_run() {
         assert!(
             recs.iter()
                 .filter(|r| r.record.is_ok())
-                .all(|r| r.record.output_tokens == ANSWER),
+                .all(|r| (ANSWER / 2..=ANSWER * 3 / 2).contains(&r.record.output_tokens)),
             "{n}"
         );
         assert!(

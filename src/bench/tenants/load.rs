@@ -2,8 +2,11 @@
 //! sending its next request as soon as the previous one ended, and the quiet tenant's
 //! open-loop Poisson arrivals, each request on its own whatever the others do. Every request is
 //! a streamed chat completion with a unique prompt, carrying `x-tenant: noisy|quiet` and its
-//! client's `x-user-id`. Both tenants send until the end of the run's window, then the requests
-//! in flight are read to their end.
+//! client's `x-user-id`; its prompt and answer lengths are drawn uniformly from half to one and
+//! a half times `prompt_tokens` and `answer_tokens` (seeded), and the noisy clients start
+//! spread over the first half of the warm-up, so that the flood does not run in lockstep waves
+//! of equal requests. Both tenants send until the end of the run's window, then the requests in
+//! flight are read to their end.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +28,8 @@ pub const TENANT_HEADER: &str = "x-tenant";
 const NOISY_STREAM: u64 = 1 << 40;
 const QUIET_STREAM: u64 = 2 << 40;
 const ARRIVALS_STREAM: u64 = 3;
+/// The lengths of a request come from its text stream mixed with this.
+const SIZES_STREAM: u64 = 4;
 
 /// The two tenants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -51,7 +56,8 @@ pub struct TenantLoad {
     pub noisy_clients: usize,
     /// The quiet tenant's Poisson rate, requests per simulated second.
     pub quiet_qps: f64,
-    /// Tokens of every prompt (unique text: no prefix-cache hit) and of every answer.
+    /// Mean tokens of a prompt (unique text: no prefix-cache hit) and of an answer; each
+    /// request's are uniform in `[⌈n/2⌉, n + ⌊n/2⌋]` (see [`lengths`]).
     pub prompt_tokens: usize,
     pub answer_tokens: usize,
     pub seed: u64,
@@ -78,6 +84,15 @@ impl TenantLoad {
         }
         out
     }
+}
+
+/// A request's prompt and answer lengths around the means `prompt` and `answer`: each uniform
+/// in `[⌈n/2⌉, n + ⌊n/2⌋]` (mean `n` for even `n`), seeded by `seed`.
+pub fn lengths(seed: u64, prompt: usize, answer: usize) -> (usize, usize) {
+    let mut rng = fastrand::Rng::with_seed(mix(seed, SIZES_STREAM));
+    let mut around = |n: usize| rng.usize(n.div_ceil(2).max(1)..=(n + n / 2).max(1));
+    let p = around(prompt);
+    (p, around(answer))
 }
 
 /// One request of a run and its tenant.
@@ -153,13 +168,16 @@ impl Ctx {
         self.t0 + Duration::from_secs_f64(at * self.cfg.time_scale)
     }
 
-    /// A streamed chat completion with a unique prompt from text stream `stream`.
+    /// A streamed chat completion with a unique prompt from text stream `stream`, its lengths
+    /// drawn by [`lengths`].
     fn body(&self, stream: u64) -> Option<Bytes> {
-        let prompt = TextGen::new(self.load.seed, stream).text(self.load.prompt_tokens);
+        let l = &self.load;
+        let (prompt, answer) = lengths(mix(l.seed, stream), l.prompt_tokens, l.answer_tokens);
+        let prompt = TextGen::new(l.seed, stream).text(prompt);
         let body = serde_json::json!({
             "model": self.cfg.model,
             "messages": [{ "role": "user", "content": prompt }],
-            "max_tokens": self.load.answer_tokens,
+            "max_tokens": answer,
             "stream": true,
             "ignore_eos": true,
         });
@@ -199,14 +217,16 @@ impl Ctx {
     }
 }
 
-/// Noisy client `i`: requests back to back until the window's end. After a refusal or a
-/// failure it waits the answer's `Retry-After` (wall seconds, as a client library would), else
-/// one simulated second, and never past the window's end.
+/// Noisy client `i` of `n`: starts at `i / n` of half the warm-up, then sends requests back
+/// to back until the window's end. After a refusal or a failure it waits the answer's
+/// `Retry-After` (wall seconds, as a client library would), else one simulated second, and
+/// never past the window's end.
 async fn noisy_client(ctx: Arc<Ctx>, i: usize) -> Vec<TenantRecord> {
     let user = format!("noisy-{i}");
     let end = ctx.at(ctx.load.end());
     let mut records = Vec::new();
-    let mut due = ctx.t0;
+    let n = ctx.load.noisy_clients.max(1);
+    let mut due = ctx.at(ctx.load.warmup / 2.0 * i as f64 / n as f64);
     tokio::time::sleep_until(due.into()).await;
     for k in 0.. {
         if Instant::now() >= end {
@@ -272,6 +292,29 @@ mod tests {
         // 200 expected; a Poisson count's standard deviation is ~14.
         assert!((140..=260).contains(&a.len()), "{}", a.len());
         assert_ne!(a, TenantLoad { seed: 8, ..l }.quiet_arrivals());
+    }
+
+    #[test]
+    fn lengths_spread_around_their_means() {
+        let (mut p_sum, mut a_sum) = (0, 0);
+        for s in 0..2000 {
+            let (p, a) = lengths(s, 512, 128);
+            assert!(
+                (256..=768).contains(&p) && (64..=192).contains(&a),
+                "{p} {a}"
+            );
+            p_sum += p;
+            a_sum += a;
+        }
+        // Means within 3 % of 512 and 128.
+        assert!((p_sum as f64 / 2000.0 - 512.0).abs() < 15.0, "{p_sum}");
+        assert!((a_sum as f64 / 2000.0 - 128.0).abs() < 4.0, "{a_sum}");
+        assert_eq!(lengths(3, 512, 128), lengths(3, 512, 128));
+        assert_eq!(lengths(3, 1, 1), (1, 1));
+        for s in 0..50 {
+            let (p, a) = lengths(s, 2, 3);
+            assert!((1..=3).contains(&p) && (2..=4).contains(&a), "{p} {a}");
+        }
     }
 
     #[test]
