@@ -128,9 +128,10 @@ async fn a_quick_tenants_bench_measures_both_tenants_in_every_run() {
     );
     let json = serde_json::to_value(&report).expect("JSON");
     assert_eq!(
-        json["runs"][1]["quiet_p90_vs_alone"].as_f64().is_some(),
-        true
+        json["runs"][1]["quiet_p90_vs_alone"].as_f64(),
+        report.runs[1].quiet_p90_vs_alone
     );
+    assert!(json.get("records").is_none(), "requests go to the CSV only");
 }
 
 /// The router's refusals (here a rate limit on the noisy tenant: 429 with `Retry-After`) are
