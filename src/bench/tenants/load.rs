@@ -16,10 +16,10 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use super::super::driver::{BenchClient, DriveConfig, SESSION_HEADER, on_client_thread, send};
-use super::super::stats::{Outcome, RequestRecord};
-use super::super::text::{TextGen, mix};
-use super::super::workload::exp_gap;
+use crate::bench::driver::{BenchClient, DriveConfig, SESSION_HEADER, on_client_thread, send};
+use crate::bench::stats::{Outcome, RequestRecord};
+use crate::bench::text::{TextGen, mix};
+use crate::bench::workload::exp_gap;
 
 /// The header naming a request's tenant (the router's `tenant_header`).
 pub const TENANT_HEADER: &str = "x-tenant";
@@ -110,7 +110,7 @@ pub fn is_rejection(outcome: &Outcome) -> bool {
 }
 
 /// [`drive`] on the client's own thread and runtime (see
-/// [`super::super::driver::drive_isolated`]).
+/// [`crate::bench::driver::drive_isolated`]).
 pub async fn drive_isolated(
     cfg: DriveConfig,
     load: TenantLoad,
@@ -212,7 +212,11 @@ impl Ctx {
         .await;
         let retry_after = done.exchange.retry_after();
         let record = done.record(index.0, index.1, 0, self.t0, due, self.cfg.time_scale);
-        self.progress.inc(1);
+        if tenant == TenantName::Quiet {
+            // The bar's length is the quiet tenant's requests (the noisy tenant's are not known
+            // ahead).
+            self.progress.inc(1);
+        }
         (TenantRecord { tenant, record }, retry_after)
     }
 }

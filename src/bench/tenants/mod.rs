@@ -242,8 +242,7 @@ async fn execute(args: &BenchArgs, show: bool) -> Result<TenantsReport, BenchErr
             noisy_clients: if plan.flood { s.load.noisy_clients } else { 0 },
             ..s.load.clone()
         };
-        // The bar counts requests sent, its length the quiet tenant's (the noisy tenant's are
-        // not known ahead).
+        // The bar counts the quiet tenant's requests (the noisy tenant's are not known ahead).
         let bar = progress_bar(load.quiet_arrivals().len(), &plan.name, show);
         let wall = Instant::now();
         let limit = plan.engine_queue_limit;

@@ -10,8 +10,8 @@
 
 use serde::Serialize;
 
-use super::super::stats::{Outcome, Summary, percentile};
 use super::load::{TenantName, TenantRecord, is_rejection};
+use crate::bench::stats::{Outcome, Summary, percentile};
 
 /// The measured window, simulated seconds from the run's start.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -164,13 +164,13 @@ pub fn compare(runs: &mut [TenantRun]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::stats::tests::record;
     use super::*;
+    use crate::bench::stats::tests::record;
 
     fn rec(tenant: TenantName, start: f64, ttft: f64, e2e: f64, outcome: Outcome) -> TenantRecord {
         TenantRecord {
             tenant,
-            record: super::super::super::stats::RequestRecord {
+            record: crate::bench::stats::RequestRecord {
                 e2e,
                 outcome,
                 lag: start / 100.0,
