@@ -104,10 +104,10 @@ async fn send_queued(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_requests_go_one_per_freed_place_critical_first_and_fair_across_tenants() {
-    // One running, one waiting at the scrape: with a limit of 2, exactly one request of the
-    // router's may be on the engine at a time.
+    // One running, one waiting at the scrape: with a limit of 3, exactly one request of the
+    // router's may be on the engine at a time (the engine's queue, counting it, is 2).
     let engine = GateEngine::start(1, 1).await;
-    let router = router(&[&engine], 2, |_| {}).await;
+    let router = router(&[&engine], 3, |_| {}).await;
     let (c, url) = (client(), router.url());
     let first = spawn_send(req(&url, "first", "noisy", "standard"));
     eventually("first reaches the engine", || engine.arrived().len() == 1).await;
@@ -125,7 +125,7 @@ async fn held_requests_go_one_per_freed_place_critical_first_and_fair_across_ten
     let h = get(&c, &url, "/health").await.json();
     let m = &h["queue"]["models"][MODEL];
     assert_eq!(h["queue"]["queued"], 7, "{h}");
-    assert_eq!(h["queue"]["engine_queue_limit"], 2);
+    assert_eq!(h["queue"]["engine_queue_limit"], 3);
     assert_eq!(m["bands"][0]["priority"], "critical");
     assert_eq!(m["bands"][0]["queued"], 1);
     assert_eq!(m["bands"][1]["queued"], 6);
@@ -200,7 +200,7 @@ async fn held_requests_go_one_per_freed_place_critical_first_and_fair_across_ten
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_is_bounded_in_length_and_time_and_a_client_that_leaves_leaves_it() {
     let engine = GateEngine::start(1, 1).await;
-    let router = router(&[&engine], 2, |c| {
+    let router = router(&[&engine], 3, |c| {
         c.queue.max_queued = 2;
         c.queue.queue_timeout = Duration::from_millis(700);
     })
@@ -276,7 +276,7 @@ async fn eventually_async(c: &TestClient, url: &str, want: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engines_at_the_limit_are_passed_over_and_unknown_models_are_not_queued() {
-    // `busy` has 5 waiting, past the limit of 3; `free` has room.
+    // `busy` has 5 waiting, past the limit of 3; `free` has room (never seen full).
     let busy = GateEngine::start(4, 5).await;
     let free = GateEngine::start(0, 0).await;
     let router = router(&[&busy, &free], 3, |c| {
@@ -342,12 +342,11 @@ async fn admission_rhai_sets_tenants_and_priorities_that_the_queue_and_routing_s
     let dir = shipped_policies_with("unused", "[[tier]]\nbuiltin = \"fallback\"\n");
     std::fs::write(dir.path().join("admission.rhai"), ADMISSION).expect("write");
     std::fs::write(dir.path().join("by_priority.rhai"), BY_PRIORITY).expect("write");
-    // Engine 0 is at the limit (one running, one waiting, limit 2, after one request);
-    // engine 1 has room for one.
+    // Each engine takes one request of the router's (one running, one waiting, limit 3).
     let first = GateEngine::start(1, 1).await;
     let second = GateEngine::start(1, 1).await;
     let policies = dir.path().to_path_buf();
-    let router = router(&[&first, &second], 2, move |c| {
+    let router = router(&[&first, &second], 3, move |c| {
         c.policy.dir = policies;
         c.policy.default_policy = "by_priority".into();
         c.policy.script_time_budget = Duration::from_secs(5);
@@ -466,7 +465,7 @@ async fn tenant_weights_come_from_the_config_file_and_reload_with_it() {
     cfg.policy.dir = shipped_policies();
     cfg.engine_stats_interval = Duration::from_secs(3600);
     cfg.tenant_header = Some("x-tenant".into());
-    cfg.queue.engine_queue_limit = 2;
+    cfg.queue.engine_queue_limit = 3;
     cfg.queue.tenant_weights = weights;
     cfg.config_file = Some(conf.clone());
     let router = switchyard::proxy::start(cfg, Some(loader))
