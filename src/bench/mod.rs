@@ -92,16 +92,26 @@ pub enum BenchError {
 /// figure, and writes `bench.json`, `bench.md`, `bench.svg` and `requests.csv` to `--out`.
 pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
     let report = execute(&args, !args.quiet).await?;
-    println!("\n{}", report.render_text());
-    let written = report
-        .write_files(&args.out)
-        .map_err(|source| BenchError::Write {
-            path: args.out.display().to_string(),
-            source,
-        })?;
+    print_and_write(&report.render_text(), &args.out, |dir| {
+        report.write_files(dir)
+    })?;
+    Ok(report)
+}
+
+/// Prints a report's table, writes its files to `out` with `write` and names them.
+pub(crate) fn print_and_write(
+    table: &str,
+    out: &std::path::Path,
+    write: impl FnOnce(&std::path::Path) -> Result<Vec<std::path::PathBuf>, std::io::Error>,
+) -> Result<(), BenchError> {
+    println!("\n{table}");
+    let written = write(out).map_err(|source| BenchError::Write {
+        path: out.display().to_string(),
+        source,
+    })?;
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     println!("Wrote {}", names.join(", "));
-    Ok(report)
+    Ok(())
 }
 
 /// Runs the benchmark without printing or writing files.

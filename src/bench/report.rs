@@ -469,14 +469,22 @@ impl BenchReport {
             ),
             ("requests.csv", self.render_csv()),
         ];
-        let mut written = Vec::new();
-        for (name, body) in files {
-            let path = dir.join(name);
-            std::fs::write(&path, body)?;
-            written.push(path);
-        }
-        Ok(written)
+        write_named(dir, files)
     }
+}
+
+/// Writes each `(name, body)` into `dir`; returns the paths written.
+pub(super) fn write_named(
+    dir: &Path,
+    files: impl IntoIterator<Item = (&'static str, String)>,
+) -> Result<Vec<PathBuf>, std::io::Error> {
+    let mut written = Vec::new();
+    for (name, body) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, body)?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 #[cfg(test)]

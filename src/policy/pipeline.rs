@@ -217,16 +217,8 @@ impl CompiledPolicy {
                         Ctx::new(req, cands, &self.state, kv).for_stage(stage)
                     });
                     // A request never fails because of a script, not even if evaluation panics.
-                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    let outcome = guarded(s, || {
                         script::eval(engine, s, ctx, &self.params, script_budget)
-                    }))
-                    .unwrap_or_else(|_| {
-                        Err(ScriptError {
-                            line: s.origin.0,
-                            col: s.origin.1,
-                            message: "script evaluation panicked".into(),
-                            reason: ErrorReason::Panic,
-                        })
                     });
                     match outcome {
                         Ok(Outcome::Engine(e, ORIGIN_SCRIPT)) => return (e, self.tier_label(i)),
@@ -258,16 +250,8 @@ impl CompiledPolicy {
             let TierKind::Script(s) = &tier.kind else {
                 continue;
             };
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let outcome = guarded(s, || {
                 script::run_for_effect(engine, s, &ctx, &self.params, script_budget)
-            }))
-            .unwrap_or_else(|_| {
-                Err(ScriptError {
-                    line: s.origin.0,
-                    col: s.origin.1,
-                    message: "script evaluation panicked".into(),
-                    reason: ErrorReason::Panic,
-                })
             });
             if let Err(err) = outcome {
                 self.script_failed(tier, s, &err);
@@ -314,4 +298,19 @@ impl CompiledPolicy {
     pub fn tier_names(&self) -> Vec<String> {
         self.tiers.iter().map(|t| t.name.to_string()).collect()
     }
+}
+
+/// Runs `f`, an evaluation of `script`; a panic becomes the script's error.
+fn guarded<T>(
+    script: &Script,
+    f: impl FnOnce() -> Result<T, ScriptError>,
+) -> Result<T, ScriptError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(ScriptError {
+            line: script.origin.0,
+            col: script.origin.1,
+            message: "script evaluation panicked".into(),
+            reason: ErrorReason::Panic,
+        })
+    })
 }

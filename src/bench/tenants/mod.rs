@@ -201,15 +201,9 @@ fn setup(args: &BenchArgs) -> Result<TenantSetup, BenchError> {
 /// `bench.md` and `requests.csv` to `--out`.
 pub async fn run(args: BenchArgs) -> Result<TenantsReport, BenchError> {
     let report = execute(&args, !args.quiet).await?;
-    println!("\n{}", report.render_text());
-    let written = report
-        .write_files(&args.out)
-        .map_err(|source| BenchError::Write {
-            path: args.out.display().to_string(),
-            source,
-        })?;
-    let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
-    println!("Wrote {}", names.join(", "));
+    super::print_and_write(&report.render_text(), &args.out, |dir| {
+        report.write_files(dir)
+    })?;
     Ok(report)
 }
 

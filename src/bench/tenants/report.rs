@@ -243,12 +243,6 @@ impl TenantsReport {
             ("bench.md", self.render_markdown()),
             ("requests.csv", self.render_csv()),
         ];
-        let mut written = Vec::new();
-        for (name, body) in files {
-            let path = dir.join(name);
-            std::fs::write(&path, body)?;
-            written.push(path);
-        }
-        Ok(written)
+        crate::bench::report::write_named(dir, files)
     }
 }
