@@ -3,6 +3,7 @@
 //! last word; where a request's prefix matches come from. Used by the aggregated path
 //! (`forward`) and the disaggregated one (`disagg`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ use super::headers::{
 use super::kv::Sources;
 use super::telemetry::{RequestRecord, count_request};
 use crate::engines::{Engine, InFlightGuard};
+use crate::otel::{AttemptOutcome, AttemptSpan, AttemptTarget, Decided, ResponseSpans, RouteSpan};
 use crate::policy::{Decision, KvSource};
 use crate::request::RequestInfo;
 
@@ -195,6 +197,55 @@ pub(super) struct Answer {
     pub engine: Arc<Engine>,
     pub guard: InFlightGuard,
     pub decision: Decision,
+    /// The attempt's CLIENT span, ended with the answer's last byte.
+    pub span: AttemptSpan,
+}
+
+impl Tried {
+    /// The attempt's outcome, for its span.
+    pub(super) fn outcome(&self) -> AttemptOutcome<'_> {
+        match self {
+            Tried::Answered(r) => AttemptOutcome::Answered(r.status().as_u16()),
+            Tried::EngineError(r) => AttemptOutcome::EngineError(r.status().as_u16()),
+            Tried::Failed { error, timed_out } => AttemptOutcome::Failed {
+                error,
+                timed_out: *timed_out,
+            },
+        }
+    }
+}
+
+/// Ends the decision's span and starts the CLIENT span of the attempt on `engine` (`leg` and
+/// retry number `attempt`), with the headers that carry its `traceparent` (the request's own
+/// when tracing is off).
+pub(super) fn traced_attempt<'h>(
+    state: &AppState,
+    route: &RouteSpan,
+    decision: &Decision,
+    engine: &Engine,
+    path: &str,
+    (leg, attempt): (&'static str, usize),
+    headers: &'h HeaderMap,
+) -> (AttemptSpan, Cow<'h, HeaderMap>) {
+    if !state.otel.is_on() {
+        return (AttemptSpan::default(), Cow::Borrowed(headers));
+    }
+    route.decided(&Decided {
+        policy: &decision.policy,
+        tier: &decision.tier,
+        engine: &engine.name,
+        kv_source: KvSource::label(decision.kv),
+        kv_match_tokens: None,
+        tiers_passed: None,
+    });
+    let target = AttemptTarget {
+        name: &engine.name,
+        url: &engine.url,
+        path,
+        leg,
+        attempt,
+    };
+    route.attempt(&state.otel, &target, headers)
 }
 
 /// What a disaggregated request's decode answer needs on its way: the prefill engine's
@@ -228,7 +279,8 @@ pub(super) fn relay(
         Arc::clone(model),
         Arc::clone(&a.engine),
         status.as_u16(),
-    );
+    )
+    .with_spans(ResponseSpans::take(&state.otel, a.span));
     let (mut rparts, rbody) = a.resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
     strip_router_headers(&mut rparts.headers);
