@@ -460,6 +460,35 @@ async fn a_disaggregated_request_has_a_prefill_leg_and_a_decode_leg() {
         pl.end_time_unix_nano <= dl.start_time_unix_nano,
         "prefill, then decode"
     );
+    assert!(
+        dr.end_time_unix_nano <= pr.start_time_unix_nano,
+        "decode decided first"
+    );
+    // A prefill engine was chosen, so the decider tier passed; the tiers passed are named.
+    let passed = strs_attr(&pr, "switchyard.tiers_passed").expect("prefill tiers passed");
+    assert_eq!(
+        passed.first().map(String::as_str),
+        Some("skip_prefill"),
+        "{passed:?}"
+    );
+    let tier = str_attr(&pr, "switchyard.tier").expect("tier");
+    assert!(!passed.iter().any(|t| t == tier), "{passed:?} {tier}");
+    let decode_passed = strs_attr(&dr, "switchyard.tiers_passed").expect("decode tiers passed");
+    let decode_tiers = ["load_balance", "kv_lookup", "fallback"];
+    let decode_passed: Vec<&str> = decode_passed.iter().map(String::as_str).collect();
+    assert!(
+        decode_tiers.starts_with(&decode_passed),
+        "{decode_passed:?}"
+    );
+    // Where a tier asked for prefix matches, the chosen engine's match is on the span.
+    for r in [&pr, &dr] {
+        let source = str_attr(r, "switchyard.kv.source").expect("kv source");
+        assert_eq!(
+            int_attr(r, "switchyard.kv.match_tokens").is_some(),
+            source != "none",
+            "{r:#?}"
+        );
+    }
     assert_eq!(int_attr(pl, "http.response.status_code"), Some(200));
     router.shutdown(Duration::from_secs(1)).await;
 }

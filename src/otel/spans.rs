@@ -168,6 +168,18 @@ impl RouteSpan {
         }
     }
 
+    /// Whether the span is sampled (its attributes are worth computing).
+    pub fn is_recording(&self) -> bool {
+        self.cx.as_ref().is_some_and(|cx| cx.span().is_recording())
+    }
+
+    /// Ends the span as it is.
+    pub fn end(&self) {
+        if let Some(cx) = &self.cx {
+            cx.span().end();
+        }
+    }
+
     /// The decision taken: ends the span.
     pub fn decided(&self, d: &Decided<'_>) {
         let Some(cx) = &self.cx else { return };

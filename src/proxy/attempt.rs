@@ -215,33 +215,61 @@ impl Tried {
     }
 }
 
-/// Ends the decision's span and starts the CLIENT span of the attempt on `engine` (`leg` and
-/// retry number `attempt`), with the headers that carry its `traceparent` (the request's own
-/// when tracing is off).
-pub(super) fn traced_attempt<'h>(
+/// Ends the decision's span with what was decided (unless it has ended: a disaggregated
+/// request's decode decision ends before its prefill stage).
+pub(super) fn traced_decision(
     state: &AppState,
     route: &RouteSpan,
+    info: &RequestInfo,
     decision: &Decision,
     engine: &Engine,
-    path: &str,
-    (leg, attempt): (&'static str, usize),
-    headers: &'h HeaderMap,
-) -> (AttemptSpan, Cow<'h, HeaderMap>) {
-    if !state.otel.is_on() {
-        return (AttemptSpan::default(), Cow::Borrowed(headers));
+    prefill: bool,
+    kv_match: impl FnOnce() -> Option<usize>,
+) {
+    if !route.is_recording() {
+        route.end();
+        return;
     }
     route.decided(&Decided {
         policy: &decision.policy,
         tier: &decision.tier,
         engine: &engine.name,
         kv_source: KvSource::label(decision.kv),
-        kv_match_tokens: None,
-        tiers_passed: None,
+        kv_match_tokens: decision.kv.and_then(|_| kv_match()),
+        tiers_passed: state
+            .policies
+            .tiers_passed(&info.model, prefill, &decision.tier),
     });
+}
+
+/// Ends the decision's span and starts the CLIENT span of the attempt on `engine` (`leg`,
+/// retry number `attempt`, and the engine's prefix match if one was computed), with the
+/// headers that carry its `traceparent` (the request's own when tracing is off).
+pub(super) fn traced_attempt<'h>(
+    state: &AppState,
+    route: &RouteSpan,
+    info: &RequestInfo,
+    decision: &Decision,
+    engine: &Engine,
+    (leg, attempt, kv_match): (&'static str, usize, impl FnOnce() -> Option<usize>),
+    headers: &'h HeaderMap,
+) -> (AttemptSpan, Cow<'h, HeaderMap>) {
+    if !state.otel.is_on() {
+        return (AttemptSpan::default(), Cow::Borrowed(headers));
+    }
+    traced_decision(
+        state,
+        route,
+        info,
+        decision,
+        engine,
+        leg == "prefill",
+        kv_match,
+    );
     let target = AttemptTarget {
         name: &engine.name,
         url: &engine.url,
-        path,
+        path: &info.path,
         leg,
         attempt,
     };

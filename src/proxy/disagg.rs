@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use super::AppState;
 use super::attempt::{
     Answer, Disaggregated, Tried, engine_error_response, kv_sources, relay, traced_attempt,
-    try_engine_within,
+    traced_decision, try_engine_within,
 };
 use super::body::{RouterBody, read_error_body};
 use super::errors::ApiError;
@@ -136,6 +136,8 @@ pub(super) async fn forward(
         let dd = kv.with(|kv| state.policies.decide_decode(info, &decode_cands, kv));
         let d_idx = dd.engine.min(decode_cands.len() - 1);
         let d_engine = Arc::clone(&decode_cands[d_idx].engine);
+        let d_match = || kv.with(|kv| kv.matched(d_engine.id));
+        traced_decision(state, &route, info, &dd, &d_engine, false, d_match);
         let prefilled = prefill(
             state,
             info,
@@ -181,10 +183,10 @@ pub(super) async fn forward(
         let (span, d_headers) = traced_attempt(
             state,
             &route,
+            info,
             &dd,
             &d_engine,
-            &info.path,
-            ("decode", attempt),
+            ("decode", attempt, || kv.with(|kv| kv.matched(d_engine.id))),
             headers,
         );
         let tried = try_engine_within(
@@ -286,10 +288,10 @@ async fn prefill(
         let (span, p_headers) = traced_attempt(
             state,
             &route,
+            info,
             &decision,
             &engine,
-            &info.path,
-            ("prefill", attempt),
+            ("prefill", attempt, || kv.with(|kv| kv.matched(engine.id))),
             headers,
         );
         let tried = try_engine_within(state, &engine, uri, &p_headers, body, timeout).await;

@@ -269,10 +269,10 @@ async fn attempt_engines(
         let (span, headers) = traced_attempt(
             state,
             &route,
+            info,
             &decision,
             &engine,
-            &info.path,
-            ("aggregated", attempt),
+            ("aggregated", attempt, || kv.matched(engine.id)),
             headers,
         );
         let guard = engine.begin_request_of(info.prompt_tokens() as u64);

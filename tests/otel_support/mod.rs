@@ -183,6 +183,21 @@ pub fn bool_attr(s: &Span, key: &str) -> Option<bool> {
     }
 }
 
+pub fn strs_attr(s: &Span, key: &str) -> Option<Vec<String>> {
+    match attr(s, key) {
+        Some(Value::ArrayValue(a)) => Some(
+            a.values
+                .iter()
+                .filter_map(|v| match &v.value {
+                    Some(Value::StringValue(x)) => Some(x.clone()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
 pub fn is_kind(s: &Span, kind: SpanKind) -> bool {
     s.kind == kind as i32
 }
