@@ -424,7 +424,7 @@ async fn a_disaggregated_request_has_a_prefill_leg_and_a_decode_leg() {
                 .filter(|s| is_client(s))
                 .count()
                 >= 2
-                && of_trace(s, CLIENT_TRACE).iter().any(|s| is_server(s))
+                && of_trace(s, CLIENT_TRACE).iter().any(is_server)
         })
         .await;
     let spans = of_trace(&spans, CLIENT_TRACE);

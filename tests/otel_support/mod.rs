@@ -219,13 +219,16 @@ pub fn of_trace(spans: &[Span], trace: &str) -> Vec<Span> {
         .collect()
 }
 
+/// The `traceparent` and `tracestate` of one request.
+pub type Headers = (Option<String>, Option<String>);
+
 /// A stub engine: answers completions with a small JSON body (or `fail_first` 500s, counted
 /// across every stub sharing the counter), and records the `traceparent` and `tracestate`
 /// of each request.
 #[derive(Clone)]
 pub struct StubEngine {
     pub url: String,
-    pub seen: Arc<Mutex<Vec<(Option<String>, Option<String>)>>>,
+    pub seen: Arc<Mutex<Vec<Headers>>>,
 }
 
 impl StubEngine {
@@ -303,7 +306,7 @@ impl StubEngine {
             .collect()
     }
 
-    pub fn seen(&self) -> Vec<(Option<String>, Option<String>)> {
+    pub fn seen(&self) -> Vec<Headers> {
         self.seen.lock().unwrap().clone()
     }
 }
