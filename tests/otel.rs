@@ -492,3 +492,41 @@ async fn a_disaggregated_request_has_a_prefill_leg_and_a_decode_leg() {
     assert_eq!(int_attr(pl, "http.response.status_code"), Some(200));
     router.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_in_the_routers_queue_is_a_span_with_tenant_priority_and_outcome() {
+    let collector = Collector::start().await;
+    let engine = StubEngine::start(Arc::new(AtomicUsize::new(0))).await;
+    let router = start_router(std::slice::from_ref(&engine.url), |c| {
+        c.otlp = otlp(&collector.url, None);
+        c.queue.engine_queue_limit = 4;
+        c.tenant_header = Some("x-tenant".into());
+    })
+    .await;
+    let tp = format!("00-{CLIENT_TRACE}-{CLIENT_PARENT}-01");
+    let mut req = completion(Some(&tp), "req-q", &router.url());
+    req.headers_mut()
+        .insert("x-tenant", http::HeaderValue::from_static("team-a"));
+    req.headers_mut()
+        .insert("x-priority", http::HeaderValue::from_static("critical"));
+    let r = send(&client(), req).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let spans = collector
+        .wait_for("the queue span", |s| of_trace(s, CLIENT_TRACE).len() >= 4)
+        .await;
+    let spans = of_trace(&spans, CLIENT_TRACE);
+    let srv = spans.iter().find(|s| is_server(s)).expect("SERVER");
+    let q = named(&spans, "queue");
+    assert_eq!(q.len(), 1, "{spans:#?}");
+    let q = q[0];
+    assert_eq!(q.parent_span_id, srv.span_id);
+    assert_eq!(str_attr(q, "switchyard.tenant"), Some("team-a"));
+    assert_eq!(str_attr(q, "switchyard.priority"), Some("critical"));
+    assert_eq!(str_attr(q, "switchyard.queue.outcome"), Some("admitted"));
+    let route = named(&spans, "route")[0];
+    assert!(
+        q.end_time_unix_nano <= route.start_time_unix_nano,
+        "queue, then route"
+    );
+    router.shutdown(Duration::from_secs(1)).await;
+}

@@ -8,13 +8,14 @@
 //! - [`queue`]: the router-side queue. While no engine can take a request it waits here,
 //!   released in priority order and fair across tenants (deficit round robin by estimated
 //!   tokens); bounded in length and in time; sheddable requests are refused at saturation.
+//! - [`hold`]: one queue per model whose room is its engines' room below
+//!   `--engine-queue-limit`, released as engines change.
 //!
-//! The proxy identifies each request's tenant and enforces the rate limits; the queue is not
-//! yet wired into the proxy (issue 19). This module never imports the proxy (the proxy
-//! calls it) nor a leaf.
+//! This module never imports the proxy (the proxy calls it) nor a leaf.
 
 use std::sync::Arc;
 
+pub mod hold;
 pub mod queue;
 pub mod rate_limit;
 pub mod tenant;

@@ -11,6 +11,7 @@ pub mod k8s;
 pub mod kv_events;
 pub mod models;
 pub mod role;
+pub mod room;
 pub mod stats;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 
 pub use role::{Role, RoleLabels};
+pub use room::Changes;
 pub use stats::ScrapedStats;
 
 /// One backend engine.
@@ -49,6 +51,8 @@ pub struct Engine {
     /// longer reaches the per-engine gauges (an engine re-added at the same URL owns them).
     retired: AtomicBool,
     stats: ArcSwap<ScrapedStats>,
+    /// Woken when this engine's room may have changed (shared with its registry).
+    changes: Changes,
     /// Pre-registered metric handles: the hot path records with atomics, without label lookups.
     pub metrics: EngineMetrics,
 }
@@ -167,6 +171,7 @@ impl Engine {
             consecutive_failures: AtomicU32::new(0),
             retired: AtomicBool::new(false),
             stats: ArcSwap::from_pointee(ScrapedStats::default()),
+            changes: Changes::default(),
             metrics,
             models,
             role: Role::Aggregated,
@@ -176,6 +181,12 @@ impl Engine {
     /// This engine, in `role`.
     pub fn with_role(mut self, role: Role) -> Engine {
         self.role = role;
+        self
+    }
+
+    /// This engine, signalling its changes to `changes`.
+    pub fn with_changes(mut self, changes: Changes) -> Engine {
+        self.changes = changes;
         self
     }
 
@@ -220,6 +231,9 @@ impl Engine {
         if was != healthy && !self.is_retired() {
             self.metrics.healthy.set(if healthy { 1.0 } else { 0.0 });
         }
+        if was != healthy {
+            self.changes.notify();
+        }
         if healthy {
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
@@ -247,8 +261,12 @@ impl Engine {
         self.stats.load_full()
     }
 
-    pub fn set_stats(&self, s: ScrapedStats) {
+    /// New scraped figures (the running slots learned so far are carried over, see
+    /// [`room`]).
+    pub fn set_stats(&self, mut s: ScrapedStats) {
+        s.running_slots = room::learn_slots(self.stats.load().running_slots, &s);
         self.stats.store(Arc::new(s));
+        self.changes.notify();
     }
 
     /// Marks the last scraped figures stale (a scrape failed) without forgetting them.
@@ -311,6 +329,7 @@ impl Drop for InFlightGuard {
             .in_flight_tokens
             .fetch_sub(self.prompt_tokens, Ordering::Relaxed);
         self.engine.metrics.in_flight.decrement(1.0);
+        self.engine.changes.notify();
     }
 }
 
@@ -352,11 +371,17 @@ pub struct Candidate {
 pub struct Registry {
     engines: ArcSwap<Vec<Arc<Engine>>>,
     next_id: AtomicU32,
+    changes: Changes,
 }
 
 impl Registry {
     pub fn new() -> Registry {
         Registry::default()
+    }
+
+    /// The signal its engines give when their room may have changed (see [`room`]).
+    pub fn changes(&self) -> Changes {
+        self.changes.clone()
     }
 
     /// Adds an aggregated engine and returns it.
@@ -367,7 +392,11 @@ impl Registry {
     /// Adds an engine with `role` and returns it.
     pub fn add_with_role(&self, url: &str, models: Vec<String>, role: Role) -> Arc<Engine> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let e = Arc::new(Engine::new(id, url, models).with_role(role));
+        let e = Arc::new(
+            Engine::new(id, url, models)
+                .with_role(role)
+                .with_changes(self.changes()),
+        );
         e.metrics.healthy.set(1.0);
         let added = Arc::clone(&e);
         self.engines.rcu(move |cur| {
@@ -375,6 +404,7 @@ impl Registry {
             v.push(Arc::clone(&added));
             v
         });
+        self.changes.notify();
         e
     }
 
@@ -392,6 +422,7 @@ impl Registry {
         if let Some(e) = &removed {
             e.retired.store(true, Ordering::Relaxed);
             e.metrics.healthy.set(0.0);
+            self.changes.notify();
         }
         removed
     }
@@ -403,7 +434,11 @@ impl Registry {
     pub fn replace(&self, id: u32, models: Vec<String>, role: Role) -> Option<Arc<Engine>> {
         let old = self.all().iter().find(|e| e.id == id).cloned()?;
         let new_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let new = Arc::new(Engine::new(new_id, &old.url, models).with_role(role));
+        let new = Arc::new(
+            Engine::new(new_id, &old.url, models)
+                .with_role(role)
+                .with_changes(self.changes()),
+        );
         let mut replaced = None;
         self.engines.rcu(|cur| {
             let mut v = Vec::clone(cur);
@@ -416,6 +451,7 @@ impl Registry {
         let was = replaced?;
         was.retired.store(true, Ordering::Relaxed);
         new.metrics.healthy.set(1.0);
+        self.changes.notify();
         Some(new)
     }
 

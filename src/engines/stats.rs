@@ -28,6 +28,9 @@ pub struct ScrapedStats {
     pub in_flight_at_scrape: u64,
     /// Whether the last scrape failed (the figures are from an earlier one).
     pub stale: bool,
+    /// The running slots learned from the scrapes so far (set by [`Engine::set_stats`], see
+    /// [`super::room`]); `None` until the engine is seen with requests waiting.
+    pub running_slots: Option<f64>,
     pub last_error: Option<String>,
 }
 
@@ -239,6 +242,7 @@ pub async fn scrape_engine(
                     in_flight_at_scrape: engine.in_flight(),
                     stale: false,
                     last_error: None,
+                    running_slots: None,
                 });
                 return Ok(());
             }

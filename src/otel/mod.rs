@@ -25,8 +25,8 @@ use crate::config::OtlpSettings;
 pub use export::DROPPED_METRIC;
 pub use setup::OtelError;
 pub use spans::{
-    AttemptOutcome, AttemptSpan, AttemptTarget, Decided, ResponseSpans, RouteSpan, ServerSpan,
-    on_parsed,
+    AttemptOutcome, AttemptSpan, AttemptTarget, Decided, QueueSpan, ResponseSpans, RouteSpan,
+    ServerSpan, on_parsed,
 };
 
 /// The router's tracing: off, or a tracer whose spans are exported.

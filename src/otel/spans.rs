@@ -143,6 +143,42 @@ pub fn on_parsed(otel: &Otel, model: &str, path: &str, stream: bool) {
     }
 }
 
+/// The wait in the router's queue (`--engine-queue-limit`).
+pub struct QueueSpan {
+    cx: Option<Context>,
+}
+
+impl QueueSpan {
+    /// Starts the wait of `tenant`'s request of `priority`.
+    pub fn start(otel: &Otel, tenant: &str, priority: &'static str) -> QueueSpan {
+        let Some(t) = otel.0.as_deref() else {
+            return QueueSpan { cx: None };
+        };
+        let parent = Context::current();
+        let span = t.tracer.build_with_context(
+            t.tracer.span_builder("queue").with_attributes([
+                KeyValue::new("switchyard.tenant", tenant.to_owned()),
+                KeyValue::new("switchyard.priority", priority),
+            ]),
+            &parent,
+        );
+        QueueSpan {
+            cx: Some(parent.with_span(span)),
+        }
+    }
+
+    /// The wait's end: `admitted`, or why the request was refused (the error code).
+    pub fn end(self, outcome: &'static str) {
+        let Some(cx) = &self.cx else { return };
+        let span = cx.span();
+        span.set_attribute(KeyValue::new("switchyard.queue.outcome", outcome));
+        if outcome != "admitted" {
+            span.set_status(Status::error(outcome));
+        }
+        span.end();
+    }
+}
+
 /// A policy decision's span (`route`), the parent of the attempt made on its choice.
 pub struct RouteSpan {
     cx: Option<Context>,

@@ -115,6 +115,7 @@ pub(super) async fn forward(
     handoff: Handoff,
     model: &Arc<str>,
     start: Instant,
+    admitted: &mut Option<crate::admit::queue::Admitted>,
 ) -> Result<Response<RouterBody>, ApiError> {
     let Pools {
         prefill: mut prefill_cands,
@@ -178,6 +179,8 @@ pub(super) async fn forward(
         };
         tracing::debug!(model = %model, decode = %d_engine.name, prefill = p.as_ref().map(|(e, _)| &*e.name), attempt, "disaggregated");
         let guard = d_engine.begin_request_of(tokens);
+        // The decode engine counts it now: its place in the router's queue goes back.
+        drop(admitted.take());
         kv.with(|kv| kv.note_sent(d_engine.id));
         let last_chance = attempt + 1 >= attempts || decode_cands.len() == 1;
         let (span, d_headers) = traced_attempt(

@@ -1,5 +1,6 @@
 //! OpenAI-shaped JSON errors: `{"error": {"message", "type", "param", "code"}}`.
 
+use crate::admit::queue::Refused;
 use crate::admit::rate_limit::Limited;
 use std::time::Duration;
 
@@ -34,6 +35,10 @@ pub enum ApiError {
     /// Past a rate limit: OpenAI's 429, its body and headers.
     #[error("{}", .0.message())]
     RateLimited(Box<Limited>),
+    /// Refused by the router's queue (`--engine-queue-limit`): 429, or 503 past the queue
+    /// timeout.
+    #[error("{0}; retry later")]
+    Queue(Refused),
 }
 
 impl ApiError {
@@ -49,6 +54,8 @@ impl ApiError {
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::RateLimited(l) => l.status(),
+            ApiError::Queue(Refused::TimedOut) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Queue(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -65,6 +72,7 @@ impl ApiError {
             ApiError::BadGateway(_) => ("api_error", "bad_gateway"),
             ApiError::GatewayTimeout(_) => ("api_error", "gateway_timeout"),
             ApiError::RateLimited(l) => (l.which.as_str(), "rate_limit_exceeded"),
+            ApiError::Queue(r) => ("overloaded", r.code()),
         }
     }
 
@@ -100,6 +108,9 @@ impl ApiError {
                     header::RETRY_AFTER,
                     HeaderValue::from(after.as_secs().max(1)),
                 );
+            }
+            ApiError::Queue(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Unauthorized(_) => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -156,6 +167,20 @@ mod tests {
         assert_eq!(e.status(), StatusCode::REQUEST_TIMEOUT);
         let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
         assert_eq!(v["error"]["code"], "request_timeout");
+        for (refused, status, code) in [
+            (Refused::Shed, 429, "request_shed"),
+            (Refused::Full, 429, "queue_full"),
+            (Refused::Displaced, 429, "queue_displaced"),
+            (Refused::TimedOut, 503, "queue_timeout"),
+        ] {
+            let r = ApiError::Queue(refused).into_response();
+            assert_eq!(r.status().as_u16(), status);
+            assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+            let v: serde_json::Value =
+                serde_json::from_slice(&ApiError::Queue(refused).body()).unwrap();
+            assert_eq!(v["error"]["code"], code);
+            assert_eq!(v["error"]["type"], "overloaded");
+        }
         let e = ApiError::GatewayTimeout(Duration::from_secs(1));
         assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
         let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();

@@ -19,12 +19,16 @@ use super::body::{RouterBody, read_request_body};
 use super::disagg::{self, Pools, whole_reason};
 use super::errors::{ApiError, clip};
 use super::handoff::Fields;
+use super::headers::add_queue_header;
 use super::headers::{ClientAddr, upstream_headers};
 use super::kv::RequestKv;
 use super::telemetry::count_request;
-use crate::admit::rate_limit::{Decision, RateLimitHeaders};
+use crate::admit::hold::Holds;
+use crate::admit::queue::Admitted;
+use crate::admit::rate_limit::{Decision, RateLimitHeaders, RateLimitRules};
+use crate::admit::{Priority, Tenant};
 use crate::engines::{Candidate, Role};
-use crate::otel::RouteSpan;
+use crate::otel::{QueueSpan, RouteSpan};
 use crate::request::{ParseError, Parsed, RequestInfo, parse_body};
 
 /// Routes and forwards a POST to a model endpoint; errors become OpenAI-shaped responses.
@@ -88,33 +92,63 @@ async fn forward(
     let uri = parts.uri.clone();
     let info = read_request(state, parts, body).await?;
     crate::otel::on_parsed(&state.otel, &info.model, &info.path, info.stream);
-    let limits = rate_limit(state, &info)?;
-    let resp = dispatch(state, &info, &uri, request_id, client, model_out, start).await;
+    let rules = state.limiter.rules();
+    // Who the request belongs to, only when something needs it.
+    let who = (!rules.is_empty() || state.holds.is_some()).then(|| Who {
+        tenant: state.identify.tenant(&info.headers),
+        priority: state.identify.priority(&info.headers),
+        // The prompt estimate plus what the request may generate.
+        tokens: info.prompt_tokens() as u64 + max_tokens_of(&info.body),
+    });
+    let limits = match &who {
+        Some(who) => rate_limit(state, &rules, who)?,
+        None => None,
+    };
+    let admitted = match who {
+        Some(who) => hold(state, &info, who, model_out).await?,
+        None => None,
+    };
+    let waited = admitted.as_ref().map(Admitted::waited);
+    let resp = dispatch(
+        state, &info, &uri, request_id, client, model_out, start, admitted,
+    )
+    .await;
     resp.map(|mut r| {
         if let Some(h) = limits {
             h.write_to(r.headers_mut());
+        }
+        if let Some(waited) = waited
+            && state.cfg.decision_headers
+        {
+            add_queue_header(r.headers_mut(), waited);
         }
         r
     })
 }
 
+/// A request's tenant, priority and estimated tokens (what rate limits and the queue count).
+struct Who {
+    tenant: Tenant,
+    priority: Priority,
+    tokens: u64,
+}
+
 /// Step 2: the request's tenant within its rate limits (the `x-ratelimit-*` headers its
 /// answer gets, if a rule applies), or 429.
-fn rate_limit(state: &AppState, info: &RequestInfo) -> Result<Option<RateLimitHeaders>, ApiError> {
-    let rules = state.limiter.rules();
-    if rules.is_empty() {
-        return Ok(None);
-    }
-    let tenant = state.identify.tenant(&info.headers);
-    let Some(limits) = rules.for_tenant(&tenant) else {
+fn rate_limit(
+    state: &AppState,
+    rules: &RateLimitRules,
+    who: &Who,
+) -> Result<Option<RateLimitHeaders>, ApiError> {
+    let Some(limits) = rules.for_tenant(&who.tenant) else {
         return Ok(None);
     };
-    // Tokens: the prompt estimate plus what the request may generate.
     let tokens = match limits.tokens_per_minute {
-        Some(_) => info.prompt_tokens() as u64 + max_tokens_of(&info.body),
+        Some(_) => who.tokens,
         None => 0,
     };
-    match state.limiter.check(&tenant, tokens, Instant::now()) {
+    let tenant = &who.tenant;
+    match state.limiter.check(tenant, tokens, Instant::now()) {
         Decision::Allowed { headers } => Ok(Some(headers)),
         Decision::Limited(l) => {
             metrics::counter!("switchyard_rate_limited_total", "limit" => l.which.as_str())
@@ -123,6 +157,32 @@ fn rate_limit(state: &AppState, info: &RequestInfo) -> Result<Option<RateLimitHe
             Err(ApiError::RateLimited(Box::new(l)))
         }
     }
+}
+
+/// Step 3: with `--engine-queue-limit`, the wait in the router's queue until an engine of
+/// the model has room (an unknown model, or one without a healthy engine, is answered at
+/// once instead), or its refusal. `None`: the router does not hold requests.
+async fn hold(
+    state: &AppState,
+    info: &RequestInfo,
+    who: Who,
+    model_out: &mut Option<Arc<str>>,
+) -> Result<Option<Admitted>, ApiError> {
+    let Some(holds) = &state.holds else {
+        return Ok(None);
+    };
+    if let Err(e) = candidates(state, info) {
+        if !matches!(e, ApiError::ModelNotFound(_)) {
+            *model_out = Some(Arc::from(info.model.as_str()));
+        }
+        return Err(e);
+    }
+    let span = QueueSpan::start(&state.otel, &who.tenant.0, who.priority.as_str());
+    let admitted = holds
+        .wait(&info.model, who.tenant, who.priority, who.tokens)
+        .await;
+    span.end(admitted.as_ref().map_or_else(|r| r.code(), |_| "admitted"));
+    admitted.map(Some).map_err(ApiError::Queue)
 }
 
 /// The most tokens the request may generate: `max_completion_tokens`, else `max_tokens`, else 0
@@ -139,7 +199,10 @@ fn max_tokens_of(body: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
-/// Steps 3 to 5: candidates, the policy's decision(s), the attempts, the answer.
+/// Steps 4 to 6: candidates, the policy's decision(s), the attempts, the answer. A request
+/// the queue admitted is routed among the engines with room, and gives its place back once an
+/// engine counts it.
+#[allow(clippy::too_many_arguments)]
 async fn dispatch(
     state: &AppState,
     info: &RequestInfo,
@@ -148,6 +211,7 @@ async fn dispatch(
     client: &ClientAddr,
     model_out: &mut Option<Arc<str>>,
     start: Instant,
+    mut admitted: Option<Admitted>,
 ) -> Result<Response<RouterBody>, ApiError> {
     let model: Arc<str> = Arc::from(info.model.as_str());
     let pools = candidates(state, info);
@@ -155,7 +219,11 @@ async fn dispatch(
     if !matches!(pools, Err(ApiError::ModelNotFound(_))) {
         *model_out = Some(Arc::clone(&model));
     }
-    let pools = pools?;
+    let mut pools = pools?;
+    if let (Some(holds), Some(_)) = (&state.holds, &admitted) {
+        keep_engines_with_room(&mut pools.aggregated, holds);
+        keep_engines_with_room(&mut pools.decode, holds);
+    }
     let headers = upstream_headers(&info.headers, request_id, Some(client));
     let cands = match state.policies.handoff_for(&info.model) {
         None => pools.whole(),
@@ -171,7 +239,16 @@ async fn dispatch(
             match split {
                 Ok(fields) => {
                     return disagg::forward(
-                        state, info, &fields, uri, &headers, pools, handoff, &model, start,
+                        state,
+                        info,
+                        &fields,
+                        uri,
+                        &headers,
+                        pools,
+                        handoff,
+                        &model,
+                        start,
+                        &mut admitted,
                     )
                     .await;
                 }
@@ -188,7 +265,7 @@ async fn dispatch(
             state.cfg.health_probe_interval,
         ));
     }
-    match attempt_engines(state, info, uri, &headers, cands, &model).await {
+    match attempt_engines(state, info, uri, &headers, cands, &model, &mut admitted).await {
         Attempts::Answered(a) => Ok(relay(state, info, a, &model, start, None)),
         Attempts::EngineError(resp, engine) => {
             engine_error_response(state, resp, &engine, &model).await
@@ -245,7 +322,15 @@ enum Attempts {
     Failed(String),
 }
 
-/// Step 2: up to `--max-attempts` engines, each chosen by the policy among the candidates left.
+/// Keeps the engines below the queue limit, unless none is (another request took the room
+/// this one was admitted for: it goes to the engines anyway rather than waiting again).
+fn keep_engines_with_room(cands: &mut Vec<Candidate>, holds: &Holds) {
+    if cands.iter().any(|c| holds.has_room(&c.engine)) {
+        cands.retain(|c| holds.has_room(&c.engine));
+    }
+}
+
+/// Step 5: up to `--max-attempts` engines, each chosen by the policy among the candidates left.
 async fn attempt_engines(
     state: &AppState,
     info: &RequestInfo,
@@ -253,6 +338,7 @@ async fn attempt_engines(
     headers: &HeaderMap,
     mut cands: Vec<Candidate>,
     model: &Arc<str>,
+    admitted: &mut Option<Admitted>,
 ) -> Attempts {
     let attempts = state.cfg.max_attempts;
     let mut last = Attempts::Failed("no engine left to try".into());
@@ -276,6 +362,8 @@ async fn attempt_engines(
             headers,
         );
         let guard = engine.begin_request_of(info.prompt_tokens() as u64);
+        // The engine counts it now: its place in the queue goes back.
+        drop(admitted.take());
         kv.note_sent(engine.id);
         let last_chance = attempt + 1 >= attempts || cands.len() == 1;
         let tried = try_engine(state, &engine, uri, &headers, &info.body).await;

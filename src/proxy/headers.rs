@@ -183,6 +183,15 @@ pub fn add_stage_headers(h: &mut HeaderMap, prefill: Option<(&str, &str)>) {
     }
 }
 
+/// `x-switchyard-queue-ms`: how long the request waited in the router's queue, in
+/// milliseconds (0: admitted at once).
+pub fn add_queue_header(h: &mut HeaderMap, waited: std::time::Duration) {
+    h.insert(
+        HeaderName::from_static("x-switchyard-queue-ms"),
+        HeaderValue::from(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,8 @@ pub struct AppState {
     pub identify: crate::admit::tenant::Identify,
     /// The per-tenant rate limits (the config file's `[[rate_limit]]`, reloaded with it).
     pub limiter: Arc<crate::admit::rate_limit::RateLimiter>,
+    /// The router's queues (`--engine-queue-limit`); `None`: requests are never held.
+    pub holds: Option<Arc<crate::admit::hold::Holds>>,
     pub registry: Arc<Registry>,
     pub policies: Arc<PolicyStore>,
     pub prefix: Arc<PrefixIndex>,
@@ -100,26 +102,45 @@ pub enum StartError {
     Otel(#[from] crate::otel::OtelError),
 }
 
-/// The config file's loader, also re-reading its `[[rate_limit]]` tables into `limiter` on
-/// every reload (a file whose tables are invalid leaves the limits in effect, logged).
-fn reload_rate_limits_too(
+/// The config file's loader, also re-reading its `[[rate_limit]]` tables into `limiter` and
+/// its `[tenant_weights]` into the queues on every reload (a file whose tables are invalid
+/// leaves those in effect, logged).
+fn reload_admission_too(
     loader: Option<SettingsLoader>,
     config_file: Option<std::path::PathBuf>,
     limiter: &Arc<crate::admit::rate_limit::RateLimiter>,
+    holds: Option<&Arc<crate::admit::hold::Holds>>,
 ) -> Option<SettingsLoader> {
     let (load, path) = (loader?, config_file);
     let Some(path) = path else {
         return Some(load);
     };
     let limiter = Arc::clone(limiter);
+    let holds = holds.cloned();
     Some(Arc::new(move || {
-        match crate::config::load_file(&path).and_then(|f| crate::config::rate_limit_rules(&f)) {
+        let file = crate::config::load_file(&path);
+        match file
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|f| crate::config::rate_limit_rules(f).map_err(|e| e.to_string()))
+        {
             Ok(rules) => {
                 limiter.update(rules);
                 tracing::info!("rate limits reloaded");
             }
             Err(e) => {
                 tracing::error!(error = %e, "rate limits not reloaded; the previous ones stay")
+            }
+        }
+        if let (Some(holds), Ok(f)) = (&holds, &file) {
+            match crate::config::tenant_weights(f) {
+                Ok(weights) => {
+                    holds.set_weights(weights);
+                    tracing::info!("tenant weights reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "tenant weights not reloaded; the previous ones stay")
+                }
             }
         }
         load()
@@ -270,8 +291,23 @@ pub async fn start(
     let limiter = Arc::new(crate::admit::rate_limit::RateLimiter::new(
         cfg.rate_limits.clone(),
     ));
-    let settings_loader =
-        reload_rate_limits_too(settings_loader, cfg.config_file.clone(), &limiter);
+    let holds = cfg.queue.enabled().then(|| {
+        crate::admit::hold::Holds::start(
+            Arc::clone(&registry),
+            cfg.queue.engine_queue_limit,
+            crate::admit::queue::QueueLimits {
+                max_queued: cfg.queue.max_queued,
+                queue_timeout: cfg.queue.queue_timeout,
+            },
+            cfg.queue.tenant_weights.clone(),
+        )
+    });
+    let settings_loader = reload_admission_too(
+        settings_loader,
+        cfg.config_file.clone(),
+        &limiter,
+        holds.as_ref(),
+    );
     if !cfg.discovery.is_dynamic() {
         check_pools(&registry, &policies)?;
     }
@@ -361,6 +397,7 @@ pub async fn start(
     let state = Arc::new(AppState {
         identify,
         limiter,
+        holds,
         cfg,
         registry,
         policies,

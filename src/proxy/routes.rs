@@ -139,8 +139,19 @@ fn health(state: &AppState) -> Response<RouterBody> {
                 "in_flight": e.in_flight(),
                 "stats_age_seconds": s.scraped_at.map(|t| t.elapsed().as_secs_f64()),
                 "stats_stale": s.stale, "stats_error": s.last_error,
+                "estimated_waiting": e.estimated_waiting(),
             })
         }).collect::<Vec<_>>(),
+        "queue": state.holds.as_ref().map(|h| {
+            let limits = h.limits();
+            serde_json::json!({
+                "engine_queue_limit": h.limit(),
+                "max_queued": limits.max_queued,
+                "queue_timeout_seconds": limits.queue_timeout.as_secs_f64(),
+                "queued": h.queued(),
+                "models": h.snapshot().into_iter().map(|(m, q)| (m, serde_json::json!(q))).collect::<serde_json::Map<String, serde_json::Value>>(),
+            })
+        }),
     });
     json_response(status, Bytes::from(body.to_string()))
 }

@@ -44,6 +44,7 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
 }
 
 fn describe() {
+    crate::admit::queue::describe_metrics();
     metrics::describe_counter!(
         "switchyard_requests_total",
         "Requests answered, by model, engine and status"
@@ -212,6 +213,7 @@ pub fn register_families(registry: &Registry, policies: &PolicyStore) {
     for limit in ["requests", "tokens"] {
         metrics::counter!("switchyard_rate_limited_total", "limit" => limit).increment(0);
     }
+    crate::admit::queue::register_metrics();
     for reason in CONNECTION_CLOSE_REASONS {
         metrics::counter!("switchyard_client_connections_closed_total", "reason" => *reason)
             .increment(0);

@@ -31,6 +31,7 @@ mod observe;
 mod tests;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -49,7 +50,8 @@ pub use observe::{
 /// The queue's bounds (`--max-queued`, `--queue-timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueLimits {
-    /// Requests that may wait at once, all bands together. 0: none ever waits.
+    /// Requests that may wait at once, all bands together (and all queues sharing the count,
+    /// see [`FairQueue::sharing`]). 0: none ever waits.
     pub max_queued: usize,
     /// How long a request may wait, from the call to [`FairQueue::wait`].
     pub queue_timeout: Duration,
@@ -99,6 +101,16 @@ impl Refused {
         Refused::Displaced,
     ];
 
+    /// The `code` of the OpenAI-shaped error a client gets.
+    pub fn code(self) -> &'static str {
+        match self {
+            Refused::Full => "queue_full",
+            Refused::TimedOut => "queue_timeout",
+            Refused::Shed => "request_shed",
+            Refused::Displaced => "queue_displaced",
+        }
+    }
+
     /// The `reason` label of `switchyard_queue_rejections_total`.
     pub fn reason(self) -> &'static str {
         match self {
@@ -127,6 +139,8 @@ impl std::fmt::Debug for FairQueue {
 struct Shared {
     limits: QueueLimits,
     capacity: Arc<dyn Capacity>,
+    /// Requests waiting in this queue and the queues sharing the count.
+    queued: Arc<AtomicUsize>,
     state: Mutex<State>,
 }
 
@@ -196,10 +210,21 @@ enum Entry {
 
 impl FairQueue {
     pub fn new(limits: QueueLimits, capacity: Arc<dyn Capacity>) -> FairQueue {
+        FairQueue::sharing(limits, capacity, Arc::default())
+    }
+
+    /// A queue whose `max_queued` bounds the requests waiting in it and in every queue given the
+    /// same `queued` count (one queue per model, one bound for the router).
+    pub fn sharing(
+        limits: QueueLimits,
+        capacity: Arc<dyn Capacity>,
+        queued: Arc<AtomicUsize>,
+    ) -> FairQueue {
         FairQueue {
             shared: Arc::new(Shared {
                 limits,
                 capacity,
+                queued,
                 state: Mutex::new(State::default()),
             }),
         }
@@ -217,15 +242,19 @@ impl FairQueue {
         let since = Instant::now();
         let entry = self.shared.settle(|state, undelivered| {
             if state.admit_waiting(&self.shared, undelivered) && state.waiters.is_empty() {
-                return Entry::Now(state.hand_out(&self.shared, priority, Duration::ZERO));
+                let series = state.series_of(&tenant);
+                return Entry::Now(state.hand_out(&self.shared, priority, series, Duration::ZERO));
             }
             if priority == Priority::Sheddable {
                 return Entry::Refused(Refused::Shed);
             }
-            if state.waiters.len() >= self.shared.limits.max_queued
-                && !state.displace_below(priority)
-            {
-                return Entry::Refused(Refused::Full);
+            if !self.shared.reserve() {
+                if !state.displace_below(&self.shared, priority) {
+                    return Entry::Refused(Refused::Full);
+                }
+                // The displaced request's place (past the bound only if another queue sharing
+                // the count took it meanwhile).
+                self.shared.queued.fetch_add(1, Ordering::Relaxed);
             }
             let (id, reply) = state.enqueue(tenant.clone(), priority, cost, since);
             Entry::Queued(id, reply)
@@ -315,6 +344,23 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Takes a place among the `max_queued`, if one is free.
+    fn reserve(&self) -> bool {
+        let max = self.limits.max_queued;
+        self.queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a place back.
+    fn release(&self) {
+        let _ = self
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
     /// Runs `change` under the lock, then admits waiting requests while there is room. Guards
     /// whose waiter left between being admitted and being told are dropped after the lock is
     /// released (dropping one settles again).
@@ -336,6 +382,12 @@ impl State {
         self.weights.get(tenant).copied().unwrap_or(1).max(1)
     }
 
+    /// The metric series (tenant label) of `tenant`.
+    fn series_of(&mut self, tenant: &Tenant) -> usize {
+        let weighted = self.weights.contains_key(tenant);
+        self.lengths.series_of(tenant, weighted)
+    }
+
     /// Admits waiting requests while there is room; whether room is left (then nothing waits).
     /// Guards whose waiter already left go to `undelivered`, to be dropped once the lock is
     /// released.
@@ -352,9 +404,10 @@ impl State {
             let Some(waiter) = self.waiters.remove(&id) else {
                 continue;
             };
+            shared.release();
             self.lengths.change(waiter.series, waiter.priority, false);
             let waited = waiter.since.elapsed();
-            let guard = self.hand_out(shared, waiter.priority, waited);
+            let guard = self.hand_out(shared, waiter.priority, waiter.series, waited);
             if let Err(Ok(guard)) = waiter.reply.send(Ok(guard)) {
                 undelivered.push(guard);
             }
@@ -362,9 +415,15 @@ impl State {
         false
     }
 
-    fn hand_out(&mut self, shared: &Arc<Shared>, priority: Priority, waited: Duration) -> Admitted {
+    fn hand_out(
+        &mut self,
+        shared: &Arc<Shared>,
+        priority: Priority,
+        series: usize,
+        waited: Duration,
+    ) -> Admitted {
         self.admitted += 1;
-        observe::record_wait(priority, waited);
+        self.lengths.record_wait(series, priority, waited);
         Admitted {
             shared: shared.clone(),
             priority,
@@ -381,8 +440,7 @@ impl State {
     ) -> (u64, oneshot::Receiver<Result<Admitted, Refused>>) {
         let id = self.next_id;
         self.next_id += 1;
-        let weighted = self.weights.contains_key(&tenant);
-        let series = self.lengths.series_of(&tenant, weighted);
+        let series = self.series_of(&tenant);
         self.lengths.change(series, priority, true);
         self.bands[priority as usize].push(&tenant, id, cost);
         let (reply, receive) = oneshot::channel();
@@ -400,8 +458,9 @@ impl State {
     }
 
     /// Takes waiter `id` out of its band, if it still waits.
-    fn take(&mut self, id: u64) -> Option<Waiter> {
+    fn take(&mut self, shared: &Shared, id: u64) -> Option<Waiter> {
         let waiter = self.waiters.remove(&id)?;
+        shared.release();
         self.bands[waiter.priority as usize].remove(&waiter.tenant, id);
         self.lengths.change(waiter.series, waiter.priority, false);
         Some(waiter)
@@ -409,7 +468,7 @@ impl State {
 
     /// Refuses the newest waiting request of the lowest band below `priority` to make room;
     /// whether there was one.
-    fn displace_below(&mut self, priority: Priority) -> bool {
+    fn displace_below(&mut self, shared: &Shared, priority: Priority) -> bool {
         let victim = self.bands[priority as usize + 1..]
             .iter()
             .rev()
@@ -417,7 +476,7 @@ impl State {
         let Some((_, id)) = victim else {
             return false;
         };
-        let Some(waiter) = self.take(id) else {
+        let Some(waiter) = self.take(shared, id) else {
             return false;
         };
         // Counted and logged by the displaced request's `wait`; a receiver already gone has
@@ -443,7 +502,8 @@ impl Ticket<'_> {
             // The sender is only dropped after sending; treat the impossible as a timeout.
             Ok(Err(_)) => Err(Refused::TimedOut),
             Err(_) => {
-                let gone = self.shared.settle(|state, _| state.take(self.id).is_some());
+                let shared = self.shared;
+                let gone = shared.settle(|state, _| state.take(shared, self.id).is_some());
                 if gone {
                     return Err(Refused::TimedOut);
                 }
@@ -458,9 +518,9 @@ impl Ticket<'_> {
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         if !self.settled {
-            let id = self.id;
-            self.shared.settle(|state, _| {
-                state.take(id);
+            let (id, shared) = (self.id, self.shared);
+            shared.settle(|state, _| {
+                state.take(shared, id);
             });
         }
         // `reply` drops after this: a guard admitted but not yet received drops with it and

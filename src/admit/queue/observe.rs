@@ -29,7 +29,7 @@ pub fn describe_metrics() {
     metrics::describe_histogram!(
         "switchyard_queue_wait_seconds",
         metrics::Unit::Seconds,
-        "Time admitted requests waited in the router's queue (0 for those admitted at once), by priority"
+        "Time admitted requests waited in the router's queue (0 for those admitted at once), by priority and tenant (labelled as in switchyard_queue_length)"
     );
     metrics::describe_counter!(
         "switchyard_queue_rejections_total",
@@ -41,18 +41,13 @@ pub fn describe_metrics() {
 pub fn register_metrics() {
     for reason in Refused::ALL {
         metrics::counter!("switchyard_queue_rejections_total", "reason" => reason.reason())
-            .absolute(0);
+            .increment(0);
     }
 }
 
 pub(super) fn count_rejection(refused: Refused) {
     metrics::counter!("switchyard_queue_rejections_total", "reason" => refused.reason())
         .increment(1);
-}
-
-pub(super) fn record_wait(priority: Priority, waited: Duration) {
-    metrics::histogram!("switchyard_queue_wait_seconds", "priority" => priority.as_str())
-        .record(waited.as_secs_f64());
 }
 
 /// The queue-length gauge's series: which label each tenant has and how many wait per label.
@@ -90,17 +85,35 @@ impl Lengths {
             return;
         };
         let count = &mut counts[priority as usize];
-        *count = if up {
-            *count + 1
-        } else {
-            count.saturating_sub(1)
-        };
-        metrics::gauge!(
+        if !up && *count == 0 {
+            return;
+        }
+        *count = if up { *count + 1 } else { *count - 1 };
+        // Changed, not set: the per-model queues share the series.
+        let gauge = metrics::gauge!(
             "switchyard_queue_length",
             "priority" => priority.as_str(),
             "tenant" => name.clone()
+        );
+        if up {
+            gauge.increment(1.0);
+        } else {
+            gauge.decrement(1.0);
+        }
+    }
+
+    /// Records how long a request of `series` waited before it was admitted.
+    pub(super) fn record_wait(&self, series: usize, priority: Priority, waited: Duration) {
+        let tenant = self
+            .series
+            .get(series)
+            .map_or_else(|| Arc::from(OTHER_TENANTS), |(name, _)| name.clone());
+        metrics::histogram!(
+            "switchyard_queue_wait_seconds",
+            "priority" => priority.as_str(),
+            "tenant" => tenant
         )
-        .set(*count as f64);
+        .record(waited.as_secs_f64());
     }
 }
 

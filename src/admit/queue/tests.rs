@@ -321,6 +321,50 @@ async fn max_queued_zero_means_nothing_waits() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn queues_sharing_a_count_share_max_queued_and_give_places_back() {
+    let limits = QueueLimits {
+        max_queued: 2,
+        queue_timeout: HOUR,
+    };
+    let total = Arc::new(AtomicUsize::new(0));
+    let (room_a, room_b) = (Arc::new(Room::default()), Arc::new(Room::default()));
+    let a = FairQueue::sharing(limits, room_a.clone(), total.clone());
+    let b = FairQueue::sharing(limits, room_b.clone(), total.clone());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _a1 = enqueue(&a, &tx, "a1", "t", Priority::Standard, 1).await;
+    let _b1 = enqueue(&b, &tx, "b1", "t", Priority::Standard, 1).await;
+    assert_eq!(total.load(Ordering::SeqCst), 2);
+    let full = b.wait(t("u"), Priority::Standard, 1).now_or_never();
+    assert_eq!(
+        full.unwrap().unwrap_err(),
+        Refused::Full,
+        "two wait, across both"
+    );
+    room_a.0.store(1, Ordering::SeqCst);
+    a.notify();
+    let (label, admitted) = rx.recv().await.unwrap();
+    assert_eq!(label, "a1");
+    assert_eq!(
+        total.load(Ordering::SeqCst),
+        1,
+        "admitted: its place is free"
+    );
+    let b2 = b.wait(t("u"), Priority::Standard, 1);
+    let mut b2 = Box::pin(b2);
+    assert!(
+        (&mut b2).now_or_never().is_none(),
+        "b2 waits in the freed place"
+    );
+    drop(b2);
+    assert_eq!(
+        total.load(Ordering::SeqCst),
+        1,
+        "left: its place is free again"
+    );
+    drop(admitted);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_request_waits_at_most_the_queue_timeout() {
     let timeout = Duration::from_secs(30);
     let room = Arc::new(Room::default());
@@ -514,8 +558,8 @@ async fn metrics_show_lengths_waits_and_rejections() {
         r#"switchyard_queue_rejections_total{reason="shed"} 1"#,
         r#"switchyard_queue_rejections_total{reason="displaced"} 1"#,
         r#"switchyard_queue_rejections_total{reason="full"} 0"#,
-        r#"switchyard_queue_wait_seconds_count{priority="standard"} 1"#,
-        r#"switchyard_queue_wait_seconds_count{priority="critical"} 1"#,
+        r#"switchyard_queue_wait_seconds_count{priority="standard",tenant="a"} 1"#,
+        r#"switchyard_queue_wait_seconds_count{priority="critical",tenant="d"} 1"#,
     ] {
         assert!(text.contains(line), "{line} missing from\n{text}");
     }
