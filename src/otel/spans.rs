@@ -13,14 +13,16 @@
 //!
 //! The SERVER span's context is the current OpenTelemetry context while the request is routed
 //! (the proxy runs its work `with_context`), so the helpers here find their parent without it
-//! being passed along. Every helper is a no-op, with no span built, when tracing is off.
+//! being passed along. Every helper is a no-op, with no span built, when tracing is off. An
+//! unsampled request has only its (non-recording) SERVER span: no attributes, no `route` or
+//! CLIENT span; the engine still receives a `traceparent` (flag `00`) naming that span.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::HeaderMap;
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _};
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 
@@ -74,21 +76,25 @@ impl Otel {
         let t = self.0.as_deref()?;
         let parent = t.propagator.extract(&HeaderExtractor(headers));
         let route = route_of(path);
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", "POST"),
-            KeyValue::new("http.route", route),
-            KeyValue::new("url.path", path.to_owned()),
-        ];
-        if let Ok(id) = request_id.to_str() {
-            attributes.push(KeyValue::new("switchyard.request_id", id.to_owned()));
-        }
         let span = t.tracer.build_with_context(
             t.tracer
                 .span_builder(span_name(route))
-                .with_kind(SpanKind::Server)
-                .with_attributes(attributes),
+                .with_kind(SpanKind::Server),
             &parent,
         );
+        // Attributes only on a sampled span: an unsampled one costs no allocation for them.
+        if span.is_recording() {
+            let mut span = span;
+            span.set_attribute(KeyValue::new("http.request.method", "POST"));
+            span.set_attribute(KeyValue::new("http.route", route));
+            span.set_attribute(KeyValue::new("url.path", path.to_owned()));
+            if let Ok(id) = request_id.to_str() {
+                span.set_attribute(KeyValue::new("switchyard.request_id", id.to_owned()));
+            }
+            return Some(ServerSpan {
+                cx: parent.with_span(span).with_value(HandedToBody::default()),
+            });
+        }
         Some(ServerSpan {
             cx: parent.with_span(span).with_value(HandedToBody::default()),
         })
@@ -155,13 +161,14 @@ impl QueueSpan {
             return QueueSpan { cx: None };
         };
         let parent = Context::current();
-        let span = t.tracer.build_with_context(
-            t.tracer.span_builder("queue").with_attributes([
-                KeyValue::new("switchyard.tenant", tenant.to_owned()),
-                KeyValue::new("switchyard.priority", priority),
-            ]),
-            &parent,
-        );
+        if !parent.span().span_context().is_sampled() {
+            return QueueSpan { cx: None };
+        }
+        let mut span = t
+            .tracer
+            .build_with_context(t.tracer.span_builder("queue"), &parent);
+        span.set_attribute(KeyValue::new("switchyard.tenant", tenant.to_owned()));
+        span.set_attribute(KeyValue::new("switchyard.priority", priority));
         QueueSpan {
             cx: Some(parent.with_span(span)),
         }
@@ -192,13 +199,15 @@ impl RouteSpan {
             return RouteSpan { cx: None };
         };
         let parent = Context::current();
-        let span = t.tracer.build_with_context(
-            t.tracer.span_builder("route").with_attributes([
-                KeyValue::new("switchyard.stage", stage),
-                KeyValue::new("switchyard.attempt", attempt as i64),
-            ]),
-            &parent,
-        );
+        if !parent.span().span_context().is_sampled() {
+            // Unsampled: no span; the attempt's traceparent names the request's span.
+            return RouteSpan { cx: Some(parent) };
+        }
+        let mut span = t
+            .tracer
+            .build_with_context(t.tracer.span_builder("route"), &parent);
+        span.set_attribute(KeyValue::new("switchyard.stage", stage));
+        span.set_attribute(KeyValue::new("switchyard.attempt", attempt as i64));
         RouteSpan {
             cx: Some(parent.with_span(span)),
         }
@@ -261,31 +270,34 @@ impl RouteSpan {
         let (Some(t), Some(parent)) = (otel.0.as_deref(), &self.cx) else {
             return (AttemptSpan { cx: None }, Cow::Borrowed(headers));
         };
-        let route = route_of(engine.path);
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", "POST"),
-            KeyValue::new("url.full", format!("{}{}", engine.url, engine.path)),
-            KeyValue::new("switchyard.engine", engine.name.to_owned()),
-            KeyValue::new("switchyard.leg", engine.leg),
-            KeyValue::new("switchyard.attempt", engine.attempt as i64),
-        ];
-        if engine.attempt > 0 {
-            attributes.push(KeyValue::new(
-                "http.request.resend_count",
-                engine.attempt as i64,
-            ));
-        }
-        let span = t.tracer.build_with_context(
-            t.tracer
-                .span_builder(span_name(route))
-                .with_kind(SpanKind::Client)
-                .with_attributes(attributes),
-            parent,
-        );
-        let cx = parent.with_span(span);
+        // An unsampled request makes no CLIENT span: the engine's parent is the (unsampled)
+        // span above, and nothing is exported either way.
+        let cx = if parent.span().span_context().is_sampled() {
+            let mut span = t.tracer.build_with_context(
+                t.tracer
+                    .span_builder(span_name(route_of(engine.path)))
+                    .with_kind(SpanKind::Client),
+                parent,
+            );
+            span.set_attribute(KeyValue::new("http.request.method", "POST"));
+            let full = format!("{}{}", engine.url, engine.path);
+            span.set_attribute(KeyValue::new("url.full", full));
+            span.set_attribute(KeyValue::new("switchyard.engine", engine.name.to_owned()));
+            span.set_attribute(KeyValue::new("switchyard.leg", engine.leg));
+            span.set_attribute(KeyValue::new("switchyard.attempt", engine.attempt as i64));
+            if engine.attempt > 0 {
+                let n = engine.attempt as i64;
+                span.set_attribute(KeyValue::new("http.request.resend_count", n));
+            }
+            Some(parent.with_span(span))
+        } else {
+            None
+        };
         let mut traced = headers.clone();
-        t.propagator
-            .inject_context(&cx, &mut HeaderInjector(&mut traced));
+        t.propagator.inject_context(
+            cx.as_ref().unwrap_or(parent),
+            &mut HeaderInjector(&mut traced),
+        );
         // No tracestate from the client: none is invented (the propagator writes an empty one).
         if traced
             .get("tracestate")
@@ -293,7 +305,7 @@ impl RouteSpan {
         {
             traced.remove("tracestate");
         }
-        (AttemptSpan { cx: Some(cx) }, Cow::Owned(traced))
+        (AttemptSpan { cx }, Cow::Owned(traced))
     }
 }
 
