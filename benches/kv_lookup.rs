@@ -86,6 +86,7 @@ fn bench(c: &mut Criterion) {
         model: parsed.model,
         prompt: parsed.prompt,
         body: body.clone().into(),
+        admission: Default::default(),
         ..RequestInfo::default()
     };
     let cands: Vec<Candidate> = engines

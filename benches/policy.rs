@@ -56,6 +56,7 @@ fn request() -> RequestInfo {
         model: "m".into(),
         prompt: PromptDigest::of_text(&prompt, 16),
         body: body.into(),
+        admission: Default::default(),
         ..Default::default()
     }
 }

@@ -85,10 +85,14 @@ pub fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> Result<ExitCode, BoxE
         Some(Command::Policies(args)) => policies(&args),
         Some(Command::Bench(args)) => {
             init_logging("warn"); // at info, the router logs every start and stop, once per run
-            runtime
-                .block_on(crate::bench::run(*args))
-                .map(|_| ExitCode::SUCCESS)
-                .map_err(BoxError::from)
+            let done = if args.tenants {
+                runtime
+                    .block_on(crate::bench::tenants::run(*args))
+                    .map(|_| ())
+            } else {
+                runtime.block_on(crate::bench::run(*args)).map(|_| ())
+            };
+            done.map(|()| ExitCode::SUCCESS).map_err(BoxError::from)
         }
         Some(Command::Sim(args)) => {
             init_logging("info");

@@ -59,8 +59,9 @@
 //!   `/kv_event_sources`, metrics, failure injection, and the prefill or decode side of vLLM's
 //!   NixlConnector hand-off ([`sim::nixl`])).
 //! - [`bench`]: the routing benchmark: workloads, replay of production traces (Mooncake,
-//!   Alibaba Bailian) as token-id prompts, a load driver, statistics, reports, and the
-//!   exact-against-approximate `kv_lookup` comparison over router replicas.
+//!   Alibaba Bailian) as token-id prompts, a load driver, statistics, reports, the
+//!   exact-against-approximate `kv_lookup` comparison over router replicas, and the noisy/quiet
+//!   tenant benchmark of the router's queue ([`bench::tenants`]).
 
 pub mod admit;
 pub mod config;

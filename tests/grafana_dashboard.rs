@@ -288,6 +288,10 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_fresh_router() {
         "switchyard_policy_reloads_total",
         "switchyard_policy_script_errors_total",
         "switchyard_client_connections_closed_total",
+        "switchyard_queue_length",
+        "switchyard_queue_wait_seconds_bucket",
+        "switchyard_queue_rejections_total",
+        "switchyard_rate_limited_total",
     ] {
         assert!(
             names.contains(needed),

@@ -223,7 +223,7 @@ mod tests {
             max_queued: 10,
             queue_timeout: Duration::from_secs(3600),
         };
-        let holds = Holds::start(Arc::clone(&registry), 2, limits, HashMap::new());
+        let holds = Holds::start(Arc::clone(&registry), 3, limits, HashMap::new());
         saturated(&a, 2.0);
         saturated(&b, 1.0);
         // b has room for one: the first is admitted at once, the second waits.

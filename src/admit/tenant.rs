@@ -13,8 +13,7 @@ use super::{Priority, Tenant};
 /// The priority header when none is configured (the Gateway API Inference Extension's names
 /// as values).
 pub const DEFAULT_PRIORITY_HEADER: &str = "x-priority";
-/// The tenant of requests with neither a tenant header nor a bearer token.
-pub const ANONYMOUS: &str = "anonymous";
+pub use crate::request::admission::ANONYMOUS;
 /// The longest tenant header value taken as it is; a longer one is hashed like a key.
 pub const MAX_TENANT_CHARS: usize = 128;
 

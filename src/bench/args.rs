@@ -97,6 +97,31 @@ pub struct BenchArgs {
     /// The policies of the --pd runs [default: disaggregated_prefill_orchestrated].
     #[arg(long, value_delimiter = ',', requires = "pd")]
     pub pd_policies: Option<Vec<String>>,
+    /// The noisy/quiet tenant benchmark instead of the policy comparison (see docs/bench.md):
+    /// the quiet tenant's TTFT alone, under a noisy tenant's flood without the router's
+    /// queue, and with it at each --engine-queue-limits value.
+    #[arg(long)]
+    pub tenants: bool,
+    /// --tenants: the noisy tenant's closed-loop clients, each sending back to back
+    /// [default: 3 x engines x max_num_seqs].
+    #[arg(long)]
+    pub noisy_clients: Option<usize>,
+    /// --tenants: the quiet tenant's Poisson arrival rate, requests per simulated second
+    /// [default: 1].
+    #[arg(long)]
+    pub quiet_qps: Option<f64>,
+    /// --tenants: one run with the router's queue per value, each the router's
+    /// --engine-queue-limit [default: 1,4].
+    #[arg(long, value_delimiter = ',')]
+    pub engine_queue_limits: Option<Vec<u32>>,
+    /// --tenants: the measured window of every run, simulated seconds [default: 120; 20 with
+    /// --quick].
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// --tenants: the warm-up before the window (sent, not measured), simulated seconds
+    /// [default: 20; 5 with --quick].
+    #[arg(long)]
+    pub warmup: Option<f64>,
     #[command(flatten)]
     pub knobs: WorkloadKnobs,
 }
@@ -130,6 +155,12 @@ impl Default for BenchArgs {
             trace_limit: None,
             pd: None,
             pd_policies: None,
+            tenants: false,
+            noisy_clients: None,
+            quiet_qps: None,
+            engine_queue_limits: None,
+            duration: None,
+            warmup: None,
             knobs: WorkloadKnobs::default(),
         }
     }
@@ -156,6 +187,20 @@ impl BenchArgs {
         };
         let differs = |x: bool| x.then_some(());
         flag("quick", differs(self.quick).map(|_| String::new()));
+        flag("tenants", differs(self.tenants).map(|_| String::new()));
+        flag("noisy-clients", self.noisy_clients.map(|v| v.to_string()));
+        flag("quiet-qps", self.quiet_qps.map(|v| v.to_string()));
+        flag(
+            "engine-queue-limits",
+            self.engine_queue_limits.as_ref().map(|l| {
+                l.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
+        );
+        flag("duration", self.duration.map(|v| v.to_string()));
+        flag("warmup", self.warmup.map(|v| v.to_string()));
         flag(
             "engines",
             differs(self.engines != d.engines).map(|_| self.engines.to_string()),
@@ -297,6 +342,27 @@ mod tests {
             "my policies/it's here",
             "--quick",
         ]);
+        let q = parse(&[
+            "--tenants",
+            "--noisy-clients",
+            "64",
+            "--quiet-qps",
+            "0.5",
+            "--engine-queue-limits",
+            "1,4",
+            "--duration",
+            "30",
+            "--warmup",
+            "5",
+            "--prompt-tokens",
+            "300",
+        ]);
+        assert!(q.tenants);
+        assert_eq!(q.engine_queue_limits, Some(vec![1, 4]));
+        let line = q.command_line();
+        let words = shlex::split(&line).expect("a shell-quoted line");
+        let words: Vec<&str> = words.iter().skip(2).map(String::as_str).collect();
+        assert_eq!(parse(&words), q, "{line}");
         let t = parse(&[
             "--trace",
             "traces/a b.jsonl",

@@ -124,6 +124,17 @@ impl Cluster {
         policies_dir: &Path,
         policy: &str,
     ) -> Result<Cluster, BenchError> {
+        Cluster::start_configured(spec, policies_dir, policy, |_| {}).await
+    }
+
+    /// [`Cluster::start`], with `configure` applied to the routers' configuration last (e.g.
+    /// the tenant header and the router-side queue of `--tenants`).
+    pub async fn start_configured(
+        spec: &ClusterSpec,
+        policies_dir: &Path,
+        policy: &str,
+        configure: impl FnOnce(&mut RouterConfig),
+    ) -> Result<Cluster, BenchError> {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         // One tokenizer shared by the engines (loaded once).
         let tokenizer = match &spec.tokenizer {
@@ -172,6 +183,7 @@ impl Cluster {
         cfg.block_size = spec.sim_config(0).block_size;
         cfg.engine_stats_interval =
             Duration::from_secs_f64((spec.engine_stats_interval * spec.time_scale).max(0.01));
+        configure(&mut cfg);
         let mut cluster = Cluster {
             sims,
             routers: Vec::new(),

@@ -197,7 +197,7 @@ async fn run_chain(
             &client,
             url,
             "/v1/chat/completions",
-            &chain.user,
+            &[(SESSION_HEADER, &chain.user)],
             body,
             cfg.request_timeout,
         )
@@ -220,18 +220,19 @@ pub(super) struct Sent {
     pub(super) timed_out: bool,
 }
 
-/// POSTs `body` to `url` + `path` with the session header, streams the response.
+/// POSTs `body` to `url` + `path` with `headers` (e.g. the session header), streams the
+/// response.
 pub(super) async fn send(
     client: &BenchClient,
     url: &str,
     path: &str,
-    session: &str,
+    headers: &[(&str, &str)],
     body: Bytes,
     timeout: Duration,
 ) -> Sent {
     let sent = Instant::now();
     let mut exchange = Exchange::default();
-    let timed_out = match request(url, path, session, body) {
+    let timed_out = match request(url, path, headers, body) {
         Ok(req) => tokio::time::timeout(timeout, exchange.run(client, req))
             .await
             .is_err(),
@@ -284,11 +285,18 @@ impl Sent {
     }
 }
 
-fn request(url: &str, path: &str, user: &str, body: Bytes) -> Result<Request<Full<Bytes>>, String> {
-    Request::post(format!("{url}{path}"))
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(SESSION_HEADER, user)
-        .body(Full::new(body))
+fn request(
+    url: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, String> {
+    let mut req = Request::post(format!("{url}{path}"))
+        .header(http::header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(Full::new(body))
         .map_err(|e| format!("cannot build the request: {e}"))
 }
 
@@ -306,6 +314,8 @@ pub(super) struct Exchange {
     answer: String,
     done: bool,
     error: Option<String>,
+    /// A refusal's `Retry-After` in seconds (the delay form; the date form is not read).
+    retry_after: Option<u64>,
 }
 
 fn header(h: &HeaderMap, name: &str) -> Option<String> {
@@ -313,6 +323,11 @@ fn header(h: &HeaderMap, name: &str) -> Option<String> {
 }
 
 impl Exchange {
+    /// The response's `Retry-After`, seconds, when it gave one.
+    pub(super) fn retry_after(&self) -> Option<u64> {
+        self.retry_after
+    }
+
     async fn run(&mut self, client: &BenchClient, req: Request<Full<Bytes>>) {
         let resp = match client.request(req).await {
             Ok(r) => r,
@@ -329,6 +344,7 @@ impl Exchange {
         self.policy = header(h, "x-switchyard-policy");
         self.kv = header(h, "x-switchyard-kv");
         self.stage = header(h, "x-switchyard-stage");
+        self.retry_after = header(h, "retry-after").and_then(|v| v.trim().parse::<u64>().ok());
         let mut body = resp.into_body();
         if !status.is_success() {
             let mut text = Vec::new();

@@ -14,7 +14,8 @@
 //! sweep, kv comparison, policies directory), `kvcompare.rs` (`--kv-compare`: its routings and
 //! table), `stats.rs` (percentiles, per-run figures), `report.rs` (tables, JSON, CSV),
 //! `winners.rs` (the best run per figure), `svg.rs` (charts), `pd.rs` (`--pd`: prefill/decode
-//! runs beside the aggregated ones).
+//! runs beside the aggregated ones), `tenants/` (`--tenants`: the noisy/quiet tenant benchmark
+//! of the router's queue, its own runs and report).
 
 mod args;
 pub mod cluster;
@@ -28,6 +29,7 @@ mod setup;
 pub mod sse;
 pub mod stats;
 pub mod svg;
+pub mod tenants;
 pub mod text;
 pub mod winners;
 pub mod workload;

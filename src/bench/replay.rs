@@ -13,7 +13,7 @@ use bytes::Bytes;
 use indicatif::ProgressBar;
 use tokio::task::JoinSet;
 
-use super::driver::{BenchClient, DriveConfig, on_client_thread, send};
+use super::driver::{BenchClient, DriveConfig, SESSION_HEADER, on_client_thread, send};
 use super::stats::RequestRecord;
 use super::workload::trace_plan::{Planned, TraceSpec};
 
@@ -73,7 +73,8 @@ pub async fn replay(
             let body = Bytes::from(r.prompt.completion_body(&model, r.max_tokens));
             drop(r.prompt);
             tokio::time::sleep_until(due.into()).await;
-            let done = send(&client, &url, "/v1/completions", &r.session, body, timeout).await;
+            let headers = [(SESSION_HEADER, r.session.as_str())];
+            let done = send(&client, &url, "/v1/completions", &headers, body, timeout).await;
             progress.inc(1);
             done.record(r.index, r.turn, replica, t0, due, ts)
         });

@@ -56,7 +56,7 @@ pub struct BenchReport {
 }
 
 /// Renders rows as an aligned text table: the first column left-aligned, the rest right.
-fn text_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn text_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let ncol = headers.len();
     let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for r in rows {
@@ -86,7 +86,7 @@ fn text_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn markdown_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn markdown_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "| {} |", headers.join(" | "));
     let align: Vec<&str> = (0..headers.len())

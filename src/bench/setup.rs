@@ -100,7 +100,8 @@ fn load_spec(args: &BenchArgs) -> Result<LoadSpec, BenchError> {
     Ok(LoadSpec::Trace(spec, summary))
 }
 
-pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
+/// The time scale, with the flags every mode shares checked (each error names its flag).
+pub(super) fn check_common(args: &BenchArgs) -> Result<f64, BenchError> {
     let bad = |m: String| Err(BenchError::Args(m));
     let time_scale = args
         .time_scale
@@ -136,6 +137,43 @@ pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
     if args.max_num_seqs == Some(0) {
         return bad("--max-num-seqs must be at least 1".into());
     }
+    Ok(time_scale)
+}
+
+/// The simulated engines of every run, from the flags.
+pub(super) fn cluster_spec(args: &BenchArgs, time_scale: f64, seed: u64) -> ClusterSpec {
+    ClusterSpec {
+        engines: args.engines,
+        model: args.model.clone(),
+        time_scale,
+        slow_engine: args.slow_engine,
+        engine_profile: args.engine_profile,
+        // A profile brings its own max_num_seqs; without one, the bench's smaller default.
+        max_num_seqs: args.max_num_seqs.or_else(|| {
+            args.engine_profile
+                .is_none()
+                .then_some(DEFAULT_MAX_NUM_SEQS)
+        }),
+        num_blocks: args.num_blocks,
+        engine_stats_interval: args.engine_stats_interval,
+        seed,
+        router_replicas: 1,
+        tokenizer: args.tokenizer.clone(),
+        exact_kv: false,
+        pd: None,
+    }
+}
+
+pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
+    let bad = |m: String| Err(BenchError::Args(m));
+    if args.tenants {
+        return bad(
+            "--tenants is its own benchmark: run it with `switchyard bench --tenants` \
+             (bench::tenants::run)"
+                .into(),
+        );
+    }
+    let time_scale = check_common(args)?;
     let sweep = match &args.sweep {
         Some(s) => plan::parse_sweep(s).map_err(BenchError::Args)?,
         None => Vec::new(),
@@ -198,26 +236,7 @@ pub(super) fn setup(args: &BenchArgs) -> Result<Setup, BenchError> {
         (runs, Some(dir))
     };
     Ok(Setup {
-        cluster: ClusterSpec {
-            engines: args.engines,
-            model: args.model.clone(),
-            time_scale,
-            slow_engine: args.slow_engine,
-            engine_profile: args.engine_profile,
-            // A profile brings its own max_num_seqs; without one, the bench's smaller default.
-            max_num_seqs: args.max_num_seqs.or_else(|| {
-                args.engine_profile
-                    .is_none()
-                    .then_some(DEFAULT_MAX_NUM_SEQS)
-            }),
-            num_blocks: args.num_blocks,
-            engine_stats_interval: args.engine_stats_interval,
-            seed: load.seed(),
-            router_replicas: 1,
-            tokenizer: args.tokenizer.clone(),
-            exact_kv: false,
-            pd: None,
-        },
+        cluster: cluster_spec(args, time_scale, load.seed()),
         load,
         time_scale,
         runs,
@@ -288,7 +307,7 @@ fn pd_runs(args: &BenchArgs, splits: &[PdSplit]) -> Vec<RunPlan> {
 
 /// The directory the benchmark reads policies from: the one given, or, for the default
 /// `policies` when there is none here (outside a checkout), the router's built-in set.
-fn policies_source(dir: &std::path::Path) -> Result<PathBuf, BenchError> {
+pub(super) fn policies_source(dir: &std::path::Path) -> Result<PathBuf, BenchError> {
     if dir != std::path::Path::new("policies") || dir.is_dir() {
         return Ok(dir.to_owned());
     }

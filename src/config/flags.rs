@@ -139,8 +139,9 @@ pub struct ServeArgs {
     pub priority_header: Option<String>,
     /// Hold requests in the router: an engine is sent a request only while its waiting queue
     /// (the scraped vllm:num_requests_waiting, corrected by the router's own requests since the
-    /// scrape) is below N; the others wait in the router, released in priority order and fair
-    /// across tenants [default: 0: never hold].
+    /// scrape), counting the request, stays below N: 1 = only into a free running slot, 2 = at
+    /// most one waiting, ...; the others wait in the router, released in priority order and
+    /// fair across tenants [default: 0: never hold].
     #[arg(long)]
     pub engine_queue_limit: Option<u32>,
     /// With --engine-queue-limit: requests that may wait in the router at once, all models

@@ -11,8 +11,9 @@ use crate::admit::Tenant;
 /// The queue's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueSettings {
-    /// An engine is sent a request only while its estimated waiting queue is below this; 0:
-    /// the router never holds requests (the default).
+    /// An engine is sent a request only while its estimated waiting queue, counting the
+    /// request, stays below this (1: only into a free running slot); 0: the router never holds
+    /// requests (the default).
     pub engine_queue_limit: u32,
     /// Requests that may wait in the router at once, all models together.
     pub max_queued: usize,

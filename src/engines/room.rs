@@ -55,26 +55,36 @@ impl Engine {
     /// The estimated number of requests waiting in this engine's own queue now (see the
     /// module's documentation); 0 when unknown.
     pub fn estimated_waiting(&self) -> f64 {
-        let s = self.stats.load();
-        if s.scraped_at.is_none() {
-            return 0.0;
-        }
-        let delta = self.in_flight() as f64 - s.in_flight_at_scrape as f64;
-        let queue = if s.waiting > 0.0 {
-            s.waiting + delta
-        } else {
-            match s.running_slots {
-                Some(slots) => s.running + delta - slots,
-                None => 0.0,
-            }
-        };
-        queue.max(0.0)
+        self.queue_beyond_slots().unwrap_or(0.0).max(0.0)
     }
 
-    /// How many more requests this engine takes before its estimated queue reaches `limit`.
+    /// Requests beyond the engine's running slots now: positive, that many wait; negative,
+    /// that many slots are free. `None` when unknown (never scraped, or never seen full).
+    fn queue_beyond_slots(&self) -> Option<f64> {
+        let s = self.stats.load();
+        s.scraped_at?;
+        let delta = self.in_flight() as f64 - s.in_flight_at_scrape as f64;
+        if s.waiting > 0.0 {
+            Some(s.waiting + delta)
+        } else {
+            s.running_slots.map(|slots| s.running + delta - slots)
+        }
+    }
+
+    /// How many more requests this engine takes while its queue, counting each request sent,
+    /// stays below `limit`: with `limit` 1, only as many as it has free running slots (none
+    /// waits in the engine); with 2, one more (at most one waits); and so on. An engine whose
+    /// slots are not known yet has room.
     pub fn room_below(&self, limit: u32) -> usize {
-        let room = f64::from(limit) - self.estimated_waiting();
-        if room <= 0.0 { 0 } else { room.ceil() as usize }
+        let Some(beyond) = self.queue_beyond_slots() else {
+            return usize::MAX / 1024;
+        };
+        let room = f64::from(limit) - 1.0 - beyond;
+        if room <= 0.0 {
+            0
+        } else {
+            room.floor() as usize
+        }
     }
 }
 
@@ -100,32 +110,39 @@ mod tests {
         let mut held: Vec<_> = (0..10).map(|_| e.begin_request()).collect();
         e.set_stats(scraped(8.0, 2.0, 10));
         assert_eq!(e.estimated_waiting(), 2.0);
-        assert_eq!(e.room_below(4), 2);
+        assert_eq!(
+            e.room_below(4),
+            1,
+            "2 waiting: one more keeps the queue below 4"
+        );
         held.push(e.begin_request());
-        held.push(e.begin_request());
-        assert_eq!(e.estimated_waiting(), 4.0);
+        assert_eq!(e.estimated_waiting(), 3.0);
         assert_eq!(e.room_below(4), 0);
-        held.truncate(7); // five finished: the two waiting and three sent since ran
+        held.truncate(7); // four finished: the three waiting ran, and a slot is free
         assert_eq!(e.estimated_waiting(), 0.0);
+        assert_eq!(e.room_below(1), 1, "only the free slot");
         assert_eq!(e.room_below(4), 4);
     }
 
     #[test]
     fn an_engine_with_free_slots_takes_requests_until_its_learned_slots_fill() {
         let e = Arc::new(Engine::new(0, "http://127.0.0.1:1", vec!["m".into()]));
-        assert_eq!(e.room_below(1), 1, "never scraped: room");
+        assert!(e.room_below(1) > 1000, "never scraped: room");
         e.set_stats(scraped(3.0, 0.0, 0));
         let held: Vec<_> = (0..50).map(|_| e.begin_request()).collect();
         assert_eq!(e.estimated_waiting(), 0.0, "slots unknown: room");
+        assert!(e.room_below(1) > 1000);
         e.set_stats(scraped(16.0, 34.0, 50)); // saturated at 16 running
         assert_eq!(e.estimated_waiting(), 34.0);
         drop(held);
         e.set_stats(scraped(10.0, 0.0, 0));
         let held: Vec<_> = (0..8).map(|_| e.begin_request()).collect();
         assert_eq!(e.estimated_waiting(), 2.0, "10 running + 8 sent - 16 slots");
-        assert_eq!(e.room_below(3), 1);
+        assert_eq!(e.room_below(4), 1);
+        assert_eq!(e.room_below(3), 0);
         drop(held);
         e.set_stats(scraped(20.0, 0.0, 0)); // more running than learned: the slots grow
+        assert_eq!(e.room_below(1), 0, "20 running, 20 slots: none free");
         let _more: Vec<_> = (0..2).map(|_| e.begin_request()).collect();
         assert_eq!(e.estimated_waiting(), 2.0, "20 + 2 - 20");
     }

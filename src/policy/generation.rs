@@ -36,6 +36,9 @@ pub(super) struct Generation {
     pub reloaded_at: SystemTime,
     /// Counts loads: 1 for the first, +1 per reload.
     pub number: u64,
+    /// `admission.rhai` (or `.toml`): run on every request before the rate limits and the
+    /// router's queue, it may set the request's tenant and priority.
+    pub admission: Option<Arc<CompiledPolicy>>,
 }
 
 impl Generation {
@@ -47,7 +50,9 @@ impl Generation {
         errors: Vec<PolicyDiagnostic>,
         number: u64,
     ) -> Generation {
+        let admission = lookup(&files, ADMISSION_POLICY).cloned();
         Generation {
+            admission,
             settings: Arc::new(settings),
             sandbox,
             default,
@@ -60,6 +65,9 @@ impl Generation {
         }
     }
 }
+
+/// The policy run before admission, by its reserved name.
+pub const ADMISSION_POLICY: &str = "admission";
 
 /// Finds a policy by the name settings use: `NAME` (the `.rhai` if both `NAME.rhai` and
 /// `NAME.toml` exist) or a file name `NAME.rhai` / `NAME.toml`.

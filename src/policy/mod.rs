@@ -231,6 +231,22 @@ impl PolicyStore {
         self.decide_inner(req, cands, None, Stage::Aggregated)
     }
 
+    /// Runs the policies directory's `admission.rhai`, if there is one: the request's tenant
+    /// and priority as it sets them, or `None` if it changed nothing (or failed: counted and
+    /// logged, the request keeps its own).
+    pub fn admit(&self, req: &RequestInfo) -> Option<crate::request::admission::Admission> {
+        let generation = self.current.load();
+        let policy = generation.admission.as_ref()?;
+        let run = || {
+            policy.admit(
+                &generation.sandbox.engine,
+                generation.settings.script_time_budget,
+                req,
+            )
+        };
+        off_the_workers(run)
+    }
+
     /// The hand-off of the policy that serves `model`, if it is a disaggregated policy.
     pub fn handoff_for(&self, model: &str) -> Option<Handoff> {
         let g = self.current.load();

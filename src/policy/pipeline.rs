@@ -1,6 +1,7 @@
 //! A compiled policy: an ordered list of tiers, each a built-in or a script, tried in turn until
 //! one chooses an engine. A `.rhai` policy is a pipeline of one script tier.
 
+use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::LazyLock;
@@ -16,6 +17,7 @@ use super::script::{self, ErrorReason, Outcome, Script, ScriptError};
 use super::stage::Stage;
 use crate::engines::Candidate;
 use crate::request::RequestInfo;
+use crate::request::admission::Admission;
 
 /// Name of the tier that decides when every tier passed.
 pub const DEFAULT_TIER: &str = "default";
@@ -237,6 +239,43 @@ impl CompiledPolicy {
         }
         let e = builtins::least_loaded(cands, &self.state).unwrap_or(0);
         (e, self.default_label())
+    }
+
+    /// Runs this policy's script tiers as the admission policy: each may set the request's
+    /// tenant and priority (`request.tenant = ...`, `request.priority = ...`); their values
+    /// are ignored. The changed admission, or `None` if nothing changed or a script failed
+    /// (counted and logged like any script error; the request keeps its own).
+    pub fn admit(
+        &self,
+        engine: &rhai::Engine,
+        script_budget: Duration,
+        req: &RequestInfo,
+    ) -> Option<Admission> {
+        let cell = RefCell::new(req.admission.clone());
+        let kv = Kv::new(None, req, &[]);
+        let ctx = Ctx::new(req, &[], &self.state, &kv).for_admission(&cell);
+        for tier in &self.tiers {
+            let TierKind::Script(s) = &tier.kind else {
+                continue;
+            };
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                script::run_for_effect(engine, s, &ctx, &self.params, script_budget)
+            }))
+            .unwrap_or_else(|_| {
+                Err(ScriptError {
+                    line: s.origin.0,
+                    col: s.origin.1,
+                    message: "script evaluation panicked".into(),
+                    reason: ErrorReason::Panic,
+                })
+            });
+            if let Err(err) = outcome {
+                self.script_failed(tier, s, &err);
+                return None;
+            }
+        }
+        let admission = cell.into_inner();
+        (admission != req.admission).then_some(admission)
     }
 
     #[cold]

@@ -26,7 +26,7 @@ use super::telemetry::count_request;
 use crate::admit::hold::Holds;
 use crate::admit::queue::Admitted;
 use crate::admit::rate_limit::{Decision, RateLimitHeaders, RateLimitRules};
-use crate::admit::{Priority, Tenant};
+use crate::admit::{Admission, Priority, Tenant};
 use crate::engines::{Candidate, Role};
 use crate::otel::{QueueSpan, RouteSpan};
 use crate::request::{ParseError, Parsed, RequestInfo, parse_body};
@@ -90,13 +90,16 @@ async fn forward(
     let start = Instant::now();
     let (parts, body) = req.into_parts();
     let uri = parts.uri.clone();
-    let info = read_request(state, parts, body).await?;
+    let mut info = read_request(state, parts, body).await?;
     crate::otel::on_parsed(&state.otel, &info.model, &info.path, info.stream);
+    if let Some(admission) = state.policies.admit(&info) {
+        info.admission = admission;
+    }
     let rules = state.limiter.rules();
-    // Who the request belongs to, only when something needs it.
+    // Only when something counts them.
     let who = (!rules.is_empty() || state.holds.is_some()).then(|| Who {
-        tenant: state.identify.tenant(&info.headers),
-        priority: state.identify.priority(&info.headers),
+        tenant: info.admission.tenant.clone(),
+        priority: info.admission.priority,
         // The prompt estimate plus what the request may generate.
         tokens: info.prompt_tokens() as u64 + max_tokens_of(&info.body),
     });
@@ -300,7 +303,12 @@ async fn read_request(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or(parsed.session_value);
+    let admission = Admission {
+        tenant: state.identify.tenant(&parts.headers),
+        priority: state.identify.priority(&parts.headers),
+    };
     Ok(RequestInfo {
+        admission,
         path: parts.uri.path().to_owned(),
         model: parsed.model,
         stream: parsed.stream,

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+pub mod admission;
 mod prompt;
 
 pub use prompt::PromptDigest;
@@ -49,6 +50,8 @@ pub struct RequestInfo {
     pub headers: HeaderMap,
     /// The raw body, forwarded as-is.
     pub body: Bytes,
+    /// Its tenant and priority (the proxy sets them from the headers and `admission.rhai`).
+    pub admission: admission::Admission,
 }
 
 /// The JSON text of the top-level arrays and objects that [`RequestInfo::fields`] materialises
@@ -401,6 +404,7 @@ mod tests {
         });
         let req = RequestInfo {
             body: body.to_string().into(),
+            admission: Default::default(),
             ..Default::default()
         };
         let f = req.fields();

@@ -2,6 +2,8 @@
 //! small HTTP client that records when each body frame arrives.
 #![allow(dead_code)]
 
+pub mod gate;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -57,6 +57,7 @@ pub fn request(tokens: usize) -> RequestInfo {
         session_key: None,
         headers: Default::default(),
         body: body.to_string().into(),
+        admission: Default::default(),
     }
 }
 

@@ -37,11 +37,19 @@ pub fn describe_metrics() {
     );
 }
 
-/// Registers the families at zero so dashboards read 0 before the first rejection.
+/// Registers the families at zero so dashboards read 0 before the first request waits: the
+/// rejection reasons, and the length and wait series of the anonymous tenant per priority.
 pub fn register_metrics() {
     for reason in Refused::ALL {
         metrics::counter!("switchyard_queue_rejections_total", "reason" => reason.reason())
             .increment(0);
+    }
+    for priority in [Priority::Critical, Priority::Standard, Priority::Sheddable] {
+        let (p, t) = (priority.as_str(), crate::request::admission::ANONYMOUS);
+        metrics::gauge!("switchyard_queue_length", "priority" => p, "tenant" => t).increment(0.0);
+        // Registered, not recorded: the family shows with a count of 0.
+        let _ =
+            metrics::histogram!("switchyard_queue_wait_seconds", "priority" => p, "tenant" => t);
     }
 }
 

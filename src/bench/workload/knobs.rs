@@ -64,7 +64,7 @@ pub struct WorkloadKnobs {
     /// Tokens of each question.
     #[arg(long)]
     pub question_tokens: Option<usize>,
-    /// Tokens of each answer (`max_tokens`).
+    /// Tokens of each answer (`max_tokens`); with --tenants, of every request of both tenants.
     #[arg(long)]
     pub answer_tokens: Option<usize>,
     /// shared-prefix: number of groups (distinct prefixes).
@@ -79,7 +79,7 @@ pub struct WorkloadKnobs {
     /// hot-prefix, long-prompt: number of requests.
     #[arg(long)]
     pub requests: Option<usize>,
-    /// long-prompt: tokens of each request's unique prompt.
+    /// long-prompt, --tenants: tokens of each request's unique prompt.
     #[arg(long)]
     pub prompt_tokens: Option<usize>,
     /// hot-prefix: share of requests (0..1) that use the hot system prompt.

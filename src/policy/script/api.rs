@@ -6,7 +6,7 @@
 //! [`Ctx`]); the `request` and `engines` views and the built-in functions read them through it,
 //! so nothing is copied into Rhai values unless a script asks for it.
 
-use std::cell::{Cell, OnceCell};
+use std::cell::{Cell, OnceCell, RefCell};
 
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FLOAT, INT, ImmutableString, Map};
 
@@ -15,6 +15,7 @@ use crate::policy::builtins::{Inputs, PolicyState};
 use crate::policy::kv::{Kv, KvMatches, KvSource};
 use crate::policy::stage::Stage;
 use crate::request::RequestInfo;
+use crate::request::admission::{Admission, Priority, Tenant};
 
 pub(crate) type RhaiResultOf<T> = Result<T, Box<EvalAltResult>>;
 
@@ -25,6 +26,9 @@ pub(crate) struct Ctx<'a> {
     pub state: &'a PolicyState,
     pub kv: &'a Kv<'a>,
     pub stage: Stage<'a>,
+    /// The request's tenant and priority as the admission policy sets them; `None` outside
+    /// it (they are then read from the request, and cannot be set).
+    pub admission: Option<&'a RefCell<Admission>>,
     fields: OnceCell<serde_json::Map<String, serde_json::Value>>,
 }
 
@@ -41,7 +45,23 @@ impl<'a> Ctx<'a> {
             state,
             kv,
             stage: Stage::Aggregated,
+            admission: None,
             fields: OnceCell::new(),
+        }
+    }
+
+    /// This evaluation, as the admission policy's, setting the request's tenant and priority
+    /// in `admission`.
+    pub fn for_admission(mut self, admission: &'a RefCell<Admission>) -> Self {
+        self.admission = Some(admission);
+        self
+    }
+
+    /// The request's tenant and priority as they stand.
+    fn admission_now<R>(&self, f: impl FnOnce(&Admission) -> R) -> R {
+        match self.admission {
+            Some(cell) => f(&cell.borrow()),
+            None => f(&self.req.admission),
         }
     }
 
@@ -264,6 +284,10 @@ pub(crate) const REQUEST_PROPERTIES: &[RequestProperty] = &[
         Dynamic::from(c.kv.prompt_tokens() as INT)
     }),
     ("headers", |c| Dynamic::from_map(headers_map(c.req))),
+    ("tenant", |c| c.admission_now(|a| str_value(&a.tenant.0))),
+    ("priority", |c| {
+        c.admission_now(|a| str_value(a.priority.as_str()))
+    }),
     ("stage", |c| str_value(c.stage.as_str())),
     ("decode_engine", |c| match c.stage {
         Stage::Prefill(d) => str_value(&d.candidate().engine.name),
@@ -302,6 +326,22 @@ pub(crate) fn register_engine_type(engine: &mut Engine) {
         });
 }
 
+/// The longest tenant name a script may set (as for the tenant header).
+const MAX_TENANT_CHARS: usize = 128;
+
+/// Changes the request's admission, in the admission policy only.
+fn set_admission(f: impl FnOnce(&mut Admission) -> Result<(), String>) -> RhaiResultOf<()> {
+    with_ctx(|c| {
+        match c.admission {
+        Some(cell) => f(&mut cell.borrow_mut()).map_err(Into::into),
+        None => Err(
+            "request.tenant and request.priority can only be set in the policies directory's admission.rhai"
+                .into(),
+        ),
+    }
+    })?
+}
+
 /// Registers the `Request` type: its properties, `header(name)`, `field(name)` and display.
 pub(crate) fn register_request_type(engine: &mut Engine) {
     engine.register_type_with_name::<RequestView>(REQUEST_TYPE);
@@ -309,6 +349,29 @@ pub(crate) fn register_request_type(engine: &mut Engine) {
         engine.register_get(name, move |_: &mut RequestView| with_ctx(get));
     }
     engine
+        .register_set("tenant", |_: &mut RequestView, tenant: ImmutableString| {
+            set_admission(|a| {
+                let t = tenant.trim();
+                if t.is_empty() || t.chars().count() > MAX_TENANT_CHARS {
+                    return Err(format!(
+                        "request.tenant must have 1 to {MAX_TENANT_CHARS} characters"
+                    ));
+                }
+                a.tenant = Tenant(std::sync::Arc::from(t));
+                Ok(())
+            })
+        })
+        .register_set("priority", |_: &mut RequestView, priority: ImmutableString| {
+            set_admission(|a| {
+                a.priority = Priority::from_header(&priority).ok_or_else(|| {
+                    format!(
+                        "request.priority must be \"critical\", \"standard\" or \"sheddable\", not {:?}",
+                        priority.as_str()
+                    )
+                })?;
+                Ok(())
+            })
+        })
         .register_fn("header", |_: &mut RequestView, name: &str| {
             with_ctx(|c| {
                 c.req.headers.get(name).map_or(Dynamic::UNIT, |v| {

@@ -338,6 +338,24 @@ pub(crate) fn eval(
     })
 }
 
+/// Evaluates `script` for its effect only (the admission policy: it sets the request's
+/// tenant and priority), within `budget`; its value is ignored.
+pub(crate) fn run_for_effect(
+    engine: &Engine,
+    script: &Script,
+    ctx: &Ctx<'_>,
+    params: &Dynamic,
+    budget: Duration,
+) -> Result<(), ScriptError> {
+    let _guard = CtxGuard::enter(ctx);
+    let _budget = TimeBudget::start(budget);
+    let result = SCOPE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scope) => run_in_scope(engine, script, ctx, params, &mut scope),
+        Err(_) => run_in_scope(engine, script, ctx, params, &mut Scope::new()),
+    });
+    result.map(drop).map_err(|e| script.error(&e))
+}
+
 fn interpret(value: Dynamic, ctx: &Ctx<'_>) -> Result<Outcome, String> {
     let cands = ctx.cands;
     if value.is_unit() {
