@@ -29,6 +29,9 @@ pub use spans::{
     ServerSpan, on_parsed,
 };
 
+/// How long shutdown waits for the spans still held to be exported.
+pub const FLUSH_BOUND: Duration = Duration::from_secs(3);
+
 /// The router's tracing: off, or a tracer whose spans are exported.
 #[derive(Clone, Default)]
 pub struct Otel(Option<Arc<Tracing>>);
@@ -78,9 +81,10 @@ impl Otel {
         self.0.is_some()
     }
 
-    /// Exports the spans still held, waiting at most `bound`; later spans are not exported.
-    /// Runs on the blocking pool (the SDK's shutdown blocks its caller).
-    pub async fn shutdown(&self, bound: Duration) {
+    /// Exports the spans still held, waiting at most [`FLUSH_BOUND`]; later spans are not
+    /// exported. Runs on the blocking pool (the SDK's shutdown blocks its caller).
+    pub async fn shutdown(&self) {
+        let bound = FLUSH_BOUND;
         let Some(t) = self.0.clone() else { return };
         let done = tokio::task::spawn_blocking(move || t.provider.shutdown_with_timeout(bound));
         match tokio::time::timeout(bound + Duration::from_millis(500), done).await {

@@ -170,9 +170,6 @@ fn check_pools(registry: &Registry, policies: &PolicyStore) -> Result<(), StartE
     Ok(())
 }
 
-/// How long shutdown waits for the trace spans still held to be exported.
-const OTEL_FLUSH_BOUND: Duration = Duration::from_secs(3);
-
 /// A running router.
 pub struct RunningRouter {
     pub addr: SocketAddr,
@@ -215,7 +212,7 @@ impl RunningRouter {
             }
         };
         self.state.monitor.shutdown();
-        self.state.otel.shutdown(OTEL_FLUSH_BOUND).await;
+        self.state.otel.shutdown().await;
         ShutdownOutcome { open_at_start, cut }
     }
 
