@@ -80,6 +80,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configs_keys_resolve() {
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/switchyard.toml");
+        let text = std::fs::read_to_string(example).unwrap();
+        let file: FileConfig = toml::from_str(&text.replace("# otlp_", "otlp_")).unwrap();
+        let s = otlp_settings(&ServeArgs::default(), &file).unwrap();
+        assert_eq!(s.endpoint.as_deref(), Some("http://localhost:4318"));
+        assert_eq!(s.sample_ratio, Some(0.01));
+    }
+
+    #[test]
     fn the_flag_wins_over_the_file_and_ratios_are_checked() {
         let file = FileConfig {
             otlp_endpoint: Some("http://file:4318".into()),
