@@ -264,7 +264,10 @@ impl Engine {
     /// New scraped figures (the running slots learned so far are carried over, see
     /// [`room`]).
     pub fn set_stats(&self, mut s: ScrapedStats) {
-        s.running_slots = room::learn_slots(self.stats.load().running_slots, &s);
+        let before = self.stats.load();
+        s.running_slots = room::learn_slots(before.running_slots, before.running_max, &s);
+        s.running_max = before.running_max.max(s.running);
+        s.slots_confirmed = room::confirms_slots(&before, &s);
         self.stats.store(Arc::new(s));
         self.changes.notify();
     }

@@ -31,6 +31,12 @@ pub struct ScrapedStats {
     /// The running slots learned from the scrapes so far (set by [`Engine::set_stats`], see
     /// [`super::room`]); `None` until the engine is seen with requests waiting.
     pub running_slots: Option<f64>,
+    /// The most requests seen running at any scrape (set by [`Engine::set_stats`]).
+    pub running_max: f64,
+    /// Whether `running_slots` is the engine's real limit: it was seen full with requests
+    /// waiting at the same running count on two scrapes in a row (set by
+    /// [`Engine::set_stats`]).
+    pub slots_confirmed: bool,
     pub last_error: Option<String>,
 }
 
@@ -243,6 +249,8 @@ pub async fn scrape_engine(
                     stale: false,
                     last_error: None,
                     running_slots: None,
+                    running_max: 0.0,
+                    slots_confirmed: false,
                 });
                 return Ok(());
             }
