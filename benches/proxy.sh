@@ -9,6 +9,9 @@
 #   REQUESTS=2000 benches/proxy.sh             # fewer requests per cell
 #   BIN=/path/to/switchyard benches/proxy.sh   # measure another build (e.g. an older commit's)
 #   ALT_BIN=/path/to/other benches/proxy.sh    # add a second Switchyard build as row "alt"
+#   OTLP=1 benches/proxy.sh                    # add rows otel1 and otel100: Switchyard tracing
+#                                              # 1 % / 100 % of requests to a discarding OTLP
+#                                              # receiver (examples/otlp_sink.rs, on core 0)
 #
 # Modes (TOKENS=16 token events + `data: [DONE]` = 17 events per streamed response, ~1 KB prompt):
 #   plain   non-streamed completion (one JSON body)
@@ -39,6 +42,7 @@ OUT=$(cd "$OUT" && pwd)
 
 command -v oha >/dev/null || cargo install oha --locked
 cargo build --release --quiet --example sse_engine --example bare_forwarder
+[ -n "${OTLP:-}" ] && cargo build --release --quiet --example otlp_sink
 ENGINE_BIN=target/release/examples/sse_engine
 BARE_BIN=target/release/examples/bare_forwarder
 if [ -z "${BIN:-}" ]; then
@@ -137,6 +141,20 @@ EOF
     spawn 1 "$ALT_BIN" serve --port "$PORT_alt" --static-backends "http://127.0.0.1:$eport" \
       --static-models "$MODEL" --log-level error; PID_alt=$BGPID
   fi
+  if [ -n "${OTLP:-}" ]; then
+    local sink
+    sink=$(free_port)
+    spawn 0 target/release/examples/otlp_sink --port "$sink"
+    for pct in 1 100; do
+      local t="otel$pct" port ratio
+      port=$(free_port); ratio=$(python3 -c "print($pct / 100)")
+      TARGETS="$TARGETS $t"
+      spawn 1 "$BIN" serve --port "$port" --static-backends "http://127.0.0.1:$eport" \
+        --static-models "$MODEL" --log-level error \
+        --otlp-endpoint "http://127.0.0.1:$sink" --otlp-sample-ratio "$ratio"
+      printf -v "PORT_$t" '%s' "$port"; printf -v "PID_$t" '%s' "$BGPID"
+    done
+  fi
   for t in $TARGETS; do
     local p="PORT_$t"; wait_http "http://127.0.0.1:${!p}/health"
   done
@@ -204,7 +222,7 @@ import sys, statistics
 from collections import defaultdict
 cells, memory, tokens, n_open = sys.argv[1:]
 events = int(tokens) + 1
-order = ["direct", "nginx", "bare", "switchyard", "alt"]
+order = ["direct", "nginx", "bare", "switchyard", "alt", "otel1", "otel100"]
 rows = defaultdict(list)
 for line in open(cells):
     t, mode, c, rps, p50, p99, ok, failed, cpu = line.rstrip("\n").split("\t")

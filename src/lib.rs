@@ -40,6 +40,10 @@
 //!   validation and hot reload; a disaggregated policy's two pipelines, decode then prefill
 //!   ([`policy::stage`]).
 //! - [`upstream`]: the pooled HTTP client to the engines and its bounded GET.
+//! - [`otel`]: OpenTelemetry tracing: a request's SERVER span, its policy decisions and its
+//!   CLIENT attempts on engines (the engine receives a `traceparent` naming its attempt),
+//!   W3C trace context continued from the client, parent-based sampling, and the OTLP/HTTP
+//!   export off the request path (bounded, drops counted); off unless configured.
 //!
 //! Data flows one way: request → [`request`] parse → [`admit`] → candidates from [`engines`] →
 //! [`policy`] decision (with the [`prefix`] index) → [`proxy`] forward → record.
@@ -62,6 +66,7 @@
 pub mod admit;
 pub mod config;
 pub mod engines;
+pub mod otel;
 pub mod policy;
 pub mod prefix;
 pub mod proxy;

@@ -11,6 +11,7 @@ use std::path::Path;
 /// The router core, at the bottom.
 const CORE: &[&str] = &[
     "admit", "config", "request", "engines", "prefix", "policy", "proxy", "tokens", "upstream",
+    "otel",
 ];
 /// The leaves on top, which use the core only through its public API.
 const LEAVES: &[&str] = &["cli", "sim", "bench"];

@@ -214,6 +214,16 @@ pub struct ServeArgs {
     /// buffered, dropped and counted [default: 16777216].
     #[arg(long)]
     pub kv_events_max_message_bytes: Option<usize>,
+    /// Export OpenTelemetry traces over OTLP/HTTP (protobuf) to this URL, e.g.
+    /// http://localhost:4318 (/v1/traces is appended to a URL without a path) [default: the
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT variables; without
+    /// them, no tracing].
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0 to 1; a client's traceparent decides for its own
+    /// requests (parent-based) [default: OTEL_TRACES_SAMPLER(_ARG), else 1].
+    #[arg(long)]
+    pub otlp_sample_ratio: Option<f64>,
 }
 
 /// The config file. Keys are the flag names with `_`.
@@ -275,6 +285,8 @@ pub struct FileConfig {
     pub kv_events_discover: Option<bool>,
     pub kv_events_bind: Option<Vec<String>>,
     pub kv_events_max_message_bytes: Option<usize>,
+    pub otlp_endpoint: Option<String>,
+    pub otlp_sample_ratio: Option<f64>,
     /// Per-model policies: `[policies] "model-name" = "policy"`.
     #[serde(default)]
     pub policies: BTreeMap<String, String>,

@@ -15,6 +15,7 @@ mod disagg;
 mod discovery;
 mod flags;
 mod kv_events;
+mod otlp;
 mod policies;
 mod queue;
 mod rate_limits;
@@ -23,6 +24,7 @@ pub use backends::Backend;
 use backends::backends_from;
 pub use flags::{FileConfig, ServeArgs};
 pub use kv_events::KvEventsSettings;
+pub use otlp::{OtlpSettings, check_endpoint};
 pub use policies::{policy_settings, resolve_policies_dir};
 pub use queue::{QueueSettings, tenant_weights};
 pub use rate_limits::rate_limit_rules;
@@ -114,6 +116,8 @@ pub struct RouterConfig {
     pub priority_header: String,
     /// The router-side queue (`--engine-queue-limit` and its bounds, tenant weights).
     pub queue: QueueSettings,
+    /// OpenTelemetry trace export (`--otlp-endpoint`, `--otlp-sample-ratio`).
+    pub otlp: OtlpSettings,
 }
 
 impl Default for RouterConfig {
@@ -155,6 +159,7 @@ impl Default for RouterConfig {
             tenant_header: None,
             priority_header: crate::admit::tenant::DEFAULT_PRIORITY_HEADER.into(),
             queue: QueueSettings::default(),
+            otlp: OtlpSettings::default(),
         }
     }
 }
@@ -300,6 +305,7 @@ impl RouterConfig {
         let prefill_timeout = disagg::prefill_timeout(args, &file, first_byte_timeout)?;
         let rate_limits = rate_limit_rules(&file)?;
         let queue = queue::queue_settings(args, &file)?;
+        let otlp = otlp::otlp_settings(args, &file)?;
         let tenant_header = args.tenant_header.clone().or(file.tenant_header.clone());
         let priority_header = args
             .priority_header
@@ -402,6 +408,7 @@ impl RouterConfig {
             tenant_header,
             priority_header,
             queue,
+            otlp,
         })
     }
 }

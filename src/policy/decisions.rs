@@ -111,3 +111,24 @@ pub(crate) fn record(
         cache.insert(key, (Arc::clone(&engine.name), c));
     });
 }
+
+impl super::PolicyStore {
+    /// The tiers of `model`'s pipeline (its prefill pipeline if `prefill`) that passed before
+    /// the tier named `tier` decided: all of them when the default decided; `None` when `tier`
+    /// is not one of the pipeline's (a built-in a script tier called), or the policy changed.
+    /// For trace spans: it allocates, so only sampled requests ask.
+    pub fn tiers_passed(&self, model: &str, prefill: bool, tier: &str) -> Option<Vec<String>> {
+        let generation = self.current.load();
+        let main = Self::policy_of(&generation, model);
+        let policy: &CompiledPolicy = match (&main.split, prefill) {
+            (Some(split), true) => &split.prefill,
+            _ => main,
+        };
+        let names = policy.tier_names();
+        if tier == super::DEFAULT_TIER {
+            return Some(names);
+        }
+        let at = names.iter().position(|n| n == tier)?;
+        Some(names[..at].to_vec())
+    }
+}

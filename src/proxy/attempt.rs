@@ -3,6 +3,7 @@
 //! last word; where a request's prefix matches come from. Used by the aggregated path
 //! (`forward`) and the disaggregated one (`disagg`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ use super::headers::{
 use super::kv::Sources;
 use super::telemetry::{RequestRecord, count_request};
 use crate::engines::{Engine, InFlightGuard};
+use crate::otel::{AttemptOutcome, AttemptSpan, AttemptTarget, Decided, ResponseSpans, RouteSpan};
 use crate::policy::{Decision, KvSource};
 use crate::request::RequestInfo;
 
@@ -195,6 +197,83 @@ pub(super) struct Answer {
     pub engine: Arc<Engine>,
     pub guard: InFlightGuard,
     pub decision: Decision,
+    /// The attempt's CLIENT span, ended with the answer's last byte.
+    pub span: AttemptSpan,
+}
+
+impl Tried {
+    /// The attempt's outcome, for its span.
+    pub(super) fn outcome(&self) -> AttemptOutcome<'_> {
+        match self {
+            Tried::Answered(r) => AttemptOutcome::Answered(r.status().as_u16()),
+            Tried::EngineError(r) => AttemptOutcome::EngineError(r.status().as_u16()),
+            Tried::Failed { error, timed_out } => AttemptOutcome::Failed {
+                error,
+                timed_out: *timed_out,
+            },
+        }
+    }
+}
+
+/// Ends the decision's span with what was decided (unless it has ended: a disaggregated
+/// request's decode decision ends before its prefill stage).
+pub(super) fn traced_decision(
+    state: &AppState,
+    route: &RouteSpan,
+    info: &RequestInfo,
+    decision: &Decision,
+    engine: &Engine,
+    prefill: bool,
+    kv_match: impl FnOnce() -> Option<usize>,
+) {
+    if !route.is_recording() {
+        route.end();
+        return;
+    }
+    route.decided(&Decided {
+        policy: &decision.policy,
+        tier: &decision.tier,
+        engine: &engine.name,
+        kv_source: KvSource::label(decision.kv),
+        kv_match_tokens: decision.kv.and_then(|_| kv_match()),
+        tiers_passed: state
+            .policies
+            .tiers_passed(&info.model, prefill, &decision.tier),
+    });
+}
+
+/// Ends the decision's span and starts the CLIENT span of the attempt on `engine` (`leg`,
+/// retry number `attempt`, and the engine's prefix match if one was computed), with the
+/// headers that carry its `traceparent` (the request's own when tracing is off).
+pub(super) fn traced_attempt<'h>(
+    state: &AppState,
+    route: &RouteSpan,
+    info: &RequestInfo,
+    decision: &Decision,
+    engine: &Engine,
+    (leg, attempt, kv_match): (&'static str, usize, impl FnOnce() -> Option<usize>),
+    headers: &'h HeaderMap,
+) -> (AttemptSpan, Cow<'h, HeaderMap>) {
+    if !state.otel.is_on() {
+        return (AttemptSpan::default(), Cow::Borrowed(headers));
+    }
+    traced_decision(
+        state,
+        route,
+        info,
+        decision,
+        engine,
+        leg == "prefill",
+        kv_match,
+    );
+    let target = AttemptTarget {
+        name: &engine.name,
+        url: &engine.url,
+        path: &info.path,
+        leg,
+        attempt,
+    };
+    route.attempt(&state.otel, &target, headers)
 }
 
 /// What a disaggregated request's decode answer needs on its way: the prefill engine's
@@ -228,7 +307,8 @@ pub(super) fn relay(
         Arc::clone(model),
         Arc::clone(&a.engine),
         status.as_u16(),
-    );
+    )
+    .with_spans(ResponseSpans::take(&state.otel, a.span));
     let (mut rparts, rbody) = a.resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
     strip_router_headers(&mut rparts.headers);

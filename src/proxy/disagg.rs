@@ -28,7 +28,8 @@ use hyper::body::Incoming;
 
 use super::AppState;
 use super::attempt::{
-    Answer, Disaggregated, Tried, engine_error_response, kv_sources, relay, try_engine_within,
+    Answer, Disaggregated, Tried, engine_error_response, kv_sources, relay, traced_attempt,
+    traced_decision, try_engine_within,
 };
 use super::body::{RouterBody, read_error_body};
 use super::errors::ApiError;
@@ -36,6 +37,7 @@ use super::handoff::{Fields, PrefillAnswer, decode_body, prefill_body};
 use super::headers::{strip_hop_by_hop, strip_router_headers};
 use super::kv::RequestKv;
 use crate::engines::{Candidate, Engine};
+use crate::otel::RouteSpan;
 use crate::policy::{Decision, DecodeChoice, Handoff, PrefillChoice};
 use crate::request::RequestInfo;
 
@@ -131,9 +133,12 @@ pub(super) async fn forward(
         if decode_cands.is_empty() {
             break;
         }
+        let route = RouteSpan::start(&state.otel, "decode", attempt);
         let dd = kv.with(|kv| state.policies.decide_decode(info, &decode_cands, kv));
         let d_idx = dd.engine.min(decode_cands.len() - 1);
         let d_engine = Arc::clone(&decode_cands[d_idx].engine);
+        let d_match = || kv.with(|kv| kv.matched(d_engine.id));
+        traced_decision(state, &route, info, &dd, &d_engine, false, d_match);
         let prefilled = prefill(
             state,
             info,
@@ -178,22 +183,33 @@ pub(super) async fn forward(
         drop(admitted.take());
         kv.with(|kv| kv.note_sent(d_engine.id));
         let last_chance = attempt + 1 >= attempts || decode_cands.len() == 1;
-        match try_engine_within(
+        let (span, d_headers) = traced_attempt(
+            state,
+            &route,
+            info,
+            &dd,
+            &d_engine,
+            ("decode", attempt, || kv.with(|kv| kv.matched(d_engine.id))),
+            headers,
+        );
+        let tried = try_engine_within(
             state,
             &d_engine,
             uri,
-            headers,
+            &d_headers,
             &d_body,
             state.cfg.first_byte_timeout,
         )
-        .await
-        {
+        .await;
+        span.outcome(tried.outcome());
+        match tried {
             Tried::Answered(resp) => {
                 let answer = Answer {
                     resp,
                     engine: d_engine,
                     guard,
                     decision: dd,
+                    span,
                 };
                 let pd = Disaggregated {
                     cached_tokens: cached,
@@ -247,10 +263,14 @@ async fn prefill(
 ) -> Prefilled {
     let tokens = info.prompt_tokens() as u64;
     for attempt in 0..state.cfg.max_attempts {
+        let route = RouteSpan::start(&state.otel, "prefill", attempt);
         let choice = kv.with(|kv| {
             let d = DecodeChoice::new(Some(kv), info, decode);
             state.policies.decide_prefill(info, cands, kv, &d)
         });
+        if let PrefillChoice::Skip { policy, tier } = &choice {
+            route.skipped(policy, tier);
+        }
         let decision = match choice {
             PrefillChoice::Skip { tier, .. } if cands.is_empty() && attempt == 0 => {
                 tracing::debug!(model = %model, %tier, "no prefill engine: the decode engine computes the prompt");
@@ -268,10 +288,24 @@ async fn prefill(
         let guard = engine.begin_request_of(tokens);
         kv.with(|kv| kv.note_sent(engine.id));
         let timeout = state.cfg.prefill_timeout;
-        let error = match try_engine_within(state, &engine, uri, headers, body, timeout).await {
+        let (span, p_headers) = traced_attempt(
+            state,
+            &route,
+            info,
+            &decision,
+            &engine,
+            ("prefill", attempt, || kv.with(|kv| kv.matched(engine.id))),
+            headers,
+        );
+        let tried = try_engine_within(state, &engine, uri, &p_headers, body, timeout).await;
+        span.outcome(tried.outcome());
+        let error = match tried {
             Tried::Answered(resp) if resp.status().is_success() => {
                 let within = timeout.saturating_sub(started.elapsed());
-                match read_error_body(resp.into_body(), MAX_PREFILL_ANSWER_BYTES, within).await {
+                let read =
+                    read_error_body(resp.into_body(), MAX_PREFILL_ANSWER_BYTES, within).await;
+                span.end();
+                match read {
                     Ok(bytes) => {
                         drop(guard);
                         // The prefill engine now caches the prompt too.
@@ -292,7 +326,10 @@ async fn prefill(
                     }
                 }
             }
-            Tried::Answered(resp) => return Prefilled::ClientError(resp),
+            Tried::Answered(resp) => {
+                span.end();
+                return Prefilled::ClientError(resp);
+            }
             Tried::EngineError(resp) => {
                 format!("prefill engine {} answered {}", engine.name, resp.status())
             }

@@ -9,9 +9,12 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use opentelemetry::context::FutureExt as _;
 
 use super::AppState;
-use super::attempt::{Answer, Tried, engine_error_response, kv_sources, relay, try_engine};
+use super::attempt::{
+    Answer, Tried, engine_error_response, kv_sources, relay, traced_attempt, try_engine,
+};
 use super::body::{RouterBody, read_request_body};
 use super::disagg::{self, Pools, whole_reason};
 use super::errors::{ApiError, clip};
@@ -25,6 +28,7 @@ use crate::admit::queue::Admitted;
 use crate::admit::rate_limit::{Decision, RateLimitHeaders, RateLimitRules};
 use crate::admit::{Admission, Priority, Tenant};
 use crate::engines::{Candidate, Role};
+use crate::otel::{QueueSpan, RouteSpan};
 use crate::request::{ParseError, Parsed, RequestInfo, parse_body};
 
 /// Routes and forwards a POST to a model endpoint; errors become OpenAI-shaped responses.
@@ -36,7 +40,24 @@ pub async fn route_and_forward(
 ) -> Response<RouterBody> {
     let mut model = None;
     let http1 = req.version() < http::Version::HTTP_2;
-    match forward(state, req, request_id, client, &mut model).await {
+    let span = state
+        .otel
+        .server_span(req.uri().path(), req.headers(), request_id);
+    let result = match &span {
+        None => forward(state, req, request_id, client, &mut model).await,
+        Some(s) => {
+            forward(state, req, request_id, client, &mut model)
+                .with_context(s.context())
+                .await
+        }
+    };
+    if let Some(s) = span {
+        s.answered(match &result {
+            Ok(r) => r.status().as_u16(),
+            Err(e) => e.status().as_u16(),
+        });
+    }
+    match result {
         Ok(r) => r,
         Err(e) => {
             let status = e.status().as_u16();
@@ -70,6 +91,7 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let uri = parts.uri.clone();
     let mut info = read_request(state, parts, body).await?;
+    crate::otel::on_parsed(&state.otel, &info.model, &info.path, info.stream);
     if let Some(admission) = state.policies.admit(&info) {
         info.admission = admission;
     }
@@ -158,9 +180,11 @@ async fn hold(
         }
         return Err(e);
     }
+    let span = QueueSpan::start(&state.otel, &who.tenant.0, who.priority.as_str());
     let admitted = holds
         .wait(&info.model, who.tenant, who.priority, who.tokens)
         .await;
+    span.end(admitted.as_ref().map_or_else(|r| r.code(), |_| "admitted"));
     admitted.map(Some).map_err(ApiError::Queue)
 }
 
@@ -331,22 +355,35 @@ async fn attempt_engines(
         if cands.is_empty() {
             break;
         }
+        let route = RouteSpan::start(&state.otel, "aggregated", attempt);
         let decision = state.policies.decide_with(info, &cands, &kv);
         let idx = decision.engine.min(cands.len() - 1);
         let engine = Arc::clone(&cands[idx].engine);
         tracing::debug!(model = %model, policy = %decision.policy, tier = %decision.tier, engine = %engine.name, attempt, "routed");
+        let (span, headers) = traced_attempt(
+            state,
+            &route,
+            info,
+            &decision,
+            &engine,
+            ("aggregated", attempt, || kv.matched(engine.id)),
+            headers,
+        );
         let guard = engine.begin_request_of(info.prompt_tokens() as u64);
         // The engine counts it now: its place in the queue goes back.
         drop(admitted.take());
         kv.note_sent(engine.id);
         let last_chance = attempt + 1 >= attempts || cands.len() == 1;
-        let failure = match try_engine(state, &engine, uri, headers, &info.body).await {
+        let tried = try_engine(state, &engine, uri, &headers, &info.body).await;
+        span.outcome(tried.outcome());
+        let failure = match tried {
             Tried::Answered(resp) => {
                 return Attempts::Answered(Answer {
                     resp,
                     engine,
                     guard,
                     decision,
+                    span,
                 });
             }
             Tried::EngineError(resp) if last_chance => {

@@ -206,6 +206,16 @@ impl<'a> RequestKv<'a> {
             .as_deref()
     }
 
+    /// The prefix match computed for `engine` (tokens), if a tier asked for matches.
+    pub fn matched(&self, engine: u32) -> Option<usize> {
+        let known = self.known.borrow();
+        known
+            .0
+            .iter()
+            .find(|(e, _, _)| *e == engine)
+            .map(|(_, t, _)| *t)
+    }
+
     /// The request is sent to `engine`: if it was tokenized (a tier computed exact matches),
     /// its token ids are noted on the engine's views, for anchoring. Before the request goes
     /// out, so that the engine's events for it find the note.

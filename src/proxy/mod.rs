@@ -70,6 +70,8 @@ pub struct AppState {
     /// The engines' tokenizer (`--tokenizer`), loaded at start (a hot reload does not re-read
     /// it: restart to change it); `None`: the stand-in estimate.
     pub tokenizer: Option<Arc<crate::tokens::Tokenizer>>,
+    /// OpenTelemetry tracing (`--otlp-endpoint`); off: no span is made.
+    pub otel: crate::otel::Otel,
 }
 
 /// Why the router could not start.
@@ -96,6 +98,8 @@ pub enum StartError {
         "model `{model}` is routed by `{policy}`, a disaggregated policy, but no static backend serving it is a decode engine (set --static-model-labels and --decode-model-labels)"
     )]
     NoDecodeEngine { model: String, policy: String },
+    #[error("tracing: {0}")]
+    Otel(#[from] crate::otel::OtelError),
 }
 
 /// The config file's loader, also re-reading its `[[rate_limit]]` tables into `limiter` and
@@ -208,6 +212,7 @@ impl RunningRouter {
             }
         };
         self.state.monitor.shutdown();
+        self.state.otel.shutdown().await;
         ShutdownOutcome { open_at_start, cut }
     }
 
@@ -248,6 +253,7 @@ pub async fn start(
         }
     };
     let _ = telemetry::prometheus();
+    let otel = crate::otel::Otel::start(&cfg.otlp)?;
     let registry = Arc::new(Registry::new());
     let exact = Arc::new(ExactIndex::new(cfg.kv_events.max_bytes));
     let client = upstream::build_client(cfg.connect_timeout);
@@ -403,6 +409,7 @@ pub async fn start(
         connections: conn::ConnLimit::new(max_connections),
         draining: AtomicBool::new(false),
         tokenizer,
+        otel,
     });
     let (tx, rx) = oneshot::channel();
     let server = tokio::spawn(accept_loop(listener, Arc::clone(&state), rx));

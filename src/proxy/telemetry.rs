@@ -81,6 +81,8 @@ pub struct RequestRecord {
     model: Arc<str>,
     engine: Arc<Engine>,
     status: u16,
+    /// The request's trace spans the answer ends (none when tracing is off).
+    spans: crate::otel::ResponseSpans,
 }
 
 impl RequestRecord {
@@ -90,7 +92,14 @@ impl RequestRecord {
             model,
             engine,
             status,
+            spans: crate::otel::ResponseSpans::default(),
         }
+    }
+
+    /// The trace spans to end with the answer.
+    pub fn with_spans(mut self, spans: crate::otel::ResponseSpans) -> RequestRecord {
+        self.spans = spans;
+        self
     }
 
     pub fn engine_name(&self) -> &str {
@@ -102,7 +111,9 @@ impl RequestRecord {
     }
 
     pub fn first_byte(&self, at: Instant) {
-        let secs = at.duration_since(self.start).as_secs_f64();
+        let since = at.duration_since(self.start);
+        self.spans.first_byte(since);
+        let secs = since.as_secs_f64();
         match self.handles() {
             Some(h) => h.ttfb.record(secs),
             None => metrics::histogram!("switchyard_time_to_first_byte_seconds", "model" => Arc::clone(&self.model)).record(secs),
@@ -110,6 +121,7 @@ impl RequestRecord {
     }
 
     pub fn finish(&self, outcome: &'static str) {
+        self.spans.finish(self.status, outcome);
         let secs = self.start.elapsed().as_secs_f64();
         match self.handles() {
             Some(h) => {
