@@ -14,19 +14,21 @@
 //!   ([`proxy::kv`]), headers, response bodies, OpenAI-shaped errors and the router's own
 //!   metrics.
 //! - [`request`]: the routing view of a request body (model, stream, session key, a digest of
-//!   the prompt), parsed in one pass without materialising the rest.
+//!   the prompt), parsed in one pass without materialising the rest; its tenant and priority
+//!   ([`request::admission`]).
 //! - [`admit`]: admission, between the parse and the candidates: a request's tenant and
-//!   priority, the per-tenant rate limits ([`admit::rate_limit`]: requests and tokens per
-//!   minute, OpenAI's `x-ratelimit-*` headers and 429) and the router-side queue
-//!   ([`admit::queue`]: priority bands, deficit round robin across tenants by estimated
-//!   tokens, bounded in length and time, sheddable requests refused at saturation); built,
-//!   not yet wired into the proxy.
+//!   priority from its headers, the per-tenant rate limits ([`admit::rate_limit`]: requests
+//!   and tokens per minute, OpenAI's `x-ratelimit-*` headers and 429) and the router-side
+//!   queue ([`admit::queue`]: priority bands, deficit round robin across tenants by estimated
+//!   tokens, bounded in length and time, sheddable requests refused at saturation), one per
+//!   model whose room is its engines' room below `--engine-queue-limit` ([`admit::hold`]).
 //! - [`tokens`]: the stand-in tokenizer and the chained block hashes of a prompt; a model's
 //!   own tokenizer and chat template (`--tokenizer`): the token ids an engine sees, as many
 //!   as prefix matching can use at a cost bounded for any body ([`tokens::bound`]).
 //! - [`engines`]: the engines: registry, their roles (aggregated, prefill, decode:
 //!   [`engines::role`]), where they come from (static or Kubernetes discovery), health and
-//!   ejection, scraped load figures, model cards, and their KV-cache
+//!   ejection, scraped load figures and the queue estimated between scrapes ([`engines::room`]),
+//!   model cards, and their KV-cache
 //!   events ([`engines::kv_events`]: vLLM's wire format, the router's own ZMTP transport with a
 //!   message-size cap, the subscribers (one per engine and data-parallel rank), when a view is
 //!   complete or partial, replay requests, the bound socket engines connect to, and each

@@ -1,5 +1,6 @@
 //! The HTTP proxy: a hyper 1.x server (HTTP/1.1 and h2c) in front of the engines.
 
+mod admission_reload;
 mod attempt;
 pub mod body;
 pub mod coalesce;
@@ -100,51 +101,6 @@ pub enum StartError {
     NoDecodeEngine { model: String, policy: String },
     #[error("tracing: {0}")]
     Otel(#[from] crate::otel::OtelError),
-}
-
-/// The config file's loader, also re-reading its `[[rate_limit]]` tables into `limiter` and
-/// its `[tenant_weights]` into the queues on every reload (a file whose tables are invalid
-/// leaves those in effect, logged).
-fn reload_admission_too(
-    loader: Option<SettingsLoader>,
-    config_file: Option<std::path::PathBuf>,
-    limiter: &Arc<crate::admit::rate_limit::RateLimiter>,
-    holds: Option<&Arc<crate::admit::hold::Holds>>,
-) -> Option<SettingsLoader> {
-    let (load, path) = (loader?, config_file);
-    let Some(path) = path else {
-        return Some(load);
-    };
-    let limiter = Arc::clone(limiter);
-    let holds = holds.cloned();
-    Some(Arc::new(move || {
-        let file = crate::config::load_file(&path);
-        match file
-            .as_ref()
-            .map_err(|e| e.to_string())
-            .and_then(|f| crate::config::rate_limit_rules(f).map_err(|e| e.to_string()))
-        {
-            Ok(rules) => {
-                limiter.update(rules);
-                tracing::info!("rate limits reloaded");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "rate limits not reloaded; the previous ones stay")
-            }
-        }
-        if let (Some(holds), Ok(f)) = (&holds, &file) {
-            match crate::config::tenant_weights(f) {
-                Ok(weights) => {
-                    holds.set_weights(weights);
-                    tracing::info!("tenant weights reloaded");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "tenant weights not reloaded; the previous ones stay")
-                }
-            }
-        }
-        load()
-    }))
 }
 
 /// With static backends, every model whose policy is disaggregated must have a decode engine.
@@ -299,7 +255,7 @@ pub async fn start(
             cfg.queue.tenant_weights.clone(),
         )
     });
-    let settings_loader = reload_admission_too(
+    let settings_loader = admission_reload::reload_admission_too(
         settings_loader,
         cfg.config_file.clone(),
         &limiter,
