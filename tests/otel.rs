@@ -95,6 +95,9 @@ async fn a_request_is_a_server_span_over_a_decision_over_the_attempt_the_engine_
     );
     assert_eq!(str_attr(srv, "switchyard.request_id"), Some("req-otel-1"));
     assert_eq!(bool_attr(srv, "switchyard.stream"), Some(false));
+    // The answer's usage (the stub engine reports 3 prompt and 1 completion tokens).
+    assert_eq!(int_attr(srv, "gen_ai.usage.input_tokens"), Some(3));
+    assert_eq!(int_attr(srv, "gen_ai.usage.output_tokens"), Some(1));
     assert_eq!(str_attr(srv, "switchyard.body"), Some("completed"));
     assert!(
         srv.events.iter().any(|e| e.name == "first_token"),

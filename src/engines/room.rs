@@ -8,7 +8,7 @@
 //!
 //! - **The slots** are learned: the most requests the engine has been seen running, known once
 //!   it has been seen with requests waiting (full); vLLM's `max_num_seqs` when memory allows.
-//!   Never lowered (see [`learn_slots`]).
+//!   Never lowered (see `learn_slots`).
 //! - **The queue beyond the slots** is `running + waiting + delta - slots`: positive, that many
 //!   wait; negative, that many slots are free. A request that has just arrived counts as
 //!   waiting until the engine's next step even when a slot is free for it: counting running and

@@ -408,6 +408,28 @@ impl ResponseSpans {
         }
     }
 
+    /// Whether the SERVER span records (then the answer's usage is read for it).
+    pub fn is_recording(&self) -> bool {
+        self.server
+            .as_ref()
+            .is_some_and(|cx| cx.span().is_recording())
+    }
+
+    /// The tokens the answer reported: `gen_ai.usage.input_tokens` and
+    /// `gen_ai.usage.output_tokens` on the SERVER span.
+    pub fn usage(&self, prompt: Option<u64>, completion: Option<u64>) {
+        let Some(cx) = &self.server else { return };
+        let span = cx.span();
+        for (name, value) in [
+            ("gen_ai.usage.input_tokens", prompt),
+            ("gen_ai.usage.output_tokens", completion),
+        ] {
+            if let Some(v) = value.and_then(|v| i64::try_from(v).ok()) {
+                span.set_attribute(KeyValue::new(name, v));
+            }
+        }
+    }
+
     /// The first byte of the answer's body (for a stream, its first token).
     pub fn first_byte(&self, after: std::time::Duration) {
         if let Some(cx) = &self.server {

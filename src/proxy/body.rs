@@ -207,6 +207,8 @@ pub struct UpstreamBody {
     finished: bool,
     /// A disaggregated request's decode answer is rewritten on its way (see `handoff`).
     rewrite: Option<AnswerRewrite>,
+    /// The last bytes relayed, for the usage a traced request's span reports.
+    usage: Option<super::usage::UsageTail>,
 }
 
 impl UpstreamBody {
@@ -219,11 +221,12 @@ impl UpstreamBody {
         UpstreamBody {
             inner: Coalesced::new(inner),
             guard: Some(guard),
-            record,
             sse,
             first_frame_seen: false,
             finished: false,
             rewrite: None,
+            usage: record.wants_usage().then(super::usage::UsageTail::default),
+            record,
         }
     }
 
@@ -241,6 +244,10 @@ impl UpstreamBody {
     fn finish(&mut self, outcome: &'static str) {
         if !self.finished {
             self.finished = true;
+            if let Some(usage) = self.usage.take().and_then(|t| t.usage()) {
+                self.record
+                    .usage(usage.prompt_tokens, usage.completion_tokens);
+            }
             self.record.finish(outcome);
             self.guard = None;
         }
@@ -338,6 +345,9 @@ impl UpstreamBody {
                             continue;
                         }
                         *data = out;
+                    }
+                    if let (Some(tail), Some(data)) = (&mut self.usage, frame.data_ref()) {
+                        tail.push(data);
                     }
                     // A body of known length ends with its last frame: hyper then stops
                     // polling (no `Ready(None)` follows) and drops the body, which must not

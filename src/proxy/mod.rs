@@ -13,6 +13,7 @@ pub mod headers;
 pub mod kv;
 pub mod routes;
 pub mod telemetry;
+mod usage;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -102,6 +102,16 @@ impl RequestRecord {
         self
     }
 
+    /// Whether the answer's usage is wanted (its trace span records).
+    pub fn wants_usage(&self) -> bool {
+        self.spans.is_recording()
+    }
+
+    /// The tokens the answer reported (`usage`), for its trace span.
+    pub fn usage(&self, prompt: Option<u64>, completion: Option<u64>) {
+        self.spans.usage(prompt, completion);
+    }
+
     pub fn engine_name(&self) -> &str {
         &self.engine.name
     }
