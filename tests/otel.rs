@@ -20,9 +20,6 @@ use serde_json::json;
 use switchyard::config::OtlpSettings;
 use switchyard::sim::{self, KvRole, SimConfig};
 
-const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-const CLIENT_PARENT: &str = "00f067aa0ba902b7";
-
 fn otlp(endpoint: &str, ratio: Option<f64>) -> OtlpSettings {
     OtlpSettings {
         endpoint: Some(endpoint.to_owned()),
@@ -30,20 +27,6 @@ fn otlp(endpoint: &str, ratio: Option<f64>) -> OtlpSettings {
         schedule_delay: Some(Duration::from_millis(20)),
         max_queue: None,
     }
-}
-
-fn completion(traceparent: Option<&str>, request_id: &str, url: &str) -> Request<Full<Bytes>> {
-    let mut b = Request::post(format!("{url}/v1/completions"))
-        .header("content-type", "application/json")
-        .header("x-request-id", request_id);
-    if let Some(tp) = traceparent {
-        b = b
-            .header("traceparent", tp)
-            .header("tracestate", "vendor=abc");
-    }
-    let body = json!({"model": MODEL, "prompt": "Hello there", "max_tokens": 4});
-    b.body(Full::new(Bytes::from(body.to_string())))
-        .expect("request")
 }
 
 fn id(b: &[u8]) -> String {

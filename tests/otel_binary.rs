@@ -7,29 +7,8 @@ mod otel_support;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
-use bytes::Bytes;
-use common::{MODEL, client, send, start_router};
-use http::Request;
-use http_body_util::Full;
+use common::{client, send, start_router};
 use otel_support::*;
-use serde_json::json;
-
-const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-const CLIENT_PARENT: &str = "00f067aa0ba902b7";
-
-fn completion(traceparent: Option<&str>, request_id: &str, url: &str) -> Request<Full<Bytes>> {
-    let mut b = Request::post(format!("{url}/v1/completions"))
-        .header("content-type", "application/json")
-        .header("x-request-id", request_id);
-    if let Some(tp) = traceparent {
-        b = b
-            .header("traceparent", tp)
-            .header("tracestate", "vendor=abc");
-    }
-    let body = json!({"model": MODEL, "prompt": "Hello there", "max_tokens": 4});
-    b.body(Full::new(Bytes::from(body.to_string())))
-        .expect("request")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracing_off_passes_the_clients_trace_context_through_untouched() {

@@ -318,3 +318,23 @@ pub fn parts(tp: &str) -> (String, String, String) {
     assert_eq!(p[0], "00", "{tp}");
     (p[1].to_owned(), p[2].to_owned(), p[3].to_owned())
 }
+
+/// The client's trace and parent span in the tests' `traceparent`.
+pub const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+pub const CLIENT_PARENT: &str = "00f067aa0ba902b7";
+
+/// A completion request with `request_id`, and the client's `traceparent` (and a
+/// `tracestate`) if given.
+pub fn completion(traceparent: Option<&str>, request_id: &str, url: &str) -> Request<Full<Bytes>> {
+    let mut b = Request::post(format!("{url}/v1/completions"))
+        .header("content-type", "application/json")
+        .header("x-request-id", request_id);
+    if let Some(tp) = traceparent {
+        b = b
+            .header("traceparent", tp)
+            .header("tracestate", "vendor=abc");
+    }
+    let body = serde_json::json!({"model": super::common::MODEL, "prompt": "Hello there", "max_tokens": 4});
+    b.body(Full::new(Bytes::from(body.to_string())))
+        .expect("request")
+}
