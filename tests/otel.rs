@@ -384,11 +384,7 @@ async fn a_disaggregated_request_has_a_prefill_leg_and_a_decode_leg() {
     let p = engine(KvRole::Producer).await;
     let d = engine(KvRole::Consumer).await;
     let router = start_router(&[p.url(), d.url()], |c| {
-        c.backends[0].label = Some("prefill".into());
-        c.backends[1].label = Some("decode".into());
-        c.prefill_labels = vec!["prefill".into()];
-        c.decode_labels = vec!["decode".into()];
-        c.policy.default_policy = "disaggregated_prefill_orchestrated".into();
+        common::prefill_then_decode(c);
         c.otlp = otlp(&collector.url, None);
     })
     .await;

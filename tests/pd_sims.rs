@@ -34,11 +34,7 @@ async fn a_request_is_prefilled_on_p_and_decoded_on_d_from_ps_blocks() {
     let p = engine(KvRole::Producer).await;
     let d = engine(KvRole::Consumer).await;
     let router = start_router(&[p.url(), d.url()], |c| {
-        c.backends[0].label = Some("prefill".into());
-        c.backends[1].label = Some("decode".into());
-        c.prefill_labels = vec!["prefill".into()];
-        c.decode_labels = vec!["decode".into()];
-        c.policy.default_policy = "disaggregated_prefill_orchestrated".into();
+        common::prefill_then_decode(c);
         c.decision_headers = true;
     })
     .await;

@@ -426,12 +426,7 @@ impl BenchReport {
         ]);
         for (run, recs) in self.runs.iter().zip(&self.records) {
             for r in recs {
-                let outcome = match &r.outcome {
-                    super::stats::Outcome::Ok => "ok".to_owned(),
-                    super::stats::Outcome::Status(s) => format!("status {s}"),
-                    super::stats::Outcome::Failed(_) => "failed".to_owned(),
-                    super::stats::Outcome::TimedOut => "timeout".to_owned(),
-                };
+                let outcome = r.outcome.csv_label();
                 let _ = w.write_record([
                     run.name.clone(),
                     r.chain.to_string(),

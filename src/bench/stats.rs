@@ -20,6 +20,18 @@ pub enum Outcome {
     TimedOut,
 }
 
+impl Outcome {
+    /// The `outcome` column of `requests.csv`: `ok`, `status N`, `failed`, `timeout`.
+    pub fn csv_label(&self) -> String {
+        match self {
+            Outcome::Ok => "ok".to_owned(),
+            Outcome::Status(s) => format!("status {s}"),
+            Outcome::Failed(_) => "failed".to_owned(),
+            Outcome::TimedOut => "timeout".to_owned(),
+        }
+    }
+}
+
 /// What the client saw of one request.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RequestRecord {

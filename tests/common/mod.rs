@@ -380,3 +380,13 @@ pub fn unique_chat(tag: &str, words: usize) -> serde_json::Value {
         "max_tokens": 1,
     })
 }
+
+/// Two static backends as a prefill engine (the first) and a decode engine (the second) under
+/// the NIXL-orchestrated disaggregated policy.
+pub fn prefill_then_decode(c: &mut RouterConfig) {
+    c.backends[0].label = Some("prefill".into());
+    c.backends[1].label = Some("decode".into());
+    c.prefill_labels = vec!["prefill".into()];
+    c.decode_labels = vec!["decode".into()];
+    c.policy.default_policy = "disaggregated_prefill_orchestrated".into();
+}

@@ -8,7 +8,6 @@ use serde::Serialize;
 
 use super::load::{TenantLoad, TenantRecord};
 use super::stats::{TenantRun, Window};
-use crate::bench::stats::Outcome;
 
 /// The settings a `--tenants` report was produced with.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -207,12 +206,7 @@ impl TenantsReport {
         for (run, recs) in self.runs.iter().zip(&self.records) {
             for t in recs {
                 let r = &t.record;
-                let outcome = match &r.outcome {
-                    Outcome::Ok => "ok".to_owned(),
-                    Outcome::Status(s) => format!("status {s}"),
-                    Outcome::Failed(_) => "failed".to_owned(),
-                    Outcome::TimedOut => "timeout".to_owned(),
-                };
+                let outcome = r.outcome.csv_label();
                 let _ = w.write_record([
                     run.name.clone(),
                     t.tenant.as_str().to_owned(),
